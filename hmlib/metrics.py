@@ -1,0 +1,53 @@
+"""Clustering accuracy with Hungarian matching, and confidence intervals."""
+from __future__ import annotations
+
+import numpy as np
+from scipy import stats
+from scipy.optimize import linear_sum_assignment
+
+
+def confusion(pred: np.ndarray, true: np.ndarray, num_classes: int) -> np.ndarray:
+    """(K, K) counts: rows predicted cluster, columns true class."""
+    pred = np.asarray(pred, dtype=np.int64)
+    true = np.asarray(true, dtype=np.int64)
+    return np.bincount(pred * num_classes + true, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def best_matching(pred: np.ndarray, true: np.ndarray, num_classes: int) -> np.ndarray:
+    """Permutation ``perm`` (cluster -> class) maximising agreement (scipy's linear_sum_assignment)."""
+    cm = confusion(pred, true, num_classes)
+    rows, cols = linear_sum_assignment(cm, maximize=True)
+    perm = np.empty(num_classes, dtype=np.int64)
+    perm[rows] = cols
+    return perm
+
+
+def clustering_accuracy(pred: np.ndarray, true: np.ndarray, num_classes: int | None = None) -> float:
+    """Share of items right after the best one-to-one matching of clusters to classes."""
+    pred = np.asarray(pred)
+    true = np.asarray(true)
+    if pred.shape != true.shape:
+        raise ValueError(f"pred and true differ in shape: {pred.shape} vs {true.shape}")
+    if num_classes is None:
+        num_classes = int(max(pred.max(), true.max())) + 1
+    cm = confusion(pred, true, num_classes)
+    rows, cols = linear_sum_assignment(cm, maximize=True)
+    return float(cm[rows, cols].sum() / max(len(true), 1))
+
+
+def mean_ci(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """Mean and half-width of the t-based confidence interval (0 half-width for one value)."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if values.size == 0:
+        raise ValueError("mean_ci of an empty array")
+    mean = float(values.mean())
+    if values.size < 2:
+        return mean, 0.0
+    sem = values.std(ddof=1) / np.sqrt(values.size)
+    return mean, float(sem * stats.t.ppf(0.5 + confidence / 2, values.size - 1))
+
+
+def format_ci(values: np.ndarray, scale: float = 100.0, digits: int = 1) -> str:
+    """'71.3 ± 1.2' (percent by default)."""
+    mean, half = mean_ci(values)
+    return f"{mean * scale:.{digits}f} ± {half * scale:.{digits}f}"
