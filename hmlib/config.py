@@ -55,7 +55,7 @@ class VAEConfig:
     epochs: int = 4
     batch_size: int = 128
     lr: float = 1e-3
-    max_train_images: int | None = 60000  # per VAE, drawn evenly from its datasets; None = all
+    max_train_images: int | None = 30000  # images per epoch per VAE, an equal share per dataset (small ones repeated); None = all
     retrain: str = "auto"  # "auto": reuse a matching checkpoint else train; "never": refuse; "always"
     seed: int = 0
 
@@ -71,6 +71,12 @@ class HyperConfig:
     embed_dim: int = 64
     head_hidden: int = 128
     num_context: int = 1024  # rows of the VAE distribution read for conditioning (all if fewer)
+    normalize: str = "task"  # "task": centre/scale each input dimension by the task's statistics; "whiten"; "none"
+    num_seeds: int = 4  # learned queries of the "multihead" set encoder
+    num_heads: int = 4  # attention heads of the "multihead" set encoder (must divide embed_dim)
+    pixel_dim: int = 32  # width of the learned pixel projection for target_input "latent+pixels"
+    random_features: int = 128  # "hyperfast": fixed random ReLU features per row
+    num_components: int = 4  # "hyperfast": principal components of the task's random features
 
 
 @dataclass(frozen=True)
@@ -102,6 +108,9 @@ class MetaConfig:
     eval_tasks: int = 32
     use_inner_loop: bool = True  # False: meta-train without adaptation (MT3 ablation)
     seed: int = 0
+    query_size: int = 128  # images per task for the outer loss, disjoint from the task's support set
+    retrain: str = "auto"  # "auto": reuse/resume a matching checkpoint else retrain; "never": refuse; "always"
+    outer_batch: str = "query"  # outer loss on the "query" only, or on "support+query" (the adapted support too)
 
 
 @dataclass(frozen=True)
@@ -113,6 +122,8 @@ class EvalConfig:
     seed: int = 1234
     num_meta_seeds: int = 3
     kmeans_n_init: int = 10
+    logreg_train_per_class: int = 500  # train-split images per class for the supervised ceiling
+    gmm_covariance: str = "full"  # Gaussian-mixture baseline: "full", "diag", "spherical", "tied", or "bic" (per task)
 
 
 @dataclass(frozen=True)
@@ -123,7 +134,10 @@ class AblationConfig:
     lr_grid: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)
     num_tasks: int = 200
     task_size: int = 256
-    meta_iterations: int | None = None  # for ablation re-trainings; None = MetaConfig.iterations
+    meta_iterations: int | None = 200  # for ablation re-trainings (8-minute budget); None = MetaConfig.iterations
+    setting: str = "zero_shot"  # setting of the main ablations: "zero_shot" or "transductive"
+    lodo_setting: str = "transductive"  # leave-one-dataset-out uses the per-dataset VAEs of notebook 02
+    lodo_datasets: tuple[str, ...] | None = None  # held out in turn; None = every dataset of the protocol
 
 
 @dataclass(frozen=True)
@@ -152,7 +166,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "data": {"max_images_per_split": 600},
         "task": {"num_images": 64},
         "vae": {"epochs": 1, "max_train_images": 1500, "batch_size": 64},
-        "meta": {"iterations": 20, "meta_batch_size": 2, "eval_every": 10, "eval_tasks": 4},
+        "meta": {"iterations": 20, "meta_batch_size": 2, "eval_every": 10, "eval_tasks": 4, "query_size": 32,
+                 "val_fraction": 0.2},
         "eval": {"num_tasks": 10, "task_sizes": (64,), "num_meta_seeds": 1, "kmeans_n_init": 2},
         "ablation": {"step_grid": (0, 1, 2), "lr_grid": (0.5,), "num_tasks": 6, "task_size": 64,
                      "meta_iterations": 10},
@@ -205,6 +220,12 @@ def validate(cfg: Config) -> Config:
         "adapt.inner_loss": (cfg.adapt.inner_loss, ("geometry", "entropy", "infomax")),
         "adapt.adapt_params": (cfg.adapt.adapt_params, ("generated", "last", "hypernet")),
         "meta.task_mixing": (cfg.meta.task_mixing, ("mixed", "single")),
+        "eval.gmm_covariance": (cfg.eval.gmm_covariance, ("full", "diag", "spherical", "tied", "bic")),
+        "ablation.setting": (cfg.ablation.setting, ("zero_shot", "transductive")),
+        "ablation.lodo_setting": (cfg.ablation.lodo_setting, ("zero_shot", "transductive")),
+        "hyper.normalize": (cfg.hyper.normalize, ("task", "whiten", "none")),
+        "meta.retrain": (cfg.meta.retrain, ("auto", "never", "always")),
+        "meta.outer_batch": (cfg.meta.outer_batch, ("query", "support+query")),
     }
     for name, (value, allowed) in choices.items():
         if allowed is not None and value not in allowed:

@@ -1,7 +1,7 @@
 """Repository-rooted paths, independent of the working directory.
 
-Artifacts live under the project root: ``data_cache/``, ``models/``, ``reports/``. The environment
-variable ``HMLIB_HOME`` moves all three elsewhere (CI uses it to keep runs apart).
+Artifacts live under the project root: ``data_cache/``, ``models/``, ``results/``, ``reports/``. The
+environment variable ``HMLIB_HOME`` moves them all elsewhere (CI uses it to keep runs apart).
 """
 from __future__ import annotations
 
@@ -28,6 +28,11 @@ def models_dir() -> Path:
 
 def reports_dir() -> Path:
     return home() / "reports"
+
+
+def results_dir() -> Path:
+    """Evaluation and ablation results (JSON) that later notebooks and reports load."""
+    return home() / "results"
 
 
 def notebooks_dir() -> Path:

@@ -17,3 +17,19 @@ def hmlib_home(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     return home
+
+
+@pytest.fixture(scope="session")
+def _tiny_mirror_root(tmp_path_factory):
+    from datafactory import write_tiny_mirror
+
+    return write_tiny_mirror(tmp_path_factory.mktemp("tiny_mirror"))
+
+
+@pytest.fixture
+def tiny_mirror(_tiny_mirror_root, monkeypatch):
+    """A tiny offline mirror (mnist, fashion_mnist, hebrew_chars, math_shapes: 6 classes, 120 train / 60 test
+    synthetic 28x28 images each, hub schema; read-only, shared by the session) with HMLIB_DATA_DIR pointing at
+    it; returns its root."""
+    monkeypatch.setenv("HMLIB_DATA_DIR", str(_tiny_mirror_root))
+    return _tiny_mirror_root

@@ -1,0 +1,78 @@
+"""Benchmark the VAE stage: training and encoding throughput (images/s) and peak memory of encoding all datasets.
+
+Usage (from the repository root):
+    HMLIB_DATA_DIR=/work/shared/data .venv/bin/python benchmarks/bench_vae.py [--profile default] [--threads 2]
+
+Training and encoding throughput use the config's VAE on random uint8 images (the cost does not depend on
+pixel values). Peak memory loads every dataset split of the protocol with hmlib.data and encodes it with a
+fresh (untrained) VAE of the same shape, reporting the process's peak resident set size (ru_maxrss).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import resource
+import time
+
+import numpy as np
+import torch
+
+import hmlib
+from hmlib.vae import build_vae, encode_images, train_vae
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="default")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--train-images", type=int, default=8192, help="images for one timed training epoch")
+    parser.add_argument("--encode-images", type=int, default=20000)
+    parser.add_argument("--skip-datasets", action="store_true", help="skip the all-datasets memory measurement")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    cfg = hmlib.load_config(args.profile)
+    vae_cfg = cfg.vae
+    print(f"VAE: variant={vae_cfg.variant} latent_dim={vae_cfg.latent_dim} likelihood={vae_cfg.likelihood} "
+          f"batch_size={vae_cfg.batch_size}; torch threads={torch.get_num_threads()}")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (max(args.train_images, args.encode_images), 28, 28), dtype=np.uint8)
+    model = build_vae(vae_cfg)
+    print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
+
+    one_epoch = dataclasses.replace(vae_cfg, epochs=1)
+    train_vae(model, images[:1024], one_epoch, progress=False)  # warm-up
+    result = train_vae(model, images[:args.train_images], one_epoch, progress=False)
+    print(f"training: {result.metrics['train_images_per_second']:,.0f} images/s "
+          f"({args.train_images} images, 1 epoch, {result.metrics['train_seconds']:.1f} s)")
+
+    encode_images(model, images[:2048])  # warm-up
+    start = time.perf_counter()
+    encode_images(model, images[:args.encode_images])
+    seconds = time.perf_counter() - start
+    print(f"encoding: {args.encode_images / seconds:,.0f} images/s ({args.encode_images} images, {seconds:.2f} s)")
+
+    if args.skip_datasets:
+        return
+    from hmlib.data import load_split
+
+    before = peak_rss_mb()
+    total, start = 0, time.perf_counter()
+    for dataset in cfg.datasets:
+        for split in ("train", "test"):
+            image_set = load_split(dataset, split, cfg.data, progress=False)
+            encode_images(model, image_set.images)
+            total += len(image_set)
+    seconds = time.perf_counter() - start
+    print(f"all datasets ({', '.join(cfg.datasets)}; train + test): {total:,} images loaded and encoded in "
+          f"{seconds:.1f} s ({total / seconds:,.0f} images/s incl. loading from the cache)")
+    print(f"peak RSS: {before:,.0f} MiB before, {peak_rss_mb():,.0f} MiB after encoding all datasets")
+
+
+if __name__ == "__main__":
+    main()

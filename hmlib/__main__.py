@@ -1,0 +1,4 @@
+"""``python -m hmlib``: same as the ``hmlib`` console script."""
+from hmlib.cli import main
+
+raise SystemExit(main())

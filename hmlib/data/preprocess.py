@@ -1,0 +1,155 @@
+"""Images of any PIL mode and size -> uint8 (n, S, S) grayscale, ink bright on a dark background.
+
+Per image: luminance, pad to a square with the border colour (aspect ratio kept), antialiased resize.
+Then, vectorised over the batch: polarity from the border (MNIST convention: dark background): an image whose
+border median lies in the bright half of its own range is inverted.
+"""
+from __future__ import annotations
+
+import io
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+from tqdm.auto import tqdm
+
+PREPROCESS_VERSION = 2  # bump when the pixels this module produces change; caches record it
+_CHUNK = 4096
+
+
+def open_image(item: Any) -> Image.Image:
+    """A PIL image from PIL, PNG/JPEG bytes, a hub ``{"bytes", "path"}`` dict or a file path."""
+    if isinstance(item, Image.Image):
+        return item
+    if isinstance(item, dict):
+        item = item.get("bytes") or item.get("path")
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return Image.open(io.BytesIO(item))
+    if isinstance(item, (str, Path)):
+        return Image.open(item)
+    if isinstance(item, (list, np.ndarray)):  # pixel arrays (h, w) or (h, w, c), as some hub datasets store them
+        pixels = np.asarray(item)
+        if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):
+            return Image.fromarray(_scale_to_uint8(pixels)).convert("RGB" if pixels.shape[-1] == 3 else "RGBA")
+        if pixels.ndim == 2:
+            return Image.fromarray(_scale_to_uint8(pixels))
+        raise ValueError(f"pixel array of shape {pixels.shape} is not (h, w) or (h, w, 3|4)")
+    raise TypeError(f"cannot read an image from {type(item).__name__}")
+
+
+def _scale_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Pixel values of unknown range -> uint8: [0, 1] (floats, binary) x 255; 16-bit / 257; other ranges min-max."""
+    values = np.asarray(values, dtype=np.float64)
+    low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+    if low >= 0.0 and high <= 1.0:
+        values = values * 255.0
+    elif low < 0.0 or high > 65535:
+        values = (values - low) * (255.0 / max(high - low, 1e-12))
+    elif high > 255:
+        values = values / 257.0
+    return np.clip(np.round(values), 0, 255).astype(np.uint8)
+
+
+def to_luminance(img: Image.Image) -> np.ndarray:
+    """Grayscale uint8 array by luminance (ITU-R 601); transparency composited onto a contrasting background."""
+    mode = img.mode
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        return _scale_to_uint8(np.asarray(img))
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        alpha = np.asarray(rgba.getchannel("A"), dtype=np.float32) / 255.0
+        grey = np.asarray(rgba.convert("RGB").convert("L"), dtype=np.float32)
+        if alpha.min() >= 1.0:
+            return grey.astype(np.uint8)
+        # Ink drawn on transparency: put it on the background that contrasts with the opaque pixels.
+        opaque = alpha > 0.5
+        ink_level = grey[opaque].mean() if opaque.any() else 0.0
+        background = 255.0 if ink_level < 128 else 0.0
+        return np.round(grey * alpha + background * (1.0 - alpha)).astype(np.uint8)
+    if mode != "L":
+        img = img.convert("RGB").convert("L") if mode not in ("1", "L") else img.convert("L")
+    return np.asarray(img, dtype=np.uint8)
+
+
+def border_pixels(images: np.ndarray) -> np.ndarray:
+    """The one-pixel ring around each image: (n, h, w) -> (n, 2h + 2w - 4)."""
+    return np.concatenate([images[:, 0, :], images[:, -1, :], images[:, 1:-1, 0], images[:, 1:-1, -1]], axis=1)
+
+
+def pad_to_square(grey: np.ndarray) -> np.ndarray:
+    """Pad a (h, w) array to a centred square with its border's median value."""
+    h, w = grey.shape
+    if h == w:
+        return grey
+    side = max(h, w)
+    fill = np.median(border_pixels(grey[None]))
+    out = np.full((side, side), fill, dtype=grey.dtype)
+    top, left = (side - h) // 2, (side - w) // 2
+    out[top:top + h, left:left + w] = grey
+    return out
+
+
+def preprocess_image(item: Any, image_size: int = 28) -> np.ndarray:
+    """One image (any PIL mode, any size) -> uint8 (image_size, image_size) by luminance, padded, resized."""
+    img = open_image(item)
+    img.load()
+    grey = pad_to_square(to_luminance(img))
+    if grey.shape[0] != image_size:
+        grey = np.asarray(Image.fromarray(grey, mode="L").resize((image_size, image_size), Image.Resampling.LANCZOS,
+                                                                     reducing_gap=3.0))
+    return grey
+
+
+def normalise_polarity(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Invert images whose border lies in the bright half of their range (dark ink on a light ground).
+
+    The border's median is compared with the midpoint of the image's darkest and brightest pixel (not its
+    mean, which an outline running along the frame drags below a light border). Returns (images, inverted).
+    """
+    flat = images.reshape(images.shape[0], -1)
+    border = np.median(border_pixels(images), axis=1)
+    inverted = border > (flat.min(axis=1).astype(np.float64) + flat.max(axis=1)) / 2
+    out = images.copy()
+    out[inverted] = 255 - out[inverted]
+    return out, inverted
+
+
+def _preprocess_chunk(args: tuple[Sequence[Any], int]) -> np.ndarray:
+    items, image_size = args
+    out = np.empty((len(items), image_size, image_size), dtype=np.uint8)
+    for i, item in enumerate(items):  # decoding is inherently per image; everything after is batched
+        out[i] = preprocess_image(item, image_size)
+    return out
+
+
+def preprocess_images(items: Sequence[Any], image_size: int = 28, polarity: str = "auto", *,
+                      num_workers: int | None = None, progress: bool = True, desc: str = "preprocess"
+                      ) -> np.ndarray:
+    """Decode and preprocess many images -> uint8 (n, image_size, image_size), chunked over worker processes."""
+    if polarity not in ("auto", "keep"):
+        raise ValueError(f"polarity must be 'auto' or 'keep', got {polarity!r}")
+    chunks = [(items[i:i + _CHUNK], image_size) for i in range(0, len(items), _CHUNK)]
+    if num_workers is None:
+        num_workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
+    bar = tqdm(total=len(items), desc=desc, unit="img", disable=not progress, leave=False)
+    parts = []
+    if num_workers > 1 and len(chunks) > 1:
+        with ProcessPoolExecutor(max_workers=min(num_workers, len(chunks))) as pool:
+            for part in pool.map(_preprocess_chunk, chunks):
+                parts.append(part)
+                bar.update(len(part))
+    else:
+        for chunk in chunks:
+            parts.append(_preprocess_chunk(chunk))
+            bar.update(len(parts[-1]))
+    bar.close()
+    images = np.concatenate(parts) if parts else np.empty((0, image_size, image_size), dtype=np.uint8)
+    if polarity == "auto" and len(images):
+        images, _ = normalise_polarity(images)
+    return images

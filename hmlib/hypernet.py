@@ -1,0 +1,313 @@
+"""The hypernetwork: reads a task's VAE distribution and emits the parameters of a small target MLP.
+
+Shapes: a task has N images with latent dimension d; its *context* is the matrix of rows
+[mu, logvar] (M, 2d). Every module accepts an optional leading task dimension T, so a meta-batch of
+tasks runs as one batched computation: context (T, M, 2d) -> parameters with a leading T.
+
+The emitted parameter dict is exactly the parameter set of :class:`TargetNet`, so it can be used with
+``torch.func.functional_call(TargetNet(...), params, (x,))`` or, faster, :func:`target_forward`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from hmlib.config import HyperConfig
+
+EPS = 1e-5
+PIXELS = 28 * 28
+
+
+@dataclass
+class TaskInputs:
+    """One task (or a batch of tasks with a leading T dimension): VAE posteriors and optional pixels."""
+
+    mu: Tensor  # (N, d) or (T, N, d)
+    logvar: Tensor  # same shape as mu
+    pixels: Tensor | None = None  # (N, 784) or (T, N, 784), floats in [0, 1]
+
+    def __post_init__(self) -> None:
+        if self.mu.shape != self.logvar.shape:
+            raise ValueError(f"mu and logvar differ in shape: {tuple(self.mu.shape)} vs {tuple(self.logvar.shape)}")
+        if self.mu.dim() not in (2, 3):
+            raise ValueError(f"mu must be (N, d) or (T, N, d), got shape {tuple(self.mu.shape)}")
+        if self.pixels is not None and self.pixels.shape[:-1] != self.mu.shape[:-1]:
+            raise ValueError(f"pixels {tuple(self.pixels.shape)} do not match mu {tuple(self.mu.shape)} in (T,) N")
+
+    @property
+    def rows(self) -> Tensor:
+        """The task's VAE distribution [mu, logvar], shape (..., N, 2d)."""
+        return torch.cat([self.mu, self.logvar], dim=-1)
+
+    @classmethod
+    def from_arrays(cls, mu, logvar, pixels=None) -> "TaskInputs":
+        """Build float32 tensors from numpy arrays (pixels may be uint8 images (N, 28, 28))."""
+        pix = None
+        if pixels is not None:
+            pix = torch.as_tensor(pixels).float().reshape(*pixels.shape[:-2], PIXELS) if pixels.ndim >= 3 \
+                and pixels.shape[-2:] == (28, 28) else torch.as_tensor(pixels).float()
+            if pix.max() > 1.5:
+                pix = pix / 255.0
+        return cls(torch.as_tensor(mu).float(), torch.as_tensor(logvar).float(), pix)
+
+
+def normalize_task(x: Tensor) -> Tensor:
+    """Centre and scale every column by the task's own statistics over its rows (dim -2)."""
+    mean = x.mean(dim=-2, keepdim=True)
+    std = x.std(dim=-2, keepdim=True, unbiased=False)
+    return (x - mean) / (std + EPS)
+
+
+def whiten_task(x: Tensor, shrinkage: float = 0.1) -> Tensor:
+    """Standardise, then decorrelate the columns with the task's own (shrunk) covariance: ZCA whitening."""
+    z = normalize_task(x)
+    cov = z.transpose(-1, -2) @ z / z.shape[-2]
+    eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+    evals, evecs = torch.linalg.eigh((1 - shrinkage) * cov + shrinkage * eye)
+    inv_sqrt = evecs @ torch.diag_embed(evals.clamp_min(EPS).rsqrt()) @ evecs.transpose(-1, -2)
+    return z @ inv_sqrt
+
+
+def target_layer_shapes(in_dim: int, hidden: tuple[int, ...], num_classes: int) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the target MLP's parameters (same names as TargetNet's state dict)."""
+    dims = [in_dim, *hidden, num_classes]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for i, (fan_in, fan_out) in enumerate(zip(dims[:-1], dims[1:])):
+        shapes[f"layers.{i}.weight"] = (fan_out, fan_in)
+        shapes[f"layers.{i}.bias"] = (fan_out,)
+    return shapes
+
+
+def target_forward(params: dict[str, Tensor], x: Tensor) -> Tensor:
+    """Run the target MLP: x (..., N, in) with params (..., out, in) -> logits (..., N, K)."""
+    num_layers = len(params) // 2
+    for i in range(num_layers):
+        weight, bias = params[f"layers.{i}.weight"], params[f"layers.{i}.bias"]
+        x = x @ weight.transpose(-1, -2) + bias.unsqueeze(-2)
+        if i < num_layers - 1:
+            x = torch.relu(x)
+    return x
+
+
+class TargetNet(nn.Module):
+    """The target MLP as a module, for ``torch.func.functional_call`` with a generated param dict."""
+
+    def __init__(self, in_dim: int, hidden: tuple[int, ...], num_classes: int):
+        super().__init__()
+        dims = [in_dim, *hidden, num_classes]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return target_forward(dict(self.named_parameters()), x)
+
+
+# ----------------------------------------------------------------------------------- set encoders
+def _mlp(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+
+
+class AttentionPool(nn.Module):
+    """Prototype conditioning: one learned query, softmax over rows of <row, q>, weighted mean of rows."""
+
+    def __init__(self, row_dim: int, cfg: HyperConfig):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(row_dim) / math.sqrt(row_dim))
+        self.proj = nn.Linear(row_dim, cfg.embed_dim)
+
+    def forward(self, rows: Tensor) -> Tensor:
+        weights = torch.softmax(rows @ self.query, dim=-1)  # (T, M)
+        return self.proj((weights.unsqueeze(-1) * rows).sum(dim=-2))
+
+
+class MultiheadPool(nn.Module):
+    """Row MLP, then multi-head attention pooling with several learned seed queries (Set Transformer PMA)."""
+
+    def __init__(self, row_dim: int, cfg: HyperConfig):
+        super().__init__()
+        if cfg.embed_dim % cfg.num_heads:
+            raise ValueError(f"hyper.embed_dim={cfg.embed_dim} must be divisible by hyper.num_heads={cfg.num_heads}")
+        self.num_heads = cfg.num_heads
+        self.row_mlp = _mlp(row_dim, cfg.embed_dim, cfg.embed_dim)
+        self.seeds = nn.Parameter(torch.randn(cfg.num_seeds, cfg.embed_dim) / math.sqrt(cfg.embed_dim))
+        self.key = nn.Linear(cfg.embed_dim, cfg.embed_dim)
+        self.value = nn.Linear(cfg.embed_dim, cfg.embed_dim)
+        self.out = nn.Sequential(nn.Linear(cfg.num_seeds * cfg.embed_dim, cfg.embed_dim), nn.ReLU(),
+                                 nn.Linear(cfg.embed_dim, cfg.embed_dim))
+
+    def forward(self, rows: Tensor) -> Tensor:
+        T, M = rows.shape[0], rows.shape[1]
+        S, E, H = self.seeds.shape[0], self.seeds.shape[1], self.num_heads
+        h = self.row_mlp(rows)  # (T, M, E)
+        keys = self.key(h).view(T, M, H, E // H).transpose(1, 2)  # (T, H, M, E/H)
+        values = self.value(h).view(T, M, H, E // H).transpose(1, 2)
+        queries = self.seeds.view(S, H, E // H).transpose(0, 1)  # (H, S, E/H)
+        attn = torch.softmax(queries @ keys.transpose(-1, -2) / math.sqrt(E // H), dim=-1)  # (T, H, S, M)
+        pooled = (attn @ values).transpose(1, 2).reshape(T, S * E)
+        return self.out(pooled)
+
+
+class StatsPool(nn.Module):
+    """DeepSets with mean and spread: row MLP, then the mean and standard deviation over rows."""
+
+    def __init__(self, row_dim: int, cfg: HyperConfig):
+        super().__init__()
+        self.row_mlp = _mlp(row_dim, cfg.embed_dim, cfg.embed_dim)
+        self.out = _mlp(2 * cfg.embed_dim, cfg.embed_dim, cfg.embed_dim)
+
+    def forward(self, rows: Tensor) -> Tensor:
+        h = self.row_mlp(rows)
+        return self.out(torch.cat([h.mean(dim=-2), h.std(dim=-2, unbiased=False)], dim=-1))
+
+
+class HyperFastPool(nn.Module):
+    """HyperFast-style, label-free: fixed random ReLU features, then PCA statistics of the task."""
+
+    def __init__(self, row_dim: int, cfg: HyperConfig):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.register_buffer("projection", torch.randn(row_dim, cfg.random_features, generator=generator)
+                             / math.sqrt(row_dim))
+        self.num_components = cfg.num_components
+        self.out = _mlp(cfg.random_features * (1 + cfg.num_components), cfg.embed_dim, cfg.embed_dim)
+
+    def forward(self, rows: Tensor) -> Tensor:
+        with torch.no_grad():  # fixed features of the data: nothing to learn before the PCA
+            feats = torch.relu(rows @ self.projection)  # (T, M, F)
+            mean = feats.mean(dim=-2)
+            _, sing, vh = torch.linalg.svd(feats - mean.unsqueeze(-2), full_matrices=False)
+            comps = vh[:, : self.num_components]  # (T, C, F); fix each component's sign for determinism
+            signs = torch.sign(comps.gather(-1, comps.abs().argmax(dim=-1, keepdim=True)))
+            comps = comps * signs * (sing[:, : self.num_components] / math.sqrt(rows.shape[1])).unsqueeze(-1)
+            stats = torch.cat([mean, comps.flatten(1)], dim=-1)
+        return self.out(stats)
+
+
+ENCODERS = {"attention": AttentionPool, "multihead": MultiheadPool, "stats": StatsPool, "hyperfast": HyperFastPool}
+
+
+# ------------------------------------------------------------------------------------- generators
+class FullGenerator(nn.Module):
+    """Prototype generation: one MLP head per target layer emitting all of its weights and biases."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], cfg: HyperConfig):
+        super().__init__()
+        self.shapes = shapes
+        self.heads = nn.ModuleList()
+        for i in range(len(shapes) // 2):
+            out_dim, in_dim = shapes[f"layers.{i}.weight"]
+            head = _mlp(cfg.embed_dim, cfg.head_hidden, out_dim * in_dim + out_dim)
+            nn.init.normal_(head[-1].weight, std=0.01)
+            reference = nn.Linear(in_dim, out_dim)  # start the generated layer at a standard init
+            with torch.no_grad():
+                head[-1].bias.copy_(torch.cat([reference.weight.flatten(), reference.bias]))
+            self.heads.append(head)
+
+    def forward(self, embedding: Tensor) -> dict[str, Tensor]:
+        params = {}
+        for i, head in enumerate(self.heads):
+            out_dim, in_dim = self.shapes[f"layers.{i}.weight"]
+            flat = head(embedding)  # (T, out*in + out)
+            params[f"layers.{i}.weight"] = flat[:, : out_dim * in_dim].reshape(-1, out_dim, in_dim)
+            params[f"layers.{i}.bias"] = flat[:, out_dim * in_dim:]
+        return params
+
+
+class CompactGenerator(nn.Module):
+    """Learned base MLP; generated FiLM modulation of hidden layers and a generated last layer offset."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], cfg: HyperConfig):
+        super().__init__()
+        self.num_layers = len(shapes) // 2
+        self.base = TargetNet(shapes["layers.0.weight"][1], tuple(cfg.target_hidden),
+                              shapes[f"layers.{self.num_layers - 1}.weight"][0])
+        self.hidden_sizes = [shapes[f"layers.{i}.weight"][0] for i in range(self.num_layers - 1)]
+        self.film = _mlp(cfg.embed_dim, cfg.head_hidden, 2 * sum(self.hidden_sizes)) if self.hidden_sizes else None
+        num_classes, last_in = shapes[f"layers.{self.num_layers - 1}.weight"]
+        self.last = _mlp(cfg.embed_dim, cfg.head_hidden, num_classes * last_in + num_classes)
+        for head in (self.film, self.last):
+            if head is not None:
+                nn.init.normal_(head[-1].weight, std=0.01)
+                nn.init.zeros_(head[-1].bias)
+
+    def forward(self, embedding: Tensor) -> dict[str, Tensor]:
+        T = embedding.shape[0]
+        base = dict(self.base.named_parameters())
+        params = {}
+        if self.film is not None:
+            gamma, beta = self.film(embedding).chunk(2, dim=-1)  # (T, sum(hidden)) each
+            gammas, betas = gamma.split(self.hidden_sizes, -1), beta.split(self.hidden_sizes, -1)
+            for i in range(self.num_layers - 1):
+                scale = 1.0 + gammas[i]  # FiLM on pre-activations == scaling rows of W and b
+                params[f"layers.{i}.weight"] = base[f"layers.{i}.weight"] * scale.unsqueeze(-1)
+                params[f"layers.{i}.bias"] = base[f"layers.{i}.bias"] * scale + betas[i]
+        last = self.num_layers - 1
+        weight, bias = base[f"layers.{last}.weight"], base[f"layers.{last}.bias"]
+        flat = self.last(embedding)
+        params[f"layers.{last}.weight"] = weight + flat[:, : weight.numel()].reshape(T, *weight.shape)
+        params[f"layers.{last}.bias"] = bias + flat[:, weight.numel():]
+        return params
+
+
+GENERATORS = {"full": FullGenerator, "compact": CompactGenerator}
+
+
+class HyperNet(nn.Module):
+    """Set encoder over the task's [mu, logvar] rows + generator of the target MLP's parameters."""
+
+    def __init__(self, cfg: HyperConfig, latent_dim: int, num_classes: int):
+        super().__init__()
+        if cfg.conditioning not in ENCODERS:
+            raise ValueError(f"hyper.conditioning={cfg.conditioning!r}; choose one of {sorted(ENCODERS)}")
+        if cfg.generation not in GENERATORS:
+            raise ValueError(f"hyper.generation={cfg.generation!r}; choose one of {sorted(GENERATORS)}")
+        self.cfg, self.latent_dim, self.num_classes = cfg, latent_dim, num_classes
+        self.use_pixels = cfg.target_input == "latent+pixels"
+        self.pixel_proj = nn.Linear(PIXELS, cfg.pixel_dim) if self.use_pixels else None
+        self.target_in_dim = 2 * latent_dim + (cfg.pixel_dim if self.use_pixels else 0)
+        self.target_shapes = target_layer_shapes(self.target_in_dim, tuple(cfg.target_hidden), num_classes)
+        self.encoder = ENCODERS[cfg.conditioning](2 * latent_dim, cfg)
+        self.generator = GENERATORS[cfg.generation](self.target_shapes, cfg)
+
+    @property
+    def last_layer_keys(self) -> tuple[str, str]:
+        """Names of the target's last layer parameters (adapt_params='last')."""
+        last = len(self.target_shapes) // 2 - 1
+        return f"layers.{last}.weight", f"layers.{last}.bias"
+
+    def _normalize(self, x: Tensor) -> Tensor:
+        if self.cfg.normalize == "whiten":
+            return whiten_task(x)
+        return normalize_task(x) if self.cfg.normalize == "task" else x
+
+    def context(self, inputs: TaskInputs) -> Tensor:
+        """Conditioning rows: the task's [mu, logvar] rows, at most num_context of them (forward normalises)."""
+        self._check_latent(inputs.mu)
+        return inputs.rows[..., : self.cfg.num_context, :]
+
+    def target_features(self, inputs: TaskInputs) -> Tensor:
+        """Target network input per image: normalised [mu, logvar] (+ projected pixels), (..., N, in)."""
+        self._check_latent(inputs.mu)
+        feats = self._normalize(inputs.rows)
+        if self.use_pixels:
+            if inputs.pixels is None:
+                raise ValueError("hyper.target_input='latent+pixels' needs TaskInputs.pixels (N, 784)")
+            feats = torch.cat([feats, self._normalize(self.pixel_proj(inputs.pixels))], dim=-1)
+        return feats
+
+    def forward(self, context: Tensor) -> dict[str, Tensor]:
+        """Context rows (M, 2d) or (T, M, 2d) -> target parameters (leading T iff the input had one)."""
+        if context.shape[-1] != 2 * self.latent_dim:
+            raise ValueError(f"context rows have {context.shape[-1]} columns, expected 2*latent_dim="
+                             f"{2 * self.latent_dim} ([mu, logvar])")
+        batched = context.dim() == 3
+        rows = self._normalize(context if batched else context.unsqueeze(0))
+        params = self.generator(self.encoder(rows))
+        return params if batched else {k: v.squeeze(0) for k, v in params.items()}
+
+    def _check_latent(self, mu: Tensor) -> None:
+        if mu.shape[-1] != self.latent_dim:
+            raise ValueError(f"latents have dimension {mu.shape[-1]} but this hypernetwork was built for "
+                             f"{self.latent_dim}; use latents from the VAE it was trained with")

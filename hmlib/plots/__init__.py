@@ -1,0 +1,139 @@
+"""One figure style for every notebook and report, plus fixed colours per method and dataset.
+
+Call :func:`set_style` once per notebook. Plot functions live in ``hmlib/plots/<topic>.py``, take
+data (never a config path) and return a :class:`matplotlib.figure.Figure`. Use
+:func:`method_color` / :func:`dataset_color` so a method keeps its colour in every figure.
+"""
+from __future__ import annotations
+
+import matplotlib as mpl
+import seaborn as sns
+
+# Colour-blind-safe base palette (seaborn "colorblind" = Wong/Okabe-Ito family), fixed order.
+PALETTE: tuple[str, ...] = tuple(sns.color_palette("colorblind", 10).as_hex())
+
+# A method keeps one colour everywhere: the hypernetwork family in blues/greens, baselines in warm
+# and grey tones, references (chance, ceiling) in greys.
+METHOD_COLORS: dict[str, str] = {
+    "hypernet": PALETTE[0],  # before test-time adaptation (0 inner steps)
+    "hypernet_adapted": PALETTE[2],  # after test-time adaptation
+    "no_inner_loop": PALETTE[9],  # meta-trained without the inner loop (MT3 ablation)
+    "pixel_noise": PALETTE[4],  # conditioning on noise images
+    "kmeans_latent": PALETTE[1],
+    "gmm_latent": PALETTE[3],
+    "kmeans_pixels": PALETTE[5],
+    "spectral_pixels": PALETTE[8],
+    "logreg_ceiling": "#555555",
+    "chance": "#9a9a9a",
+}
+
+DATASET_COLORS: dict[str, str] = {
+    "mnist": PALETTE[0],
+    "fashion_mnist": PALETTE[1],
+    "kmnist": PALETTE[2],
+    "hebrew_chars": PALETTE[3],
+    "math_shapes": PALETTE[4],
+}
+
+# Human-readable labels for legends and table headers.
+METHOD_LABELS: dict[str, str] = {
+    "hypernet": "hypernet (no adaptation)",
+    "hypernet_adapted": "hypernet + test-time adaptation",
+    "no_inner_loop": "meta-trained without inner loop",
+    "pixel_noise": "pixel-noise conditioning",
+    "kmeans_latent": "k-means on VAE means",
+    "gmm_latent": "GMM on VAE means",
+    "kmeans_pixels": "k-means on pixels",
+    "spectral_pixels": "spectral on pixels",
+    "logreg_ceiling": "supervised ceiling (logreg)",
+    "chance": "chance",
+}
+
+SEQUENTIAL_CMAP = "viridis"  # ordered quantities (steps, learning rates)
+CONFUSION_CMAP = "Blues"  # confusion matrices and count heat maps
+IMAGE_CMAP = "gray"  # image grids (ink bright on dark, as the preprocessed data)
+
+
+def set_style(context: str = "notebook") -> None:
+    """Apply the hmlib seaborn/matplotlib style (call once per notebook)."""
+    sns.set_theme(context=context, style="whitegrid", palette=list(PALETTE))
+    mpl.rcParams.update({
+        "figure.figsize": (6.4, 4.0),
+        "figure.dpi": 100,
+        "savefig.dpi": 120,
+        "savefig.bbox": "tight",
+        "figure.constrained_layout.use": True,
+        "axes.titlesize": "medium",
+        "axes.titleweight": "bold",
+        "axes.labelsize": "medium",
+        "axes.spines.top": False,
+        "axes.spines.right": False,
+        "legend.frameon": False,
+        "legend.fontsize": "small",
+        "image.cmap": SEQUENTIAL_CMAP,
+        "image.interpolation": "nearest",
+        "axes.formatter.useoffset": False,
+    })
+    _show_figures_once()
+
+
+def _show_figures_once() -> None:
+    """In IPython, close a pyplot figure once it is rendered as output, so the inline backend does not show it again.
+
+    Without this, a cell ending in a plot function's returned Figure shows it twice: once as the cell's
+    value and once more when the inline backend flushes every open pyplot figure after the cell.
+    """
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is None:
+        return
+    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+
+    plt.close(plt.figure())  # load the backend now, so its figure formatters are registered before we wrap them
+    for formatter in shell.display_formatter.formatters.values():
+        try:
+            render = formatter.lookup_by_type(Figure)
+        except KeyError:
+            continue
+        if getattr(render, "hmlib_once", False):
+            continue
+
+        def render_once(fig: Figure, _render=render) -> object:
+            data = _render(fig)
+            manager = getattr(fig.canvas, "manager", None)
+            if manager is not None and plt.fignum_exists(manager.num):
+                plt.close(fig)  # already shown: the post-cell flush must not show it again
+            return data
+
+        render_once.hmlib_once = True  # type: ignore[attr-defined]
+        formatter.for_type(Figure, render_once)
+
+
+def _fallback(name: str) -> str:
+    """Stable palette colour for a name without a fixed colour (same name, same colour)."""
+    return PALETTE[sum(name.encode()) % len(PALETTE)]
+
+
+def method_color(name: str) -> str:
+    """Colour of a method (fixed for known methods, stable for any other name)."""
+    return METHOD_COLORS.get(name, _fallback(name))
+
+
+def method_label(name: str) -> str:
+    """Legend label of a method (its name if it has no fixed label)."""
+    return METHOD_LABELS.get(name, name.replace("_", " "))
+
+
+def dataset_color(name: str) -> str:
+    """Colour of a dataset (fixed for the built-ins, stable for any other name)."""
+    return DATASET_COLORS.get(name, _fallback(name))
+
+
+__all__ = [
+    "PALETTE", "METHOD_COLORS", "METHOD_LABELS", "DATASET_COLORS", "SEQUENTIAL_CMAP", "CONFUSION_CMAP",
+    "IMAGE_CMAP", "set_style", "method_color", "method_label", "dataset_color",
+]

@@ -1,0 +1,95 @@
+"""Figures of notebook 01: raw vs preprocessed samples, polarity, class counts and an example task."""
+from __future__ import annotations
+
+from typing import Mapping
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+
+from hmlib.plots import IMAGE_CMAP, PALETTE, dataset_color
+
+
+def plot_preprocessing(preview, title: str | None = None) -> Figure:
+    """Three rows per sample: the stored image (own size and mode), luminance/pad/resize, then polarity fixed."""
+    num = len(preview.raw)
+    if num == 0:
+        raise ValueError("the preview holds no images")
+    fig, axes = plt.subplots(3, num, figsize=(1.1 * num, 4.2), squeeze=False)
+    rows = ("as stored", "grey, padded, 28x28", "final (polarity)")
+    for col in range(num):
+        raw = preview.raw[col]
+        shown = raw.convert("RGB") if raw.mode not in ("L", "RGB") else raw
+        axes[0, col].imshow(np.asarray(shown), cmap=IMAGE_CMAP if shown.mode == "L" else None, vmin=0, vmax=255)
+        axes[0, col].set_title(f"{raw.size[0]}x{raw.size[1]} {raw.mode}", fontsize="x-small", fontweight="normal")
+        axes[1, col].imshow(preview.kept[col], cmap=IMAGE_CMAP, vmin=0, vmax=255)
+        axes[2, col].imshow(preview.processed[col], cmap=IMAGE_CMAP, vmin=0, vmax=255)
+        axes[2, col].set_xlabel(preview.label_names[preview.labels[col]], fontsize="x-small")
+        for row in range(3):
+            axes[row, col].set_xticks([])
+            axes[row, col].set_yticks([])
+            axes[row, col].grid(False)
+    for row, label in enumerate(rows):
+        axes[row, 0].set_ylabel(label, fontsize="x-small")
+    fig.suptitle(title or f"{preview.name}: preprocessing step by step "
+                          f"({100 * preview.inverted_fraction:.1f}% of a sample had their polarity flipped)")
+    return fig
+
+
+def plot_polarity(inverted_fraction: Mapping[str, float]) -> Figure:
+    """Share of images whose polarity was flipped (dark ink on a light ground made bright on dark), per dataset."""
+    names = list(inverted_fraction)
+    values = np.array([100 * inverted_fraction[n] for n in names])
+    fig, ax = plt.subplots(figsize=(6, 0.5 + 0.45 * len(names)))
+    ax.barh(names, values, color=[dataset_color(n) for n in names])
+    for y, v in enumerate(values):
+        ax.text(min(v + 1, 92), y, f"{v:.1f}%", va="center", fontsize="small")
+    ax.set(xlim=(0, 100), xlabel="images inverted (%)", title="Polarity normalised per image from its border")
+    ax.invert_yaxis()
+    return fig
+
+
+def plot_class_counts(sets: Mapping[str, Mapping[str, object]]) -> Figure:
+    """Per dataset, images per class in each split (grouped bars); ``sets[name][split]`` is an ImageSet."""
+    names = list(sets)
+    if not names:
+        raise ValueError("no datasets to show")
+    fig, axes = plt.subplots(len(names), 1, figsize=(10, 2.3 * len(names)), squeeze=False)
+    for ax, name in zip(axes[:, 0], names):
+        splits = list(sets[name])
+        label_names = sets[name][splits[0]].label_names
+        x = np.arange(len(label_names))
+        width = 0.8 / len(splits)
+        for i, split in enumerate(splits):
+            counts = sets[name][split].class_counts()
+            ax.bar(x + (i - (len(splits) - 1) / 2) * width, counts, width, label=f"{split} ({counts.sum():,})",
+                   color=PALETTE[i])
+        ax.set_xticks(x, [str(n) for n in label_names], rotation=45 if max(map(len, map(str, label_names))) > 3 else 0,
+                      ha="right" if max(map(len, map(str, label_names))) > 3 else "center", fontsize="small")
+        ax.set(ylabel="images", title=name, ylim=(0, 1.3 * max(sets[name][s].class_counts().max() for s in splits)))
+        ax.legend(loc="upper right", ncols=len(splits))
+    return fig
+
+
+def plot_task(image_set, task, per_class: int = 8, title: str | None = None) -> Figure:
+    """One task (a TaskBatch of length 1): a row of images per class, labelled with the original class name."""
+    indices, labels, classes = task.indices[0], task.labels[0], task.classes[0]
+    num_classes = classes.size
+    fig, axes = plt.subplots(num_classes, per_class, figsize=(0.9 * per_class, 0.95 * num_classes + 0.4),
+                             squeeze=False)
+    for j in range(num_classes):
+        members = indices[labels == j]
+        for col in range(per_class):
+            ax = axes[j, col]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.grid(False)
+            if col < members.size:
+                ax.imshow(image_set.images[members[col]], cmap=IMAGE_CMAP, vmin=0, vmax=255)
+            else:
+                ax.set_axis_off()
+        axes[j, 0].set_ylabel(f"label {j}\n{image_set.label_names[classes[j]]}\n({(labels == j).sum()} images)",
+                              fontsize="x-small", rotation=0, ha="right", va="center")
+    fig.suptitle(title or f"{image_set.name}: one task of {indices.size} images from {num_classes} classes "
+                          f"(the model sees them unlabeled and shuffled)")
+    return fig

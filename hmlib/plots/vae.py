@@ -1,0 +1,119 @@
+"""Figures of notebook 02: VAE training curves, reconstructions and 2-D projections of the latents."""
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+
+from hmlib.plots import IMAGE_CMAP, PALETTE, dataset_color
+
+
+def _smooth(values: np.ndarray, window: int) -> np.ndarray:
+    """Moving average with a window shrinking at the start (same length as ``values``)."""
+    if window <= 1 or len(values) < 2:
+        return values
+    cumsum = np.cumsum(np.insert(values, 0, 0.0))
+    idx = np.arange(1, len(values) + 1)
+    lo = np.maximum(idx - window, 0)
+    return (cumsum[idx] - cumsum[lo]) / (idx - lo)
+
+
+def plot_training_curves(history: Sequence[Mapping[str, float]], title: str = "VAE training") -> Figure:
+    """Loss, reconstruction and KL per sample per step (raw, faint; smoothed, bold), beta on the loss panel."""
+    if not history:
+        raise ValueError("empty training history")
+    steps = np.array([h["step"] for h in history])
+    window = max(1, len(steps) // 50)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for ax, key, label in zip(axes, ("loss", "recon", "kl"),
+                              ("loss = recon + beta * KL", "reconstruction (per image)", "KL per image (nats)")):
+        values = np.array([h[key] for h in history])
+        ax.plot(steps, values, color=PALETTE[0], alpha=0.25, lw=0.8)
+        ax.plot(steps, _smooth(values, window), color=PALETTE[0], lw=1.8)
+        ax.set(xlabel="step", title=label)
+        if key != "kl":  # the first steps dwarf the rest; show the interesting range
+            ax.set_ylim(top=np.percentile(values, 99) * 1.05, bottom=values.min() * 0.95)
+    beta_ax = axes[0].twinx()
+    beta_ax.plot(steps, [h["beta"] for h in history], color=PALETTE[3], lw=1.2, ls="--")
+    beta_ax.set_ylabel("beta", color=PALETTE[3])
+    beta_ax.grid(False)
+    fig.suptitle(title)
+    return fig
+
+
+def plot_reconstructions(originals: Mapping[str, np.ndarray], reconstructions: Mapping[str, np.ndarray],
+                         title: str = "Reconstructions (top: image, bottom: decoded posterior mean)") -> Figure:
+    """Per dataset, a row of images over a row of their reconstructions (arrays (n, 28, 28), uint8 or [0, 1])."""
+    names = list(originals)
+    if not names:
+        raise ValueError("no datasets to show")
+    num_cols = max(len(originals[n]) for n in names)
+    fig, axes = plt.subplots(2 * len(names), num_cols, figsize=(0.8 * num_cols, 1.7 * len(names)), squeeze=False,
+                             gridspec_kw={"hspace": 0.05, "wspace": 0.05})
+    for row, name in enumerate(names):
+        for kind, images in enumerate((originals[name], reconstructions[name])):
+            scale = 255.0 if np.asarray(images).dtype == np.uint8 else 1.0
+            for col in range(num_cols):
+                ax = axes[2 * row + kind, col]
+                ax.set_axis_off()
+                if col < len(images):
+                    ax.imshow(np.asarray(images[col]) / scale, cmap=IMAGE_CMAP, vmin=0, vmax=1)
+            label = name if kind == 0 else "recon"
+            axes[2 * row + kind, 0].text(-4, 14, label, ha="right", va="center", fontsize="small",
+                                         color=dataset_color(name) if kind == 0 else "0.3")
+    fig.suptitle(title)
+    return fig
+
+
+def project_2d(points: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
+    """2-D projection (n, 2) of points (n, d): "pca" (SVD) or "tsne" (scikit-learn)."""
+    points = np.asarray(points, dtype=np.float64)
+    if method == "pca":
+        centred = points - points.mean(axis=0)
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        return centred @ vt[:2].T
+    if method == "tsne":
+        from sklearn.manifold import TSNE
+
+        return TSNE(2, init="pca", perplexity=min(30.0, (len(points) - 1) / 3), random_state=seed).fit_transform(points)
+    raise ValueError(f"unknown projection {method!r}; use 'pca' or 'tsne'")
+
+
+def plot_latent_projection(latents: Mapping[str, tuple[np.ndarray, np.ndarray]], method: str = "pca",
+                           max_points: int = 1000, seed: int = 0,
+                           title: str = "Posterior means, coloured by class") -> Figure:
+    """One panel per dataset: 2-D projection of a class-stratified subsample of mu, coloured by class."""
+    names = list(latents)
+    if not names:
+        raise ValueError("no datasets to show")
+    rng = np.random.default_rng(seed)
+    fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 3.4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        mu, labels = latents[name]
+        idx = rng.permutation(len(mu))[:max_points]
+        xy = project_2d(mu[idx], method, seed)
+        classes = np.unique(labels[idx])
+        colours = plt.get_cmap("tab10" if classes.size <= 10 else "turbo")(np.linspace(0, 1, classes.size)
+                                                                           if classes.size > 10 else np.arange(classes.size))
+        ax.scatter(xy[:, 0], xy[:, 1], c=colours[np.searchsorted(classes, labels[idx])], s=5, alpha=0.7, lw=0)
+        ax.set(title=f"{name} ({classes.size} classes)", xticks=[], yticks=[])
+        ax.grid(False)
+    fig.suptitle(f"{title} ({method.upper() if method == 'pca' else 't-SNE'}, {max_points} points per dataset)")
+    return fig
+
+
+def pick_examples(labels: np.ndarray, num: int = 12, seed: int = 0) -> np.ndarray:
+    """Indices of ``num`` examples spread over classes (one per class in turn, random within a class)."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(labels))
+    shuffled = labels[order]
+    # rank of each image within its class (in shuffled order): pick all rank-0 images first, then rank 1, ...
+    sort = np.argsort(shuffled, kind="stable")
+    starts = np.searchsorted(shuffled[sort], shuffled[sort], side="left")
+    rank = np.empty(len(labels), dtype=np.int64)
+    rank[sort] = np.arange(len(labels)) - starts
+    picked = order[np.lexsort((rng.random(len(labels)), rank))[:num]]
+    return picked[np.argsort(labels[picked], kind="stable")]

@@ -1,0 +1,268 @@
+"""Interactive exploration of test-time adaptation (notebook 04).
+
+:class:`AdaptationExplorer` holds the logic and is tested without a browser: set the dataset, the
+task, the number of inner steps, the inner learning rate or the inner loss, and read the new
+:class:`ExplorerState` (accuracy after every step, confusion matrix, predicted clusters, a 2-D
+projection of the task's latents). :func:`explorer_widget` wraps it in ipywidgets controls that
+redraw :func:`hmlib.plots.ablations.plot_explorer_state` on every change.
+
+The adaptation always runs to ``max_steps`` once per (dataset, task, lr, loss) and is cached, so
+moving the steps slider only re-plots; a new lr, loss or task re-runs the inner loop
+(``benchmarks/bench_widgets.py`` times it).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from hmlib.config import AdaptConfig, Config
+from hmlib.metrics import best_matching, confusion
+
+INNER_LOSSES = ("geometry", "entropy", "infomax")
+LR_RANGE = (1e-3, 10.0)  # inner learning rates the explorer accepts
+
+
+@dataclass
+class TaskSource:
+    """One dataset's fixed task suite and the VAE posteriors (and optionally pixels) of its split."""
+
+    mu: np.ndarray  # (n, d) float32
+    logvar: np.ndarray  # (n, d) float32
+    suite: Any  # hmlib.data.TaskBatch with indices into the rows above
+    images: np.ndarray | None = None  # uint8 (n, 28, 28), needed when the target net reads pixels
+
+    def __post_init__(self) -> None:
+        if self.mu.shape != self.logvar.shape or self.mu.ndim != 2:
+            raise ValueError(f"mu {self.mu.shape} and logvar {self.logvar.shape} must both be (n, d)")
+        indices = np.asarray(self.suite.indices)
+        if indices.size and indices.max() >= len(self.mu):
+            raise ValueError(f"task indices reach {indices.max()} but only {len(self.mu)} latents were given")
+
+
+@dataclass
+class ExplorerState:
+    """What the explorer shows for its current settings."""
+
+    dataset: str
+    task: int
+    num_steps: int
+    inner_lr: float
+    inner_loss: str
+    accuracy: np.ndarray  # (max_steps+1,) clustering accuracy after 0..max_steps inner steps
+    labels: np.ndarray  # (N,) true classes 0..K-1 (used for scoring and display only)
+    classes: np.ndarray  # (K,) original class ids of the task
+    pred: np.ndarray  # (N,) predicted clusters after num_steps, relabelled by the best matching to classes
+    confusion: np.ndarray  # (K, K) rows matched predicted cluster, columns true class
+    embedding: np.ndarray  # (N, 2) PCA projection of the task's latent means
+    seconds: float  # time of the adaptation run behind this state (0 when served from the cache)
+
+    @property
+    def current_accuracy(self) -> float:
+        """Accuracy after ``num_steps`` inner steps."""
+        return float(self.accuracy[self.num_steps])
+
+
+def pca_2d(x: np.ndarray) -> np.ndarray:
+    """Project rows of ``x`` (N, d) onto their first two principal components, (N, 2)."""
+    centred = np.asarray(x, dtype=np.float64) - np.mean(x, axis=0)
+    _, _, vh = np.linalg.svd(centred, full_matrices=False)
+    proj = centred @ vh[:2].T
+    signs = np.sign(proj[np.abs(proj).argmax(0), np.arange(proj.shape[1])])  # deterministic orientation
+    proj = proj * np.where(signs == 0, 1.0, signs)
+    return np.pad(proj, ((0, 0), (0, max(0, 2 - proj.shape[1]))))
+
+
+class AdaptationExplorer:
+    """Re-runs the test-time update of one hypernetwork on one suite task whenever a setting changes."""
+
+    def __init__(self, hypernet: torch.nn.Module, sources: Mapping[str, TaskSource], adapt: AdaptConfig, *,
+                 max_steps: int = 32, cache_size: int = 64) -> None:
+        if not sources:
+            raise ValueError("the explorer needs at least one dataset (a TaskSource)")
+        if max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0, got {max_steps}")
+        self.hypernet = hypernet.eval()
+        self.sources = dict(sources)
+        self.max_steps = int(max_steps)
+        self.base_adapt = adapt
+        self.dataset = next(iter(self.sources))
+        self.task = 0
+        self.num_steps = min(adapt.num_inner_steps, self.max_steps)
+        self.inner_lr = float(adapt.inner_lr)
+        self.inner_loss = adapt.inner_loss
+        self._cache: OrderedDict[tuple, tuple[np.ndarray, np.ndarray, float]] = OrderedDict()
+        self._cache_size = cache_size
+
+    @property
+    def datasets(self) -> list[str]:
+        """Datasets the picker offers."""
+        return list(self.sources)
+
+    def num_tasks(self, dataset: str | None = None) -> int:
+        """Number of suite tasks of a dataset (the current one by default)."""
+        return len(np.asarray(self.sources[dataset or self.dataset].suite.indices))
+
+    def set(self, *, dataset: str | None = None, task: int | None = None, num_steps: int | None = None,
+            inner_lr: float | None = None, inner_loss: str | None = None) -> ExplorerState:
+        """Change any settings (validated; nothing changes if one is invalid) and return the new state."""
+        new_dataset = self.dataset if dataset is None else dataset
+        if new_dataset not in self.sources:
+            raise ValueError(f"unknown dataset {new_dataset!r}; the explorer has: {', '.join(self.sources)}")
+        new_task = (0 if dataset not in (None, self.dataset) else self.task) if task is None else int(task)
+        if not 0 <= new_task < self.num_tasks(new_dataset):
+            raise ValueError(f"task {new_task} is out of range: {new_dataset} has tasks "
+                             f"0..{self.num_tasks(new_dataset) - 1}")
+        new_steps = self.num_steps if num_steps is None else int(num_steps)
+        if not 0 <= new_steps <= self.max_steps:
+            raise ValueError(f"num_steps must be in 0..{self.max_steps}, got {new_steps}")
+        new_lr = self.inner_lr if inner_lr is None else float(inner_lr)
+        if not LR_RANGE[0] <= new_lr <= LR_RANGE[1]:
+            raise ValueError(f"inner_lr must be in [{LR_RANGE[0]:g}, {LR_RANGE[1]:g}], got {new_lr:g}")
+        new_loss = self.inner_loss if inner_loss is None else inner_loss
+        if new_loss not in INNER_LOSSES:
+            raise ValueError(f"inner_loss must be one of {', '.join(INNER_LOSSES)}, got {new_loss!r}")
+        self.dataset, self.task, self.num_steps = new_dataset, new_task, new_steps
+        self.inner_lr, self.inner_loss = new_lr, new_loss
+        return self.state
+
+    @property
+    def adapt_config(self) -> AdaptConfig:
+        """The AdaptConfig of the current settings (run to max_steps)."""
+        return dataclasses.replace(self.base_adapt, inner_lr=self.inner_lr, inner_loss=self.inner_loss,
+                                   num_inner_steps=self.max_steps)
+
+    def _task_inputs(self, dataset: str, task: int):
+        from hmlib.hypernet import TaskInputs
+
+        source = self.sources[dataset]
+        idx = np.asarray(source.suite.indices)[task]
+        images = None if source.images is None else source.images[idx]
+        return TaskInputs.from_arrays(source.mu[idx], source.logvar[idx], images)
+
+    def _run(self) -> tuple[np.ndarray, np.ndarray, float]:
+        """(predictions (S+1, N), accuracy (S+1,), seconds) for the current dataset/task/lr/loss; cached."""
+        from hmlib.adapt import predict_task
+        from hmlib.ablations import step_accuracies
+
+        key = (self.dataset, self.task, self.inner_lr, self.inner_loss)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            pred, acc, _ = self._cache[key]
+            return pred, acc, 0.0
+        labels = np.asarray(self.sources[self.dataset].suite.labels)[self.task]
+        start = time.perf_counter()
+        with torch.no_grad():
+            logits = predict_task(self.hypernet, self._task_inputs(self.dataset, self.task), self.adapt_config)
+        seconds = time.perf_counter() - start
+        pred = logits.argmax(-1).numpy()  # (S+1, N)
+        acc = step_accuracies(logits, labels)
+        self._cache[key] = (pred, acc, seconds)
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return pred, acc, seconds
+
+    def state_at(self, num_steps: int) -> ExplorerState:
+        """The state of the current task after ``num_steps`` inner steps (the other settings unchanged)."""
+        if not 0 <= num_steps <= self.max_steps:
+            raise ValueError(f"num_steps must be in 0..{self.max_steps}, got {num_steps}")
+        source = self.sources[self.dataset]
+        labels = np.asarray(source.suite.labels)[self.task]
+        classes = np.asarray(source.suite.classes)[self.task]
+        num_classes = len(classes)
+        pred_all, acc, seconds = self._run()
+        raw = pred_all[num_steps]
+        matched = best_matching(raw, labels, num_classes)[raw]  # cluster -> the class it is matched to
+        idx = np.asarray(source.suite.indices)[self.task]
+        return ExplorerState(dataset=self.dataset, task=self.task, num_steps=num_steps, inner_lr=self.inner_lr,
+                             inner_loss=self.inner_loss, accuracy=acc, labels=labels, classes=classes,
+                             pred=matched, confusion=confusion(matched, labels, num_classes),
+                             embedding=pca_2d(source.mu[idx]), seconds=seconds)
+
+    @property
+    def state(self) -> ExplorerState:
+        """The state for the current settings."""
+        return self.state_at(self.num_steps)
+
+    def step_grid(self, steps: Sequence[int]) -> list[ExplorerState]:
+        """States of the current task at each step count (the static small multiples)."""
+        return [self.state_at(s) for s in steps if s <= self.max_steps]
+
+    def curves(self, *, inner_lrs: Sequence[float] = (), inner_losses: Sequence[str] = ()) -> dict[str, np.ndarray]:
+        """Accuracy-vs-steps curves of the current task for several lrs or losses (settings restored after)."""
+        saved = (self.inner_lr, self.inner_loss)
+        out = {}
+        try:
+            for lr in inner_lrs:
+                self.set(inner_lr=lr)
+                out[f"lr={lr:g}"] = self._run()[1]
+            self.set(inner_lr=saved[0])
+            for loss in inner_losses:
+                self.set(inner_loss=loss)
+                out[loss] = self._run()[1]
+        finally:
+            self.inner_lr, self.inner_loss = saved
+        return out
+
+    @classmethod
+    def from_config(cls, cfg: Config, *, setting: str | None = None, datasets: Sequence[str] | None = None,
+                    progress: bool = False) -> "AdaptationExplorer":
+        """Explorer over the protocol's hypernetwork (notebook 03) and the ablation suite of each dataset."""
+        from hmlib.ablations import ablation_suite
+        from hmlib.data import load_split
+        from hmlib.latents import get_latents
+        from hmlib.metatrain import meta_train
+
+        setting = setting or cfg.ablation.setting
+        result = meta_train(cfg, setting, cfg.meta.seed, progress=progress)
+        hypernet = result.hypernet.eval()
+        sources = {}
+        for dataset in datasets or cfg.meta.test_datasets:
+            latents = get_latents(cfg, dataset, "test", setting, progress=progress)
+            images = load_split(dataset, "test", cfg.data, progress=False).images if hypernet.use_pixels else None
+            sources[dataset] = TaskSource(latents.mu, latents.logvar, ablation_suite(cfg, dataset), images)
+        return cls(hypernet, sources, cfg.adapt, max_steps=max(cfg.ablation.step_grid))
+
+
+def explorer_widget(explorer: AdaptationExplorer, *, figsize: tuple[float, float] = (12.0, 3.6)) -> Any:
+    """ipywidgets controls (dataset, task, steps, inner lr, inner loss) that redraw the explorer's figure."""
+    import ipywidgets as w
+    import matplotlib.pyplot as plt
+
+    from hmlib.plots.ablations import ExplorerFigure
+
+    style = {"description_width": "initial"}
+    dataset = w.Dropdown(options=explorer.datasets, value=explorer.dataset, description="dataset", style=style)
+    task = w.IntSlider(value=explorer.task, min=0, max=explorer.num_tasks() - 1, description="task",
+                       continuous_update=False, style=style)
+    steps = w.IntSlider(value=explorer.num_steps, min=0, max=explorer.max_steps, description="inner steps",
+                        continuous_update=False, style=style)
+    lr = w.FloatLogSlider(value=explorer.inner_lr, base=10, min=np.log10(LR_RANGE[0]), max=np.log10(LR_RANGE[1]),
+                          step=0.1, description="inner lr", continuous_update=False, readout_format=".3g", style=style)
+    loss = w.Dropdown(options=list(INNER_LOSSES), value=explorer.inner_loss, description="inner loss", style=style)
+    view = w.Image(format="png")  # the figure as a PNG: works in JupyterLab and is inspectable in tests
+    canvas: list[ExplorerFigure] = []  # built on the first draw, then updated in place
+
+    def redraw(change: Any = None) -> None:
+        if change is not None and change["owner"] is dataset:
+            task.max = explorer.num_tasks(dataset.value) - 1
+        state = explorer.set(dataset=dataset.value, task=min(task.value, explorer.num_tasks(dataset.value) - 1),
+                             num_steps=steps.value, inner_lr=lr.value, inner_loss=loss.value)
+        if not canvas or canvas[0].num_classes != len(state.classes):
+            if canvas:
+                plt.close(canvas[0].figure)
+            canvas[:] = [ExplorerFigure(state, figsize=figsize)]
+        canvas[0].update(state)
+        view.value = canvas[0].png()
+
+    for control in (dataset, task, steps, lr, loss):
+        control.observe(redraw, names="value")
+    redraw()
+    box = w.VBox([w.HBox([dataset, task, loss]), w.HBox([steps, lr]), view])
+    box.figure = canvas[0].figure  # kept for closing / inspection
+    return box
