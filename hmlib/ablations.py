@@ -589,7 +589,11 @@ def suite_fingerprint(suite: Any) -> str:
 
 
 def _context_images(cfg: Config, resolved: ResolvedVariant, suite: Any) -> np.ndarray | None:
-    """uint8 images (T, N, 28, 28) whose VAE distribution replaces the task's own, or None for "task"."""
+    """uint8 images (T, M, 28, 28) whose VAE distribution replaces the task's own, or None for "task".
+
+    "noise": M = N uniform-noise images per task (seeded); "other": the other dataset's suite tasks
+    (M = its task size), so the context is a real task, just not this one.
+    """
     from hmlib.data import load_split
 
     context = resolved.variant.context
@@ -629,7 +633,8 @@ def variant_curves(cfg: Config, resolved: ResolvedVariant, suite: Any, *, batch_
         vae, _ = vae_for_setting(resolved.train_cfg, resolved.setting, resolved.dataset, progress=False,
                                  verbose=False)
         ctx_mu, ctx_logvar = encode_images(vae, context_images.reshape(-1, 28, 28))
-        ctx_mu, ctx_logvar = ctx_mu.reshape(*indices.shape, -1), ctx_logvar.reshape(*indices.shape, -1)
+        shape = context_images.shape[:2]  # (T, M): M may differ from N (another dataset's task size)
+        ctx_mu, ctx_logvar = ctx_mu.reshape(*shape, -1), ctx_logvar.reshape(*shape, -1)
     curves = []
     for start in tqdm(range(0, len(indices), batch_size), desc=f"{resolved.variant.label}", disable=not progress,
                       leave=False):

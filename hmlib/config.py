@@ -55,7 +55,7 @@ class VAEConfig:
     epochs: int = 4
     batch_size: int = 128
     lr: float = 1e-3
-    max_train_images: int | None = 30000  # images per epoch per VAE, an equal share per dataset (small ones repeated); None = all
+    max_train_images: int | None = 20000  # images per epoch per VAE, an equal share per dataset (small ones repeated); None = all
     retrain: str = "auto"  # "auto": reuse a matching checkpoint else train; "never": refuse; "always"
     seed: int = 0
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -47,9 +48,11 @@ class TaskInputs:
         """Build float32 tensors from numpy arrays (pixels may be uint8 images (N, 28, 28))."""
         pix = None
         if pixels is not None:
-            pix = torch.as_tensor(pixels).float().reshape(*pixels.shape[:-2], PIXELS) if pixels.ndim >= 3 \
-                and pixels.shape[-2:] == (28, 28) else torch.as_tensor(pixels).float()
-            if pix.max() > 1.5:
+            is_uint8 = getattr(pixels, "dtype", None) in (np.uint8, torch.uint8)
+            pix = torch.as_tensor(pixels).float()
+            if pix.dim() >= 3 and tuple(pix.shape[-2:]) == (28, 28):  # images (..., 28, 28) -> (..., 784)
+                pix = pix.flatten(-2)
+            if is_uint8:
                 pix = pix / 255.0
         return cls(torch.as_tensor(mu).float(), torch.as_tensor(logvar).float(), pix)
 

@@ -232,7 +232,6 @@ class AdaptationExplorer:
 def explorer_widget(explorer: AdaptationExplorer, *, figsize: tuple[float, float] = (12.0, 3.6)) -> Any:
     """ipywidgets controls (dataset, task, steps, inner lr, inner loss) that redraw the explorer's figure."""
     import ipywidgets as w
-    import matplotlib.pyplot as plt
 
     from hmlib.plots.ablations import ExplorerFigure
 
@@ -254,8 +253,6 @@ def explorer_widget(explorer: AdaptationExplorer, *, figsize: tuple[float, float
         state = explorer.set(dataset=dataset.value, task=min(task.value, explorer.num_tasks(dataset.value) - 1),
                              num_steps=steps.value, inner_lr=lr.value, inner_loss=loss.value)
         if not canvas or canvas[0].num_classes != len(state.classes):
-            if canvas:
-                plt.close(canvas[0].figure)
             canvas[:] = [ExplorerFigure(state, figsize=figsize)]
         canvas[0].update(state)
         view.value = canvas[0].png()
@@ -263,6 +260,4 @@ def explorer_widget(explorer: AdaptationExplorer, *, figsize: tuple[float, float
     for control in (dataset, task, steps, lr, loss):
         control.observe(redraw, names="value")
     redraw()
-    box = w.VBox([w.HBox([dataset, task, loss]), w.HBox([steps, lr]), view])
-    box.figure = canvas[0].figure  # kept for closing / inspection
-    return box
+    return w.VBox([w.HBox([dataset, task, loss]), w.HBox([steps, lr]), view])

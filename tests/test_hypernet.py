@@ -15,10 +15,12 @@ SMALL = HyperConfig(target_hidden=(8,), embed_dim=16, head_hidden=16, num_seeds=
                     random_features=12, num_components=2)
 
 
-def _inputs(*lead: int, pixels: bool = False) -> TaskInputs:
+def _inputs(*lead: int, pixels: bool = False, seed: int = 0) -> TaskInputs:
+    generator = torch.Generator().manual_seed(seed)
     shape = (*lead, NUM_IMAGES)
-    return TaskInputs(torch.randn(*shape, LATENT_DIM), torch.randn(*shape, LATENT_DIM),
-                      torch.rand(*shape, 784) if pixels else None)
+    return TaskInputs(torch.randn(*shape, LATENT_DIM, generator=generator),
+                      torch.randn(*shape, LATENT_DIM, generator=generator),
+                      torch.rand(*shape, 784, generator=generator) if pixels else None)
 
 
 @pytest.mark.parametrize("conditioning", ["attention", "multihead", "stats", "hyperfast"])
@@ -53,7 +55,7 @@ def test_batched_tasks_match_one_at_a_time(conditioning):
 
 def test_conditioning_depends_on_the_task():
     hypernet = HyperNet(SMALL, LATENT_DIM, NUM_CLASSES)
-    a, b = _inputs(), _inputs()
+    a, b = _inputs(seed=0), _inputs(seed=1)
     b = TaskInputs(b.mu * 3.0 + 1.0, b.logvar)
     pa, pb = hypernet(hypernet.context(a)), hypernet(hypernet.context(b))
     assert any(not torch.allclose(pa[k], pb[k]) for k in pa)
@@ -96,9 +98,21 @@ def test_bad_inputs_raise_clear_errors():
 def test_whitening_decorrelates_each_task():
     from hmlib.hypernet import whiten_task
 
-    x = torch.randn(2, 300, 5) @ torch.randn(5, 5) + 4.0
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 300, 5, generator=generator) @ (torch.randn(5, 5, generator=generator) + 3 * torch.eye(5)) + 4.0
     z = whiten_task(x, shrinkage=0.0)
     cov = z.transpose(-1, -2) @ z / x.shape[-2]
     torch.testing.assert_close(cov, torch.eye(5).expand(2, 5, 5), atol=1e-3, rtol=0)
     hypernet = HyperNet(dataclasses.replace(SMALL, normalize="whiten"), LATENT_DIM, NUM_CLASSES)
     assert hypernet.target_features(_inputs()).shape == (NUM_IMAGES, 2 * LATENT_DIM)
+
+
+def test_task_inputs_from_arrays_accepts_images_or_flat_pixels():
+    import numpy as np
+
+    mu, logvar = np.zeros((2, 7, LATENT_DIM), np.float32), np.ones((2, 7, LATENT_DIM), np.float32)
+    images = np.full((2, 7, 28, 28), 255, np.uint8)
+    inputs = TaskInputs.from_arrays(mu, logvar, images)
+    assert inputs.pixels.shape == (2, 7, 784) and float(inputs.pixels.max()) == 1.0
+    flat = TaskInputs.from_arrays(mu[0], logvar[0], np.full((7, 784), 0.5, np.float32))
+    assert flat.pixels.shape == (7, 784) and float(flat.pixels.max()) == 0.5

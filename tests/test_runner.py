@@ -166,3 +166,12 @@ def test_unreadable_notebook_is_a_clear_error(tmp_path, capsys):
     (folder / "01_broken.ipynb").write_text("{ not json")
     assert cli.main(["run", "--profile", "smoke", "--notebooks", str(folder), "--quiet"]) == 2
     assert "cannot read notebook" in capsys.readouterr().err
+
+
+def test_cli_registers_run_and_eval_subcommands(capsys):
+    parser = cli.build_parser()
+    commands = next(a for a in parser._actions if a.dest == "command").choices
+    assert {"run", "eval"} <= set(commands)
+    args = parser.parse_args(["run", "--profile", "smoke", "--only", "01", "--only", "03", "--timeout", "5"])
+    assert (args.profile, args.only, args.timeout, args.start) == ("smoke", ["01", "03"], 5, None)
+    assert cli.main([]) == 2 and "COMMAND" in capsys.readouterr().err
