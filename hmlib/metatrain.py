@@ -330,13 +330,38 @@ def _single_vae_id(upstream: Mapping[str, Any] | None) -> Any:
     return values.pop() if len(values) == 1 else ids
 
 
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> {'a.b.c': leaf}."""
+    if isinstance(value, Mapping) and value:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
+
+
+def settings_diff(recorded: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+    """'key.sub: recorded X, expected Y' for every leaf setting that differs (JSON-normalised)."""
+    import json
+
+    have = _flatten({k: recorded.get(k, "<absent>") for k in expected})
+    want = _flatten(dict(expected))
+    norm = lambda v: json.dumps(v, sort_keys=True, default=str)  # noqa: E731
+    return [f"{key}: recorded {norm(have.get(key, '<absent>'))}, expected {norm(want.get(key, '<absent>'))}"
+            for key in sorted(set(have) | set(want)) if norm(have.get(key, "<absent>")) != norm(want.get(key, "<absent>"))]
+
+
 def _load_existing(path: Path, meta: Mapping[str, Any], retrain: str) -> tuple[dict, dict] | None:
     """A matching checkpoint's (state, meta) to reuse or resume; None to train from scratch."""
     if retrain == "always" or not path.exists():
         return None
     expected = {k: meta[k] for k in ("kind", "setting", "seed", "training", "upstream", "latent_dim", "num_classes")}
     try:
-        return load_checkpoint(path, expected)
+        state, recorded = load_checkpoint(path)
+        diffs = settings_diff(recorded, expected)
+        if diffs:
+            raise StaleArtifactError(f"{path} was made with other settings or inputs:\n  " + "\n  ".join(diffs))
+        return state, recorded
     except StaleArtifactError as err:
         if retrain == "never":
             raise StaleArtifactError(f"{err}\nmeta.retrain='never': delete the checkpoint, pass another name, "

@@ -367,15 +367,17 @@ def get_vae(cfg: Config, scope: str, *, name: str | None = None, progress: bool 
                 print(f"Reusing VAE checkpoint {path.name} (settings and data fingerprints match).")
             return model.to(device), {**meta, "reused": True}
         except StaleArtifactError as err:
+            recorded = _checkpoint_meta(path)
+            changes = "; ".join(_setting_changes(recorded, expected)) or str(err)
             if retrain == "never":
-                raise StaleArtifactError(f"{err}\nvae.retrain = 'never': refusing to retrain; set vae.retrain to "
-                                         "'auto' or 'always', or restore the matching settings.") from err
-            recorded = _recorded_datasets(path)
-            if recorded is not None and sorted(recorded) != sorted(datasets):
+                raise StaleArtifactError(f"{path} was made with other settings or data ({changes}); vae.retrain = "
+                                         "'never': refusing to retrain. Set vae.retrain to 'auto' or 'always', or "
+                                         "restore the matching settings.") from err
+            if sorted(recorded.get("datasets", datasets)) != sorted(datasets):
                 raise StaleArtifactError(
-                    f"{path} was trained on {recorded}, not {list(datasets)}; refusing to overwrite it. "
+                    f"{path} was trained on {recorded['datasets']}, not {list(datasets)}; refusing to overwrite it. "
                     f"Pass name='...' to get_vae to keep this VAE apart, or set vae.retrain = 'always'.") from err
-            print(f"VAE checkpoint {path.name} is stale, retraining:\n{str(err).split(chr(10), 1)[-1]}")
+            print(f"VAE checkpoint {path.name} is stale ({changes}); retraining.")
         except ArtifactError as err:
             if retrain == "never":
                 raise
@@ -397,12 +399,24 @@ def get_vae(cfg: Config, scope: str, *, name: str | None = None, progress: bool 
     return model, {**meta, "path": str(path), "vae_id": file_sha256(path)[:16], "reused": False}
 
 
-def _recorded_datasets(path: Path) -> list[str] | None:
+def _checkpoint_meta(path: Path) -> dict[str, Any]:
+    """The recorded meta of a readable checkpoint (empty if unreadable)."""
     try:
-        _, meta = load_checkpoint(path)
+        return load_checkpoint(path)[1]
     except ArtifactError:
-        return None
-    return meta.get("datasets")
+        return {}
+
+
+def _setting_changes(recorded: dict[str, Any], expected: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose recorded value differs from the expected one, as 'key: recorded -> expected'."""
+    changes = []
+    for key, want in expected.items():
+        have = recorded.get(key, "<absent>")
+        if isinstance(want, dict) and isinstance(have, dict):
+            changes += _setting_changes(have, want, f"{prefix}{key}.")
+        elif have != want:
+            changes.append(f"{prefix}{key}: {have!r} -> {want!r}")
+    return changes
 
 
 def vae_for_setting(cfg: Config, setting: str, dataset: str, *, progress: bool = True, verbose: bool = True
