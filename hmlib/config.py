@@ -98,7 +98,7 @@ class MetaConfig:
 
     train_datasets: tuple[str, ...] = ("fashion_mnist", "hebrew_chars", "math_shapes")
     test_datasets: tuple[str, ...] = ("mnist",)
-    iterations: int = 1500
+    iterations: int = 3000  # ~50-60 s on one free core (benchmarks/bench_meta.py); validation still rising at 1500
     meta_batch_size: int = 8
     outer_lr: float = 1e-3
     grad_clip: float = 1.0

@@ -6,6 +6,7 @@ from typing import Mapping, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
 
 from hmlib.metrics import best_matching
 from hmlib.plots import PALETTE, method_color
@@ -44,8 +45,13 @@ def plot_training_curves(histories: Mapping[str, Mapping[str, list]], *, smooth:
     axes[1].set(title="inner loss (dotted: before steps)", xlabel="iteration", ylabel="loss")
     axes[2].set(title="validation accuracy (dotted: before)", xlabel="iteration",
                 ylabel="clustering accuracy")
-    for ax in axes:
-        ax.legend(fontsize="x-small")
+    axes[0].legend(fontsize="x-small")  # one colour per run; line styles explained once, on the right
+    styles = [Line2D([], [], color="#555555", ls="-", label="after the inner steps"),
+              Line2D([], [], color="#555555", ls=":", label="before"),
+              Line2D([], [], color="#555555", ls="--", alpha=0.6, label="held-out dataset, train split (monitor)")]
+    if chance is not None:
+        styles.append(Line2D([], [], color=method_color("chance"), ls="-.", label="chance"))
+    axes[2].legend(handles=styles, fontsize="x-small", loc="lower right")
     return fig
 
 
