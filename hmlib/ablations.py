@@ -560,11 +560,10 @@ def resolve_variant(cfg: Config, variant: Variant, *, progress: bool = True,
 
 def task_size(cfg: Config, dataset: str) -> int:
     """Images per ablation task: ``ablation.task_size``, lowered to what the smallest test class allows."""
-    from hmlib.data import load_split
+    from hmlib.data import fit_task_size, load_split
 
     labels = load_split(dataset, "test", cfg.data, progress=False).labels
-    smallest = int(np.bincount(labels)[np.unique(labels)].min())
-    return min(int(cfg.ablation.task_size), cfg.task.num_classes * smallest)
+    return fit_task_size(labels, cfg.task.num_classes, int(cfg.ablation.task_size))
 
 
 def ablation_suite(cfg: Config, dataset: str) -> Any:
@@ -581,11 +580,6 @@ def ablation_suite(cfg: Config, dataset: str) -> Any:
         raise ConfigError(f"ablation.num_tasks = {num_tasks} but the evaluation suite of {dataset} has only "
                           f"{len(suite)} tasks; lower ablation.num_tasks or raise eval.num_tasks")
     return suite[:num_tasks]
-
-
-def suite_fingerprint(suite: Any) -> str:
-    """Identity of a task suite (which images, which labels)."""
-    return fingerprint(np.asarray(suite.indices).tolist(), np.asarray(suite.labels).tolist())
 
 
 def _context_images(cfg: Config, resolved: ResolvedVariant, suite: Any) -> np.ndarray | None:
@@ -673,6 +667,7 @@ def run_ablation(cfg: Config, ablation: Ablation, *, recompute: bool = False, pr
                  verbose: bool = True, memo: dict | None = None) -> AblationResult:
     """Scores of every variant on identical tasks; loaded from JSON when made by the same inputs."""
     from hmlib.baselines import kmeans_latent
+    from hmlib.evaluate import suite_fingerprint
 
     memo = {} if memo is None else memo
     resolved = [resolve_variant(cfg, v, progress=progress, memo=memo) for v in ablation.variants]

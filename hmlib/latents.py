@@ -129,22 +129,17 @@ def get_all_latents(cfg: Config, settings: tuple[str, ...] = SETTINGS, splits: t
             for key in tqdm(keys, desc="latents", disable=not progress, leave=False)}
 
 
-def task_size(labels: np.ndarray, num_classes: int, num_images: int) -> int:
-    """``num_images``, lowered where a split's smallest class cannot fill a balanced task of that size."""
-    counts = np.bincount(labels)
-    return int(min(num_images, num_classes * counts[counts > 0].min()))
-
-
 def kmeans_summary(cfg: Config, latents: dict[tuple[str, str, str], LatentSet], *, split: str = "test",
                    num_tasks: int = 100, seed: int = 0) -> list[dict[str, Any]]:
     """k-means-on-mu accuracy (Hungarian) per dataset and setting, mean and 95% CI over random K-class tasks."""
+    from hmlib.data import fit_task_size
     from hmlib.metrics import mean_ci
 
     rows = []
     for (setting, dataset, key_split), latent_set in latents.items():
         if key_split != split:
             continue
-        num_images = task_size(latent_set.labels, cfg.task.num_classes, cfg.task.num_images)
+        num_images = fit_task_size(latent_set.labels, cfg.task.num_classes, cfg.task.num_images)
         scores = kmeans_task_accuracy(latent_set, num_tasks, cfg.task.num_classes, num_images,
                                       seed=seed, n_init=cfg.eval.kmeans_n_init)
         mean, half = mean_ci(scores)

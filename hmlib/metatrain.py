@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from hmlib import paths
 from hmlib.adapt import adapt, aligned_cross_entropy, inner_loss, predict_task, task_accuracy
-from hmlib.artifacts import ArtifactError, StaleArtifactError, check_meta, load_checkpoint, save_checkpoint
+from hmlib.artifacts import ArtifactError, StaleArtifactError, load_checkpoint, save_checkpoint
 from hmlib.config import Config, config_from_dict, config_to_dict
 from hmlib.hypernet import HyperNet, TaskInputs, target_forward
 
@@ -102,14 +102,6 @@ def _shuffled(indices: np.ndarray, labels: np.ndarray, rng: np.random.Generator)
     return np.take_along_axis(indices, order, 1), np.take_along_axis(labels, order, 1)
 
 
-def _task_size(labels: np.ndarray, num_classes: int, wanted: int) -> int:
-    """Largest task size <= wanted that every class can fill (the sampler takes up to ceil(N/K) per class)."""
-    counts = np.unique(labels, return_counts=True)[1]
-    if len(counts) < num_classes:
-        raise MetaTrainingError(f"a dataset has only {len(counts)} classes, fewer than task.num_classes={num_classes}")
-    return int(min(wanted, num_classes * counts.min()))
-
-
 @dataclass
 class EvalTasks:
     """Fixed tasks of one dataset for validation/monitoring: inputs (T, N, d) and labels (T, N)."""
@@ -122,7 +114,9 @@ class EvalTasks:
 def fixed_tasks(data: LatentArrays, num_tasks: int, num_classes: int, num_images: int, mode: str,
                 seed: int) -> EvalTasks:
     """Seeded tasks of ``data`` (task size capped so that the smallest classes can fill them)."""
-    size = _task_size(data.labels, num_classes, num_images)
+    from hmlib.data import fit_task_size
+
+    size = fit_task_size(data.labels, num_classes, num_images)
     if size < MIN_IMAGES_PER_CLASS * num_classes:
         raise MetaTrainingError(f"validation part of {data.name} is too small for {num_classes}-class tasks "
                                 f"({size} images); raise meta.val_fraction")
@@ -146,8 +140,10 @@ def _new_history() -> dict[str, list]:
 
 def _support_query_sizes(parts: list[LatentArrays], cfg: Config) -> tuple[int, int]:
     """Support and query sizes per task: the configured ones, shrunk (with a note) if a dataset's classes are small."""
+    from hmlib.data import fit_task_size
+
     N, Q, K = cfg.task.num_images, cfg.meta.query_size, cfg.task.num_classes
-    capacity = min(_task_size(part.labels, K, N + Q) for part in parts)
+    capacity = min(fit_task_size(part.labels, K, N + Q) for part in parts)
     if capacity >= N + Q:
         return N, Q
     if capacity < 2 * K:

@@ -133,3 +133,25 @@ def test_resolve_device():
     assert auto.type in ("cuda", "mps", "cpu") and (expected is None or auto.type == expected)
     with pytest.raises(ConfigError, match="not a torch device"):
         resolve_device("tpu9")
+
+
+def test_configure_runtime_applies_thread_limit_and_returns_device():
+    import torch
+    from threadpoolctl import threadpool_info
+
+    from hmlib.config import configure_runtime
+
+    before = torch.get_num_threads()
+    try:
+        device = configure_runtime(load_config("smoke", overrides={"num_threads": 1}))
+        assert device.type == "cpu" or device.type in ("cuda", "mps")
+        assert torch.get_num_threads() == 1
+        assert all(pool["num_threads"] == 1 for pool in threadpool_info())
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 1.5, "two"])
+def test_num_threads_must_be_positive_integer_or_null(bad):
+    with pytest.raises(ConfigError, match="num_threads"):
+        load_config("smoke", overrides={"num_threads": bad})

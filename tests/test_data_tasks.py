@@ -112,3 +112,13 @@ def test_small_class_draws_in_chunks_stay_distinct_and_in_range():
     draws = TaskSampler._by_keys(counts, 5, np.random.default_rng(0), max_keys=30)  # 2 rows per chunk
     assert all(len(set(row)) == 5 for row in draws.tolist())
     assert (draws < counts[:, None]).all() and (draws >= 0).all()
+
+
+def test_fit_task_size_caps_at_what_the_smallest_class_holds():
+    from hmlib.data import fit_task_size
+
+    labels = np.repeat(np.arange(5), [30, 30, 12, 30, 30])
+    assert fit_task_size(labels, 4, 256) == 48  # 4 classes x the smallest class's 12 images
+    assert fit_task_size(labels, 4, 40) == 40
+    with pytest.raises(DatasetError, match="fewer than the 6"):
+        fit_task_size(labels, 6, 64)

@@ -131,3 +131,12 @@ def sample_tasks(labels: np.ndarray, num_tasks: int, num_classes: int, num_image
                  seed: int = 0) -> TaskBatch:
     """``num_tasks`` tasks from ``labels`` (deterministic for ``seed``)."""
     return TaskSampler(labels, num_classes, num_images, mode).sample(num_tasks, np.random.default_rng(seed))
+
+
+def fit_task_size(labels: np.ndarray, num_classes: int, num_images: int) -> int:
+    """Largest task size <= ``num_images`` whose balanced K-class tasks every class of ``labels`` can fill."""
+    counts = np.bincount(np.asarray(labels, dtype=np.int64))
+    counts = counts[counts > 0]
+    if len(counts) < num_classes:
+        raise DatasetError(f"only {len(counts)} classes, fewer than the {num_classes} a task needs")
+    return int(min(num_images, num_classes * counts.min()))
