@@ -65,7 +65,10 @@ class HyperConfig:
     """The hypernetwork and its target network (notebook 03)."""
 
     conditioning: str = "multihead"  # "attention" (prototype), "multihead", "stats", "hyperfast"
-    generation: str = "compact"  # "full" (prototype per-layer heads) or "compact"
+    # "full" (prototype per-layer heads), "compact" (learned base MLP + generated modulation), or "cluster"
+    # (generated residual embedding + prototypes computed from the task by k-means, refined by the inner loop).
+    # "cluster" is the default: validation accuracy after adaptation ~89% vs ~81% for "compact" (README, Results).
+    generation: str = "cluster"
     target_hidden: tuple[int, ...] = (64,)
     target_input: str = "latent"  # "latent" ([mu, logvar]) or "latent+pixels"
     embed_dim: int = 64
@@ -77,6 +80,9 @@ class HyperConfig:
     pixel_dim: int = 32  # width of the learned pixel projection for target_input "latent+pixels"
     random_features: int = 128  # "hyperfast": fixed random ReLU features per row
     num_components: int = 4  # "hyperfast": principal components of the task's random features
+    cluster_iters: int = 5  # "cluster": Lloyd iterations that compute the prototypes from the task
+    cluster_inits: int = 4  # "cluster": k-means++ seedings per task (fixed generator); lowest inertia wins
+    cluster_tau: float = 5.0  # "cluster": initial temperature of logits -tau * mean squared distance
 
 
 @dataclass(frozen=True)
@@ -218,7 +224,7 @@ def validate(cfg: Config) -> Config:
         "vae.likelihood": (cfg.vae.likelihood, ("bce", "mse_ssim")),
         "vae.retrain": (cfg.vae.retrain, ("auto", "never", "always")),
         "hyper.conditioning": (cfg.hyper.conditioning, ("attention", "multihead", "stats", "hyperfast")),
-        "hyper.generation": (cfg.hyper.generation, ("full", "compact")),
+        "hyper.generation": (cfg.hyper.generation, ("full", "compact", "cluster")),
         "hyper.target_input": (cfg.hyper.target_input, ("latent", "latent+pixels")),
         "adapt.inner_loss": (cfg.adapt.inner_loss, ("geometry", "entropy", "infomax")),
         "adapt.adapt_params": (cfg.adapt.adapt_params, ("generated", "last", "hypernet")),
@@ -250,6 +256,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"data.test_fraction must be in (0, 1), got {cfg.data.test_fraction}")
     if cfg.adapt.num_inner_steps < 0:
         raise ConfigError("adapt.num_inner_steps must be >= 0")
+    if cfg.hyper.generation == "cluster" and cfg.hyper.target_input != "latent":
+        raise ConfigError("hyper.generation = 'cluster' computes its prototypes from the [mu, logvar] rows, so it needs "
+                          "hyper.target_input = 'latent'; use generation 'compact' or 'full' for 'latent+pixels'")
     overlap = set(cfg.meta.train_datasets) & set(cfg.meta.test_datasets)
     if overlap:
         raise ConfigError(f"datasets both meta-trained on and held out: {sorted(overlap)}")

@@ -85,14 +85,80 @@ def target_layer_shapes(in_dim: int, hidden: tuple[int, ...], num_classes: int) 
 
 
 def target_forward(params: dict[str, Tensor], x: Tensor) -> Tensor:
-    """Run the target MLP: x (..., N, in) with params (..., out, in) -> logits (..., N, K)."""
-    num_layers = len(params) // 2
+    """Run the target network: x (..., N, in) with params (..., out, in) -> logits (..., N, K).
+
+    A plain MLP, or (when the dict holds ``prototypes``) the cluster head of ``hyper.generation='cluster'``.
+    """
+    if "prototypes" in params:
+        return cluster_logits(cluster_embed(params, x), params["prototypes"], params["log_tau"])
+    return _mlp_forward(params, x)
+
+
+def _mlp_forward(params: dict[str, Tensor], x: Tensor) -> Tensor:
+    num_layers = sum(1 for k in params if k.startswith("layers.")) // 2
     for i in range(num_layers):
         weight, bias = params[f"layers.{i}.weight"], params[f"layers.{i}.bias"]
         x = x @ weight.transpose(-1, -2) + bias.unsqueeze(-2)
         if i < num_layers - 1:
             x = torch.relu(x)
     return x
+
+
+# ------------------------------------------------------------------------------------ cluster head
+def cluster_embed(params: dict[str, Tensor], x: Tensor) -> Tensor:
+    """The cluster head's embedding g(x) = x + MLP(x) (residual: the identity when the MLP's last layer is 0)."""
+    return x + _mlp_forward(params, x)
+
+
+def cluster_logits(h: Tensor, prototypes: Tensor, log_tau: Tensor) -> Tensor:
+    """Logits -tau * mean squared distance: h (..., N, E), prototypes (..., K, E), log_tau (..., 1) -> (..., N, K)."""
+    sq_dist = ((h.unsqueeze(-2) - prototypes.unsqueeze(-3)) ** 2).mean(-1)
+    return -log_tau.exp().unsqueeze(-1) * sq_dist
+
+
+def _sq_dist(h: Tensor, centers: Tensor) -> Tensor:
+    """Squared distances (..., M, K) between rows h (..., M, E) and centers (..., K, E)."""
+    return ((h.unsqueeze(-2) - centers.unsqueeze(-3)) ** 2).sum(-1)
+
+
+def kmeans_prototypes(h: Tensor, num_clusters: int, iters: int = 5, inits: int = 4, seed: int = 0) -> Tensor:
+    """K-means centroids of each task's embedded rows, h (T, M, E) -> (T, K, E).
+
+    Deterministic k-means++ seeding (``inits`` seedings from a fixed generator, the same for every task, so a
+    batch of tasks gives the same result as one at a time), ``iters`` Lloyd iterations and the choice of the
+    seeding with the lowest inertia all run without gradients; the returned centroids are the means of the
+    embedded rows of each final cluster, so gradients flow through h (an empty cluster keeps its seed centre).
+    """
+    T, M, _ = h.shape
+    K, R = num_clusters, max(1, inits)
+    with torch.no_grad():
+        hd = h.detach().unsqueeze(1).expand(T, R, M, h.shape[-1])  # (T, R, M, E)
+        u = torch.rand(R, K, generator=torch.Generator().manual_seed(seed)).to(h.device, h.dtype)
+        first = (u[:, 0] * M).long().clamp(max=M - 1)  # (R,)
+        centers = hd.gather(2, first.view(1, R, 1, 1).expand(T, R, 1, hd.shape[-1]))
+        d2 = _sq_dist(hd, centers).squeeze(-1)  # (T, R, M)
+        for k in range(1, K):  # k-means++: inverse-CDF draw proportional to the squared distance
+            cdf = d2.cumsum(-1)
+            target = u[:, k].view(1, R, 1) * cdf[..., -1:]
+            idx = torch.searchsorted(cdf.contiguous(), target.contiguous()).clamp(max=M - 1)  # (T, R, 1)
+            new = hd.gather(2, idx.unsqueeze(-1).expand(T, R, 1, hd.shape[-1]))
+            centers = torch.cat([centers, new], dim=2)
+            d2 = torch.minimum(d2, _sq_dist(hd, new).squeeze(-1))
+        for _ in range(iters):
+            onehot = torch.nn.functional.one_hot(_sq_dist(hd, centers).argmin(-1), K).to(h.dtype)  # (T, R, M, K)
+            counts = onehot.sum(2).unsqueeze(-1)  # (T, R, K, 1)
+            means = onehot.transpose(-1, -2) @ hd / counts.clamp_min(1)
+            centers = torch.where(counts > 0, means, centers)
+        dist = _sq_dist(hd, centers)
+        assign = dist.argmin(-1)  # (T, R, M)
+        inertia = dist.min(-1).values.sum(-1)  # (T, R)
+        best = inertia.argmin(-1)  # (T,)
+        arange = torch.arange(T, device=h.device)
+        onehot = torch.nn.functional.one_hot(assign[arange, best], K).to(h.dtype)  # (T, M, K)
+        fallback = centers[arange, best]  # (T, K, E)
+        counts = onehot.sum(1).unsqueeze(-1)  # (T, K, 1)
+    means = onehot.transpose(-1, -2) @ h / counts.clamp_min(1)
+    return torch.where(counts > 0, means, fallback)
 
 
 class TargetNet(nn.Module):
@@ -254,7 +320,30 @@ class CompactGenerator(nn.Module):
         return params
 
 
-GENERATORS = {"full": FullGenerator, "compact": CompactGenerator}
+class ClusterGenerator(nn.Module):
+    """Cluster head: a compact-generated residual embedding MLP (identity at init) and a learned temperature.
+
+    The prototypes are not generated from the pooled vector but computed from the task itself (k-means in
+    the embedding space, :func:`kmeans_prototypes`) by :class:`HyperNet`; they join the param dict, so the
+    inner loop refines them like any other generated parameter.
+    """
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], cfg: HyperConfig):
+        super().__init__()
+        self.mlp = CompactGenerator({k: v for k, v in shapes.items() if k.startswith("layers.")}, cfg)
+        last = self.mlp.num_layers - 1
+        with torch.no_grad():  # g starts as the identity: zero residual branch
+            self.mlp.base.layers[last].weight.zero_()
+            self.mlp.base.layers[last].bias.zero_()
+        self.log_tau = nn.Parameter(torch.tensor(math.log(cfg.cluster_tau)))
+
+    def forward(self, embedding: Tensor) -> dict[str, Tensor]:
+        params = self.mlp(embedding)
+        params["log_tau"] = self.log_tau.expand(embedding.shape[0], 1)
+        return params
+
+
+GENERATORS = {"full": FullGenerator, "compact": CompactGenerator, "cluster": ClusterGenerator}
 
 
 class HyperNet(nn.Module):
@@ -270,13 +359,23 @@ class HyperNet(nn.Module):
         self.use_pixels = cfg.target_input == "latent+pixels"
         self.pixel_proj = nn.Linear(PIXELS, cfg.pixel_dim) if self.use_pixels else None
         self.target_in_dim = 2 * latent_dim + (cfg.pixel_dim if self.use_pixels else 0)
-        self.target_shapes = target_layer_shapes(self.target_in_dim, tuple(cfg.target_hidden), num_classes)
+        self.is_cluster = cfg.generation == "cluster"
+        if self.is_cluster:
+            if self.use_pixels:  # the prototypes come from the context rows, which must be the target's inputs
+                raise ValueError("hyper.generation='cluster' needs hyper.target_input='latent'")
+            dim = self.target_in_dim  # residual embedding: same width in and out
+            self.target_shapes = {**target_layer_shapes(dim, tuple(cfg.target_hidden), dim),
+                                  "prototypes": (num_classes, dim), "log_tau": (1,)}
+        else:
+            self.target_shapes = target_layer_shapes(self.target_in_dim, tuple(cfg.target_hidden), num_classes)
         self.encoder = ENCODERS[cfg.conditioning](2 * latent_dim, cfg)
         self.generator = GENERATORS[cfg.generation](self.target_shapes, cfg)
 
     @property
     def last_layer_keys(self) -> tuple[str, str]:
-        """Names of the target's last layer parameters (adapt_params='last')."""
+        """Names of the target's last layer parameters (adapt_params='last'); the cluster head's prototypes and tau."""
+        if self.is_cluster:
+            return "prototypes", "log_tau"
         last = len(self.target_shapes) // 2 - 1
         return f"layers.{last}.weight", f"layers.{last}.bias"
 
@@ -308,6 +407,9 @@ class HyperNet(nn.Module):
         batched = context.dim() == 3
         rows = self._normalize(context if batched else context.unsqueeze(0))
         params = self.generator(self.encoder(rows))
+        if self.is_cluster:  # prototypes from the task itself: k-means on the embedded (normalised) rows
+            params["prototypes"] = kmeans_prototypes(cluster_embed(params, rows), self.num_classes,
+                                                     self.cfg.cluster_iters, self.cfg.cluster_inits)
         return params if batched else {k: v.squeeze(0) for k, v in params.items()}
 
     def _check_latent(self, mu: Tensor) -> None:

@@ -155,3 +155,9 @@ def test_configure_runtime_applies_thread_limit_and_returns_device():
 def test_num_threads_must_be_positive_integer_or_null(bad):
     with pytest.raises(ConfigError, match="num_threads"):
         load_config("smoke", overrides={"num_threads": bad})
+
+
+def test_cluster_generation_rejects_pixel_inputs_with_a_clear_error():
+    with pytest.raises(ConfigError, match="target_input = 'latent'"):
+        load_config("smoke", overrides={"hyper": {"generation": "cluster", "target_input": "latent+pixels"}})
+    assert load_config("smoke", overrides={"hyper": {"generation": "compact", "target_input": "latent+pixels"}})

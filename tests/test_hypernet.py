@@ -11,7 +11,7 @@ from hmlib.config import HyperConfig
 from hmlib.hypernet import HyperNet, TargetNet, TaskInputs, normalize_task, target_forward, target_layer_shapes
 
 LATENT_DIM, NUM_CLASSES, NUM_IMAGES, NUM_TASKS = 6, 3, 20, 2
-SMALL = HyperConfig(target_hidden=(8,), embed_dim=16, head_hidden=16, num_seeds=2, num_heads=2, pixel_dim=4,
+SMALL = HyperConfig(generation="compact", target_hidden=(8,), embed_dim=16, head_hidden=16, num_seeds=2, num_heads=2, pixel_dim=4,
                     random_features=12, num_components=2)
 
 

@@ -151,7 +151,8 @@ def test_pixels_as_extra_input_are_carried_through_meta_training(tmp_path):
     rng = np.random.default_rng(0)
     for s in sets.values():
         s.pixels = rng.integers(0, 256, size=(len(s.labels), 28, 28), dtype=np.uint8)
-    cfg = load_config("default", overrides={**OVERRIDES, "hyper": {**OVERRIDES["hyper"], "target_input": "latent+pixels"}})
+    cfg = load_config("default", overrides={**OVERRIDES, "hyper": {**OVERRIDES["hyper"], "target_input": "latent+pixels",
+                                                                              "generation": "compact"}})
     result = fit_hypernet(cfg, sets, seed=0, path=tmp_path / "p.pt", progress=False)
     assert result.hypernet.use_pixels and len(result.history["outer_loss"]) == cfg.meta.iterations
     hypernet, _ = load_hypernet(tmp_path / "p.pt")
