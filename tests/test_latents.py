@@ -6,9 +6,9 @@ import pytest
 
 import hmlib.data
 import hmlib.latents as latents_mod
-from hmlib.artifacts import StaleArtifactError, fingerprint
+from hmlib.artifacts import StaleArtifactError
 from hmlib.config import load_config
-from hmlib.data import ImageSet
+from fakes import FakeData
 from hmlib.latents import LatentSet, get_latents, kmeans_task_accuracy, latent_cache_path, read_latents
 
 # Tiny sizes
@@ -17,23 +17,9 @@ NUM_IMAGES = 40
 TINY_VAE = {"latent_dim": LATENT_DIM, "epochs": 1, "batch_size": 16, "max_train_images": 32}
 
 
-class FakeData:
-    """Stands in for hmlib.data.load_split with synthetic ImageSets; ``version`` changes the images."""
-
-    def __init__(self) -> None:
-        self.version = 0
-
-    def load_split(self, name, split, cfg, *, rebuild=False, progress=True) -> ImageSet:
-        rng = np.random.default_rng(sum(map(ord, name + split)) + 1000 * self.version)
-        n = NUM_IMAGES + (5 if split == "test" else 0)
-        return ImageSet(name=name, split=split, images=rng.integers(0, 256, (n, 28, 28), dtype=np.uint8),
-                        labels=rng.integers(0, 4, n).astype(np.int64), label_names=list("abcd"),
-                        fingerprint=fingerprint(name, split, self.version))
-
-
 @pytest.fixture
 def fake_data(monkeypatch) -> FakeData:
-    fake = FakeData()
+    fake = FakeData(NUM_IMAGES, extra_test=5)
     monkeypatch.setattr(hmlib.data, "load_split", fake.load_split)
     return fake
 

@@ -7,9 +7,10 @@ import torch
 
 import hmlib.data
 import hmlib.vae as vae_mod
-from hmlib.artifacts import ArtifactError, StaleArtifactError, fingerprint
+from hmlib.artifacts import ArtifactError, StaleArtifactError
 from hmlib.config import VAEConfig, load_config
 from hmlib.data import ImageSet
+from fakes import FakeData, synthetic_images
 from hmlib.vae import (VAETrainingError, beta_schedule, build_vae, encode_images, get_vae, kl_per_sample,
                        load_vae, select_training_images, ssim, train_vae, vae_for_setting, vae_path)
 
@@ -20,36 +21,9 @@ NUM_IMAGES = 40  # per fake dataset split
 TINY_VAE = {"latent_dim": LATENT_DIM, "epochs": 1, "batch_size": 16, "max_train_images": 48}
 
 
-def synthetic_images(num_images: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 (n, 28, 28) images of bright squares whose position encodes one of 4 labels."""
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 4, num_images)
-    images = (rng.random((num_images, 28, 28)) * 40).astype(np.uint8)
-    rows, cols = (labels // 2) * 14 + 3, (labels % 2) * 14 + 3
-    for offset in range(8):  # vectorised over images: paint an 8x8 square per image
-        images[np.arange(num_images)[:, None], rows[:, None] + offset, cols[:, None] + np.arange(8)] = 230
-    return images, labels.astype(np.int64)
-
-
-class FakeData:
-    """Stands in for hmlib.data.load_split: synthetic ImageSets, records every (name, split) loaded."""
-
-    def __init__(self) -> None:
-        self.loaded: list[tuple[str, str]] = []
-        self.version = 0  # bump to simulate changed images (new fingerprint)
-
-    def load_split(self, name, split, cfg, *, rebuild=False, progress=True) -> ImageSet:
-        self.loaded.append((name, split))
-        seed = sum(map(ord, name + split)) + 1000 * self.version
-        images, labels = synthetic_images(NUM_IMAGES, seed)
-        return ImageSet(name=name, split=split, images=images, labels=labels,
-                        label_names=[str(i) for i in range(4)],
-                        fingerprint=fingerprint(name, split, self.version))
-
-
 @pytest.fixture
 def fake_data(monkeypatch) -> FakeData:
-    fake = FakeData()
+    fake = FakeData(NUM_IMAGES)
     monkeypatch.setattr(hmlib.data, "load_split", fake.load_split)
     return fake
 
