@@ -19,12 +19,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from tqdm.auto import tqdm
 
 from hmlib.artifacts import ArtifactError, fingerprint, read_json, write_json
 from hmlib.config import AdaptConfig, Config, ConfigError, config_from_dict, config_to_dict
-from hmlib.metrics import mean_ci
+from hmlib.metrics import batched_clustering_accuracy, mean_ci
 from hmlib.paths import results_dir
 
 RESULT_VERSION = 1
@@ -217,13 +216,10 @@ def step_accuracies(logits: torch.Tensor | np.ndarray, labels: np.ndarray) -> np
                          f"{tuple(logits.shape)} and {labels.shape}")
     num_classes = logits.shape[-1]
     pred = logits.argmax(-1).cpu().numpy().astype(np.int64)  # (S+1, T, N)
-    # All confusion matrices at once, (S+1)*T of them: rows predicted cluster, columns true class.
-    num_mats = pred.shape[0] * pred.shape[1]
-    flat = (np.arange(num_mats).reshape(pred.shape[:2])[..., None] * num_classes ** 2
-            + pred * num_classes + labels[None])
-    cms = np.bincount(flat.ravel(), minlength=num_mats * num_classes ** 2).reshape(num_mats, num_classes, num_classes)
-    matched = np.array([cm[linear_sum_assignment(cm, maximize=True)].sum() for cm in cms], dtype=np.float64)
-    acc = (matched / labels.shape[1]).reshape(pred.shape[:2]).T  # (T, S+1)
+    matched = batched_clustering_accuracy(pred.reshape(-1, pred.shape[-1]),
+                                          np.broadcast_to(labels[None], pred.shape).reshape(-1, pred.shape[-1]),
+                                          num_classes)
+    acc = matched.reshape(pred.shape[:2]).T  # (T, S+1)
     return acc[0] if single else acc
 
 

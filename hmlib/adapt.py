@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.func import functional_call
 
 from hmlib.config import AdaptConfig
+from hmlib.metrics import batched_clustering_accuracy
 from hmlib.hypernet import HyperNet, TaskInputs, target_forward
 
 EPS = 1e-8
@@ -183,16 +184,7 @@ def aligned_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
 def task_accuracy(logits: Tensor, labels: Tensor) -> np.ndarray:
     """Clustering accuracy (Hungarian matching of argmax clusters) per task, shape (T,)."""
     logits, labels = _batched(logits, labels)
-    K = logits.shape[-1]
-    pred = logits.argmax(-1).cpu().numpy()
-    true = labels.cpu().numpy()
-    offsets = np.arange(pred.shape[0])[:, None] * K * K
-    counts = np.bincount((offsets + pred * K + true).ravel(), minlength=pred.shape[0] * K * K)
-    accs = np.empty(pred.shape[0])
-    for t, cm in enumerate(counts.reshape(-1, K, K)):
-        rows, cols = linear_sum_assignment(cm, maximize=True)
-        accs[t] = cm[rows, cols].sum() / pred.shape[1]
-    return accs
+    return batched_clustering_accuracy(logits.argmax(-1).cpu().numpy(), labels.cpu().numpy(), logits.shape[-1])
 
 
 def _batched(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:

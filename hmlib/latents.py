@@ -108,15 +108,14 @@ def get_latents(cfg: Config, dataset: str, split: str, setting: str, *, progress
 def kmeans_task_accuracy(latents: LatentSet, num_tasks: int, num_classes: int, num_images: int, *,
                          seed: int = 0, n_init: int = 10) -> np.ndarray:
     """Clustering accuracy (Hungarian) of k-means on mu, one value per random K-class task (quality check)."""
-    from sklearn.cluster import KMeans
-
+    from hmlib.baselines import kmeans_clusters
     from hmlib.data import sample_tasks
     from hmlib.metrics import clustering_accuracy
 
     tasks = sample_tasks(latents.labels, num_tasks, num_classes, num_images, mode="random", seed=seed)
     scores = np.empty(len(tasks.indices))
     for t, (idx, labels) in enumerate(zip(tasks.indices, tasks.labels)):
-        pred = KMeans(num_classes, n_init=n_init, random_state=seed + t).fit_predict(latents.mu[idx])
+        pred = kmeans_clusters(latents.mu[idx], num_classes, n_init=n_init, seed=seed + t)
         scores[t] = clustering_accuracy(pred, labels, num_classes)
     return scores
 

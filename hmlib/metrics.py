@@ -51,3 +51,17 @@ def format_ci(values: np.ndarray, scale: float = 100.0, digits: int = 1) -> str:
     """'71.3 ± 1.2' (percent by default)."""
     mean, half = mean_ci(values)
     return f"{mean * scale:.{digits}f} ± {half * scale:.{digits}f}"
+
+
+def batched_clustering_accuracy(pred: np.ndarray, true: np.ndarray, num_classes: int) -> np.ndarray:
+    """Clustering accuracy of many tasks at once: pred and true (B, N) -> (B,); one bincount for all confusions."""
+    pred = np.asarray(pred, dtype=np.int64)
+    true = np.broadcast_to(np.asarray(true, dtype=np.int64), pred.shape)
+    if pred.ndim != 2:
+        raise ValueError(f"expected (tasks, images) arrays, got shape {pred.shape}")
+    num_tasks, num_images = pred.shape
+    offsets = np.arange(num_tasks)[:, None] * num_classes ** 2
+    counts = np.bincount((offsets + pred * num_classes + true).ravel(), minlength=num_tasks * num_classes ** 2)
+    cms = counts.reshape(num_tasks, num_classes, num_classes)  # rows predicted cluster, columns true class
+    matched = np.array([cm[linear_sum_assignment(cm, maximize=True)].sum() for cm in cms], dtype=np.float64)
+    return matched / max(num_images, 1)

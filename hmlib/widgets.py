@@ -23,6 +23,7 @@ import torch
 
 from hmlib.config import AdaptConfig, Config
 from hmlib.metrics import best_matching, confusion
+from hmlib.plots.vae import pca_2d
 
 INNER_LOSSES = ("geometry", "entropy", "infomax")
 LR_RANGE = (1e-3, 10.0)  # inner learning rates the explorer accepts
@@ -66,16 +67,6 @@ class ExplorerState:
     def current_accuracy(self) -> float:
         """Accuracy after ``num_steps`` inner steps."""
         return float(self.accuracy[self.num_steps])
-
-
-def pca_2d(x: np.ndarray) -> np.ndarray:
-    """Project rows of ``x`` (N, d) onto their first two principal components, (N, 2)."""
-    centred = np.asarray(x, dtype=np.float64) - np.mean(x, axis=0)
-    _, _, vh = np.linalg.svd(centred, full_matrices=False)
-    proj = centred @ vh[:2].T
-    signs = np.sign(proj[np.abs(proj).argmax(0), np.arange(proj.shape[1])])  # deterministic orientation
-    proj = proj * np.where(signs == 0, 1.0, signs)
-    return np.pad(proj, ((0, 0), (0, max(0, 2 - proj.shape[1]))))
 
 
 class AdaptationExplorer:

@@ -77,3 +77,13 @@ def test_mean_ci_known_values_and_edge_cases():
 def test_format_ci():
     assert format_ci(np.array([0.7, 0.7, 0.7])) == "70.0 ± 0.0"
     assert format_ci(np.array([0.0, 1.0]), scale=1.0, digits=2) == "0.50 ± 6.35"
+
+
+def test_batched_clustering_accuracy_matches_one_task_at_a_time():
+    from hmlib.metrics import batched_clustering_accuracy
+
+    rng = np.random.default_rng(3)
+    pred, true = rng.integers(0, 4, (7, 30)), rng.integers(0, 4, (7, 30))
+    expected = [clustering_accuracy(p, t, 4) for p, t in zip(pred, true)]
+    np.testing.assert_allclose(batched_clustering_accuracy(pred, true, 4), expected)
+    np.testing.assert_allclose(batched_clustering_accuracy(true[:2], true[:2], 4), [1.0, 1.0])

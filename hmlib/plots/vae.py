@@ -67,13 +67,21 @@ def plot_reconstructions(originals: Mapping[str, np.ndarray], reconstructions: M
     return fig
 
 
+def pca_2d(x: np.ndarray) -> np.ndarray:
+    """Project rows of ``x`` (N, d) onto their first two principal components, (N, 2), with a fixed orientation."""
+    centred = np.asarray(x, dtype=np.float64) - np.mean(x, axis=0)
+    _, _, vh = np.linalg.svd(centred, full_matrices=False)
+    proj = centred @ vh[:2].T
+    signs = np.sign(proj[np.abs(proj).argmax(0), np.arange(proj.shape[1])])  # deterministic orientation
+    proj = proj * np.where(signs == 0, 1.0, signs)
+    return np.pad(proj, ((0, 0), (0, max(0, 2 - proj.shape[1]))))
+
+
 def project_2d(points: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
     """2-D projection (n, 2) of points (n, d): "pca" (SVD) or "tsne" (scikit-learn)."""
     points = np.asarray(points, dtype=np.float64)
     if method == "pca":
-        centred = points - points.mean(axis=0)
-        _, _, vt = np.linalg.svd(centred, full_matrices=False)
-        return centred @ vt[:2].T
+        return pca_2d(points)
     if method == "tsne":
         from sklearn.manifold import TSNE
 
