@@ -315,6 +315,9 @@ def configure_runtime(cfg: Config) -> "torch.device":  # noqa: F821
     import torch
     from threadpoolctl import threadpool_limits
 
+    from hmlib.reproducibility import deterministic_kernels
+
+    deterministic_kernels()
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
         threadpool_limits(limits=cfg.num_threads)  # applies process-wide from here on

@@ -22,6 +22,7 @@ from hmlib.adapt import adapt, aligned_cross_entropy, inner_loss, predict_task, 
 from hmlib.artifacts import ArtifactError, StaleArtifactError, load_checkpoint, save_checkpoint
 from hmlib.config import Config, config_from_dict, config_to_dict
 from hmlib.hypernet import HyperNet, TaskInputs, target_forward
+from hmlib.reproducibility import seeded
 
 SETTINGS = ("zero_shot", "transductive")
 CHECKPOINT_KIND = "hypernet"
@@ -225,8 +226,8 @@ def fit_hypernet(cfg: Config, train_sets: Mapping[str, Any], *, seed: int, path:
               f"best validation accuracy {state[1]['best']['val_acc_after']:.3f}).")
         return MetaResult(hypernet, state[1]["history"], path, state[1], reused=True)
 
-    torch.manual_seed(seed)
-    hypernet = HyperNet(cfg.hyper, latent_dim, K)
+    with seeded(seed):  # initial weights from the run's own seed, whatever ran before in this process
+        hypernet = HyperNet(cfg.hyper, latent_dim, K)
     optimizer = torch.optim.Adam(hypernet.parameters(), lr=cfg.meta.outer_lr)
     train_parts, val_tasks = [], []
     for i, (name, latents) in enumerate(train_sets.items()):

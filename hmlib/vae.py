@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from hmlib import paths
 from hmlib.artifacts import ArtifactError, StaleArtifactError, file_sha256, load_checkpoint, save_checkpoint
+from hmlib.reproducibility import seeded
 from hmlib.config import BUILTIN_DATASETS, Config, ConfigError, VAEConfig, config_to_dict, resolve_device
 
 IMAGE_SIZE = 28
@@ -220,7 +221,6 @@ def train_vae(model: VAE, images: np.ndarray, cfg: VAEConfig, *, device: torch.d
     data = torch.as_tensor(images)
     images_to_tensor(data[:1])  # validates dtype and shape
     generator = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
     model.to(device).train()
     optimiser = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
@@ -229,29 +229,30 @@ def train_vae(model: VAE, images: np.ndarray, cfg: VAEConfig, *, device: torch.d
     started = time.perf_counter()
     bar = tqdm(total=total_steps, desc=desc, disable=not progress, leave=False)
     step = 0
-    for epoch in range(cfg.epochs):
-        order = torch.randperm(len(data), generator=generator)
-        for batch_idx in order.split(cfg.batch_size):
-            x = images_to_tensor(data[batch_idx]).to(device)
-            beta = beta_schedule(step, total_steps, cfg.beta_start, cfg.beta_end)
-            logits, mu, logvar = model(x)
-            terms = vae_loss(logits, x, mu, logvar, beta, cfg.likelihood, cfg.ssim_weight)
-            loss = terms["loss"]
-            if not torch.isfinite(loss):
-                bar.close()
-                raise VAETrainingError(
-                    f"{desc}: loss became {loss.item()} at step {step} (epoch {epoch}); training stopped and "
-                    f"no checkpoint was written (any earlier checkpoint is untouched). Try a lower vae.lr "
-                    f"(now {cfg.lr}) or a smaller vae.beta_start.")
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            record = {"step": step, "epoch": epoch, "beta": beta,
-                      **{k: float(v.detach()) for k, v in terms.items()}}
-            history.append(record)
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{record['loss']:.1f}", kl=f"{record['kl']:.1f}", beta=f"{beta:.2f}")
+    with seeded(cfg.seed):  # reparameterisation noise from the VAE's own seed, whatever ran before
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(len(data), generator=generator)
+            for batch_idx in order.split(cfg.batch_size):
+                x = images_to_tensor(data[batch_idx]).to(device)
+                beta = beta_schedule(step, total_steps, cfg.beta_start, cfg.beta_end)
+                logits, mu, logvar = model(x)
+                terms = vae_loss(logits, x, mu, logvar, beta, cfg.likelihood, cfg.ssim_weight)
+                loss = terms["loss"]
+                if not torch.isfinite(loss):
+                    bar.close()
+                    raise VAETrainingError(
+                        f"{desc}: loss became {loss.item()} at step {step} (epoch {epoch}); training stopped and "
+                        f"no checkpoint was written (any earlier checkpoint is untouched). Try a lower vae.lr "
+                        f"(now {cfg.lr}) or a smaller vae.beta_start.")
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                record = {"step": step, "epoch": epoch, "beta": beta,
+                          **{k: float(v.detach()) for k, v in terms.items()}}
+                history.append(record)
+                step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.1f}", kl=f"{record['kl']:.1f}", beta=f"{beta:.2f}")
     bar.close()
     seconds = time.perf_counter() - started
     model.eval()
@@ -387,7 +388,8 @@ def get_vae(cfg: Config, scope: str, *, name: str | None = None, progress: bool 
                             "(or set vae.retrain = 'auto') to train it.")
 
     images, counts = select_training_images(image_sets, cfg.vae.max_train_images, cfg.vae.seed)
-    model = build_vae(cfg.vae)
+    with seeded(cfg.vae.seed):  # initial weights from the VAE's own seed
+        model = build_vae(cfg.vae)
     print(f"Training {path.stem} on {counts} ({len(images)} images, {cfg.vae.epochs} epochs, {device}).")
     result = train_vae(model, images, cfg.vae, device=device, progress=progress, desc=path.stem)
     meta = {**expected, "name": path.stem, "train_counts": counts, "metrics": result.metrics,
