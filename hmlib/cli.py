@@ -1,7 +1,7 @@
 """The ``hmlib`` command: subcommands come from modules that expose ``add_cli(subparsers)``.
 
 Each module registers its parser and sets ``func`` (``args -> exit code``): ``hmlib.runner``
-gives ``hmlib run``, ``hmlib.evaluate`` gives ``hmlib eval``.
+gives ``hmlib run``, ``hmlib.evaluation.cli`` gives ``hmlib eval``.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Sequence
 
 from hmlib import __version__
 
-SUBCOMMAND_MODULES: tuple[str, ...] = ("hmlib.runner", "hmlib.evaluate")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("hmlib.runner", "hmlib.evaluation.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

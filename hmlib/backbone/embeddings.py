@@ -47,9 +47,13 @@ def setting_backbone(cfg: Config, dataset: str, setting: str, seed: int, *, left
     if setting not in SETTINGS:
         raise ConfigError(f"unknown setting {setting!r}; use one of {', '.join(SETTINGS)}")
     model, meta = get_backbone(cfg, seed, left_out=left_out, train=train, progress=progress, verbose=False)
-    if setting == "zero_shot":
-        return model, meta
-    train_images = data.load_split(dataset, "train", cfg.data, progress=progress)
+    return (model, meta) if setting == "zero_shot" else with_dataset_statistics(cfg, model, meta, dataset)
+
+
+def with_dataset_statistics(cfg: Config, model: ConvBackbone, meta: dict[str, Any], dataset: str
+                            ) -> tuple[ConvBackbone, dict[str, Any]]:
+    """The backbone with normalisation statistics from ``dataset``'s unlabeled train split (transductive)."""
+    train_images = data.load_split(dataset, "train", cfg.data, progress=False)
     adapted = adapt_batchnorm(model, bn_sample(train_images.images))
     return adapted, {**meta, "name": f"{meta['name']}_bn-{dataset}",
                      "backbone_id": fingerprint(meta["backbone_id"], "adabn", train_images.fingerprint)}
