@@ -13,6 +13,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 import torch
 from torch import Tensor
+from sklearn.manifold import TSNE
 from tqdm.auto import tqdm
 
 from hmlib import paths
@@ -53,6 +54,26 @@ def normalize_task(x: Tensor, *, l2: bool = False) -> Tensor:
 def normalize_task_np(x: np.ndarray, *, l2: bool = False) -> np.ndarray:
     """:func:`normalize_task` on a numpy array (the baselines' view of the same normalisation)."""
     return normalize_task(torch.as_tensor(np.asarray(x, dtype=np.float32)), l2=l2).numpy().astype(np.float64)
+
+
+def pca_2d(x: np.ndarray) -> np.ndarray:
+    """Project rows of ``x`` (N, d) onto their first two principal components, (N, 2), with a fixed orientation."""
+    centred = np.asarray(x, dtype=np.float64) - np.mean(x, axis=0)
+    _, _, vh = np.linalg.svd(centred, full_matrices=False)
+    proj = centred @ vh[:2].T
+    signs = np.sign(proj[np.abs(proj).argmax(0), np.arange(proj.shape[1])])  # deterministic orientation
+    proj = proj * np.where(signs == 0, 1.0, signs)
+    return np.pad(proj, ((0, 0), (0, max(0, 2 - proj.shape[1]))))
+
+
+def project_2d(points: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
+    """2-D projection (n, 2) of points (n, d): "pca" (SVD) or "tsne" (scikit-learn)."""
+    points = np.asarray(points, dtype=np.float64)
+    if method == "pca":
+        return pca_2d(points)
+    if method == "tsne":
+        return TSNE(2, init="pca", perplexity=min(30.0, (len(points) - 1) / 3), random_state=seed).fit_transform(points)
+    raise ValueError(f"unknown projection {method!r}; use 'pca' or 'tsne'")
 
 
 # ------------------------------------------------------------------------------------------ cache

@@ -175,3 +175,15 @@ def bn_sample(images: np.ndarray, limit: int = ADAPT_BN_IMAGES) -> np.ndarray:
     if len(images) <= limit:
         return images
     return images[np.linspace(0, len(images) - 1, limit).astype(np.int64)]
+
+
+def cross_fit_folds(cfg: Config) -> tuple[str | None, ...]:
+    """The backbones a replicate needs: the full one (None) and, with cross-fitting, one per left-out dataset."""
+    return (None, *cfg.meta.train_datasets) if cfg.backbone.cross_fit else (None,)
+
+
+def get_all_backbones(cfg: Config, *, train: bool = True, progress: bool = True
+                      ) -> dict[tuple[int, str | None], tuple[ConvBackbone, dict]]:
+    """Every backbone of the protocol, keyed (seed, left-out dataset or None)."""
+    return {(seed, fold): get_backbone(cfg, seed, left_out=fold, train=train, progress=progress)
+            for seed in cfg.seeds for fold in cross_fit_folds(cfg)}

@@ -236,3 +236,9 @@ def vae_summary(metas: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             "final KL": round(metrics.get("final_kl", float("nan")), 2),
         })
     return rows
+
+
+def get_all_vaes(cfg: Config, *, train: bool = True, progress: bool = True) -> dict[tuple[str, int], tuple[VAE, dict]]:
+    """Every VAE of the protocol, keyed (scope, seed): the shared one and each dataset's own, per replicate seed."""
+    return {(scope, seed): get_vae(cfg, scope, seed, train=train, progress=progress)
+            for seed in cfg.seeds for scope in ("shared", *cfg.datasets)}
