@@ -12,7 +12,7 @@ from typing import Sequence
 
 from hmlib import __version__
 
-SUBCOMMAND_MODULES: tuple[str, ...] = ("hmlib.runner", "hmlib.evaluate")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("hmlib.runner", "hmlib.evaluate", "hmlib.cluster.command")
 
 
 def build_parser() -> argparse.ArgumentParser:
