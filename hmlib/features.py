@@ -45,9 +45,16 @@ def encode_batches(encode: Callable[[Tensor], Tensor | tuple[Tensor, ...]], imag
     return [np.concatenate(parts).astype(np.float32) for parts in zip(*outputs)]
 
 
+def standardize(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(standardised x, mean, std): every column centred and scaled by the task's own rows (dim -2)."""
+    mean = x.mean(dim=-2, keepdim=True)
+    std = x.std(dim=-2, keepdim=True, unbiased=False) + EPS
+    return (x - mean) / std, mean, std
+
+
 def normalize_task(x: Tensor, *, l2: bool = False) -> Tensor:
     """Standardise every column by the task's own statistics over its rows (dim -2); then L2 per row if asked."""
-    x = (x - x.mean(dim=-2, keepdim=True)) / (x.std(dim=-2, keepdim=True, unbiased=False) + EPS)
+    x = standardize(x)[0]
     return torch.nn.functional.normalize(x, dim=-1) if l2 else x
 
 

@@ -30,7 +30,7 @@ class AdaptResult:
 
 
 def adapt(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, *, num_steps: int | None = None,
-          create_graph: bool = False) -> AdaptResult:
+          create_graph: bool = False, num_classes: int | None = None) -> AdaptResult:
     """Generate each task's classifier, then S SGD steps of the unsupervised loss (batched over tasks)."""
     num_steps = cfg.num_inner_steps if num_steps is None else int(num_steps)
     if num_steps < 0:
@@ -39,8 +39,10 @@ def adapt(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, *, num_steps
     state = hypernet.prepare(inputs.features)
     with torch.enable_grad():
         if cfg.adapt_params == "hypernet":
+            if num_classes not in (None, hypernet.num_classes):
+                raise ValueError("adapt_params='hypernet' clusters into the checkpoint's K only")
             return _adapt_hypernet(hypernet, inputs, state, cfg, num_steps, create_graph)
-        params = hypernet(inputs.context, state)
+        params = hypernet(inputs.context, state, num_classes)
         names = hypernet.adaptable(params)
         if not create_graph:  # test time: the steps start from a detached copy
             params = {k: v.detach().requires_grad_(k in names) for k, v in params.items()}

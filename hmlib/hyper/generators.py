@@ -2,7 +2,8 @@
 
 Every generator owns its whole target network: ``prepare`` (per-task view of the images' features),
 ``forward`` (task code -> parameter dict), ``logits`` (parameters -> (T, N, K)), ``adaptable`` (what the
-inner loop updates) and ``check_config`` (what it needs of the configuration). ``GENERATORS`` is the registry.
+inner loop updates), ``extend`` (logits of images outside the task, for sets larger than one task) and
+``check_config`` (what it needs of the configuration). ``GENERATORS`` is the registry.
 
 - ``cluster`` (default): the task's features (backbone embeddings, or [mu, logvar]) standardised over the
   task and L2-normalised, smoothed over the task's kNN graph (feature diffusion with a generated weight
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hmlib.config import Config, HyperConfig
-from hmlib.features import normalize_task
+from hmlib.features import standardize
 from hmlib.hyper.encoders import mlp
 
 Params = dict[str, Tensor]
@@ -33,6 +34,8 @@ class TaskState:
 
     z: Tensor  # (T, N, F) normalised features; also the inner losses' reference
     graph: Tensor | None = None  # (T, N, N) row-normalised symmetric kNN adjacency, or None
+    mean: Tensor | None = None  # (T, 1, F) the task's feature statistics (to place rows outside the task)
+    std: Tensor | None = None
 
 
 # ------------------------------------------------------------------------------ task-level operations
@@ -122,17 +125,18 @@ class ClusterGenerator(nn.Module):
         """Any target input and conditioning work."""
 
     def prepare(self, features: Tensor) -> TaskState:
-        z = normalize_task(features, l2=True)
-        return TaskState(z, knn_graph(z, self.cfg.graph_neighbors) if self.uses_graph else None)
+        x, mean, std = standardize(features)
+        z = F.normalize(x, dim=-1)
+        return TaskState(z, knn_graph(z, self.cfg.graph_neighbors) if self.uses_graph else None, mean, std)
 
     def embed(self, params: Params, state: TaskState) -> Tensor:
         """The task's rows in the cluster space: diffused over the kNN graph with the generated weight."""
         return diffuse(state.z, state.graph, torch.sigmoid(params["alpha_logit"]), self.cfg.diffusion_steps)
 
-    def forward(self, code: Tensor, state: TaskState) -> Params:
+    def forward(self, code: Tensor, state: TaskState, num_classes: int | None = None) -> Params:
         params = {"log_tau": self.log_tau(code), "alpha_logit": self.alpha_logit(code)}
-        params["prototypes"] = kmeans_prototypes(self.embed(params, state), self.num_classes, self.cfg.cluster_iters,
-                                                 self.cfg.cluster_inits)
+        params["prototypes"] = kmeans_prototypes(self.embed(params, state), num_classes or self.num_classes,
+                                                 self.cfg.cluster_iters, self.cfg.cluster_inits)
         return params
 
     def logits(self, params: Params, state: TaskState) -> Tensor:
@@ -142,6 +146,20 @@ class ClusterGenerator(nn.Module):
 
     def adaptable(self, params: Params) -> list[str]:
         return ["log_tau", "alpha_logit", "prototypes"] if self.uses_graph else ["log_tau", "prototypes"]
+
+    def extend(self, params: Params, state: TaskState, features: Tensor) -> Tensor:
+        """Logits (T, M, K) of rows outside the task: standardised with the task's statistics, diffused one step
+        towards their nearest task rows (the task's fixed point), scored against the task's prototypes."""
+        z = F.normalize((features - state.mean) / state.std, dim=-1)
+        if state.graph is not None:
+            alpha = torch.sigmoid(params["alpha_logit"]).unsqueeze(-1)
+            index = (z @ state.z.transpose(-1, -2)).topk(min(self.cfg.graph_neighbors, state.z.shape[-2]), dim=-1).indices
+            h_task = self.embed(params, state)  # (T, N, F)
+            neighbours = torch.gather(h_task.unsqueeze(1).expand(-1, z.shape[1], -1, -1), 2,
+                                      index.unsqueeze(-1).expand(-1, -1, -1, z.shape[-1])).mean(2)
+            z = F.normalize((1 - alpha) * z + alpha * neighbours, dim=-1)
+        prototypes = F.normalize(params["prototypes"], dim=-1)
+        return params["log_tau"].exp().unsqueeze(-1) * (z @ prototypes.transpose(-1, -2))
 
 
 class FullGenerator(nn.Module):
@@ -165,9 +183,13 @@ class FullGenerator(nn.Module):
         """Any target input and conditioning work."""
 
     def prepare(self, features: Tensor) -> TaskState:
-        return TaskState(normalize_task(features))
+        x, mean, std = standardize(features)
+        return TaskState(x, None, mean, std)
 
-    def forward(self, code: Tensor, state: TaskState) -> Params:
+    def forward(self, code: Tensor, state: TaskState, num_classes: int | None = None) -> Params:
+        if num_classes not in (None, self.shapes[-1][0]):
+            raise ValueError(f"the 'full' generator emits exactly {self.shapes[-1][0]} outputs, not {num_classes}; "
+                             "a checkpoint with generation 'cluster' clusters into any K")
         params = {}
         for i, (head, (out_dim, in_dim)) in enumerate(zip(self.heads, self.shapes)):
             flat = head(code)  # (T, out*in + out)
@@ -185,6 +207,10 @@ class FullGenerator(nn.Module):
 
     def adaptable(self, params: Params) -> list[str]:
         return list(params)
+
+    def extend(self, params: Params, state: TaskState, features: Tensor) -> Tensor:
+        """Logits (T, M, K) of rows outside the task, standardised with the task's statistics."""
+        return self.logits(params, TaskState((features - state.mean) / state.std))
 
 
 # The registry of generators: config validation, ablations and docs read it; add one here.

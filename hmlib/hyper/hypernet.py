@@ -75,13 +75,17 @@ class HyperNet(nn.Module):
         """The generator's per-task view of the features (T, N, F)."""
         return self.generator.prepare(features)
 
-    def forward(self, context: Tensor, state: TaskState) -> Params:
-        """Generated parameters of each task's classifier."""
-        return self.generator(self.encode(context), state)
+    def forward(self, context: Tensor, state: TaskState, num_classes: int | None = None) -> Params:
+        """Generated parameters of each task's classifier (``num_classes`` other than K where the generator allows)."""
+        return self.generator(self.encode(context), state, num_classes)
 
     def logits(self, params: Params, state: TaskState) -> Tensor:
         """(T, N, K) logits of the generated classifiers."""
         return self.generator.logits(params, state)
+
+    def extend(self, params: Params, state: TaskState, features: Tensor) -> Tensor:
+        """(T, M, K) logits of rows outside the task under the task's (adapted) classifier."""
+        return self.generator.extend(params, state, features)
 
     def adaptable(self, params: Params) -> list[str]:
         """Names of the generated parameters the inner loop updates."""
