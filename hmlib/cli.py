@@ -12,7 +12,7 @@ from typing import Sequence
 
 from hmlib import __version__
 
-SUBCOMMAND_MODULES: tuple[str, ...] = ("hmlib.runner", "hmlib.evaluation.cli", "hmlib.cluster.command")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("hmlib.runner", "hmlib.evaluation.cli", "hmlib.cluster.command", "hmlib.results")
 
 
 def build_parser() -> argparse.ArgumentParser:
