@@ -264,6 +264,13 @@ def validate(cfg: Config) -> Config:
     from hmlib.validation import check_dataclass
 
     cfg = check_dataclass(cfg)
+    from hmlib.data.registry import DatasetError, check_name  # hmlib.data imports this module: read lazily
+
+    for name in (*cfg.datasets, *cfg.data.custom_datasets):
+        try:
+            check_name(name)
+        except DatasetError as err:
+            raise ConfigError(str(err)) from None
     known = set(registered_datasets()) | set(cfg.data.custom_datasets)
     for name in cfg.datasets:
         if name not in known:
