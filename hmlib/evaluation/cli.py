@@ -8,19 +8,18 @@ to a fresh machine evaluates as it is; nothing is ever trained here.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from hmlib.artifacts import ArtifactError, load_checkpoint, read_json, refuse_overwrite
+from hmlib.data.registry import check_name
 from hmlib.config import Config, ConfigError, load_config, registered_datasets, with_overrides
 from hmlib.evaluation.evaluate import EvalError, evaluate_setting, load_bundles
 from hmlib.evaluation.tables import markdown_table
 from hmlib.paths import results_dir
 from hmlib.validation import read_config_file
 
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 MODEL_SECTIONS = ("task", "vae", "backbone", "hyper", "meta", "seeds")
 
 
@@ -96,10 +95,7 @@ def _deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, 
 
 def _dataset_overrides(args: argparse.Namespace, custom: Mapping[str, str]) -> dict[str, Any]:
     """data.* overrides for --dataset/--data-dir, refusing names that could point outside the artifact folder."""
-    dataset = args.dataset
-    if not NAME_PATTERN.match(dataset) or ".." in dataset:
-        raise EvalError(f"--dataset {dataset!r} is not a dataset name (letters, digits, '_', '-', '.'; no path "
-                        "separators or '..'); for a folder of parquet files use --data-dir DIR --dataset NAME")
+    dataset = check_name(args.dataset, "--dataset name")
     out: dict[str, Any] = {}
     known = set(registered_datasets()) | set(custom)
     if args.data_dir is not None:
