@@ -16,20 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from hmlib.errors import HmlibError
+from hmlib.validation import ConfigError, check_dataclass, checked, read_config_file
 
 IMAGE_SIZE = 28  # every image is 1 x 28 x 28; the models are built for it
-
-
-class ConfigError(HmlibError, ValueError):
-    """A configuration value or key is invalid."""
-
-
-def _f(default: Any = dataclasses.MISSING, *, factory: Callable[[], Any] | None = None, **rules: Any) -> Any:
-    """A dataclass field with validation rules in its metadata (``min``, ``max``, ``gt``, ``lt``, ``choices``...)."""
-    if factory is not None:
-        return field(default_factory=factory, metadata=rules)
-    return field(default=default, metadata=rules)
 
 
 def _names(module: str, attribute: str) -> Callable[[], tuple[str, ...]]:
@@ -56,38 +45,38 @@ class DataConfig:
 
     data_dir: str | None = None  # local mirror <dir>/<name>/{train,test}.parquet; env HMLIB_DATA_DIR if None
     use_hub: bool = True  # fall back to the Hugging Face hub when cache and mirror miss
-    image_size: int = _f(IMAGE_SIZE, choices=(IMAGE_SIZE,))  # fixed: the VAE and backbone are built for 28 x 28
-    polarity: str = _f("auto", choices=("auto", "keep"))  # "auto": ink bright on dark, decided per image
-    test_fraction: float = _f(0.2, gt=0.0, lt=1.0)  # datasets without a test split: stratified, seeded split
-    split_seed: int = _f(0, min=0)
-    max_images_per_split: int | None = _f(None, min=1)  # deterministic stratified subsample (smoke runs)
-    custom_datasets: Mapping[str, str] = _f(factory=dict)  # name -> hub id or local folder
+    image_size: int = checked(IMAGE_SIZE, choices=(IMAGE_SIZE,))  # fixed: the VAE and backbone are built for 28 x 28
+    polarity: str = checked("auto", choices=("auto", "keep"))  # "auto": ink bright on dark, decided per image
+    test_fraction: float = checked(0.2, min_exclusive=0.0, max_exclusive=1.0)  # datasets without a test split: stratified, seeded split
+    split_seed: int = checked(0, min=0)
+    max_images_per_split: int | None = checked(None, min=1)  # deterministic stratified subsample (smoke runs)
+    custom_datasets: Mapping[str, str] = checked(default_factory=dict)  # name -> hub id or local folder
 
 
 @dataclass(frozen=True)
 class TaskConfig:
     """Shape of a task: K classes, N images (METHOD.md, 'The problem')."""
 
-    num_classes: int = _f(4, min=2)
-    num_images: int = _f(256, min=4)
-    mode: str = _f("random", choices=("random", "consecutive"))  # or the prototype's consecutive 0-3, 4-7, ...
+    num_classes: int = checked(4, min=2)
+    num_images: int = checked(256, min=4)
+    mode: str = checked("random", choices=("random", "consecutive"))  # or the prototype's consecutive 0-3, 4-7, ...
 
 
 @dataclass(frozen=True)
 class VAEConfig:
     """The convolutional VAE whose posteriors condition the hypernetwork (notebook 02)."""
 
-    variant: str = _f("conv", choices=("conv", "prototype"))  # compact, or METHOD.md's residual VAE
-    latent_dim: int = _f(16, min=1)
-    likelihood: str = _f("bce", choices=("bce", "mse_ssim"))  # Bernoulli, or the prototype's MSE + SSIM
-    ssim_weight: float = _f(1.0, min=0.0)
-    beta_start: float = _f(0.25, min=0.0)
-    beta_end: float = _f(1.0, min=0.0)
-    epochs: int = _f(4, min=1)
-    batch_size: int = _f(128, min=1)
-    lr: float = _f(1e-3, gt=0.0)
-    max_train_images: int | None = _f(20000, min=1)  # per epoch, an equal share per dataset; None = all
-    retrain: str = _f("auto", choices=("auto", "never", "always"))
+    variant: str = checked("conv", choices=("conv", "prototype"))  # compact, or METHOD.md's residual VAE
+    latent_dim: int = checked(16, min=1)
+    likelihood: str = checked("bce", choices=("bce", "mse_ssim"))  # Bernoulli, or the prototype's MSE + SSIM
+    ssim_weight: float = checked(1.0, min=0.0)
+    beta_start: float = checked(0.25, min=0.0)
+    beta_end: float = checked(1.0, min=0.0)
+    epochs: int = checked(4, min=1)
+    batch_size: int = checked(128, min=1)
+    lr: float = checked(1e-3, min_exclusive=0.0)
+    max_train_images: int | None = checked(20000, min=1)  # per epoch, an equal share per dataset; None = all
+    retrain: str = checked("auto", choices=("auto", "never", "always"))
 
 
 @dataclass(frozen=True)
@@ -96,42 +85,42 @@ class BackboneConfig:
     datasets only (notebook 02). ``cross_fit`` also trains one backbone per meta-training dataset left out,
     so that meta-training sees every dataset through a backbone that never saw it, as mnist is at test time."""
 
-    channels: tuple[int, ...] = _f((32, 64, 128), min_len=1, item_min=1)  # stride-2 conv3x3-BN-ReLU blocks
-    embed_dim: int = _f(128, min=2)
-    epochs: int = _f(4, min=1)
-    images_per_dataset: int = _f(10000, min=1)  # per epoch, from each meta-training dataset (small ones repeated)
-    batch_size: int = _f(128, min=2)
-    lr: float = _f(3e-3, gt=0.0)  # one-cycle peak
-    weight_decay: float = _f(5e-4, min=0.0)
-    label_smoothing: float = _f(0.1, min=0.0, lt=1.0)
-    augment: float = _f(1.0, min=0.0)  # random affine strength: 1 = +-15 deg, scale +-15%, shift +-12%
+    channels: tuple[int, ...] = checked((32, 64, 128), min_len=1, min=1)  # stride-2 conv3x3-BN-ReLU blocks
+    embed_dim: int = checked(128, min=2)
+    epochs: int = checked(4, min=1)
+    images_per_dataset: int = checked(10000, min=1)  # per epoch, from each meta-training dataset (small ones repeated)
+    batch_size: int = checked(128, min=2)
+    lr: float = checked(3e-3, min_exclusive=0.0)  # one-cycle peak
+    weight_decay: float = checked(5e-4, min=0.0)
+    label_smoothing: float = checked(0.1, min=0.0, max_exclusive=1.0)
+    augment: float = checked(1.0, min=0.0)  # random affine strength: 1 = +-15 deg, scale +-15%, shift +-12%
     cross_fit: bool = True
-    retrain: str = _f("auto", choices=("auto", "never", "always"))
+    retrain: str = checked("auto", choices=("auto", "never", "always"))
 
 
 @dataclass(frozen=True)
 class HyperConfig:
     """The hypernetwork: what it reads, what it generates and what the generated classifier acts on (notebook 03)."""
 
-    target_input: str = _f("embedding", choices=("embedding", "latent"))  # backbone embedding, or [mu, logvar]
-    conditioning: str = _f("multihead", choices=_names("hmlib.hyper.encoders", "ENCODERS"))
-    conditioning_input: str = _f("vae", choices=("vae", "embedding"))  # what the set encoder reads: the VAE
+    target_input: str = checked("embedding", choices=("embedding", "latent"))  # backbone embedding, or [mu, logvar]
+    conditioning: str = checked("multihead", choices=_names("hmlib.hyper.encoders", "ENCODERS"))
+    conditioning_input: str = checked("vae", choices=("vae", "embedding"))  # what the set encoder reads: the VAE
     # distribution [mu, logvar] (the design) or the backbone embeddings (an ablation)
-    generation: str = _f("cluster", choices=_names("hmlib.hyper.generators", "GENERATORS"))
-    embed_dim: int = _f(64, min=1)
-    head_hidden: int = _f(128, min=1)
-    target_hidden: tuple[int, ...] = _f((64,), item_min=1)  # hidden widths of generated MLPs
-    num_context: int = _f(1024, min=1)  # rows of the VAE distribution read for conditioning (all if fewer)
-    num_seeds: int = _f(4, min=1)  # learned queries of the multihead set encoder
-    num_heads: int = _f(4, min=1)  # attention heads of the multihead set encoder (must divide embed_dim)
-    random_features: int = _f(128, min=1)  # hyperfast encoder: fixed random ReLU features per row
-    num_components: int = _f(4, min=1)  # hyperfast encoder: principal components of the task's features
-    cluster_iters: int = _f(10, min=0)  # Lloyd iterations computing the prototypes from the task
-    cluster_inits: int = _f(10, min=1)  # k-means++ seedings per task (fixed generator); lowest inertia wins
-    cluster_tau: float = _f(10.0, gt=0.0)  # initial temperature of the cluster head's logits
-    graph_neighbors: int = _f(5, min=0)  # kNN graph of the task's embeddings for feature diffusion (0: off)
-    diffusion_steps: int = _f(4, min=0)
-    diffusion_alpha: float = _f(0.8, gt=0.0, lt=1.0)  # initial weight of the neighbours in each diffusion step
+    generation: str = checked("cluster", choices=_names("hmlib.hyper.generators", "GENERATORS"))
+    embed_dim: int = checked(64, min=1)
+    head_hidden: int = checked(128, min=1)
+    target_hidden: tuple[int, ...] = checked((64,), min=1)  # hidden widths of generated MLPs
+    num_context: int = checked(1024, min=1)  # rows of the VAE distribution read for conditioning (all if fewer)
+    num_seeds: int = checked(4, min=1)  # learned queries of the multihead set encoder
+    num_heads: int = checked(4, min=1)  # attention heads of the multihead set encoder (must divide embed_dim)
+    random_features: int = checked(128, min=1)  # hyperfast encoder: fixed random ReLU features per row
+    num_components: int = checked(4, min=1)  # hyperfast encoder: principal components of the task's features
+    cluster_iters: int = checked(10, min=0)  # Lloyd iterations computing the prototypes from the task
+    cluster_inits: int = checked(10, min=1)  # k-means++ seedings per task (fixed generator); lowest inertia wins
+    cluster_tau: float = checked(10.0, min_exclusive=0.0)  # initial temperature of the cluster head's logits
+    graph_neighbors: int = checked(5, min=0)  # kNN graph of the task's embeddings for feature diffusion (0: off)
+    diffusion_steps: int = checked(4, min=0)
+    diffusion_alpha: float = checked(0.8, min_exclusive=0.0, max_exclusive=1.0)  # initial weight of the neighbours in each diffusion step
     task_batchnorm: bool = False  # backbone normalisation statistics from each task's own images
 
 
@@ -139,54 +128,54 @@ class HyperConfig:
 class AdaptConfig:
     """The unsupervised inner loop, shared by meta-training and test time."""
 
-    inner_loss: str = _f("infomax", choices=_names("hmlib.hyper.losses", "INNER_LOSSES"))
-    num_inner_steps: int = _f(4, min=0)
-    inner_lr: float = _f(0.5, gt=0.0)
-    adapt_params: str = _f("generated", choices=("generated", "hypernet"))  # generated params, or all of the hypernet
-    geometry_weight: float = _f(3.0, min=0.0)
-    balance_weight: float = _f(1.0, min=0.0)  # weight of the cluster-balance term of infomax
+    inner_loss: str = checked("infomax", choices=_names("hmlib.hyper.losses", "INNER_LOSSES"))
+    num_inner_steps: int = checked(4, min=0)
+    inner_lr: float = checked(0.5, min_exclusive=0.0)
+    adapt_params: str = checked("generated", choices=("generated", "hypernet"))  # generated params, or all of the hypernet
+    geometry_weight: float = checked(3.0, min=0.0)
+    balance_weight: float = checked(1.0, min=0.0)  # weight of the cluster-balance term of infomax
 
 
 @dataclass(frozen=True)
 class MetaConfig:
     """Meta-training (outer loop) and the protocol's datasets."""
 
-    train_datasets: tuple[str, ...] = _f(("fashion_mnist", "hebrew_chars", "math_shapes"), min_len=1)
+    train_datasets: tuple[str, ...] = checked(("fashion_mnist", "hebrew_chars", "math_shapes"), min_len=1)
     test_datasets: tuple[str, ...] = ("mnist",)
-    iterations: int = _f(200, min=1)
-    meta_batch_size: int = _f(8, min=1)
-    outer_lr: float = _f(1e-3, gt=0.0)
-    grad_clip: float = _f(1.0, gt=0.0)
-    task_mixing: str = _f("mixed", choices=("mixed", "single"))  # tasks from all datasets per batch, or one
-    val_fraction: float = _f(0.1, gt=0.0, lt=1.0)  # of each meta-training dataset's train split, for selection
-    eval_every: int = _f(25, min=1)
-    eval_tasks: int = _f(48, min=1)
+    iterations: int = checked(200, min=1)
+    meta_batch_size: int = checked(8, min=1)
+    outer_lr: float = checked(1e-3, min_exclusive=0.0)
+    grad_clip: float = checked(1.0, min_exclusive=0.0)
+    task_mixing: str = checked("mixed", choices=("mixed", "single"))  # tasks from all datasets per batch, or one
+    val_fraction: float = checked(0.1, min_exclusive=0.0, max_exclusive=1.0)  # of each meta-training dataset's train split, for selection
+    eval_every: int = checked(25, min=1)
+    eval_tasks: int = checked(48, min=1)
     use_inner_loop: bool = True  # False: meta-train without adaptation (MT3 ablation)
-    retrain: str = _f("auto", choices=("auto", "never", "always"))
+    retrain: str = checked("auto", choices=("auto", "never", "always"))
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     """The fixed evaluation suite (test split of each held-out dataset)."""
 
-    num_tasks: int = _f(200, min=2)
-    task_sizes: tuple[int, ...] = _f((64, 256), min_len=1, item_min=4)
-    seed: int = _f(1234, min=0)
-    kmeans_n_init: int = _f(10, min=1)
-    logreg_train_per_class: int = _f(500, min=1)  # train-split images per class for the supervised ceiling
+    num_tasks: int = checked(200, min=2)
+    task_sizes: tuple[int, ...] = checked((64, 256), min_len=1, min=4)
+    seed: int = checked(1234, min=0)
+    kmeans_n_init: int = checked(10, min=1)
+    logreg_train_per_class: int = checked(500, min=1)  # train-split images per class for the supervised ceiling
 
 
 @dataclass(frozen=True)
 class AblationConfig:
     """Notebook 04 sweeps."""
 
-    step_grid: tuple[int, ...] = _f((0, 1, 2, 4, 8, 16, 32), min_len=1, item_min=0)
-    lr_grid: tuple[float, ...] = _f((0.1, 0.3, 1.0, 3.0), item_gt=0.0)
-    num_tasks: int = _f(200, min=2)
-    task_size: int = _f(256, min=4)
-    meta_iterations: int | None = _f(None, min=1)  # re-trained variants; None = meta.iterations
-    num_seeds: int = _f(3, min=1)  # replicate seeds (the first of cfg.seeds) for re-trained variants
-    setting: str = _f("zero_shot", choices=tuple(SETTINGS))
+    step_grid: tuple[int, ...] = checked((0, 1, 2, 4, 8, 16, 32), min_len=1, min=0)
+    lr_grid: tuple[float, ...] = checked((0.1, 0.3, 1.0, 3.0), min_exclusive=0.0)
+    num_tasks: int = checked(200, min=2)
+    task_size: int = checked(256, min=4)
+    meta_iterations: int | None = checked(None, min=1)  # re-trained variants; None = meta.iterations
+    num_seeds: int = checked(3, min=1)  # replicate seeds (the first of cfg.seeds) for re-trained variants
+    setting: str = checked("zero_shot", choices=tuple(SETTINGS))
 
 
 @dataclass(frozen=True)
@@ -194,9 +183,9 @@ class Config:
     profile: str = "default"
     device: str = "auto"  # "auto" (cuda, then mps, then cpu) or a torch device name
     # CPU threads for torch and the BLAS/OpenMP pools of numpy/scikit-learn; None = the libraries' defaults.
-    num_threads: int | None = _f(1, min=1)
+    num_threads: int | None = checked(1, min=1)
     # Replicates of the whole pipeline: replicate s trains its VAEs, backbones and hypernetworks from seed s.
-    seeds: tuple[int, ...] = _f((0, 1, 2), min_len=1, item_min=0)
+    seeds: tuple[int, ...] = checked((0, 1, 2), min_len=1, min=0)
     data: DataConfig = field(default_factory=DataConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
@@ -261,8 +250,6 @@ def _merge(base: Any, overrides: Mapping[str, Any], where: str) -> Any:
 
 def validate(cfg: Config) -> Config:
     """Types and ranges of every field (from annotations and metadata), then rules across fields."""
-    from hmlib.validation import check_dataclass
-
     cfg = check_dataclass(cfg)
     from hmlib.data.registry import DatasetError, check_name  # hmlib.data imports this module: read lazily
 
@@ -299,8 +286,6 @@ def validate(cfg: Config) -> Config:
 def load_config(profile: str = "default", path: str | Path | None = None,
                 overrides: Mapping[str, Any] | None = None) -> Config:
     """Build a validated config: package defaults, then a profile, then a JSON file, then overrides."""
-    from hmlib.validation import read_config_file
-
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile '{profile}'; choose one of: {', '.join(PROFILES)}")
     cfg = _merge(Config(profile=profile), PROFILES[profile], "")

@@ -25,6 +25,7 @@ import numpy as np
 
 from hmlib.cluster.decode import chunks, collect, one_line, worker_count
 from hmlib.config import DataConfig
+from hmlib.errors import HmlibError
 from hmlib.data.loading import preprocess_settings
 from hmlib.data.preprocess import normalise_polarity
 from hmlib.data.registry import DatasetSpec
@@ -33,7 +34,7 @@ from hmlib.data.sources import IMAGE_NAMES, SourceSplit, parquet_files, read_hub
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-class ClusterInputError(ValueError):
+class ClusterInputError(HmlibError, ValueError):
     """The input to ``hmlib cluster`` cannot be used; the message is one line saying why and what to do."""
 
 

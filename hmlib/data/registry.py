@@ -6,10 +6,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from hmlib import paths
+from hmlib.errors import HmlibError
 from hmlib.config import DataConfig
 
 
-class DatasetError(ValueError):
+class DatasetError(HmlibError, ValueError):
     """A dataset name is unknown or none of its sources could be read (the message says how to fix it)."""
 
 

@@ -117,8 +117,12 @@ def _dataset_overrides(args: argparse.Namespace, custom: Mapping[str, str]) -> d
 
 def run_eval_command(args: argparse.Namespace) -> int:
     """Handler of ``hmlib eval``: validate, evaluate, print the markdown table; returns 0."""
-    bundles = load_bundles(args.checkpoint)
-    meta = load_checkpoint(bundles[0].path)[1]
+    if args.config is not None:
+        read_config_file(args.config)  # a bad file fails before any checkpoint is read
+    for path in args.checkpoint:
+        if not Path(path).is_file():
+            raise EvalError(f"checkpoint not found: {path}")
+    meta = load_checkpoint(args.checkpoint[0])[1]  # settings first: bad arguments fail before models load
     custom = dict(((meta.get("config") or {}).get("data") or {}).get("custom_datasets") or {})
     overrides: dict[str, Any] = {"data": _dataset_overrides(args, custom), "eval": {}}
     if args.tasks is not None:
@@ -130,6 +134,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
                                     overrides={k: v for k, v in overrides.items() if v})
     except ConfigError as err:
         raise EvalError(str(err)) from None
+    bundles = load_bundles(args.checkpoint)
     setting = bundles[0].setting
     if args.dataset in cfg.meta.train_datasets:
         print(f"note: {args.dataset} is a meta-training dataset of these checkpoints; this is not a held-out "

@@ -63,8 +63,9 @@ def diffuse(z: Tensor, graph: Tensor | None, alpha: Tensor, steps: int) -> Tenso
 
 
 def _sq_dist(h: Tensor, centers: Tensor) -> Tensor:
-    """Squared distances (..., M, K) between rows h (..., M, E) and centers (..., K, E)."""
-    return ((h.unsqueeze(-2) - centers.unsqueeze(-3)) ** 2).sum(-1)
+    """Squared distances (..., M, K) between rows h (..., M, E) and centers (..., K, E) (one matrix product)."""
+    dist = (h * h).sum(-1, keepdim=True) - 2 * h @ centers.transpose(-1, -2) + (centers * centers).sum(-1).unsqueeze(-2)
+    return dist.clamp_min(0.0)
 
 
 def kmeans_prototypes(h: Tensor, num_clusters: int, iters: int = 10, inits: int = 10, seed: int = 0) -> Tensor:
