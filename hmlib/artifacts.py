@@ -224,7 +224,9 @@ def load_or_build(path: Path, expected: Mapping[str, Any], build: Callable[[], N
                 print(f"Reusing {what} {path.name} (its settings and inputs match).")
             return state, meta, True
         except StaleArtifactError as err:
-            reason, note = "stale", f"made with other settings ({str(err).splitlines()[1].strip()} ...)"
+            lines = str(err).splitlines()  # a settings diff has one line per key; a schema mismatch one line only
+            detail = lines[1].strip() + " ..." if len(lines) > 1 else lines[0]
+            reason, note = "stale", f"made with other settings ({detail})"
         except ArtifactError as err:
             reason, note = "corrupt", str(err).splitlines()[0]
         if allow_build and retrain != "never":
