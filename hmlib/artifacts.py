@@ -214,7 +214,8 @@ def load_or_build(path: Path, expected: Mapping[str, Any], build: Callable[[], N
 
     Otherwise ``build()`` writes it (unless ``allow_build`` is False or ``retrain`` is "never": then a
     MissingArtifactError names the file and ``how_to_make``). Nothing is destroyed: a checkpoint that is
-    corrupt, made with other settings, or replaced on request (``retrain="always"``) is renamed aside first.
+    corrupt, made with other settings, or replaced on request (``retrain="always"``) is renamed aside first; if a
+    rebuild on request fails, the previous checkpoint is put back in place.
     """
     path = Path(path)
     if path.exists() and retrain != "always":
@@ -236,9 +237,15 @@ def load_or_build(path: Path, expected: Mapping[str, Any], build: Callable[[], N
         hint = f"; make it with: {how_to_make}" if how_to_make else ""
         state_note = "cannot be reused" if path.exists() else "not found"
         raise MissingArtifactError(f"{what} {path} {state_note}{hint}")
+    moved = None
     if path.exists():  # retrain == "always": keep the previous one beside the new one
         moved = set_aside(path, "previous")
         print(f"Retraining {what} on request (retrain='always'); the previous one is kept as {moved.name}.")
-    build()
+    try:
+        build()
+    except BaseException:
+        if moved is not None and not path.exists():  # the rebuild failed: the previous one stays in use
+            os.replace(moved, path)
+        raise
     state, meta = load_checkpoint(path, expected)
     return state, meta, False
