@@ -7,6 +7,7 @@ it is unambiguous (a JSON list becomes a tuple, an int a float); a bool is never
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import json
 import types
@@ -102,7 +103,7 @@ def check_value(key: str, value: Any, annotation: Any, rules: Mapping[str, Any] 
         if len(items) < rules.get("min_len", 0):
             raise _error(f"{key} must hold at least {rules['min_len']} value(s), got {list(items)}")
         return items
-    if origin in (Mapping, dict, typing.Mapping) or annotation in (dict, Mapping):
+    if origin in (collections.abc.Mapping, dict) or annotation in (dict, Mapping, collections.abc.Mapping):
         if not isinstance(value, Mapping):
             raise _error(f"{key} must be a mapping, got {_describe(value)}")
         for k, v in value.items():
