@@ -214,7 +214,8 @@ def load_or_build(path: Path, expected: Mapping[str, Any], build: Callable[[], N
 
     Otherwise ``build()`` writes it (unless ``allow_build`` is False or ``retrain`` is "never": then a
     MissingArtifactError names the file and ``how_to_make``). Nothing is destroyed: a checkpoint that is
-    corrupt, made with other settings, or replaced on request (``retrain="always"``) is renamed aside first.
+    corrupt, made with other settings, or replaced on request (``retrain="always"``) is renamed aside first; if a
+    rebuild on request fails, the previous checkpoint is put back in place.
     """
     path = Path(path)
     if path.exists() and retrain != "always":
@@ -224,7 +225,9 @@ def load_or_build(path: Path, expected: Mapping[str, Any], build: Callable[[], N
                 print(f"Reusing {what} {path.name} (its settings and inputs match).")
             return state, meta, True
         except StaleArtifactError as err:
-            reason, note = "stale", f"made with other settings ({str(err).splitlines()[1].strip()} ...)"
+            lines = str(err).splitlines()  # a settings diff has one line per key; a schema mismatch one line only
+            detail = lines[1].strip() + " ..." if len(lines) > 1 else lines[0]
+            reason, note = "stale", f"made with other settings ({detail})"
         except ArtifactError as err:
             reason, note = "corrupt", str(err).splitlines()[0]
         if allow_build and retrain != "never":
@@ -234,9 +237,15 @@ def load_or_build(path: Path, expected: Mapping[str, Any], build: Callable[[], N
         hint = f"; make it with: {how_to_make}" if how_to_make else ""
         state_note = "cannot be reused" if path.exists() else "not found"
         raise MissingArtifactError(f"{what} {path} {state_note}{hint}")
+    moved = None
     if path.exists():  # retrain == "always": keep the previous one beside the new one
         moved = set_aside(path, "previous")
         print(f"Retraining {what} on request (retrain='always'); the previous one is kept as {moved.name}.")
-    build()
+    try:
+        build()
+    except BaseException:
+        if moved is not None and not path.exists():  # the rebuild failed: the previous one stays in use
+            os.replace(moved, path)
+        raise
     state, meta = load_checkpoint(path, expected)
     return state, meta, False
