@@ -15,23 +15,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from common import record, setup
 from hmlib import data
 from hmlib.cluster.estimator import HyperClusterer
-from hmlib.cluster.images import load_images
+from hmlib.cluster.images import export_image_folder, load_images
 from hmlib.config import load_config
 from hmlib.evaluation.methods import METHODS, run_clusterer
 from hmlib.metrics import clustering_accuracy
-
-
-def write_folder(root: Path, images: np.ndarray, labels: np.ndarray) -> Path:
-    """PNG files ``root/<i>.png`` (labels kept aside, as a user's unlabeled folder)."""
-    root.mkdir(parents=True)
-    for i, image in enumerate(images):
-        Image.fromarray(image, mode="L").save(root / f"{i:05d}.png")
-    return root
 
 
 def main() -> None:
@@ -50,7 +41,7 @@ def main() -> None:
                 classes = np.sort(rng.choice(np.unique(split.labels), size=k, replace=False))
                 pool = np.flatnonzero(np.isin(split.labels, classes))
                 pick = np.sort(rng.choice(pool, size=args.images, replace=False))
-                folder = write_folder(Path(tmp) / f"{dataset}_k{k}", split.images[pick], split.labels[pick])
+                folder = export_image_folder(split.images[pick], Path(tmp) / f"{dataset}_k{k}")
                 labels = np.searchsorted(classes, split.labels[pick])
                 start = time.perf_counter()
                 collection = load_images(folder, progress=False)

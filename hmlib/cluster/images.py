@@ -22,14 +22,15 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
+from PIL import Image
 
 from hmlib.cluster.decode import chunks, collect, one_line, worker_count
 from hmlib.config import DataConfig
-from hmlib.errors import HmlibError
 from hmlib.data.loading import preprocess_settings
 from hmlib.data.preprocess import normalise_polarity
 from hmlib.data.registry import DatasetSpec
 from hmlib.data.sources import IMAGE_NAMES, SourceSplit, parquet_files, read_hub, read_parquet
+from hmlib.errors import HmlibError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -235,3 +236,16 @@ def _finish(images: np.ndarray, names: list[str], source: str, location: str, sp
     settings = preprocess_settings(spec, cfg, derived=False)
     return ImageCollection(images=images, names=names, source=source, location=location, preprocessing=settings,
                            skipped=skipped, ignored=ignored, split=split, inverted=inverted)
+
+
+def export_image_folder(images: np.ndarray, folder: str | Path, *, overwrite: bool = False) -> Path:
+    """Write uint8 images (N, H, W) as ``folder/00000.png ...`` (sorted order = row order): an unlabeled folder
+    of the kind ``hmlib cluster`` reads, for demonstrations and benchmarks."""
+    folder = Path(folder)
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise ClusterInputError(f"{folder} exists and is not empty; choose another folder")
+    folder.mkdir(parents=True, exist_ok=True)
+    width = max(5, len(str(len(images))))
+    for i, image in enumerate(np.asarray(images, dtype=np.uint8)):
+        Image.fromarray(image, mode="L").save(folder / f"{i:0{width}d}.png")
+    return folder
