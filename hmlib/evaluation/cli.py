@@ -21,7 +21,8 @@ from hmlib.paths import results_dir
 from hmlib.validation import read_config_file
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-MODEL_SECTIONS = ("task", "vae", "backbone", "hyper", "meta", "seeds")
+MODEL_SECTIONS = ("task", "vae", "backbone", "hyper", "meta")  # what made the checkpoint (not cfg.seeds: a
+# checkpoint is one replicate, its seed is in its meta; the profile's seeds keep ablation.num_seeds valid)
 
 
 def _at_least(minimum: int):
