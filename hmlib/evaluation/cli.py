@@ -142,6 +142,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     out = args.json or results_dir() / f"eval_{setting}_{args.dataset}_{Path(args.checkpoint[0]).stem}.json"
     if args.json is not None and not _made_by_eval(out):
         refuse_overwrite(out, args.overwrite, "--json")
+    if args.json is not None and not (Path(out).is_file() and _made_by_eval(out)):  # not the table of a result
         refuse_overwrite(Path(out).with_suffix(".md"), args.overwrite, "the table beside --json")
     result = evaluate_setting(cfg, [b.path for b in bundles], dataset=args.dataset, num_steps=args.steps, path=out,
                               recompute=args.recompute, progress=not args.quiet)
