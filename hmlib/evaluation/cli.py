@@ -20,7 +20,8 @@ from hmlib.evaluation.tables import markdown_table
 from hmlib.paths import results_dir
 from hmlib.validation import read_config_file
 
-MODEL_SECTIONS = ("task", "vae", "backbone", "hyper", "meta", "seeds")
+MODEL_SECTIONS = ("task", "vae", "backbone", "hyper", "meta")  # what made the checkpoint (not cfg.seeds: a
+# checkpoint is one replicate, its seed is in its meta; the profile's seeds keep ablation.num_seeds valid)
 
 
 def _at_least(minimum: int):
@@ -142,6 +143,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     out = args.json or results_dir() / f"eval_{setting}_{args.dataset}_{Path(args.checkpoint[0]).stem}.json"
     if args.json is not None and not _made_by_eval(out):
         refuse_overwrite(out, args.overwrite, "--json")
+    if args.json is not None and not (Path(out).is_file() and _made_by_eval(out)):  # not the table of a result
         refuse_overwrite(Path(out).with_suffix(".md"), args.overwrite, "the table beside --json")
     result = evaluate_setting(cfg, [b.path for b in bundles], dataset=args.dataset, num_steps=args.steps, path=out,
                               recompute=args.recompute, progress=not args.quiet)

@@ -139,7 +139,7 @@ def evaluate_setting(cfg: Config, checkpoints: Sequence[str | Path], *, dataset:
             print(f"Reusing evaluation results from {path.name} (same suite, settings, checkpoints and inputs).")
             return cached
         except ArtifactError as err:
-            print(f"Recomputing the evaluation: {str(err).splitlines()[0]}")
+            print(f"Recomputing the evaluation: {err}")
     result: dict[str, Any] = {
         "schema": RESULT_SCHEMA, "identity": identity, "setting": setting, "setting_label": SETTINGS[setting],
         "dataset": dataset, "seeds": [int(b.meta["seed"]) for b in bundles],
