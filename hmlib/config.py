@@ -251,13 +251,12 @@ def _merge(base: Any, overrides: Mapping[str, Any], where: str) -> Any:
 def validate(cfg: Config) -> Config:
     """Types and ranges of every field (from annotations and metadata), then rules across fields."""
     cfg = check_dataclass(cfg)
-    from hmlib.data.registry import DatasetError, check_name  # hmlib.data imports this module: read lazily
+    from hmlib.data.registry import check_name  # hmlib.data imports this module: read lazily
 
-    for name in (*cfg.datasets, *cfg.data.custom_datasets):
-        try:
-            check_name(name)
-        except DatasetError as err:
-            raise ConfigError(str(err)) from None
+    for name in cfg.data.custom_datasets:  # a name becomes a folder: refused (DatasetError) if it could escape
+        check_name(name, "custom dataset name")
+    for name in cfg.datasets:
+        check_name(name)
     known = set(registered_datasets()) | set(cfg.data.custom_datasets)
     for name in cfg.datasets:
         if name not in known:
