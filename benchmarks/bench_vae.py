@@ -1,86 +1,74 @@
-"""Benchmark the VAE stage: training and encoding throughput (images/s) and peak memory of encoding all datasets.
+"""Training and encoding throughput of the VAE and the backbone (images/s), one thread, random images.
 
-Usage (from the repository root):
-    HMLIB_DATA_DIR=/work/shared/data .venv/bin/python benchmarks/bench_vae.py [--profile default] [--threads 2]
+    .venv/bin/python benchmarks/bench_vae.py [--profile default] [--train-images 4096]
 
-Training and encoding throughput use the config's VAE on random uint8 images (the cost does not depend on
-pixel values). Peak memory loads every dataset split of the protocol with hmlib.data and encodes it with a
-fresh (untrained) VAE of the same shape, reporting the process's peak resident set size (ru_maxrss).
+The cost does not depend on pixel values. Also estimates what notebook 02 spends training every VAE and backbone
+of the profile. Writes results/bench/models.json.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import resource
 import time
 
 import numpy as np
 import torch
 
-import hmlib
-from hmlib.vae import build_vae, encode_images, train_vae
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from common import record, setup
+from hmlib.backbone.embeddings import embed_images
+from hmlib.backbone.model import ConvBackbone
+from hmlib.backbone.train import cross_fit_folds
+from hmlib.config import load_config
+from hmlib.data import ImageSet
+from hmlib.backbone.train import train_backbone
+from hmlib.vae.model import build_vae
+from hmlib.vae.train import encode_images, train_vae
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="default")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
-    parser.add_argument("--train-images", type=int, default=8192, help="images for one timed training epoch")
-    parser.add_argument("--encode-images", type=int, default=20000)
-    parser.add_argument("--skip-datasets", action="store_true", help="skip the all-datasets memory measurement")
+    parser.add_argument("--train-images", type=int, default=4096)
+    parser.add_argument("--encode-images", type=int, default=10000)
     args = parser.parse_args()
-
-    torch.set_num_threads(args.threads)
-    cfg = hmlib.load_config(args.profile)
-    vae_cfg = cfg.vae
-    print(f"VAE: variant={vae_cfg.variant} latent_dim={vae_cfg.latent_dim} likelihood={vae_cfg.likelihood} "
-          f"batch_size={vae_cfg.batch_size}; torch threads={torch.get_num_threads()}")
-    if not args.skip_datasets:
-        encode_all_datasets(cfg)
+    machine = setup(1)
+    cfg = load_config(args.profile)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (max(args.train_images, args.encode_images), 28, 28), dtype=np.uint8)
-    model = build_vae(vae_cfg)
-    print(f"parameters: {sum(p.numel() for p in model.parameters()):,}")
+    labels = rng.integers(0, 10, len(images))
 
-    one_epoch = dataclasses.replace(vae_cfg, epochs=1)
-    train_vae(model, images[:1024], one_epoch, progress=False)  # warm-up
-    result = train_vae(model, images[:args.train_images], one_epoch, progress=False)
-    print(f"training: {result.metrics['train_images_per_second']:,.0f} images/s "
-          f"({args.train_images} images, 1 epoch, {result.metrics['train_seconds']:.1f} s)")
-    if vae_cfg.max_train_images is not None:
-        num_vaes = 1 + len(cfg.datasets)  # the shared VAE and one per dataset, as notebook 02 trains them
-        images_seen = num_vaes * vae_cfg.epochs * vae_cfg.max_train_images
-        print(f"=> notebook 02 trains {num_vaes} VAEs x {vae_cfg.epochs} epochs x {vae_cfg.max_train_images} images: "
-              f"about {images_seen / result.metrics['train_images_per_second']:.0f} s at this rate")
-
-    encode_images(model, images[:2048])  # warm-up
+    vae = build_vae(cfg.vae)
+    one_epoch = dataclasses.replace(cfg.vae, epochs=1)
+    vae_train = train_vae(vae, images[:args.train_images], one_epoch, progress=False).metrics["train_images_per_second"]
     start = time.perf_counter()
-    encode_images(model, images[:args.encode_images])
-    seconds = time.perf_counter() - start
-    print(f"encoding: {args.encode_images / seconds:,.0f} images/s ({args.encode_images} images, {seconds:.2f} s)")
+    encode_images(vae, images[:args.encode_images])
+    vae_encode = args.encode_images / (time.perf_counter() - start)
 
+    bb_cfg = dataclasses.replace(cfg, backbone=dataclasses.replace(cfg.backbone, epochs=1,
+                                                                   images_per_dataset=args.train_images))
+    image_set = ImageSet("random", "train", images, labels, [str(i) for i in range(10)], "random")
+    _, record_ = train_backbone([image_set], bb_cfg, 0, progress=False)
+    bb_train = record_["metrics"]["train_images_per_second"]
+    backbone = ConvBackbone(cfg.backbone.channels, cfg.backbone.embed_dim, 10).eval()
+    start = time.perf_counter()
+    embed_images(backbone, images[:args.encode_images])
+    bb_encode = args.encode_images / (time.perf_counter() - start)
 
-def encode_all_datasets(cfg: hmlib.Config) -> None:
-    """Load and encode every split of the protocol with a fresh VAE; print time and peak RSS."""
-    from hmlib.data import load_split
-
-    model = build_vae(cfg.vae)
-    before = peak_rss_mb()
-    total, start = 0, time.perf_counter()
-    for dataset in cfg.datasets:
-        for split in ("train", "test"):
-            image_set = load_split(dataset, split, cfg.data, progress=False)
-            encode_images(model, image_set.images)
-            total += len(image_set)
-    seconds = time.perf_counter() - start
-    print(f"all datasets ({', '.join(cfg.datasets)}; train + test): {total:,} images loaded and encoded in "
-          f"{seconds:.1f} s ({total / seconds:,.0f} images/s incl. loading from the cache)")
-    print(f"peak RSS: {before:,.0f} MiB after imports, {peak_rss_mb():,.0f} MiB after encoding all datasets")
+    seeds, datasets = len(cfg.seeds), len(cfg.meta.train_datasets)
+    vae_images = seeds * (1 + len(cfg.datasets)) * cfg.vae.epochs * (cfg.vae.max_train_images or 60000)
+    folds = cross_fit_folds(cfg)
+    bb_images = seeds * cfg.backbone.epochs * cfg.backbone.images_per_dataset * sum(
+        datasets - (fold is not None) for fold in folds)
+    print(f"{machine}")
+    print(f"VAE ({cfg.vae.variant}, d = {cfg.vae.latent_dim}): training {vae_train:,.0f} images/s, encoding "
+          f"{vae_encode:,.0f} images/s")
+    print(f"backbone (channels {cfg.backbone.channels}): training {bb_train:,.0f} images/s (with augmentation), "
+          f"embedding {bb_encode:,.0f} images/s")
+    print(f"notebook 02 of '{args.profile}': {seeds} seed(s) x {1 + len(cfg.datasets)} VAEs ~ {vae_images / vae_train:.0f} s, "
+          f"{seeds} seed(s) x {len(folds)} backbones ~ {bb_images / bb_train:.0f} s of training")
+    record("models", {"VAE training images/s": round(vae_train), "VAE encoding images/s": round(vae_encode),
+                      "backbone training images/s": round(bb_train), "backbone embedding images/s": round(bb_encode),
+                      "_machine": machine})
 
 
 if __name__ == "__main__":

@@ -12,14 +12,16 @@ import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-SCHEMA_VERSION = 1
+from hmlib.errors import HmlibError
+
+SCHEMA_VERSION = 2  # 2: names carry a settings hash, identities are content hashes of the weights
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(HmlibError, RuntimeError):
     """An artifact is missing, corrupt or unreadable."""
 
 
@@ -116,14 +118,36 @@ def load_checkpoint(path: str | Path, expected_meta: Mapping[str, Any] | None = 
 
 
 def check_meta(meta: Mapping[str, Any], expected: Mapping[str, Any], what: str) -> None:
-    """Raise StaleArtifactError listing every key whose recorded value differs from the expected one."""
-    diffs = []
-    for key, want in expected.items():
-        have = meta.get(key, "<absent>")
-        if _normalise(have) != _normalise(want):
-            diffs.append(f"{key}: recorded {_short(have)}, expected {_short(want)}")
+    """Raise StaleArtifactError listing every setting whose recorded value differs from the expected one."""
+    diffs = settings_diff(meta, expected)
     if diffs:
         raise StaleArtifactError(f"{what} was made with other settings or inputs:\n  " + "\n  ".join(diffs))
+
+
+def settings_diff(recorded: Mapping[str, Any], expected: Mapping[str, Any]) -> list[str]:
+    """'key.sub: recorded X, expected Y' for every leaf of ``expected`` that differs (JSON-normalised).
+
+    The one stale-artifact comparison: caches, checkpoints and results all describe themselves with
+    nested dicts of primitives, and a difference anywhere in them is named by its dotted key.
+    """
+    have = _flatten({k: recorded.get(k, "<absent>") for k in expected})
+    want = _flatten(dict(expected))
+    diffs = []
+    for key in sorted(set(have) | set(want)):
+        a, b = _normalise(have.get(key, "<absent>")), _normalise(want.get(key, "<absent>"))
+        if a != b:
+            diffs.append(f"{key}: recorded {_short(a)}, expected {_short(b)}")
+    return diffs
+
+
+def _flatten(value: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested mappings -> {'a.b.c': leaf}; an empty mapping is a leaf."""
+    if isinstance(value, Mapping) and value:
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            out.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: value}
 
 
 def _normalise(value: Any) -> Any:
@@ -133,3 +157,95 @@ def _normalise(value: Any) -> Any:
 def _short(value: Any, limit: int = 160) -> str:
     text = json.dumps(value, sort_keys=True, default=_json_default)
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+def state_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
+    """Short sha256 of a state dict's tensors (names, dtypes, shapes, bytes): the identity of trained weights.
+
+    Unlike the file's sha256 it ignores run metadata such as timings, so retraining with the same settings
+    and seeds gives the same identity and every downstream cache stays valid.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach().cpu().contiguous()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.numpy().tobytes() if tensor.dtype != torch.bfloat16 else tensor.float().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def named_path(folder: Path, stem: str, identity: Any, suffix: str = ".pt") -> Path:
+    """``folder/<stem>-<8 hex>.pt``: every setting that makes two artifacts incompatible is in the name's hash,
+    so artifacts of other settings never share a file and nothing good is ever overwritten."""
+    return Path(folder) / f"{stem}-{fingerprint(identity)[:8]}{suffix}"
+
+
+def set_aside(path: Path, reason: str) -> Path | None:
+    """Rename an artifact that cannot be reused (corrupt, or replaced on request) to ``<name>.<reason>-<n><suffix>``,
+    keeping it on disk; returns the new path (None if there was nothing to move)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    for n in range(1, 1000):
+        target = path.with_name(f"{path.stem}.{reason}-{n}{path.suffix}")
+        if not target.exists():
+            os.replace(path, target)
+            return target
+    raise ArtifactError(f"too many set-aside copies of {path}; delete some")
+
+
+def refuse_overwrite(path: str | Path, overwrite: bool, what: str = "output") -> Path:
+    """``path`` if it may be written: a file that exists is replaced only with ``overwrite``."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise ArtifactError(f"{what} {path} exists; choose another path or pass --overwrite to replace it")
+    if path.exists() and path.is_dir():
+        raise ArtifactError(f"{what} {path} is a folder, not a file")
+    return path
+
+
+class MissingArtifactError(ArtifactError):
+    """An upstream artifact is needed but absent, and this step may not make it (the message says how to)."""
+
+
+def load_or_build(path: Path, expected: Mapping[str, Any], build: Callable[[], None], *, retrain: str = "auto",
+                  allow_build: bool = True, what: str = "artifact", how_to_make: str = "",
+                  verbose: bool = True) -> tuple[dict[str, Any], dict[str, Any], bool]:
+    """``(state, meta, reused)`` of the checkpoint at ``path``, reused when its recorded settings match ``expected``.
+
+    Otherwise ``build()`` writes it (unless ``allow_build`` is False or ``retrain`` is "never": then a
+    MissingArtifactError names the file and ``how_to_make``). Nothing is destroyed: a checkpoint that is
+    corrupt, made with other settings, or replaced on request (``retrain="always"``) is renamed aside first; if a
+    rebuild on request fails, the previous checkpoint is put back in place.
+    """
+    path = Path(path)
+    if path.exists() and retrain != "always":
+        try:
+            state, meta = load_checkpoint(path, expected)
+            if verbose:
+                print(f"Reusing {what} {path.name} (its settings and inputs match).")
+            return state, meta, True
+        except StaleArtifactError as err:
+            lines = str(err).splitlines()  # a settings diff has one line per key; a schema mismatch one line only
+            detail = lines[1].strip() + " ..." if len(lines) > 1 else lines[0]
+            reason, note = "stale", f"made with other settings ({detail})"
+        except ArtifactError as err:
+            reason, note = "corrupt", str(err).splitlines()[0]
+        if allow_build and retrain != "never":
+            moved = set_aside(path, reason)
+            print(f"{what} {path.name} cannot be reused: {note}; kept it as {moved.name} and building a new one.")
+    if not allow_build or retrain == "never":
+        hint = f"; make it with: {how_to_make}" if how_to_make else ""
+        state_note = "cannot be reused" if path.exists() else "not found"
+        raise MissingArtifactError(f"{what} {path} {state_note}{hint}")
+    moved = None
+    if path.exists():  # retrain == "always": keep the previous one beside the new one
+        moved = set_aside(path, "previous")
+        print(f"Retraining {what} on request (retrain='always'); the previous one is kept as {moved.name}.")
+    try:
+        build()
+    except BaseException:
+        if moved is not None and not path.exists():  # the rebuild failed: the previous one stays in use
+            os.replace(moved, path)
+        raise
+    state, meta = load_checkpoint(path, expected)
+    return state, meta, False

@@ -1,22 +1,42 @@
 """Configuration: frozen dataclasses with package defaults, named profiles and file overrides.
 
-A config is built with :func:`load_config` from a profile name (``smoke``, ``default``, ``seed``)
-plus optional overrides (a JSON file and/or a nested dict). Unknown keys are errors that name the
-key and list the valid ones. :func:`config_to_dict` gives plain primitives for checkpoints.
+A config is built with :func:`load_config` from a profile name (``smoke``, ``default``, ``seed``) plus
+optional overrides (a JSON file and/or a nested dict). Unknown keys are errors naming the key and the
+valid ones; every field's type and range is checked up front from its annotation and metadata
+(:mod:`hmlib.validation`), so a bad value fails here, never minutes later inside a notebook.
+:func:`config_to_dict` gives plain primitives for checkpoints.
+
+Choices that name a registered concept (inner losses, settings, generators, conditioning encoders,
+datasets) are read from that concept's registry, so adding one is one edit in one place.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
-BUILTIN_DATASETS = ("mnist", "fashion_mnist", "kmnist", "hebrew_chars", "math_shapes")
+from hmlib.validation import ConfigError, check_dataclass, checked, read_config_file
+
+IMAGE_SIZE = 28  # every image is 1 x 28 x 28; the models are built for it
 
 
-class ConfigError(ValueError):
-    """A configuration value or key is invalid."""
+def _names(module: str, attribute: str) -> Callable[[], tuple[str, ...]]:
+    """Choices read lazily from a registry (imported on first validation: no import cycle with the registries)."""
+
+    def names() -> tuple[str, ...]:
+        import importlib
+
+        return tuple(getattr(importlib.import_module(module), attribute))
+
+    return names
+
+
+SETTINGS: dict[str, str] = {
+    "zero_shot": "zero-shot (no model saw the held-out dataset)",
+    "transductive": "transductive (the held-out dataset's unlabeled train split trained its VAE and set the "
+                    "backbone's normalisation statistics; never its labels)",
+}
 
 
 @dataclass(frozen=True)
@@ -25,125 +45,137 @@ class DataConfig:
 
     data_dir: str | None = None  # local mirror <dir>/<name>/{train,test}.parquet; env HMLIB_DATA_DIR if None
     use_hub: bool = True  # fall back to the Hugging Face hub when cache and mirror miss
-    image_size: int = 28
-    polarity: str = "auto"  # "auto": make ink bright on dark (decided per image from its border); "keep"
-    test_fraction: float = 0.2  # for datasets without a test split: stratified, seeded split
-    split_seed: int = 0
-    max_images_per_split: int | None = None  # deterministic stratified subsample (smoke runs); None = all
-    custom_datasets: Mapping[str, str] = field(default_factory=dict)  # name -> hub id or local folder
+    image_size: int = checked(IMAGE_SIZE, choices=(IMAGE_SIZE,))  # fixed: the VAE and backbone are built for 28 x 28
+    polarity: str = checked("auto", choices=("auto", "keep"))  # "auto": ink bright on dark, decided per image
+    test_fraction: float = checked(0.2, min_exclusive=0.0, max_exclusive=1.0)  # datasets without a test split: stratified, seeded split
+    split_seed: int = checked(0, min=0)
+    max_images_per_split: int | None = checked(None, min=1)  # deterministic stratified subsample (smoke runs)
+    custom_datasets: Mapping[str, str] = checked(default_factory=dict)  # name -> hub id or local folder
 
 
 @dataclass(frozen=True)
 class TaskConfig:
     """Shape of a task: K classes, N images (METHOD.md, 'The problem')."""
 
-    num_classes: int = 4
-    num_images: int = 256
-    mode: str = "random"  # "random" K-class subsets or the prototype's "consecutive" (0-3, 4-7, ...)
+    num_classes: int = checked(4, min=2)
+    num_images: int = checked(256, min=4)
+    mode: str = checked("random", choices=("random", "consecutive"))  # or the prototype's consecutive 0-3, 4-7, ...
 
 
 @dataclass(frozen=True)
 class VAEConfig:
-    """The convolutional VAE (notebook 02)."""
+    """The convolutional VAE whose posteriors condition the hypernetwork (notebook 02)."""
 
-    variant: str = "conv"  # "conv" (compact) or "prototype" (residual encoder, pixel-shuffle decoder)
-    latent_dim: int = 16
-    likelihood: str = "bce"  # "bce" (Bernoulli) or "mse_ssim" (prototype: summed MSE + SSIM term)
-    ssim_weight: float = 1.0
-    beta_start: float = 0.25
-    beta_end: float = 1.0
-    epochs: int = 4
-    batch_size: int = 128
-    lr: float = 1e-3
-    max_train_images: int | None = 20000  # images per epoch per VAE, an equal share per dataset (small ones repeated); None = all
-    retrain: str = "auto"  # "auto": reuse a matching checkpoint else train; "never": refuse; "always"
-    seed: int = 0
+    variant: str = checked("conv", choices=("conv", "prototype"))  # compact, or METHOD.md's residual VAE
+    latent_dim: int = checked(16, min=1)
+    likelihood: str = checked("bce", choices=("bce", "mse_ssim"))  # Bernoulli, or the prototype's MSE + SSIM
+    ssim_weight: float = checked(1.0, min=0.0)
+    beta_start: float = checked(0.25, min=0.0)
+    beta_end: float = checked(1.0, min=0.0)
+    epochs: int = checked(4, min=1)
+    batch_size: int = checked(128, min=1)
+    lr: float = checked(1e-3, min_exclusive=0.0)
+    max_train_images: int | None = checked(20000, min=1)  # per epoch, an equal share per dataset; None = all
+    retrain: str = checked("auto", choices=("auto", "never", "always"))
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """The image representation under the hypernetwork: a conv net trained with labels on the meta-training
+    datasets only (notebook 02). ``cross_fit`` also trains one backbone per meta-training dataset left out,
+    so that meta-training sees every dataset through a backbone that never saw it, as mnist is at test time."""
+
+    channels: tuple[int, ...] = checked((32, 64, 128), min_len=1, min=1)  # stride-2 conv3x3-BN-ReLU blocks
+    embed_dim: int = checked(128, min=2)
+    epochs: int = checked(4, min=1)
+    images_per_dataset: int = checked(10000, min=1)  # per epoch, from each meta-training dataset (small ones repeated)
+    batch_size: int = checked(128, min=2)
+    lr: float = checked(3e-3, min_exclusive=0.0)  # one-cycle peak
+    weight_decay: float = checked(5e-4, min=0.0)
+    label_smoothing: float = checked(0.1, min=0.0, max_exclusive=1.0)
+    augment: float = checked(1.0, min=0.0)  # random affine strength: 1 = +-15 deg, scale +-15%, shift +-12%
+    cross_fit: bool = True
+    retrain: str = checked("auto", choices=("auto", "never", "always"))
 
 
 @dataclass(frozen=True)
 class HyperConfig:
-    """The hypernetwork and its target network (notebook 03)."""
+    """The hypernetwork: what it reads, what it generates and what the generated classifier acts on (notebook 03)."""
 
-    conditioning: str = "multihead"  # "attention" (prototype), "multihead", "stats", "hyperfast"
-    # "full" (prototype per-layer heads), "compact" (learned base MLP + generated modulation), or "cluster"
-    # (generated residual embedding + prototypes computed from the task by k-means, refined by the inner loop).
-    # "cluster" is the default: validation accuracy after adaptation ~89% vs ~81% for "compact" (README, Results).
-    generation: str = "cluster"
-    target_hidden: tuple[int, ...] = (64,)
-    target_input: str = "latent"  # "latent" ([mu, logvar]) or "latent+pixels"
-    embed_dim: int = 64
-    head_hidden: int = 128
-    num_context: int = 1024  # rows of the VAE distribution read for conditioning (all if fewer)
-    normalize: str = "task"  # "task": centre/scale each input dimension by the task's statistics; "whiten"; "none"
-    num_seeds: int = 4  # learned queries of the "multihead" set encoder
-    num_heads: int = 4  # attention heads of the "multihead" set encoder (must divide embed_dim)
-    pixel_dim: int = 32  # width of the learned pixel projection for target_input "latent+pixels"
-    random_features: int = 128  # "hyperfast": fixed random ReLU features per row
-    num_components: int = 4  # "hyperfast": principal components of the task's random features
-    cluster_iters: int = 5  # "cluster": Lloyd iterations that compute the prototypes from the task
-    cluster_inits: int = 4  # "cluster": k-means++ seedings per task (fixed generator); lowest inertia wins
-    cluster_tau: float = 5.0  # "cluster": initial temperature of logits -tau * mean squared distance
+    target_input: str = checked("embedding", choices=("embedding", "latent"))  # backbone embedding, or [mu, logvar]
+    conditioning: str = checked("multihead", choices=_names("hmlib.hyper.encoders", "ENCODERS"))
+    conditioning_input: str = checked("vae", choices=("vae", "embedding"))  # what the set encoder reads: the VAE
+    # distribution [mu, logvar] (the design) or the backbone embeddings (an ablation)
+    generation: str = checked("cluster", choices=_names("hmlib.hyper.generators", "GENERATORS"))
+    embed_dim: int = checked(64, min=1)
+    head_hidden: int = checked(128, min=1)
+    target_hidden: tuple[int, ...] = checked((64,), min=1)  # hidden widths of generated MLPs
+    num_context: int = checked(1024, min=1)  # rows of the VAE distribution read for conditioning (all if fewer)
+    num_seeds: int = checked(4, min=1)  # learned queries of the multihead set encoder
+    num_heads: int = checked(4, min=1)  # attention heads of the multihead set encoder (must divide embed_dim)
+    random_features: int = checked(128, min=1)  # hyperfast encoder: fixed random ReLU features per row
+    num_components: int = checked(4, min=1)  # hyperfast encoder: principal components of the task's features
+    cluster_iters: int = checked(10, min=0)  # Lloyd iterations computing the prototypes from the task
+    cluster_inits: int = checked(10, min=1)  # k-means++ seedings per task (fixed generator); lowest inertia wins
+    cluster_tau: float = checked(10.0, min_exclusive=0.0)  # initial temperature of the cluster head's logits
+    graph_neighbors: int = checked(5, min=0)  # kNN graph of the task's embeddings for feature diffusion (0: off)
+    diffusion_steps: int = checked(4, min=0)
+    diffusion_alpha: float = checked(0.8, min_exclusive=0.0, max_exclusive=1.0)  # initial weight of the neighbours in each diffusion step
+    task_batchnorm: bool = False  # backbone normalisation statistics from each task's own images
 
 
 @dataclass(frozen=True)
 class AdaptConfig:
     """The unsupervised inner loop, shared by meta-training and test time."""
 
-    inner_loss: str = "infomax"  # "geometry" (prototype), "entropy" (TENT), "infomax" (SHOT/IIC)
-    num_inner_steps: int = 4
-    inner_lr: float = 0.5
-    adapt_params: str = "generated"  # "generated" (target params), "last" (last target layer), "hypernet" (all)
-    first_order: bool = False
-    geometry_weight: float = 3.0
-    balance_weight: float = 1.0  # weight of the cluster-balance term of infomax
+    inner_loss: str = checked("infomax", choices=_names("hmlib.hyper.losses", "INNER_LOSSES"))
+    num_inner_steps: int = checked(4, min=0)
+    inner_lr: float = checked(0.5, min_exclusive=0.0)
+    adapt_params: str = checked("generated", choices=("generated", "hypernet"))  # generated params, or all of the hypernet
+    geometry_weight: float = checked(3.0, min=0.0)
+    balance_weight: float = checked(1.0, min=0.0)  # weight of the cluster-balance term of infomax
 
 
 @dataclass(frozen=True)
 class MetaConfig:
     """Meta-training (outer loop) and the protocol's datasets."""
 
-    train_datasets: tuple[str, ...] = ("fashion_mnist", "hebrew_chars", "math_shapes")
+    train_datasets: tuple[str, ...] = checked(("fashion_mnist", "hebrew_chars", "math_shapes"), min_len=1)
     test_datasets: tuple[str, ...] = ("mnist",)
-    iterations: int = 3000  # ~50-60 s on one free core (benchmarks/bench_meta.py); validation still rising at 1500
-    meta_batch_size: int = 8
-    outer_lr: float = 1e-3
-    grad_clip: float = 1.0
-    task_mixing: str = "mixed"  # "mixed": tasks from all datasets each iteration; "single": one dataset
-    val_fraction: float = 0.1  # of each meta-training dataset's train split, for model selection
-    eval_every: int = 100
-    eval_tasks: int = 32
+    iterations: int = checked(200, min=1)
+    meta_batch_size: int = checked(8, min=1)
+    outer_lr: float = checked(1e-3, min_exclusive=0.0)
+    grad_clip: float = checked(1.0, min_exclusive=0.0)
+    task_mixing: str = checked("mixed", choices=("mixed", "single"))  # tasks from all datasets per batch, or one
+    val_fraction: float = checked(0.1, min_exclusive=0.0, max_exclusive=1.0)  # of each meta-training dataset's train split, for selection
+    eval_every: int = checked(25, min=1)
+    eval_tasks: int = checked(48, min=1)
     use_inner_loop: bool = True  # False: meta-train without adaptation (MT3 ablation)
-    seed: int = 0
-    query_size: int = 128  # images per task for the outer loss, disjoint from the task's support set
-    retrain: str = "auto"  # "auto": reuse/resume a matching checkpoint else retrain; "never": refuse; "always"
-    outer_batch: str = "query"  # outer loss on the "query" only, or on "support+query" (the adapted support too)
+    retrain: str = checked("auto", choices=("auto", "never", "always"))
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     """The fixed evaluation suite (test split of each held-out dataset)."""
 
-    num_tasks: int = 200
-    task_sizes: tuple[int, ...] = (64, 256)
-    seed: int = 1234
-    num_meta_seeds: int = 3
-    kmeans_n_init: int = 10
-    logreg_train_per_class: int = 500  # train-split images per class for the supervised ceiling
-    gmm_covariance: str = "full"  # Gaussian-mixture baseline: "full", "diag", "spherical", "tied", or "bic" (per task)
+    num_tasks: int = checked(200, min=2)
+    task_sizes: tuple[int, ...] = checked((64, 256), min_len=1, min=4)
+    seed: int = checked(1234, min=0)
+    kmeans_n_init: int = checked(10, min=1)
+    logreg_train_per_class: int = checked(500, min=1)  # train-split images per class for the supervised ceiling
 
 
 @dataclass(frozen=True)
 class AblationConfig:
     """Notebook 04 sweeps."""
 
-    step_grid: tuple[int, ...] = (0, 1, 2, 4, 8, 16, 32)
-    lr_grid: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)
-    num_tasks: int = 200
-    task_size: int = 256
-    meta_iterations: int | None = 200  # for ablation re-trainings (8-minute budget); None = MetaConfig.iterations
-    setting: str = "zero_shot"  # setting of the main ablations: "zero_shot" or "transductive"
-    lodo_setting: str = "transductive"  # leave-one-dataset-out uses the per-dataset VAEs of notebook 02
-    lodo_datasets: tuple[str, ...] | None = None  # held out in turn; None = every dataset of the protocol
+    step_grid: tuple[int, ...] = checked((0, 1, 2, 4, 8, 16, 32), min_len=1, min=0)
+    lr_grid: tuple[float, ...] = checked((0.1, 0.3, 1.0, 3.0), min_exclusive=0.0)
+    num_tasks: int = checked(200, min=2)
+    task_size: int = checked(256, min=4)
+    meta_iterations: int | None = checked(None, min=1)  # re-trained variants; None = meta.iterations
+    num_seeds: int = checked(3, min=1)  # replicate seeds (the first of cfg.seeds) for re-trained variants
+    setting: str = checked("zero_shot", choices=tuple(SETTINGS))
 
 
 @dataclass(frozen=True)
@@ -151,12 +183,13 @@ class Config:
     profile: str = "default"
     device: str = "auto"  # "auto" (cuda, then mps, then cpu) or a torch device name
     # CPU threads for torch and the BLAS/OpenMP pools of numpy/scikit-learn; None = the libraries' defaults.
-    # 1 by default: on a 2-core machine two threads fight any other process for the cores (VAE training measured
-    # 1,231 images/s with 2 threads vs 3,103 with 1 under load; benchmarks/bench_vae.py --threads).
-    num_threads: int | None = 1
+    num_threads: int | None = checked(1, min=1)
+    # Replicates of the whole pipeline: replicate s trains its VAEs, backbones and hypernetworks from seed s.
+    seeds: tuple[int, ...] = checked((0, 1, 2), min_len=1, min=0)
     data: DataConfig = field(default_factory=DataConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
     hyper: HyperConfig = field(default_factory=HyperConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
@@ -172,22 +205,32 @@ class Config:
 PROFILES: dict[str, dict[str, Any]] = {
     "default": {},
     "smoke": {
+        "seeds": (0,),
         "data": {"max_images_per_split": 600},
         "task": {"num_images": 64},
         "vae": {"epochs": 1, "max_train_images": 1500, "batch_size": 64},
-        "meta": {"iterations": 20, "meta_batch_size": 2, "eval_every": 10, "eval_tasks": 4, "query_size": 32,
-                 "val_fraction": 0.2},
-        "eval": {"num_tasks": 10, "task_sizes": (64,), "num_meta_seeds": 1, "kmeans_n_init": 2},
+        "backbone": {"channels": (8, 16, 16), "embed_dim": 32, "epochs": 1, "images_per_dataset": 300},
+        "hyper": {"embed_dim": 16, "head_hidden": 32, "num_seeds": 2, "num_heads": 2},
+        "meta": {"iterations": 10, "meta_batch_size": 2, "eval_every": 5, "eval_tasks": 4, "val_fraction": 0.2},
+        "eval": {"num_tasks": 10, "task_sizes": (64,), "kmeans_n_init": 2},
         "ablation": {"step_grid": (0, 1, 2), "lr_grid": (0.5,), "num_tasks": 6, "task_size": 64,
-                     "meta_iterations": 10},
+                     "meta_iterations": 5, "num_seeds": 1},
     },
-    "seed": {
+    "seed": {  # the prototype's protocol: latent-only target MLP, geometry loss, prototype VAE
         "meta": {"train_datasets": ("kmnist", "fashion_mnist"), "test_datasets": ("mnist",)},
         "vae": {"variant": "prototype", "latent_dim": 128, "likelihood": "mse_ssim"},
-        "hyper": {"conditioning": "attention", "generation": "full", "target_hidden": (400, 200)},
+        "hyper": {"target_input": "latent", "conditioning": "attention", "generation": "full",
+                  "target_hidden": (400, 200)},
         "adapt": {"inner_loss": "geometry", "num_inner_steps": 3, "inner_lr": 5e-3, "adapt_params": "hypernet"},
     },
 }
+
+
+def registered_datasets(cfg: Config | None = None) -> tuple[str, ...]:
+    """Built-in dataset names (the hub registry); custom ones are added by the config that declares them."""
+    from hmlib.data.registry import HUB_IDS  # hmlib.data imports this module: read lazily
+
+    return tuple(HUB_IDS)
 
 
 def _merge(base: Any, overrides: Mapping[str, Any], where: str) -> Any:
@@ -201,72 +244,41 @@ def _merge(base: Any, overrides: Mapping[str, Any], where: str) -> Any:
         if key not in fields:
             raise ConfigError(f"unknown config key '{path}'; valid keys here: {', '.join(sorted(fields))}")
         current = getattr(base, key)
-        if dataclasses.is_dataclass(current):
-            changes[key] = _merge(current, value, path)
-        elif isinstance(current, tuple) and isinstance(value, (list, tuple)):
-            changes[key] = tuple(value)
-        elif key == "custom_datasets":
-            if not isinstance(value, Mapping):
-                raise ConfigError(f"{path}: expected a mapping name -> hub id or local folder")
-            changes[key] = dict(value)
-        else:
-            changes[key] = value
+        changes[key] = _merge(current, value, path) if dataclasses.is_dataclass(current) else value
     return dataclasses.replace(base, **changes)
 
 
 def validate(cfg: Config) -> Config:
-    """Check enumerated choices and ranges; raise ConfigError naming the bad field."""
-    choices = {
-        "device": (cfg.device, None),
-        "data.polarity": (cfg.data.polarity, ("auto", "keep")),
-        "task.mode": (cfg.task.mode, ("random", "consecutive")),
-        "vae.variant": (cfg.vae.variant, ("conv", "prototype")),
-        "vae.likelihood": (cfg.vae.likelihood, ("bce", "mse_ssim")),
-        "vae.retrain": (cfg.vae.retrain, ("auto", "never", "always")),
-        "hyper.conditioning": (cfg.hyper.conditioning, ("attention", "multihead", "stats", "hyperfast")),
-        "hyper.generation": (cfg.hyper.generation, ("full", "compact", "cluster")),
-        "hyper.target_input": (cfg.hyper.target_input, ("latent", "latent+pixels")),
-        "adapt.inner_loss": (cfg.adapt.inner_loss, ("geometry", "entropy", "infomax")),
-        "adapt.adapt_params": (cfg.adapt.adapt_params, ("generated", "last", "hypernet")),
-        "meta.task_mixing": (cfg.meta.task_mixing, ("mixed", "single")),
-        "eval.gmm_covariance": (cfg.eval.gmm_covariance, ("full", "diag", "spherical", "tied", "bic")),
-        "ablation.setting": (cfg.ablation.setting, ("zero_shot", "transductive")),
-        "ablation.lodo_setting": (cfg.ablation.lodo_setting, ("zero_shot", "transductive")),
-        "hyper.normalize": (cfg.hyper.normalize, ("task", "whiten", "none")),
-        "meta.retrain": (cfg.meta.retrain, ("auto", "never", "always")),
-        "meta.outer_batch": (cfg.meta.outer_batch, ("query", "support+query")),
-    }
-    for name, (value, allowed) in choices.items():
-        if allowed is not None and value not in allowed:
-            raise ConfigError(f"{name} = {value!r} is not one of {', '.join(map(repr, allowed))}")
-    positive = {
-        "task.num_classes": cfg.task.num_classes, "task.num_images": cfg.task.num_images,
-        "data.image_size": cfg.data.image_size, "vae.latent_dim": cfg.vae.latent_dim,
-        "vae.epochs": cfg.vae.epochs, "vae.batch_size": cfg.vae.batch_size,
-        "meta.meta_batch_size": cfg.meta.meta_batch_size, "eval.num_tasks": cfg.eval.num_tasks,
-    }
-    for name, value in positive.items():
-        if not isinstance(value, int) or value <= 0:
-            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-    if cfg.num_threads is not None and (not isinstance(cfg.num_threads, int) or cfg.num_threads <= 0):
-        raise ConfigError(f"num_threads must be a positive integer or null, got {cfg.num_threads!r}")
-    if cfg.task.num_classes < 2:
-        raise ConfigError("task.num_classes must be at least 2")
-    if not 0.0 < cfg.data.test_fraction < 1.0:
-        raise ConfigError(f"data.test_fraction must be in (0, 1), got {cfg.data.test_fraction}")
-    if cfg.adapt.num_inner_steps < 0:
-        raise ConfigError("adapt.num_inner_steps must be >= 0")
-    if cfg.hyper.generation == "cluster" and cfg.hyper.target_input != "latent":
-        raise ConfigError("hyper.generation = 'cluster' computes its prototypes from the [mu, logvar] rows, so it needs "
-                          "hyper.target_input = 'latent'; use generation 'compact' or 'full' for 'latent+pixels'")
-    overlap = set(cfg.meta.train_datasets) & set(cfg.meta.test_datasets)
-    if overlap:
-        raise ConfigError(f"datasets both meta-trained on and held out: {sorted(overlap)}")
-    known = set(BUILTIN_DATASETS) | set(cfg.data.custom_datasets)
+    """Types and ranges of every field (from annotations and metadata), then rules across fields."""
+    cfg = check_dataclass(cfg)
+    from hmlib.data.registry import check_name  # hmlib.data imports this module: read lazily
+
+    for name in cfg.data.custom_datasets:  # a name becomes a folder: refused (DatasetError) if it could escape
+        check_name(name, "custom dataset name")
+    for name in cfg.datasets:
+        check_name(name)
+    known = set(registered_datasets()) | set(cfg.data.custom_datasets)
     for name in cfg.datasets:
         if name not in known:
             raise ConfigError(f"unknown dataset '{name}'; registered: {', '.join(sorted(known))} "
                               "(add others under data.custom_datasets as name -> hub id or local folder)")
+    overlap = set(cfg.meta.train_datasets) & set(cfg.meta.test_datasets)
+    if overlap:
+        raise ConfigError(f"datasets both meta-trained on and held out: {sorted(overlap)}")
+    if cfg.hyper.embed_dim % cfg.hyper.num_heads:
+        raise ConfigError(f"hyper.embed_dim = {cfg.hyper.embed_dim} must be divisible by hyper.num_heads = "
+                          f"{cfg.hyper.num_heads}")
+    if len(set(cfg.seeds)) != len(cfg.seeds):
+        raise ConfigError(f"seeds must be distinct, got {list(cfg.seeds)}")
+    if cfg.ablation.num_seeds > len(cfg.seeds):
+        raise ConfigError(f"ablation.num_seeds = {cfg.ablation.num_seeds} but only {len(cfg.seeds)} seeds are "
+                          "configured (seeds)")
+    if cfg.hyper.target_input == "latent" and cfg.hyper.task_batchnorm:
+        raise ConfigError("hyper.task_batchnorm re-normalises the backbone, which hyper.target_input = 'latent' "
+                          "does not use")
+    from hmlib.hyper.generators import GENERATORS  # each generator validates what it needs
+
+    GENERATORS[cfg.hyper.generation].check_config(cfg)
     return cfg
 
 
@@ -277,14 +289,7 @@ def load_config(profile: str = "default", path: str | Path | None = None,
         raise ConfigError(f"unknown profile '{profile}'; choose one of: {', '.join(PROFILES)}")
     cfg = _merge(Config(profile=profile), PROFILES[profile], "")
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        try:
-            file_overrides = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"config file {path} is not valid JSON: {err}") from err
-        cfg = _merge(cfg, file_overrides, "")
+        cfg = _merge(cfg, read_config_file(path), "")
     if overrides:
         cfg = _merge(cfg, overrides, "")
     return validate(cfg)
@@ -310,8 +315,13 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     return validate(_merge(Config(profile=profile), data, ""))
 
 
+def with_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
+    """``cfg`` with nested overrides applied and validated (unknown keys raise ConfigError)."""
+    return validate(_merge(cfg, overrides, "")) if overrides else cfg
+
+
 def configure_runtime(cfg: Config) -> "torch.device":  # noqa: F821
-    """Apply ``cfg.num_threads`` to torch and to numpy/scikit-learn's thread pools; return the resolved device."""
+    """Deterministic kernels, ``cfg.num_threads`` for torch and numpy/scikit-learn; return the resolved device."""
     import torch
     from threadpoolctl import threadpool_limits
 

@@ -1,8 +1,7 @@
-"""Clustering accuracy with Hungarian matching, and confidence intervals."""
+"""Clustering accuracy with Hungarian matching (intervals and paired differences: hmlib.stats)."""
 from __future__ import annotations
 
 import numpy as np
-from scipy import stats
 from scipy.optimize import linear_sum_assignment
 
 
@@ -33,24 +32,6 @@ def clustering_accuracy(pred: np.ndarray, true: np.ndarray, num_classes: int | N
     cm = confusion(pred, true, num_classes)
     rows, cols = linear_sum_assignment(cm, maximize=True)
     return float(cm[rows, cols].sum() / max(len(true), 1))
-
-
-def mean_ci(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
-    """Mean and half-width of the t-based confidence interval (0 half-width for one value)."""
-    values = np.asarray(values, dtype=np.float64).ravel()
-    if values.size == 0:
-        raise ValueError("mean_ci of an empty array")
-    mean = float(values.mean())
-    if values.size < 2:
-        return mean, 0.0
-    sem = values.std(ddof=1) / np.sqrt(values.size)
-    return mean, float(sem * stats.t.ppf(0.5 + confidence / 2, values.size - 1))
-
-
-def format_ci(values: np.ndarray, scale: float = 100.0, digits: int = 1) -> str:
-    """'71.3 ± 1.2' (percent by default)."""
-    mean, half = mean_ci(values)
-    return f"{mean * scale:.{digits}f} ± {half * scale:.{digits}f}"
 
 
 def batched_clustering_accuracy(pred: np.ndarray, true: np.ndarray, num_classes: int) -> np.ndarray:

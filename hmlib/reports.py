@@ -23,6 +23,7 @@ from typing import Any, Iterable, Mapping
 import nbformat
 
 from hmlib import paths
+from hmlib.errors import HmlibError
 from hmlib.artifacts import ArtifactError, atomic_path, read_json, write_json
 
 HIDE_INPUT_TAG = "hide-input"
@@ -53,7 +54,7 @@ _OFFLINE_TEMPLATE = """{%- extends 'lab/index.html.j2' -%}
 """
 
 
-class ReportError(ValueError):
+class ReportError(HmlibError, ValueError):
     """Bad input to a report function (headline key, rows, notebook)."""
 
 

@@ -5,11 +5,14 @@ current interpreter (cwd = the notebooks folder), injecting ``profile`` and ``co
 cell placed right after the one tagged ``parameters`` (papermill style). Executed notebooks and
 their HTML reports go to ``reports/`` (under ``$HMLIB_HOME`` if set), with ``reports/index.html``.
 The run stops at the first failing notebook, naming the cell and the error; that notebook's
-partial HTML is still written for debugging.
+partial HTML is still written for debugging. Ctrl-C interrupts the running cell, shuts the kernel
+down (:mod:`hmlib.notebook_client`), records the notebook as ``interrupted`` with its partial report
+and ends the command with status 130.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import re
 import sys
 import tempfile
@@ -21,7 +24,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import nbformat
 
 from hmlib import paths, reports
-from hmlib.config import ConfigError, load_config
+from hmlib.config import load_config
+from hmlib.errors import HmlibError
 
 NOTEBOOK_PATTERN = re.compile(r"^\d\d_.+\.ipynb$")
 PARAMETERS_TAG = "parameters"
@@ -29,7 +33,7 @@ INJECTED_TAG = "injected-parameters"
 DEFAULT_CELL_TIMEOUT_S = 3600
 
 
-class RunnerError(RuntimeError):
+class RunnerError(HmlibError, RuntimeError):
     """A notebook selection or setting the runner cannot use."""
 
 
@@ -38,12 +42,12 @@ class NotebookRun:
     """Outcome of one executed notebook."""
 
     name: str  # file stem, e.g. "01_data"
-    status: str  # "ok" or "failed"
+    status: str  # "ok", "failed" or "interrupted"
     wall_s: float
     executed_path: Path
     html_path: Path | None
-    error: str | None = None  # one paragraph: cell index, first source line, exception
-    cell_index: int | None = None  # index of the failing cell in the source notebook
+    error: str | None = None  # one paragraph: cell index, first source line, exception (or the interruption)
+    cell_index: int | None = None  # index of the failing (or interrupted) cell in the source notebook
 
 
 # ------------------------------------------------------------------------------------ selection
@@ -103,7 +107,7 @@ def inject_parameters(nb: nbformat.NotebookNode, parameters: Mapping[str, Any]) 
 def _kernel_manager(socket_dir: str):
     """A kernel manager starting ipykernel with this very interpreter, talking over IPC sockets in ``socket_dir``."""
     from jupyter_client.kernelspec import KernelSpec, KernelSpecManager
-    from jupyter_client.manager import KernelManager
+    from jupyter_client.manager import AsyncKernelManager
 
     class CurrentInterpreterSpecs(KernelSpecManager):
         def get_kernel_spec(self, kernel_name: str) -> KernelSpec:
@@ -112,8 +116,23 @@ def _kernel_manager(socket_dir: str):
                               name=kernel_name, resource_dir="")
 
     # IPC (unix sockets) rather than TCP on loopback: nothing listens on a port, and ipykernel does not warn.
-    return KernelManager(kernel_name="python3", kernel_spec_manager=CurrentInterpreterSpecs(), transport="ipc",
-                         ip=str(Path(socket_dir) / "kernel"))
+    # The async manager (nbclient's default) keeps the event loop free while a cell runs, so Ctrl-C is handled at once.
+    return AsyncKernelManager(kernel_name="python3", kernel_spec_manager=CurrentInterpreterSpecs(), transport="ipc",
+                              ip=str(Path(socket_dir) / "kernel"))
+
+
+def _first_line(cell: nbformat.NotebookNode) -> str:
+    return next((ln for ln in cell.source.splitlines() if ln.strip()), "").strip()[:100]
+
+
+def _describe_interruption(nb: nbformat.NotebookNode, cell_index: int | None, injected_at: int,
+                           source_name: str) -> tuple[str, int | None]:
+    """'interrupted in <notebook>, cell <i> (<first line>)' for the cell running (last started) at the Ctrl-C."""
+    if cell_index is None or cell_index >= len(nb.cells):
+        return f"interrupted in {source_name} while starting the kernel", None
+    original = cell_index - 1 if cell_index > injected_at else cell_index
+    where = "the injected parameters cell" if cell_index == injected_at else f"cell {original}"
+    return f"interrupted in {source_name}, {where} ({_first_line(nb.cells[cell_index])})", original
 
 
 def _describe_failure(nb: nbformat.NotebookNode, cell_index: int | None, injected_at: int,
@@ -135,8 +154,9 @@ def _describe_failure(nb: nbformat.NotebookNode, cell_index: int | None, injecte
 def execute_notebook(source: Path, parameters: Mapping[str, Any], out_dir: Path, *,
                      timeout: int | None = DEFAULT_CELL_TIMEOUT_S, progress: bool = True) -> NotebookRun:
     """Execute one notebook (cwd = its folder), write the executed .ipynb and its HTML to ``out_dir``."""
-    from nbclient import NotebookClient
     from tqdm.auto import tqdm
+
+    from hmlib.notebook_client import InterruptibleClient
 
     try:
         nb = nbformat.read(source, as_version=4)
@@ -156,18 +176,26 @@ def execute_notebook(source: Path, parameters: Mapping[str, Any], out_dir: Path,
 
     started = time.perf_counter()
     error = cell_index = None
+    interrupted = False
     with tempfile.TemporaryDirectory(prefix="hmlib-kernel-") as socket_dir:
-        client = NotebookClient(nb, km=_kernel_manager(socket_dir), timeout=timeout, allow_errors=False,
-                                resources={"metadata": {"path": str(source.parent)}},
-                                on_cell_start=on_cell_start, on_cell_executed=on_cell_executed)
+        client = InterruptibleClient(nb, km=_kernel_manager(socket_dir), timeout=timeout, allow_errors=False,
+                                     resources={"metadata": {"path": str(source.parent)}},
+                                     on_cell_start=on_cell_start, on_cell_executed=on_cell_executed)
         try:
             client.execute(cleanup_kc=True)  # we own the kernel manager: shut the kernel down here
-        except Exception as err:  # CellExecutionError, CellTimeoutError, DeadKernelError, ...
-            error, cell_index = _describe_failure(nb, state["cell_index"], injected_at, err, source.name)
+        except (Exception, asyncio.CancelledError, KeyboardInterrupt) as err:  # CellExecutionError, timeouts, ...
+            interrupted = client.interrupted or isinstance(err, KeyboardInterrupt)
+            if not interrupted:
+                error, cell_index = _describe_failure(nb, state["cell_index"], injected_at, err, source.name)
         finally:
+            interrupted = interrupted or client.interrupted  # also a Ctrl-C after the last cell: stop the series
+            if interrupted:
+                client.reap_kernel()  # whatever is left of the kernel's process group
             bar.close()
+    if interrupted:
+        error, cell_index = _describe_interruption(nb, state["cell_index"], injected_at, source.name)
     wall_s = time.perf_counter() - started
-    status = "ok" if error is None else "failed"
+    status = "interrupted" if interrupted else "ok" if error is None else "failed"
     nb.metadata["hmlib"] = {"parameters": dict(parameters), "status": status, "wall_s": round(wall_s, 3),
                             "error": error, "python": sys.executable}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -180,7 +208,7 @@ def execute_notebook(source: Path, parameters: Mapping[str, Any], out_dir: Path,
         html_path = None
         export_error = f"HTML export of {source.name} failed: {type(err).__name__}: {err}"
         error = export_error if error is None else f"{error}\n{export_error}"
-        status = "failed"
+        status = "interrupted" if interrupted else "failed"
     return NotebookRun(source.stem, status, wall_s, executed_path, html_path, error, cell_index)
 
 
@@ -250,15 +278,18 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _run_command(args: argparse.Namespace) -> int:
-    try:
-        runs = run_notebooks(args.profile, args.config, only=args.only, start=args.start,
-                             timeout=args.timeout or None, notebooks_dir=args.notebooks, progress=not args.quiet)
-    except (RunnerError, ConfigError) as err:
-        print(f"hmlib run: error: {err}", file=sys.stderr)
-        return 2
+    """Handler of ``hmlib run``: 0 if every notebook ran, 1 if one failed, 130 if interrupted (errors: hmlib.cli)."""
+    runs = run_notebooks(args.profile, args.config, only=args.only, start=args.start,
+                         timeout=args.timeout or None, notebooks_dir=args.notebooks, progress=not args.quiet)
     total = sum(r.wall_s for r in runs)
     print("\n".join(f"{r.name:<24} {r.status:<7} {r.wall_s:8.1f} s   {r.html_path or '-'}" for r in runs))
     print(f"{'total':<24} {'':<7} {total:8.1f} s   {paths.reports_dir() / 'index.html'}")
+    stopped = [r for r in runs if r.status == "interrupted"]
+    if stopped:
+        first = stopped[0].error.splitlines()[0] if stopped[0].error else f"interrupted in {stopped[0].name}"
+        print(f"hmlib run: {first}; partial report: {stopped[0].html_path or stopped[0].executed_path}",
+              file=sys.stderr)
+        return 130
     failed = [r for r in runs if r.status != "ok"]
     if failed:
         print(f"hmlib run: FAILED: {failed[0].error}\n(partial report: {failed[0].html_path or 'not written'}; "

@@ -3,7 +3,7 @@
 :class:`AdaptationExplorer` holds the logic and is tested without a browser: set the dataset, the
 task, the number of inner steps, the inner learning rate or the inner loss, and read the new
 :class:`ExplorerState` (accuracy after every step, confusion matrix, predicted clusters, a 2-D
-projection of the task's latents). :func:`explorer_widget` wraps it in ipywidgets controls that
+projection of the task's features). :func:`explorer_widget` wraps it in ipywidgets controls that
 redraw :func:`hmlib.plots.ablations.plot_explorer_state` on every change.
 
 The adaptation always runs to ``max_steps`` once per (dataset, task, lr, loss) and is cached, so
@@ -18,32 +18,35 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
+import ipywidgets as w
 import numpy as np
 import torch
 
+from hmlib.ablations.run import ablation_suite
 from hmlib.config import AdaptConfig, Config
+from hmlib.features import pca_2d
+from hmlib.hyper.adapt import predict_task
+from hmlib.hyper.hypernet import TaskInputs
+from hmlib.hyper.inputs import TaskData, load_task_data
+from hmlib.hyper.losses import INNER_LOSSES, task_accuracy
+from hmlib.hyper.metatrain import meta_train
 from hmlib.metrics import best_matching, confusion
-from hmlib.plots.vae import pca_2d
+from hmlib.plots.ablations import ExplorerFigure  # the widget's view
 
-INNER_LOSSES = ("geometry", "entropy", "infomax")
 LR_RANGE = (1e-3, 10.0)  # inner learning rates the explorer accepts
 
 
 @dataclass
 class TaskSource:
-    """One dataset's fixed task suite and the VAE posteriors (and optionally pixels) of its split."""
+    """One dataset's fixed task suite and what the hypernetwork reads of its split."""
 
-    mu: np.ndarray  # (n, d) float32
-    logvar: np.ndarray  # (n, d) float32
+    task_data: TaskData  # conditioning rows and features of the split
     suite: Any  # hmlib.data.TaskBatch with indices into the rows above
-    images: np.ndarray | None = None  # uint8 (n, 28, 28), needed when the target net reads pixels
 
     def __post_init__(self) -> None:
-        if self.mu.shape != self.logvar.shape or self.mu.ndim != 2:
-            raise ValueError(f"mu {self.mu.shape} and logvar {self.logvar.shape} must both be (n, d)")
         indices = np.asarray(self.suite.indices)
-        if indices.size and indices.max() >= len(self.mu):
-            raise ValueError(f"task indices reach {indices.max()} but only {len(self.mu)} latents were given")
+        if indices.size and indices.max() >= len(self.task_data):
+            raise ValueError(f"task indices reach {indices.max()} but only {len(self.task_data)} rows were given")
 
 
 @dataclass
@@ -60,7 +63,7 @@ class ExplorerState:
     classes: np.ndarray  # (K,) original class ids of the task
     pred: np.ndarray  # (N,) predicted clusters after num_steps, relabelled by the best matching to classes
     confusion: np.ndarray  # (K, K) rows matched predicted cluster, columns true class
-    embedding: np.ndarray  # (N, 2) PCA projection of the task's latent means
+    embedding: np.ndarray  # (N, 2) PCA projection of the task's features
     seconds: float  # time of the adaptation run behind this state (0 when served from the cache)
 
     @property
@@ -128,19 +131,12 @@ class AdaptationExplorer:
         return dataclasses.replace(self.base_adapt, inner_lr=self.inner_lr, inner_loss=self.inner_loss,
                                    num_inner_steps=self.max_steps)
 
-    def _task_inputs(self, dataset: str, task: int):
-        from hmlib.hypernet import TaskInputs
-
+    def _task_inputs(self, dataset: str, task: int) -> TaskInputs:
         source = self.sources[dataset]
-        idx = np.asarray(source.suite.indices)[task]
-        images = None if source.images is None else source.images[idx]
-        return TaskInputs.from_arrays(source.mu[idx], source.logvar[idx], images)
+        return source.task_data.task_inputs(np.asarray(source.suite.indices)[task:task + 1])
 
     def _run(self) -> tuple[np.ndarray, np.ndarray, float]:
         """(predictions (S+1, N), accuracy (S+1,), seconds) for the current dataset/task/lr/loss; cached."""
-        from hmlib.adapt import predict_task
-        from hmlib.ablations import step_accuracies
-
         key = (self.dataset, self.task, self.inner_lr, self.inner_loss)
         if key in self._cache:
             self._cache.move_to_end(key)
@@ -151,8 +147,8 @@ class AdaptationExplorer:
         with torch.no_grad():
             logits = predict_task(self.hypernet, self._task_inputs(self.dataset, self.task), self.adapt_config)
         seconds = time.perf_counter() - start
-        pred = logits.argmax(-1).numpy()  # (S+1, N)
-        acc = step_accuracies(logits, labels)
+        pred = logits[:, 0].argmax(-1).numpy()  # (S+1, N)
+        acc = np.array([task_accuracy(step, labels[None])[0] for step in logits])
         self._cache[key] = (pred, acc, seconds)
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
@@ -173,7 +169,7 @@ class AdaptationExplorer:
         return ExplorerState(dataset=self.dataset, task=self.task, num_steps=num_steps, inner_lr=self.inner_lr,
                              inner_loss=self.inner_loss, accuracy=acc, labels=labels, classes=classes,
                              pred=matched, confusion=confusion(matched, labels, num_classes),
-                             embedding=pca_2d(source.mu[idx]), seconds=seconds)
+                             embedding=pca_2d(source.task_data.features[idx]), seconds=seconds)
 
     @property
     def state(self) -> ExplorerState:
@@ -202,30 +198,20 @@ class AdaptationExplorer:
 
     @classmethod
     def from_config(cls, cfg: Config, *, setting: str | None = None, datasets: Sequence[str] | None = None,
-                    progress: bool = False) -> "AdaptationExplorer":
-        """Explorer over the protocol's hypernetwork (notebook 03) and the ablation suite of each dataset."""
-        from hmlib.ablations import ablation_suite
-        from hmlib.data import load_split
-        from hmlib.latents import get_latents
-        from hmlib.metatrain import meta_train
-
+                    seed: int | None = None, progress: bool = False) -> "AdaptationExplorer":
+        """Explorer over the protocol's hypernetwork (notebook 03, replicate ``seed``) and the ablation suite of
+        each dataset; loads only, never trains."""
         setting = setting or cfg.ablation.setting
-        result = meta_train(cfg, setting, cfg.meta.seed, progress=progress)
-        hypernet = result.hypernet.eval()
-        sources = {}
-        for dataset in datasets or cfg.meta.test_datasets:
-            latents = get_latents(cfg, dataset, "test", setting, progress=progress)
-            images = load_split(dataset, "test", cfg.data, progress=False).images if hypernet.use_pixels else None
-            sources[dataset] = TaskSource(latents.mu, latents.logvar, ablation_suite(cfg, dataset), images)
+        seed = cfg.seeds[0] if seed is None else seed
+        hypernet = meta_train(cfg, setting, seed, train=False, progress=progress).hypernet
+        sources = {dataset: TaskSource(load_task_data(cfg, dataset, "test", setting, seed, train=False,
+                                                      progress=progress), ablation_suite(cfg, dataset))
+                   for dataset in datasets or cfg.meta.test_datasets}
         return cls(hypernet, sources, cfg.adapt, max_steps=max(cfg.ablation.step_grid))
 
 
 def explorer_widget(explorer: AdaptationExplorer, *, figsize: tuple[float, float] = (12.0, 3.6)) -> Any:
     """ipywidgets controls (dataset, task, steps, inner lr, inner loss) that redraw the explorer's figure."""
-    import ipywidgets as w
-
-    from hmlib.plots.ablations import ExplorerFigure
-
     style = {"description_width": "initial"}
     dataset = w.Dropdown(options=explorer.datasets, value=explorer.dataset, description="dataset", style=style)
     task = w.IntSlider(value=explorer.task, min=0, max=explorer.num_tasks() - 1, description="task",

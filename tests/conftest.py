@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from threadpoolctl import threadpool_limits
 
 torch.set_num_threads(1)
+threadpool_limits(limits=1)  # numpy/scikit-learn BLAS and OpenMP pools too: tiny problems, a shared CPU
 
 
 @pytest.fixture(autouse=True)

@@ -5,8 +5,10 @@ noise), so a test can check that labels still match pictures after loading. No m
 """
 from __future__ import annotations
 
+import io
+import json
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
@@ -41,6 +43,32 @@ def write_parquet_split(path: Path, images: Sequence[Image.Image], labels: np.nd
     data = {image_column: list(images), label_column: [int(v) for v in labels]}
     path.parent.mkdir(parents=True, exist_ok=True)
     datasets.Dataset.from_dict(data, features=features).to_parquet(str(path))
+    return path
+
+
+def png_bytes(image: Image.Image, format: str = "PNG") -> bytes:
+    """``image`` encoded as ``format`` (PNG, TIFF, JPEG ...)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def write_raw_rows(path: Path, images: Sequence[Any], labels: Sequence[int | None], label_names: Sequence[str],
+                   image_column: str = "image", label_column: str = "label") -> Path:
+    """Write rows as given, with pyarrow (``datasets`` refuses some): images are bytes, path strings or None,
+    stored as the hub's ``{"bytes", "path"}`` struct; labels may be None; the hub schema metadata is attached,
+    so the columns read back as an ``Image`` and a ``ClassLabel`` feature."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    structs = [{"bytes": item, "path": None} if isinstance(item, (bytes, type(None))) else {"bytes": None, "path": item}
+               for item in images]
+    features = {image_column: {"_type": "Image"}, label_column: {"names": list(label_names), "_type": "ClassLabel"}}
+    table = pa.table({image_column: pa.array(structs, type=pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+                      label_column: pa.array(list(labels), type=pa.int64())})
+    table = table.replace_schema_metadata({"huggingface": json.dumps({"info": {"features": features}})})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
     return path
 
 

@@ -51,6 +51,29 @@ def test_every_mode_gives_the_same_picture(mode):
     assert correlation(out, reference()) > 0.95
 
 
+def pillow_mode(grey: np.ndarray, mode: str) -> Image.Image:
+    """The picture in any of Pillow's modes, built from bands where ``convert`` cannot reach the mode."""
+    img = Image.fromarray(grey, mode="L")
+    full, mid, zero = (Image.new("L", img.size, v) for v in (255, 128, 0))
+    bands = {"La": [img, full], "RGBa": [img, img, img, full], "HSV": [zero, zero, img], "LAB": [img, mid, mid],
+             "YCbCr": [img, mid, mid]}
+    if mode in bands:
+        return Image.merge(mode, bands[mode])
+    if mode.startswith("I;16"):
+        order = ">u2" if mode == "I;16B" else "<u2"
+        return Image.frombytes(mode, img.size, (grey.astype(np.uint16) * 257).astype(order).tobytes())
+    if mode == "PA":
+        return as_mode(grey, "P").convert("PA")
+    return as_mode(grey, mode)
+
+
+@pytest.mark.parametrize("mode", Image.MODES)
+def test_every_pillow_mode_is_preprocessed(mode):
+    img = pillow_mode(bar_image(), mode)
+    assert img.mode == mode
+    assert correlation(preprocess_image(img, SIZE), reference()) > 0.95
+
+
 def test_png_bytes_and_hub_dicts_are_decoded():
     buffer = io.BytesIO()
     Image.fromarray(bar_image(), mode="L").save(buffer, format="PNG")

@@ -155,8 +155,8 @@ def test_subsample_is_stratified_and_taken_before_decoding(tiny_mirror, monkeypa
     import hmlib.data.loading as loading
 
     decoded = []
-    original = loading.preprocess_images
-    monkeypatch.setattr(loading, "preprocess_images", lambda items, *a, **k: decoded.append(len(items)) or
+    original = loading.preprocess_batch
+    monkeypatch.setattr(loading, "preprocess_batch", lambda items, *a, **k: decoded.append(len(items)) or
                         original(items, *a, **k))
     cfg = data_cfg(max_images_per_split=30)
     first = load_split("fashion_mnist", "train", cfg, progress=False)

@@ -1,14 +1,35 @@
-"""Same settings and seeds, same weights: a stage's result depends on its own seed, not on what ran before it."""
+"""Same settings and seed, same weights: a stage's result depends on its own seed, not on what ran before it."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 import hmlib.data
 from fakes import FakeData
+from hmlib.backbone import get_backbone
 from hmlib.config import load_config
+from hmlib.hyper.inputs import TaskData
+from hmlib.hyper.metatrain import fit_hypernet
 from hmlib.vae import get_vae
-from test_metatrain import _cfg, _fit
+
+# Tiny sizes
+NUM_IMAGES = 40  # per fake dataset split
+TINY_VAE = {"latent_dim": 4, "epochs": 2, "batch_size": 16, "max_train_images": 64}
+TINY_BACKBONE = {"channels": [4, 8], "embed_dim": 8, "epochs": 2, "images_per_dataset": 32, "batch_size": 16}
+CONTEXT_DIM, FEATURE_DIM, NUM_CLASSES, PER_CLASS = 6, 5, 3, 30
+TINY_META = {"task": {"num_classes": NUM_CLASSES, "num_images": 24},
+             "hyper": {"embed_dim": 8, "head_hidden": 8, "num_seeds": 2, "num_heads": 2, "num_context": 24},
+             "adapt": {"num_inner_steps": 2},
+             "meta": {"iterations": 4, "eval_every": 2, "eval_tasks": 2, "meta_batch_size": 2, "val_fraction": 0.3}}
+
+
+@pytest.fixture
+def fake_data(monkeypatch) -> FakeData:
+    """Synthetic ImageSets in place of hmlib.data.load_split."""
+    fake = FakeData(NUM_IMAGES)
+    monkeypatch.setattr(hmlib.data, "load_split", fake.load_split)
+    return fake
 
 
 def _disturb_global_rng(run: int) -> None:
@@ -17,43 +38,102 @@ def _disturb_global_rng(run: int) -> None:
     torch.randn(77 * (run + 1))
 
 
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
 def _assert_identical(first: dict, second: dict) -> None:
     assert first.keys() == second.keys()
     for key in first:
         assert torch.equal(first[key], second[key]), f"{key} differs between two runs with the same seed"
 
 
-def test_smoke_vae_trains_to_bit_identical_weights(tmp_path, monkeypatch):
-    monkeypatch.setattr(hmlib.data, "load_split", FakeData(40).load_split)
-    cfg = load_config("smoke", overrides={"vae": {"latent_dim": 4, "epochs": 2, "batch_size": 16,
-                                                   "max_train_images": 64}})
+def _trained_twice(monkeypatch, tmp_path, train) -> list[dict]:
+    """Weights of ``train()`` run in two fresh homes, the global random stream disturbed differently before each."""
     states = []
     for run in range(2):
         monkeypatch.setenv("HMLIB_HOME", str(tmp_path / f"home{run}"))
         _disturb_global_rng(run)
-        model, meta = get_vae(cfg, "shared", progress=False)
+        model, meta = train()
         assert not meta["reused"]
-        states.append({k: v.clone() for k, v in model.state_dict().items()})
-    _assert_identical(*states)
+        states.append(_state(model))
+    return states
 
 
-def test_vae_seed_changes_the_weights(tmp_path, monkeypatch):
-    monkeypatch.setattr(hmlib.data, "load_split", FakeData(40).load_split)
-    states = []
-    for seed in (0, 1):
-        monkeypatch.setenv("HMLIB_HOME", str(tmp_path / f"seed{seed}"))
-        cfg = load_config("smoke", overrides={"vae": {"latent_dim": 4, "epochs": 1, "batch_size": 16,
-                                                       "max_train_images": 32, "seed": seed}})
-        states.append(get_vae(cfg, "shared", progress=False)[0].state_dict())
-    assert not torch.equal(states[0]["to_mu.weight"], states[1]["to_mu.weight"])
+def blobs(name: str, seed: int) -> TaskData:
+    """A TaskData of NUM_CLASSES Gaussian blobs: conditioning rows and features drawn around class means."""
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(NUM_CLASSES), PER_CLASS)
+    context = rng.normal(size=(NUM_CLASSES, CONTEXT_DIM))[labels] * 3 + rng.normal(size=(len(labels), CONTEXT_DIM))
+    features = rng.normal(size=(NUM_CLASSES, FEATURE_DIM))[labels] * 3 + rng.normal(size=(len(labels), FEATURE_DIM))
+    return TaskData(name, "train", context.astype(np.float32), features.astype(np.float32), labels.astype(np.int64),
+                    {"vae_id": f"vae-{seed}"})
 
 
-def test_smoke_hypernetwork_trains_to_bit_identical_weights(tmp_path):
-    cfg = _cfg()
-    states = []
+def _fit(cfg, path, seed: int = 0):
+    sets = {"a": blobs("a", 0), "b": blobs("b", 1)}
+    return fit_hypernet(cfg, sets, seed=seed, path=path, upstream={"ids": {"a": "v1", "b": "v1"}}, progress=False)
+
+
+def test_vae_trains_to_bit_identical_weights(fake_data, tmp_path, monkeypatch):
+    """The shared VAE trained twice from the same seed has identical weights and the same vae_id."""
+    cfg = load_config("smoke", overrides={"vae": TINY_VAE})
+    ids = []
+
+    def train():
+        model, meta = get_vae(cfg, "shared", 0, progress=False)
+        ids.append(meta["vae_id"])
+        return model, meta
+
+    _assert_identical(*_trained_twice(monkeypatch, tmp_path, train))
+    assert ids[0] == ids[1]
+
+
+def test_vae_seed_changes_the_weights(fake_data):
+    """Another replicate seed trains another VAE."""
+    cfg = load_config("smoke", overrides={"vae": {**TINY_VAE, "epochs": 1}})
+    first, second = (get_vae(cfg, "shared", seed, progress=False) for seed in (0, 1))
+    assert not torch.equal(first[0].state_dict()["to_mu.weight"], second[0].state_dict()["to_mu.weight"])
+    assert first[1]["vae_id"] != second[1]["vae_id"] and first[1]["path"] != second[1]["path"]
+
+
+def test_backbone_trains_to_bit_identical_weights(fake_data, tmp_path, monkeypatch):
+    """The backbone (with augmentation) trained twice from the same seed has identical weights and backbone_id."""
+    cfg = load_config("smoke", overrides={"backbone": TINY_BACKBONE})
+    assert cfg.backbone.augment > 0
+    ids = []
+
+    def train():
+        model, meta = get_backbone(cfg, 0, progress=False)
+        ids.append(meta["backbone_id"])
+        return model, meta
+
+    _assert_identical(*_trained_twice(monkeypatch, tmp_path, train))
+    assert ids[0] == ids[1]
+
+
+def test_backbone_seed_changes_the_weights(fake_data):
+    """Another replicate seed trains another backbone."""
+    cfg = load_config("smoke", overrides={"backbone": TINY_BACKBONE})
+    (first, first_meta), (second, second_meta) = (get_backbone(cfg, seed, progress=False) for seed in (0, 1))
+    assert not torch.equal(first.state_dict()["embedding.weight"], second.state_dict()["embedding.weight"])
+    assert first_meta["backbone_id"] != second_meta["backbone_id"]
+
+
+def test_hypernetwork_trains_to_bit_identical_weights(tmp_path):
+    """Meta-training twice from the same seed gives identical hypernetwork weights and history."""
+    cfg = load_config("smoke", overrides=TINY_META)
+    results = []
     for run in range(2):
         _disturb_global_rng(run)
-        result = _fit(cfg, tmp_path / f"h{run}.pt")
-        states.append({k: v.clone() for k, v in result.hypernet.state_dict().items()})
-        assert result.history["outer_loss"]
-    _assert_identical(*states)
+        results.append(_fit(cfg, tmp_path / f"h{run}.pt"))
+        assert not results[-1].reused and len(results[-1].history["outer_loss"]) == cfg.meta.iterations
+    _assert_identical(*(_state(r.hypernet) for r in results))
+    assert results[0].history["outer_loss"] == results[1].history["outer_loss"]
+
+
+def test_hypernetwork_seed_changes_the_weights(tmp_path):
+    """Another seed meta-trains another hypernetwork."""
+    cfg = load_config("smoke", overrides=TINY_META)
+    first, second = (_state(_fit(cfg, tmp_path / f"s{seed}.pt", seed=seed).hypernet) for seed in (0, 1))
+    assert any(not torch.equal(first[k], second[k]) for k in first)

@@ -1,181 +1,309 @@
-"""Meta-training on tiny synthetic Gaussian blobs: learning, checkpoints, reuse, resume, mismatch, corruption."""
+"""Meta-training on tiny synthetic blobs: learning, checkpoints, reuse, resume, set-aside, errors, what meta_train
+reads."""
 from __future__ import annotations
 
-from types import SimpleNamespace
+import copy
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pytest
 import torch
+from matplotlib.figure import Figure
 
-from hmlib.adapt import predict_task
-from hmlib.artifacts import ArtifactError, StaleArtifactError, load_checkpoint, save_checkpoint
-from hmlib.config import load_config
-from hmlib.hypernet import TaskInputs
-from hmlib.metatrain import MetaTrainingError, checkpoint_path, fit_hypernet, load_hypernet, meta_train
+import hmlib.hyper.bundle
+from hmlib.artifacts import ArtifactError, MissingArtifactError, StaleArtifactError, load_checkpoint, save_checkpoint
+from hmlib.config import ConfigError, load_config
+from hmlib.hyper import metatrain
+from hmlib.hyper.adapt import predict_task
+from hmlib.hyper.inputs import TaskData
+from hmlib.hyper.metatrain import MetaTrainingError, fit_hypernet, load_hypernet, meta_train
+from hmlib.plots.meta import plot_task_adaptation, plot_training_curves
 
-LATENT_DIM, NUM_CLASSES, PER_CLASS, NUM_IMAGES, QUERY = 6, 5, 60, 32, 16
-OVERRIDES = {"task": {"num_images": NUM_IMAGES},
-             "hyper": {"target_hidden": [16], "embed_dim": 16, "head_hidden": 16, "num_seeds": 2, "num_heads": 2},
-             "meta": {"iterations": 6, "eval_every": 3, "eval_tasks": 4, "meta_batch_size": 2, "query_size": QUERY,
+DIM, NUM_ALL_CLASSES, PER_CLASS, K, NUM_IMAGES = 6, 5, 60, 3, 30
+ITERATIONS, EVAL_EVERY = 6, 3
+OVERRIDES = {"task": {"num_classes": K, "num_images": NUM_IMAGES},
+             "hyper": {"target_hidden": [16], "embed_dim": 16, "head_hidden": 16, "num_seeds": 2, "num_heads": 2,
+                       "cluster_inits": 3},
+             "adapt": {"num_inner_steps": 2},
+             "meta": {"iterations": ITERATIONS, "eval_every": EVAL_EVERY, "eval_tasks": 4, "meta_batch_size": 2,
                       "val_fraction": 0.3}}
+UPSTREAM = {"ids": {"a": {"vae_id": "v1"}, "b": {"vae_id": "v1"}}}
 
 
-def blobs(name: str, seed: int, separation: float = 3.0) -> SimpleNamespace:
-    """A LatentSet-like dataset: NUM_CLASSES Gaussian blobs in LATENT_DIM dimensions."""
+def blobs(name: str, seed: int, separation: float = 3.0, offset: float = 0.0) -> TaskData:
+    """A dataset of NUM_ALL_CLASSES Gaussian blobs: context rows [mu, logvar], features mu."""
     rng = np.random.default_rng(seed)
-    means = rng.normal(size=(NUM_CLASSES, LATENT_DIM)) * separation
-    labels = np.repeat(np.arange(NUM_CLASSES), PER_CLASS)
-    mu = (means[labels] + rng.normal(size=(len(labels), LATENT_DIM))).astype(np.float32)
+    means = rng.normal(size=(NUM_ALL_CLASSES, DIM)) * separation + offset
+    labels = np.repeat(np.arange(NUM_ALL_CLASSES), PER_CLASS)
+    mu = (means[labels] + rng.normal(size=(len(labels), DIM))).astype(np.float32)
     logvar = (rng.normal(scale=0.1, size=mu.shape) - 1.0).astype(np.float32)
-    return SimpleNamespace(name=name, mu=mu, logvar=logvar, labels=labels, vae_id=f"vae-{seed}")
+    return TaskData(name, "train", np.concatenate([mu, logvar], axis=1), mu, labels, {"vae_id": f"vae-{seed}"})
 
 
 def _cfg(**meta):
-    overrides = {**OVERRIDES, "meta": {**OVERRIDES["meta"], **meta}}
-    return load_config("default", overrides=overrides)
+    """The tiny meta-training config, with meta.* overrides."""
+    return load_config("default", overrides={**OVERRIDES, "meta": {**OVERRIDES["meta"], **meta}})
+
+
+def _sets() -> dict[str, TaskData]:
+    return {"a": blobs("a", 0), "b": blobs("b", 1)}
 
 
 def _fit(cfg, path, **kw):
-    sets = {"a": blobs("a", 0), "b": blobs("b", 1)}
-    return fit_hypernet(cfg, sets, seed=0, path=path, upstream={"vae_ids": {"a": "v1", "b": "v1"}},
-                        progress=False, **kw)
+    """fit_hypernet on two blob datasets, seed 0, recorded upstream ids UPSTREAM."""
+    kw.setdefault("upstream", UPSTREAM)
+    return fit_hypernet(cfg, kw.pop("sets", None) or _sets(), seed=0, path=path, progress=False, **kw)
 
 
-def test_meta_training_improves_validation_accuracy(tmp_path):
-    cfg = _cfg(iterations=40, eval_every=10, eval_tasks=8, meta_batch_size=4, outer_lr=3e-3)
-    result = _fit(cfg, tmp_path / "h.pt", monitor_set=blobs("held", 7))
-    history = result.history
+def _task():
+    task = blobs("t", 3)
+    return task.task_inputs(np.arange(NUM_IMAGES)[None] * 10)
+
+
+def _assert_same_weights(first: dict, second: dict) -> None:
+    assert first.keys() == second.keys()
+    for key in first:
+        assert torch.equal(first[key], second[key]), key
+
+
+# ------------------------------------------------------------------------------------------- learning
+
+def test_meta_training_on_separable_blobs_raises_validation_accuracy(tmp_path):
+    """The full generator starts near chance and learns the blobs' classes: validation accuracy rises."""
+    cfg = load_config("default", overrides={**OVERRIDES, "hyper": {**OVERRIDES["hyper"], "generation": "full"},
+                                            "meta": {**OVERRIDES["meta"], "iterations": 40, "eval_every": 10,
+                                                     "eval_tasks": 8, "meta_batch_size": 4, "outer_lr": 3e-3}})
+    history = _fit(cfg, tmp_path / "h.pt").history
     assert history["eval_iteration"] == [0, 10, 20, 30, 40]
     assert len(history["outer_loss"]) == 40 and all(np.isfinite(history["outer_loss"]))
     assert max(history["val_acc_after"][1:]) > history["val_acc_after"][0] + 0.1
     assert np.mean(history["outer_loss"][-10:]) < np.mean(history["outer_loss"][:10])
-    assert len(history["monitor_acc_after"]) == 5
+    assert len(history["inner_loss_before"]) == len(history["inner_loss_after"]) == 40
 
+
+def test_meta_training_the_cluster_head_lowers_the_outer_loss_and_keeps_the_best_weights(tmp_path):
+    """The default cluster head learns its temperature from the task code (the outer loss falls); the weights
+    returned are those of the best validation accuracy, iteration 0 included."""
+    cfg, path = _cfg(iterations=30, eval_every=10, meta_batch_size=4, outer_lr=3e-3), tmp_path / "h.pt"
+    sets = {"a": blobs("a", 0, separation=1.0), "b": blobs("b", 1, separation=1.0)}
+    result = _fit(cfg, path, sets=sets)
+    history = result.history
+    assert np.mean(history["outer_loss"][-10:]) < np.mean(history["outer_loss"][:10])
+    state, meta = load_checkpoint(path)
+    assert state["model"]["generator.log_tau.weight"].abs().sum() > 0  # it starts at zero: tau from the task code
+    best = meta["best"]
+    assert best["val_acc_after"] == max(history["val_acc_after"])
+    assert best["iteration"] == history["eval_iteration"][int(np.argmax(history["val_acc_after"]))]
+    _assert_same_weights(result.hypernet.state_dict(), state["best_model"])
+
+
+def test_task_mixing_single_draws_each_meta_batch_from_one_dataset(tmp_path, monkeypatch):
+    """meta.task_mixing='single': every meta-batch comes from one dataset; 'mixed' mixes them."""
+    seen = []
+    original = metatrain._outer_loss
+
+    def recording(hypernet, inputs, labels, cfg):
+        seen.append(np.sign(inputs.features.mean(dim=(1, 2)).numpy()))  # dataset a sits at +50, b at -50
+        return original(hypernet, inputs, labels, cfg)
+
+    monkeypatch.setattr(metatrain, "_outer_loss", recording)
+    sets = {"a": blobs("a", 0, offset=50.0), "b": blobs("b", 1, offset=-50.0)}
+    for mixing in ("single", "mixed"):
+        seen.clear()
+        _fit(_cfg(task_mixing=mixing, meta_batch_size=4), tmp_path / f"{mixing}.pt", sets=sets)
+        assert len(seen) == ITERATIONS
+        one_dataset = [len(set(batch.tolist())) == 1 for batch in seen]
+        assert all(one_dataset) if mixing == "single" else not all(one_dataset)
+
+
+# ----------------------------------------------------------------------------------------- checkpoints
 
 def test_checkpoint_round_trip_and_reuse(tmp_path, capsys):
+    """The checkpoint rebuilds the best weights exactly; a finished matching checkpoint is reused, not retrained."""
     cfg, path = _cfg(), tmp_path / "h.pt"
     result = _fit(cfg, path)
+    assert not result.reused and result.checkpoint_path == path
     hypernet, meta = load_hypernet(path)
-    assert meta["setting"] == "zero_shot" and meta["complete"] and meta["iteration"] == 6 and meta["vae_id"] == "v1"
-    assert meta["config"]["meta"]["iterations"] == 6
-    task = blobs("t", 3)
-    inputs = TaskInputs(torch.as_tensor(task.mu[:NUM_IMAGES]), torch.as_tensor(task.logvar[:NUM_IMAGES]))
-    torch.testing.assert_close(predict_task(hypernet, inputs, cfg.adapt), predict_task(result.hypernet, inputs, cfg.adapt))
+    assert meta["setting"] == "zero_shot" and meta["complete"] and meta["iteration"] == ITERATIONS
+    assert meta["config"]["meta"]["iterations"] == ITERATIONS and meta["upstream"] == UPSTREAM
+    assert (meta["context_dim"], meta["feature_dim"], meta["num_classes"]) == (2 * DIM, DIM, K)
+    assert meta["history"]["eval_iteration"] == [0, EVAL_EVERY, ITERATIONS]
+    torch.testing.assert_close(predict_task(hypernet, _task(), cfg.adapt),
+                               predict_task(result.hypernet, _task(), cfg.adapt))
+    _assert_same_weights(hypernet.state_dict(), result.hypernet.state_dict())
+    capsys.readouterr()
     again = _fit(cfg, path)
-    assert again.reused and "Reusing" in capsys.readouterr().out
-    torch.testing.assert_close(predict_task(again.hypernet, inputs, cfg.adapt), predict_task(hypernet, inputs, cfg.adapt))
+    assert again.reused and "Reusing the finished meta-training checkpoint" in capsys.readouterr().out
+    _assert_same_weights(again.hypernet.state_dict(), hypernet.state_dict())
+    assert again.history == result.history
 
 
-def test_interrupted_run_resumes_from_the_saved_iteration(tmp_path, capsys):
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch, capsys):
+    """A run that stops after its iteration-3 save resumes there and ends with the weights of an uninterrupted run."""
+    cfg = _cfg()
+    full = _fit(cfg, tmp_path / "full.pt")
+    original, calls = metatrain._outer_loss, []
+
+    def crash_at_iteration_5(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return original(*args)
+
     path = tmp_path / "h.pt"
-    full = _fit(_cfg(), tmp_path / "full.pt")
-    # an interrupted run: train 3 iterations, then mark the checkpoint as unfinished at iteration 3 of 6
-    _fit(_cfg(iterations=3), path)
+    monkeypatch.setattr(metatrain, "_outer_loss", crash_at_iteration_5)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(cfg, path)
+    monkeypatch.setattr(metatrain, "_outer_loss", original)
     state, meta = load_checkpoint(path)
-    meta = {**meta, "complete": False, "total_iterations": 6,
-            "training": {**meta["training"], "meta": {**meta["training"]["meta"], "iterations": 6}}}
-    save_checkpoint(path, state, meta)
-    resumed = _fit(_cfg(), path)
-    out = capsys.readouterr().out
-    assert "Resuming meta-training" in out and "at iteration 3/6" in out
-    assert resumed.meta["iteration"] == 6 and resumed.meta["complete"]
-    assert resumed.history["iteration"] == list(range(1, 7))
-    # same tasks per iteration (seeded per iteration) and the optimizer state restored: same result
-    np.testing.assert_allclose(resumed.history["outer_loss"], full.history["outer_loss"], rtol=1e-4)
+    assert meta["iteration"] == EVAL_EVERY and not meta["complete"]
+    capsys.readouterr()
+    resumed = _fit(cfg, path)
+    assert f"Resuming meta-training from {path.name} at iteration {EVAL_EVERY}/{ITERATIONS}" in capsys.readouterr().out
+    assert resumed.meta["iteration"] == ITERATIONS and resumed.meta["complete"]
+    assert resumed.history == full.history  # the same tasks per iteration and the optimizer state restored
+    _assert_same_weights(resumed.hypernet.state_dict(), full.hypernet.state_dict())
+    _assert_same_weights(load_checkpoint(path)[0]["model"], load_checkpoint(tmp_path / "full.pt")[0]["model"])
 
 
-def test_mismatched_checkpoint_is_refused_or_retrained(tmp_path, capsys):
+def test_a_checkpoint_of_other_settings_is_set_aside_and_retrained(tmp_path, capsys):
+    """Other settings or other upstream models: refused with retrain='never', else kept under a new name and
+    retrained."""
     path = tmp_path / "h.pt"
     _fit(_cfg(), path)
+    first = path.read_bytes()
     with pytest.raises(StaleArtifactError, match=r"training\.meta\.outer_lr: recorded 0\.001, expected 0\.0005"):
         _fit(_cfg(outer_lr=5e-4, retrain="never"), path)
-    sets = {"a": blobs("a", 0), "b": blobs("b", 1)}
-    with pytest.raises(StaleArtifactError, match=r"upstream\.vae_ids\.a: recorded \"v1\", expected \"v2\""):  # another VAE
-        fit_hypernet(_cfg(retrain="never"), sets, seed=0, path=path, upstream={"vae_ids": {"a": "v2", "b": "v2"}},
-                     progress=False)
-    result = _fit(_cfg(outer_lr=5e-4), path)  # retrain="auto": says why, then retrains
-    assert not result.reused and "Retraining" in capsys.readouterr().out
+    with pytest.raises(StaleArtifactError, match=r'upstream\.ids\.a\.vae_id: recorded "v1", expected "v2"'):
+        _fit(_cfg(retrain="never"), path, upstream={"ids": {"a": {"vae_id": "v2"}, "b": {"vae_id": "v1"}}})
+    assert path.read_bytes() == first  # refusing changes nothing
+    capsys.readouterr()
+    result = _fit(_cfg(outer_lr=5e-4), path)
+    out = capsys.readouterr().out
+    assert not result.reused and "cannot be reused" in out and "h.stale-1.pt" in out
+    assert (tmp_path / "h.stale-1.pt").read_bytes() == first
     assert load_checkpoint(path)[1]["training"]["meta"]["outer_lr"] == 5e-4
+    again = _fit(_cfg(outer_lr=5e-4, retrain="always"), path)
+    assert not again.reused and (tmp_path / "h.previous-1.pt").is_file()
 
 
-def test_corrupt_checkpoint_errors(tmp_path):
+def test_corrupt_checkpoint_errors(tmp_path, capsys):
+    """A corrupt file is an ArtifactError (set aside and retrained with 'auto'); weights that do not fit are named."""
     path = tmp_path / "h.pt"
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(ArtifactError, match="corrupt"):
         load_hypernet(path)
-    with pytest.raises(ArtifactError):
+    with pytest.raises(ArtifactError, match="corrupt"):
         _fit(_cfg(retrain="never"), path)
-    assert not _fit(_cfg(), path).reused  # "auto" retrains over the corrupt file
+    assert not _fit(_cfg(), path).reused
+    assert (tmp_path / "h.corrupt-1.pt").read_bytes() == b"not a checkpoint"
     state, meta = load_checkpoint(path)
-    state["best_model"] = {k: v for k, v in list(state["best_model"].items())[1:]}
+    state["best_model"] = dict(list(state["best_model"].items())[1:])
     save_checkpoint(path, state, meta)
     with pytest.raises(ArtifactError, match="does not fit"):
         load_hypernet(path)
+    save_checkpoint(tmp_path / "vae.pt", {}, {"kind": "vae"})
+    with pytest.raises(ArtifactError, match="not a hypernetwork checkpoint"):
+        load_hypernet(tmp_path / "vae.pt")
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
-    sets = {"a": blobs("a", 0), "b": blobs("b", 1)}
-    sets["b"].mu[:] = np.nan
+def test_train_false_with_a_missing_or_unfinished_checkpoint_raises(tmp_path, monkeypatch):
+    """train=False never trains: a missing or unfinished checkpoint is a MissingArtifactError saying how to make it."""
     path = tmp_path / "h.pt"
-    with pytest.raises(MetaTrainingError, match="non-finite"):
-        fit_hypernet(_cfg(task_mixing="single"), sets, seed=0, path=path, progress=False)
+    with pytest.raises(MissingArtifactError, match=r"not found; make it with: hmlib run --profile default --only 03"):
+        _fit(_cfg(), path, train=False)
+    assert not path.exists()
+    original, calls = metatrain._outer_loss, []
+
+    def crash_at_iteration_5(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(metatrain, "_outer_loss", crash_at_iteration_5)
+    with pytest.raises(KeyboardInterrupt):
+        _fit(_cfg(), path)
+    with pytest.raises(MissingArtifactError, match="is unfinished"):
+        _fit(_cfg(), path, train=False)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_state(tmp_path, monkeypatch):
+    """A NaN outer loss stops meta-training with an error; the checkpoint holds the weights before that step."""
+    sets = _sets()
+    sets["a"].features[:] = np.nan
+    original, weights = metatrain._outer_loss, []
+
+    def recording(hypernet, inputs, labels, cfg):
+        weights.append(copy.deepcopy(hypernet.state_dict()))
+        return original(hypernet, inputs, labels, cfg)
+
+    monkeypatch.setattr(metatrain, "_outer_loss", recording)
+    path = tmp_path / "h.pt"
+    with pytest.raises(MetaTrainingError, match="non-finite outer loss"):
+        _fit(_cfg(task_mixing="single", iterations=20, eval_every=20), path, sets=sets)
     state, meta = load_checkpoint(path)
-    assert not meta["complete"]
+    assert not meta["complete"] and meta["iteration"] == len(weights) - 1 == len(meta["history"]["iteration"])
+    assert len(weights) > 1  # some steps on dataset b went through before a batch of a
+    _assert_same_weights(state["model"], weights[-1])
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
 
-def test_meta_train_uses_the_settings_latents(monkeypatch):
-    calls = []
+def test_unusable_meta_training_data_is_refused(tmp_path):
+    """No datasets, datasets of different widths, or classes too small for a task: clear MetaTrainingErrors."""
+    with pytest.raises(MetaTrainingError, match="no meta-training datasets"):
+        fit_hypernet(_cfg(), {}, seed=0, path=tmp_path / "h.pt", progress=False)
+    narrow = blobs("b", 1)
+    narrow = TaskData("b", "train", narrow.context[:, :DIM], narrow.features, narrow.labels)
+    with pytest.raises(MetaTrainingError, match="differ in context/feature widths"):
+        _fit(_cfg(), tmp_path / "h.pt", sets={"a": blobs("a", 0), "b": narrow})
+    tiny = {name: s.subset(np.arange(len(s))[::30]) for name, s in _sets().items()}  # 2 images per class
+    with pytest.raises(MetaTrainingError, match="too small"):
+        _fit(_cfg(), tmp_path / "h.pt", sets=tiny)
 
-    def fake_get_latents(cfg, dataset, split, setting, *, progress=True):
-        calls.append((dataset, split, setting))
-        return blobs(dataset, hash(dataset) % 100)
 
-    import hmlib.latents
-    monkeypatch.setattr(hmlib.latents, "get_latents", fake_get_latents)
-    cfg = load_config("default", overrides={**OVERRIDES, "meta": {**OVERRIDES["meta"], "iterations": 2}})
+# -------------------------------------------------------------------------------------------- meta_train
+
+def test_meta_train_reads_the_settings_train_splits_and_names_its_checkpoint(monkeypatch, capsys):
+    """meta_train reads only the meta-training datasets' train splits, records their identities, bundles the
+    upstream models and names the checkpoint by setting, seed and a settings hash."""
+    calls, bundles = [], []
+
+    def fake_task_data(cfg, dataset, split, setting, seed, *, meta_training=False, train=True, progress=True):
+        calls.append((dataset, split, setting, seed, meta_training))
+        return blobs(dataset, sum(map(ord, dataset)) % 97)
+
+    def fake_bundle(cfg, setting, seed, *, train=False, progress=False):
+        bundles.append((setting, seed))
+        return {"backbone": {"state": {"w": torch.ones(2)}, "meta": {"backbone_id": "bb"}}}
+
+    monkeypatch.setattr(metatrain, "load_task_data", fake_task_data)
+    monkeypatch.setattr(hmlib.hyper.bundle, "bundle_for", fake_bundle)
+    cfg = _cfg(iterations=2, eval_every=2)
     result = meta_train(cfg, "transductive", 1, progress=False)
-    assert result.checkpoint_path == checkpoint_path("transductive", 1)
-    assert result.checkpoint_path.name == "hypernet_transductive_seed1.pt"
-    assert {c[1] for c in calls} == {"train"}  # never the test split
-    assert [c[0] for c in calls] == [*cfg.meta.train_datasets, cfg.meta.test_datasets[0]]
-    assert set(result.meta["upstream"]["vae_ids"]) == set(cfg.meta.train_datasets)
-    named = meta_train(cfg, "transductive", 1, name="variant_x", progress=False)
-    assert named.checkpoint_path.name == "variant_x.pt"
-    with pytest.raises(ValueError, match="unknown setting"):
-        meta_train(cfg, "bogus", 0)
+    assert calls == [(d, "train", "transductive", 1, True) for d in cfg.meta.train_datasets]
+    assert bundles == [("transductive", 1)]
+    assert result.checkpoint_path.parent.name == "models"
+    assert result.checkpoint_path.name.startswith("hypernet_transductive_seed1-")
+    assert set(result.meta["upstream"]["ids"]) == set(cfg.meta.train_datasets)
+    assert torch.equal(load_checkpoint(result.checkpoint_path)[0]["bundle"]["backbone"]["state"]["w"], torch.ones(2))
+    other = meta_train(_cfg(iterations=2, eval_every=2, outer_lr=5e-4), "transductive", 1, progress=False)
+    assert other.checkpoint_path != result.checkpoint_path and result.checkpoint_path.is_file()  # never overwritten
+    assert meta_train(cfg, "transductive", 1, progress=False).reused
+    with pytest.raises(ConfigError, match="unknown setting"):
+        meta_train(cfg, "few_shot", 0)
 
 
-def test_pixels_as_extra_input_are_carried_through_meta_training(tmp_path):
-    sets = {"a": blobs("a", 0), "b": blobs("b", 1)}
-    rng = np.random.default_rng(0)
-    for s in sets.values():
-        s.pixels = rng.integers(0, 256, size=(len(s.labels), 28, 28), dtype=np.uint8)
-    cfg = load_config("default", overrides={**OVERRIDES, "hyper": {**OVERRIDES["hyper"], "target_input": "latent+pixels",
-                                                                              "generation": "compact"}})
-    result = fit_hypernet(cfg, sets, seed=0, path=tmp_path / "p.pt", progress=False)
-    assert result.hypernet.use_pixels and len(result.history["outer_loss"]) == cfg.meta.iterations
-    hypernet, _ = load_hypernet(tmp_path / "p.pt")
-    assert hypernet.pixel_proj is not None
-
+# ----------------------------------------------------------------------------------------------- plots
 
 def test_meta_plots_return_figures(tmp_path):
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
-    from hmlib.plots.meta import plot_task_adaptation, plot_training_curves
-
+    """Training curves of several seeds and a task's before/after clusters are drawn from a real history."""
     history = _fit(_cfg(), tmp_path / "h.pt").history
-    fig = plot_training_curves({"seed 0": history, "seed 1": history}, chance=0.25)
+    fig = plot_training_curves({"seed 0": history, "seed 1": history}, chance=1 / K)
     assert isinstance(fig, Figure) and len(fig.axes) == 3
     labels = np.repeat(np.arange(3), 5)
     fig = plot_task_adaptation(np.random.default_rng(0).normal(size=(15, 2)), labels,
                                {"before": (labels + 1) % 3, "after": labels})
-    assert isinstance(fig, Figure) and [ax.get_title() for ax in fig.axes][1:] == ["before: 100% right",
-                                                                                   "after: 100% right"]
-
-
-def test_outer_loss_on_support_and_query(tmp_path):
-    result = _fit(_cfg(outer_batch="support+query"), tmp_path / "sq.pt")
-    assert len(result.history["outer_loss"]) == 6 and all(np.isfinite(result.history["outer_loss"]))
+    assert isinstance(fig, Figure)
+    assert [ax.get_title() for ax in fig.axes][1:] == ["before: 100% right", "after: 100% right"]
+    plt.close("all")

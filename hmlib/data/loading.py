@@ -11,11 +11,15 @@ import numpy as np
 from hmlib.artifacts import ArtifactError, fingerprint
 from hmlib.config import DataConfig
 from hmlib.data import cache
-from hmlib.data.preprocess import PREPROCESS_VERSION, preprocess_images
+from hmlib.data.preprocess import PREPROCESS_VERSION, describe_error, preprocess_batch
 from hmlib.data.registry import HUB_ONLY, DatasetError, DatasetSpec, get_spec
 from hmlib.data.sources import (SourceSplit, comparable, folder_identity, image_folder_splits, local_folders,
                                 mirror_identity, mirror_root, parquet_files, read_hub, read_image_folder,
                                 read_parquet, split_from_dataset)
+from hmlib.data.splits import stratified_split, stratified_subset
+
+MAX_SKIPPED_FRACTION = 0.5  # more unusable rows than this: the file is broken, not a few of its rows
+MANIFEST_REASONS = 20  # the manifest lists every skipped row, and the reasons of the first ones
 
 
 @dataclass
@@ -85,29 +89,47 @@ def local_source_state(spec: DatasetSpec, cfg: DataConfig, split: str, recorded:
     return None
 
 
+def _missing_split(spec: DatasetSpec, folder: Path, parquet: bool, available: set[str], split: str) -> str:
+    """The one-line error for a local folder that holds the dataset but not ``split``."""
+    wanted = folder / f"{split}.parquet" if parquet else folder / split
+    what = wanted.name if parquet else f"{split}/<class>/ image folders"
+    hint = " (a missing test split is carved out of train, but train itself must be there)" if split == "train" else ""
+    return (f"dataset '{spec.name}': {folder} holds the split(s) {', '.join(sorted(available))} but no {what}; "
+            f"add {wanted}{hint}")
+
+
 def _open_local(spec: DatasetSpec, cfg: DataConfig, split: str, progress: bool, attempts: list[str]
                 ) -> tuple[SourceSplit, bool] | None:
-    """The split from the first local folder that has it (mirror entry, then a custom local folder)."""
+    """The split from the first local folder holding the dataset (mirror entry, then a custom local folder).
+
+    A folder that holds the dataset is taken as the source: a missing split, a corrupt file or a missing column
+    there is a one-line DatasetError naming the file, not a silent fall-back to the next source.
+    """
     for folder in local_folders(spec, cfg):
         files, available = _folder_splits(folder)
+        if not available:
+            attempts.append(f"local: {folder} (no <split>.parquet files or class image folders there)")
+            continue
         resolved = _resolve_split(available, split)
         if resolved is None:
-            attempts.append(f"local: {folder} (has splits {sorted(available)}, not '{split}')" if available else
-                            f"local: {folder} (no <split>.parquet files or class image folders there)")
-            continue
+            raise DatasetError(_missing_split(spec, folder, bool(files), available, split))
         wanted, derived = resolved
+        location = str(folder)
+        if files:
+            location = str(files[wanted][0]) if len(files[wanted]) == 1 else f"{folder}/{wanted}-*.parquet"
         try:
             if files:
                 dataset, identity = read_parquet(files[wanted], progress=progress), mirror_identity(files[wanted])
-                location = str(files[wanted][0]) if len(files[wanted]) == 1 else f"{folder}/{wanted}-*.parquet"
             else:
                 dataset = read_image_folder(folder, progress=progress)[wanted]
-                identity, location = folder_identity(folder), str(folder)
+                identity = folder_identity(folder)
             return split_from_dataset(dataset, _derived(identity, derived), location), derived
         except DatasetError:
             raise
-        except Exception as err:  # corrupt file, unreadable folder: note it and try the next source
-            attempts.append(f"local: {folder} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+        except Exception as err:  # corrupt data pages, unreadable folder: say which file, hide the traceback
+            raise DatasetError(f"dataset '{spec.name}': cannot read {location} ({describe_error(err, root=True)}); "
+                               "it is corrupt or not in the hub schema: copy it again from its source, or remove "
+                               "it") from None
     return None
 
 
@@ -116,8 +138,7 @@ def _open_hub(spec: DatasetSpec, split: str, progress: bool, attempts: list[str]
     try:
         loaded, revision = read_hub(spec.hub_id, progress=progress)
     except Exception as err:  # offline, unknown id, network: say what happened
-        first = str(err).splitlines()[0] if str(err) else ""
-        attempts.append(f"hub: {spec.hub_id} ({type(err).__name__}: {first})")
+        attempts.append(f"hub: {spec.hub_id} ({describe_error(err)})")
         return None
     resolved = _resolve_split(set(loaded), split)
     if resolved is None:
@@ -125,12 +146,21 @@ def _open_hub(spec: DatasetSpec, split: str, progress: bool, attempts: list[str]
         return None
     wanted, derived = resolved
     identity = _derived({"kind": "hub", "hub_id": spec.hub_id, "revision": revision}, derived)
-    return split_from_dataset(loaded[wanted], identity, f"hub:{spec.hub_id}@{revision}"), derived
+    location = f"hub:{spec.hub_id}@{revision}"
+    try:
+        return split_from_dataset(loaded[wanted], identity, location), derived
+    except DatasetError:
+        raise
+    except Exception as err:  # an unexpected schema
+        raise DatasetError(f"dataset '{spec.name}': cannot read split '{wanted}' of {location} "
+                           f"({describe_error(err, root=True)})") from None
 
 
-def _not_found(spec: DatasetSpec, cfg: DataConfig, split: str, attempts: list[str]) -> DatasetError:
-    cache_file = cache.cache_paths(spec.name, split)[0]
-    lines = [f"cache: {cache_file} (missing)"]
+def _not_found(spec: DatasetSpec, cfg: DataConfig, split: str, attempts: list[str], cache_state: str | None
+               ) -> DatasetError:
+    arrays_path, manifest_path = cache.cache_paths(spec.name, split)
+    corrupt = cache_state is not None and cache_state.startswith("corrupt")
+    lines = [f"cache: {arrays_path} ({cache_state or 'missing'})"]
     if mirror_root(cfg) is None:
         lines.append("mirror: not configured (HMLIB_DATA_DIR unset and data.data_dir is None)")
     lines += attempts
@@ -143,19 +173,21 @@ def _not_found(spec: DatasetSpec, cfg: DataConfig, split: str, attempts: list[st
     if spec.hub_id is not None:
         fixes.append(f"or allow the Hugging Face hub to serve '{spec.hub_id}' (network access, HF_HUB_OFFLINE and "
                      "HF_DATASETS_OFFLINE unset, data.use_hub true)")
+    if corrupt:
+        fixes.append(f"the corrupt cache is then rebuilt (or delete {arrays_path} and {manifest_path} yourself)")
+    head = f"cannot load dataset '{spec.name}' split '{split}'"
+    head += ": its cache is corrupt and no source can rebuild it" if corrupt else ""
     note = f"\nnote: {HUB_ONLY[spec.name]}" if spec.name in HUB_ONLY else ""
-    return DatasetError(f"cannot load dataset '{spec.name}' split '{split}'; looked in:\n  " + "\n  ".join(lines)
-                        + "\nto fix: " + "; ".join(fixes) + note)
+    return DatasetError(f"{head}; looked in:\n  " + "\n  ".join(lines) + "\nto fix: " + "; ".join(fixes) + note)
 
 
 def _select(source: SourceSplit, split: str, derived: bool, cfg: DataConfig) -> np.ndarray:
-    """Indices of the source rows that make up ``split`` after any derived split and subsample."""
-    from hmlib.data.splits import stratified_split, stratified_subset
-
-    indices = np.arange(source.labels.shape[0])
-    if derived:
-        keep, held = stratified_split(source.labels, cfg.test_fraction, cfg.split_seed)
-        indices = held if split == "test" else keep
+    """Indices of the source rows that make up ``split`` after any derived split and subsample (rows without a
+    usable label are left out first)."""
+    indices = np.flatnonzero(source.labels >= 0)
+    if derived and indices.size:
+        keep, held = stratified_split(source.labels[indices], cfg.test_fraction, cfg.split_seed)
+        indices = indices[held if split == "test" else keep]
     if cfg.max_images_per_split is not None:
         indices = indices[stratified_subset(source.labels[indices], cfg.max_images_per_split, cfg.split_seed)]
     return indices
@@ -165,10 +197,17 @@ def load_split(name: str, split: str, cfg: DataConfig, *, rebuild: bool = False,
                num_workers: int | None = None) -> ImageSet:
     """A preprocessed split from the cache, else built from the local mirror, else from the hub (then cached).
 
-    ``num_workers``: decoding processes for a build (None: one per core); the pixels do not depend on it.
+    A cache is used only when its settings, source and content hash match; otherwise it is rebuilt with a
+    one-line message. ``num_workers``: decoding processes for a build (None: one per core).
     """
     spec = get_spec(name, cfg)
-    manifest = None if rebuild else _read_manifest_or_none(name, split)
+    manifest, cache_state = None, None
+    if not rebuild:
+        try:
+            manifest = cache.read_manifest(name, split)
+        except ArtifactError as err:
+            print(f"[hmlib.data] {err}; rebuilding")
+            cache_state = f"corrupt: {err}"
     local_state = local_source_state(spec, cfg, split, manifest.get("source") if manifest else None)
     if manifest is not None:
         derived = local_state[1] if local_state else manifest.get("settings", {}).get("derived_split") is not None
@@ -179,50 +218,85 @@ def load_split(name: str, split: str, cfg: DataConfig, *, rebuild: bool = False,
                 images, labels = cache.read_arrays(name, split, manifest)
                 return ImageSet(name, split, images, labels, list(manifest["label_names"]), manifest["fingerprint"])
             except ArtifactError as err:
-                print(f"[hmlib.data] {err}; rebuilding")
+                print(f"[hmlib.data] {err}; rebuilding from its source")
+                cache_state = f"corrupt: {err}"
         else:
             print(f"[hmlib.data] cache of {name}/{split} is stale, rebuilding:\n  " + "\n  ".join(reasons))
-    return _build(spec, split, cfg, progress, num_workers)
+            cache_state = "stale: " + "; ".join(reasons)
+    return _build(spec, split, cfg, progress, num_workers, cache_state)
 
 
-def _read_manifest_or_none(name: str, split: str) -> dict[str, Any] | None:
-    try:
-        return cache.read_manifest(name, split)
-    except ArtifactError as err:
-        print(f"[hmlib.data] {err}")
-        return None
-
-
-def open_source(spec: DatasetSpec, cfg: DataConfig, split: str, *, progress: bool = True
-                ) -> tuple[SourceSplit, bool]:
-    """``(source split, derived)`` from the local mirror / folder, else the hub; DatasetError naming every attempt."""
+def open_source(spec: DatasetSpec, cfg: DataConfig, split: str, *, progress: bool = True,
+                cache_state: str | None = None) -> tuple[SourceSplit, bool]:
+    """``(source split, derived)`` from the local mirror / folder, else the hub; DatasetError naming every attempt
+    (``cache_state``: why the cache was not used, for that message)."""
     attempts: list[str] = []
     opened = _open_local(spec, cfg, split, progress, attempts)
     if opened is None and spec.hub_id is not None and cfg.use_hub:
         opened = _open_hub(spec, split, progress, attempts)
     if opened is None:
-        raise _not_found(spec, cfg, split, attempts)
+        raise _not_found(spec, cfg, split, attempts, cache_state)
     return opened
 
 
-def _build(spec: DatasetSpec, split: str, cfg: DataConfig, progress: bool, num_workers: int | None) -> ImageSet:
-    """Read the split from the first working source, preprocess the chosen images, write the cache."""
-    source, derived = open_source(spec, cfg, split, progress=progress)
+def _rows_text(skipped: dict[int, str], shown: int = 5) -> str:
+    """'rows 3, 17 (row 3: reason)' for the first ``shown`` skipped rows."""
+    rows = sorted(skipped)
+    if len(rows) == 1:
+        return f"row {rows[0]} ({skipped[rows[0]]})"
+    listed = ", ".join(map(str, rows[:shown])) + (f", ... ({len(rows) - shown} more)" if len(rows) > shown else "")
+    return f"rows {listed} (row {rows[0]}: {skipped[rows[0]]})"
+
+
+def _check_rows(name: str, split: str, location: str, skipped: dict[int, str], considered: int,
+               labels: np.ndarray, label_names: list[str]) -> None:
+    """DatasetError when the rows left after skipping cannot make a usable split: none left, more than
+    ``MAX_SKIPPED_FRACTION`` of them skipped, or fewer than two classes."""
+    where = f"dataset '{name}' split '{split}'"
+    if skipped and (labels.shape[0] == 0 or len(skipped) > MAX_SKIPPED_FRACTION * considered):
+        amount = "none" if labels.shape[0] == 0 else f"only {labels.shape[0]}"
+        raise DatasetError(f"{where}: {amount} of the {considered} rows of {location} can be used; "
+                           f"skipped {_rows_text(skipped)}; fix or replace the file (is it the right image and "
+                           "label column?)")
+    present = np.flatnonzero(np.bincount(labels, minlength=len(label_names)))
+    if present.size < 2:
+        which = f"class '{label_names[present[0]]}'" if present.size else "no class"
+        after = f" after skipping {len(skipped)} unusable rows" if skipped else ""
+        raise DatasetError(f"{where}: the {labels.shape[0]} images of {location} hold only {which}{after}; "
+                           "clustering needs at least 2 classes (check the label column, or use another dataset)")
+
+
+def _build(spec: DatasetSpec, split: str, cfg: DataConfig, progress: bool, num_workers: int | None,
+           cache_state: str | None = None) -> ImageSet:
+    """Read the split from the first working source, preprocess the chosen images (skipping undecodable rows,
+    listed in the manifest), check that a usable split is left, write the cache."""
+    source, derived = open_source(spec, cfg, split, progress=progress, cache_state=cache_state)
     start = time.perf_counter()
     indices = _select(source, split, derived, cfg)
-    images = preprocess_images(source.take(indices), cfg.image_size, cfg.polarity, num_workers=num_workers,
-                               progress=progress, desc=f"{spec.name}/{split}")
+    images, failed = preprocess_batch(source.take(indices), cfg.image_size, cfg.polarity, num_workers=num_workers,
+                                      progress=progress, desc=f"{spec.name}/{split}")
+    skipped = {**source.bad_rows, **{int(indices[p]): reason for p, reason in failed.items()}}
+    if failed:
+        indices = np.delete(indices, sorted(failed))
     labels = source.labels[indices]
+    considered = indices.shape[0] + len(skipped)
+    _check_rows(spec.name, split, source.location, skipped, considered, labels, source.label_names)
     settings = preprocess_settings(spec, cfg, derived)
     fp = fingerprint(spec.name, split, comparable(source.identity), settings)
+    rows = sorted(skipped)
     manifest = {
         "name": spec.name, "split": split, "fingerprint": fp, "settings": settings, "source": source.identity,
         "location": source.location, "label_names": source.label_names, "num_images": int(labels.shape[0]),
         "class_counts": np.bincount(labels, minlength=len(source.label_names)).tolist(),
-        "source_rows": int(source.labels.shape[0]),
+        "source_rows": int(source.labels.shape[0]), "skipped_rows": rows,
+        "skipped_reasons": {str(r): skipped[r] for r in rows[:MANIFEST_REASONS]},
     }
-    cache.write_cache(spec.name, split, images, labels, manifest)
+    arrays_path = cache.write_cache(spec.name, split, images, labels, manifest)
+    if skipped:
+        print(f"[hmlib.data] warning: {spec.name}/{split}: skipped {len(skipped)} of {considered} rows of "
+              f"{source.location} that cannot be used: {_rows_text(skipped)}; all are listed in "
+              f"{arrays_path.with_suffix('.json')}")
     if progress:
         print(f"[hmlib.data] {spec.name}/{split}: {labels.shape[0]} images from {source.location} "
-              f"preprocessed in {time.perf_counter() - start:.1f} s -> {cache.cache_paths(spec.name, split)[0]}")
+              f"preprocessed in {time.perf_counter() - start:.1f} s -> {arrays_path}")
     return ImageSet(spec.name, split, images, labels, list(source.label_names), fp)

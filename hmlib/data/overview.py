@@ -7,12 +7,14 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
+from hmlib.artifacts import ArtifactError
 from hmlib.config import DataConfig
 from hmlib.data import cache
 from hmlib.data.loading import ImageSet, load_split, local_source_state, open_source
 from hmlib.data.preprocess import normalise_polarity, open_image, preprocess_images
 from hmlib.data.registry import get_spec
 from hmlib.data.splits import stratified_subset
+from hmlib.data.tasks import TaskBatch, sample_tasks
 
 
 @dataclass
@@ -29,18 +31,33 @@ class Preview:
     raw_sizes: np.ndarray  # (m, 2) width, height of that larger sample
 
 
+def _open_decodable(items: Sequence[Any], rows: np.ndarray) -> tuple[list[Image.Image], np.ndarray]:
+    """The items that decode, opened and loaded, and their rows (undecodable ones are left out: a build lists them)."""
+    opened, kept = [], []
+    for item, row in zip(items, rows):
+        try:
+            img = open_image(item)
+            img.load()
+        except Exception:  # corrupt bytes, missing file: the preview shows the others
+            continue
+        opened.append(img)
+        kept.append(row)
+    return opened, np.asarray(kept, dtype=np.int64)
+
+
 def preview(name: str, cfg: DataConfig, *, split: str = "train", num_images: int = 12, num_polarity: int = 500,
             seed: int = 0) -> Preview:
     """Decode ``num_images`` (one per class where possible) from the source and preprocess them step by step."""
     source, _ = open_source(get_spec(name, cfg), cfg, split, progress=False)
     rng = np.random.default_rng(seed)
-    per_class = np.array([rng.choice(np.flatnonzero(source.labels == c)) for c in np.unique(source.labels)])
+    labelled = np.flatnonzero(source.labels >= 0)  # rows with a usable label
+    per_class = np.array([rng.choice(np.flatnonzero(source.labels == c)) for c in np.unique(source.labels[labelled])])
     shown = np.sort(rng.choice(per_class, size=min(num_images, per_class.size), replace=False))
-    raw = [open_image(item) for item in source.take(shown)]
+    raw, shown = _open_decodable(source.take(shown), shown)
     kept = preprocess_images(raw, cfg.image_size, "keep", progress=False)
     processed = preprocess_images(raw, cfg.image_size, cfg.polarity, progress=False)
-    sample = stratified_subset(source.labels, num_polarity, seed)
-    sample_raw = [open_image(item) for item in source.take(sample)]
+    sample = labelled[stratified_subset(source.labels[labelled], num_polarity, seed)]
+    sample_raw, _ = _open_decodable(source.take(sample), sample)
     _, inverted = normalise_polarity(preprocess_images(sample_raw, cfg.image_size, "keep", progress=False))
     return Preview(name=name, raw=raw, kept=kept, processed=processed, labels=source.labels[shown],
                    label_names=source.label_names, inverted_fraction=float(inverted.mean()),
@@ -59,7 +76,7 @@ def source_status(cfg: DataConfig, names: Sequence[str], split: str = "train") -
     for name in names:
         spec = get_spec(name, cfg)
         local = local_source_state(spec, cfg, split, None)
-        cached = cache.read_manifest(name, split) is not None
+        cached = _manifest_or_none(name, split) is not None
         rows.append({"dataset": name, "hub id": spec.hub_id or "-", "cached": cached,
                      "local copy": bool(local), "test split": "derived from train" if local and local[1]
                      else ("given" if local else "?"),
@@ -74,7 +91,7 @@ def cache_status(names: Sequence[str], splits: Sequence[str] = ("train", "test")
     for name in names:
         for split in splits:
             arrays_path, _ = cache.cache_paths(name, split)
-            manifest = cache.read_manifest(name, split)
+            manifest = _manifest_or_none(name, split)
             rows.append({"dataset": name, "split": split, "cached": manifest is not None,
                          "images": manifest["num_images"] if manifest else 0,
                          "MB": round(arrays_path.stat().st_size / 2**20, 1) if manifest else 0.0,
@@ -83,12 +100,20 @@ def cache_status(names: Sequence[str], splits: Sequence[str] = ("train", "test")
     return rows
 
 
-def example_task(image_set: ImageSet, num_classes: int, num_images: int, mode: str = "random", seed: int = 0):
-    """One task from ``image_set`` (a TaskBatch of length 1), shrunk if its smallest class cannot fill it."""
-    from hmlib.data.tasks import sample_tasks
+def _manifest_or_none(name: str, split: str) -> dict[str, Any] | None:
+    """A cached split's manifest, None when missing or unreadable (the next load rebuilds it)."""
+    try:
+        return cache.read_manifest(name, split)
+    except ArtifactError:
+        return None
 
+
+def example_task(image_set: ImageSet, num_classes: int, num_images: int, mode: str = "random",
+                 seed: int = 0) -> TaskBatch:
+    """One task from ``image_set`` (a TaskBatch of length 1), shrunk if its smallest class cannot fill it."""
     smallest = int(image_set.class_counts()[image_set.class_counts() > 0].min())
-    return sample_tasks(image_set.labels, 1, num_classes, min(num_images, num_classes * smallest), mode, seed)
+    return sample_tasks(image_set.labels, 1, num_classes, min(num_images, num_classes * smallest), mode, seed,
+                        where=f"dataset '{image_set.name}' split '{image_set.split}'")
 
 
 def summary(sets: dict[str, dict[str, ImageSet]]) -> list[dict[str, Any]]:

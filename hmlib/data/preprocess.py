@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,7 +22,10 @@ _CHUNK = 4096
 
 
 def open_image(item: Any) -> Image.Image:
-    """A PIL image from PIL, PNG/JPEG bytes, a hub ``{"bytes", "path"}`` dict or a file path."""
+    """A PIL image from PIL, PNG/JPEG bytes, a hub ``{"bytes", "path"}`` dict or an absolute file path.
+
+    A relative path is refused: what it names would depend on the working directory.
+    """
     if isinstance(item, Image.Image):
         return item
     if isinstance(item, dict):
@@ -29,7 +33,11 @@ def open_image(item: Any) -> Image.Image:
     if isinstance(item, (bytes, bytearray, memoryview)):
         return Image.open(io.BytesIO(item))
     if isinstance(item, (str, Path)):
-        return Image.open(item)
+        if not Path(item).expanduser().is_absolute():
+            raise ValueError(f"relative image path {str(item)!r}: a row must hold the image bytes or an absolute path")
+        return Image.open(Path(item).expanduser())
+    if item is None:
+        raise ValueError("the row holds neither image bytes nor a path")
     if isinstance(item, (list, np.ndarray)):  # pixel arrays (h, w) or (h, w, c), as some hub datasets store them
         pixels = np.asarray(item)
         if pixels.ndim == 3 and pixels.shape[-1] in (3, 4):
@@ -56,6 +64,8 @@ def _scale_to_uint8(values: np.ndarray) -> np.ndarray:
 def to_luminance(img: Image.Image) -> np.ndarray:
     """Grayscale uint8 array by luminance (ITU-R 601); transparency composited onto a contrasting background."""
     mode = img.mode
+    if mode == "La":  # premultiplied alpha: Pillow converts it to LA only
+        img, mode = img.convert("LA"), "LA"
     if mode == "P":
         img = img.convert("RGBA" if "transparency" in img.info else "RGB")
         mode = img.mode
@@ -120,36 +130,79 @@ def normalise_polarity(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return out, inverted
 
 
-def _preprocess_chunk(args: tuple[Sequence[Any], int]) -> np.ndarray:
+def describe_error(err: BaseException, limit: int = 160, *, root: bool = False) -> str:
+    """``Type: first line`` of an exception (``root``: of the exception that started its chain), without memory
+    addresses, for one-line messages."""
+    for _ in range(20 if root else 0):  # bounded: a chain can loop
+        inner = err.__cause__ or err.__context__
+        if inner is None:
+            break
+        err = inner
+    text = str(err).splitlines()[0] if str(err) else ""
+    text = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "(image bytes)", text)
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _preprocess_chunk(args: tuple[Sequence[Any], int]) -> tuple[np.ndarray, dict[int, str]]:
+    """Preprocessed images of a chunk (a zero image where one fails) and ``{position: reason}`` of the failures."""
     items, image_size = args
-    out = np.empty((len(items), image_size, image_size), dtype=np.uint8)
+    out = np.zeros((len(items), image_size, image_size), dtype=np.uint8)
+    failed: dict[int, str] = {}
     for i, item in enumerate(items):  # decoding is inherently per image; everything after is batched
-        out[i] = preprocess_image(item, image_size)
-    return out
+        try:
+            out[i] = preprocess_image(item, image_size)
+        except Exception as err:  # undecodable bytes, missing file, unsupported mode: the caller decides
+            failed[i] = describe_error(err)
+    return out, failed
 
 
-def preprocess_images(items: Sequence[Any], image_size: int = 28, polarity: str = "auto", *,
-                      num_workers: int | None = None, progress: bool = True, desc: str = "preprocess"
-                      ) -> np.ndarray:
-    """Decode and preprocess many images -> uint8 (n, image_size, image_size), chunked over worker processes."""
+def preprocess_batch(items: Sequence[Any], image_size: int = 28, polarity: str = "auto", *,
+                     num_workers: int | None = None, progress: bool = True, desc: str = "preprocess"
+                     ) -> tuple[np.ndarray, dict[int, str]]:
+    """``(images, failed)``: the decodable items preprocessed -> uint8 (m, S, S), in order, chunked over worker
+    processes; ``failed`` maps the position of every item that could not be decoded to the reason."""
     if polarity not in ("auto", "keep"):
         raise ValueError(f"polarity must be 'auto' or 'keep', got {polarity!r}")
     chunks = [(items[i:i + _CHUNK], image_size) for i in range(0, len(items), _CHUNK)]
     if num_workers is None:
         num_workers = min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8)
     bar = tqdm(total=len(items), desc=desc, unit="img", disable=not progress, leave=False)
-    parts = []
+    parts: list[np.ndarray] = []
+    failed: dict[int, str] = {}
+
+    def collect(part: np.ndarray, part_failed: dict[int, str]) -> None:
+        offset = sum(len(p) for p in parts)
+        failed.update({offset + i: reason for i, reason in part_failed.items()})
+        parts.append(part)
+        bar.update(len(part))
+
     if num_workers > 1 and len(chunks) > 1:
         with ProcessPoolExecutor(max_workers=min(num_workers, len(chunks))) as pool:
-            for part in pool.map(_preprocess_chunk, chunks):
-                parts.append(part)
-                bar.update(len(part))
+            for part, part_failed in pool.map(_preprocess_chunk, chunks):
+                collect(part, part_failed)
     else:
         for chunk in chunks:
-            parts.append(_preprocess_chunk(chunk))
-            bar.update(len(parts[-1]))
+            collect(*_preprocess_chunk(chunk))
     bar.close()
     images = np.concatenate(parts) if parts else np.empty((0, image_size, image_size), dtype=np.uint8)
+    if failed:
+        keep = np.ones(images.shape[0], dtype=bool)
+        keep[list(failed)] = False
+        images = images[keep]
     if polarity == "auto" and len(images):
         images, _ = normalise_polarity(images)
+    return images, failed
+
+
+def preprocess_images(items: Sequence[Any], image_size: int = 28, polarity: str = "auto", *,
+                      num_workers: int | None = None, progress: bool = True, desc: str = "preprocess"
+                      ) -> np.ndarray:
+    """Decode and preprocess many images -> uint8 (n, image_size, image_size); ValueError naming the first item
+    that cannot be decoded (use :func:`preprocess_batch` to skip such items instead)."""
+    images, failed = preprocess_batch(items, image_size, polarity, num_workers=num_workers, progress=progress,
+                                      desc=desc)
+    if failed:
+        first = min(failed)
+        raise ValueError(f"{len(failed)} of {len(items)} images cannot be decoded; item {first}: {failed[first]}")
     return images

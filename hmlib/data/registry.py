@@ -1,14 +1,16 @@
 """Dataset registry: the five built-in datasets and any added through ``cfg.data.custom_datasets``."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from hmlib import paths
+from hmlib.errors import HmlibError
 from hmlib.config import DataConfig
 
 
-class DatasetError(ValueError):
+class DatasetError(HmlibError, ValueError):
     """A dataset name is unknown or none of its sources could be read (the message says how to fix it)."""
 
 
@@ -19,6 +21,9 @@ HUB_IDS: dict[str, str] = {
     "hebrew_chars": "sivan22/hebrew-handwritten-characters",
     "math_shapes": "prithivMLmods/Math-Shapes",
 }
+
+# A dataset or split name becomes a folder / file name under data_cache/ (and a folder under the mirror).
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
 
 # Datasets without an offline copy in the project's mirror; the error message says so.
 HUB_ONLY = {"kmnist": "no offline copy of KMNIST exists here (see ../shared/data/README.md); it loads from the hub only"}
@@ -44,11 +49,31 @@ def _looks_like_path(value: str) -> bool:
     return value.startswith(("/", ".", "~")) or repo_relative(value).exists()
 
 
+def check_name(name: object, what: str = "dataset name") -> str:
+    """``name`` if it is safe as a single file name (letters, digits, '_', '-', '.'; no '..'), else DatasetError."""
+    if isinstance(name, str) and NAME_PATTERN.fullmatch(name) and ".." not in name:
+        return name
+    raise DatasetError(f"invalid {what} {name!r}: use up to 100 letters, digits, '_', '-' or '.', starting with a "
+                       "letter or digit and without '..' (it becomes a folder name; a path is not a name: register "
+                       "a local folder under data.custom_datasets as {\"<name>\": \"<folder>\"})")
+
+
+def custom_datasets(cfg: DataConfig) -> dict[str, str]:
+    """``cfg.custom_datasets`` as ``{name: hub id or local folder}``, every name checked and every value non-empty."""
+    custom = {}
+    for name, value in dict(cfg.custom_datasets).items():
+        custom[check_name(name, "custom dataset name")] = str(value)
+        if not str(value).strip():
+            raise DatasetError(f"data.custom_datasets['{name}'] is empty; give a hub id ('org/name') or a local folder")
+    return custom
+
+
 def get_spec(name: str, cfg: DataConfig) -> DatasetSpec:
     """Look a dataset up by name: built-in first, then ``cfg.custom_datasets`` (hub id or local folder)."""
-    custom = dict(cfg.custom_datasets)
+    check_name(name)
+    custom = custom_datasets(cfg)
     if name in custom:
-        value = str(custom[name])
+        value = custom[name]
         if _looks_like_path(value):
             return DatasetSpec(name=name, local_dir=repo_relative(value))
         return DatasetSpec(name=name, hub_id=value)
@@ -61,4 +86,4 @@ def get_spec(name: str, cfg: DataConfig) -> DatasetSpec:
 
 def dataset_names(cfg: DataConfig) -> list[str]:
     """All registered dataset names (built-in, then custom)."""
-    return list(dict.fromkeys(list(HUB_IDS) + list(cfg.custom_datasets)))
+    return list(dict.fromkeys(list(HUB_IDS) + list(custom_datasets(cfg))))

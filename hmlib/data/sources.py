@@ -17,6 +17,7 @@ import numpy as np
 
 from hmlib.artifacts import file_sha256
 from hmlib.config import DataConfig
+from hmlib.data.preprocess import describe_error
 from hmlib.data.registry import DatasetError, DatasetSpec, repo_relative
 
 IMAGE_NAMES = ("image", "img", "picture", "pixel_values", "png", "jpg")
@@ -36,6 +37,7 @@ class SourceSplit:
     location: str  # human-readable origin (path or hub id), recorded but not compared
     table: Any = field(repr=False)  # pyarrow Table or datasets.Dataset holding the image column
     image_column: str = "image"
+    bad_rows: dict[int, str] = field(default_factory=dict)  # rows unusable before decoding (missing label...)
 
     def take(self, indices: np.ndarray) -> list[Any]:
         """Encoded images (bytes, path dicts or PIL images) at ``indices``, in that order."""
@@ -127,17 +129,26 @@ def comparable(identity: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextmanager
-def _quiet(progress: bool) -> Iterator[None]:
+def _quiet(progress: bool, local: bool = False) -> Iterator[None]:
+    """Without ``progress``: no progress bars and no hub retry warnings; ``local``: no ``datasets`` error log
+    either (a failure is reported once, by us, naming the file)."""
     import datasets
+    from huggingface_hub.utils import logging as hub_logging
 
     was_disabled = datasets.utils.are_progress_bars_disabled()
+    hub_level, datasets_level = hub_logging.get_verbosity(), datasets.logging.get_verbosity()
     if not progress:
         datasets.disable_progress_bars()
+        hub_logging.set_verbosity_error()
+    if local:
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     try:
         yield
     finally:
         if not progress and not was_disabled:
             datasets.enable_progress_bars()
+        hub_logging.set_verbosity(hub_level)
+        datasets.logging.set_verbosity(datasets_level)
 
 
 def _load_local(builder: str, progress: bool, **kwargs: Any) -> Any:
@@ -145,12 +156,27 @@ def _load_local(builder: str, progress: bool, **kwargs: Any) -> Any:
     (our own cache keeps the preprocessed arrays, so a second copy of the raw data would only take space)."""
     import datasets
 
-    with _quiet(progress), tempfile.TemporaryDirectory(prefix="hmlib-hf-") as tmp:
+    with _quiet(progress, local=True), tempfile.TemporaryDirectory(prefix="hmlib-hf-") as tmp:
         return datasets.load_dataset(builder, cache_dir=tmp, keep_in_memory=True, **kwargs)
 
 
+def check_parquet(path: Path) -> None:
+    """DatasetError naming ``path`` when it is not a readable parquet file (truncated, not parquet) or has no rows."""
+    import pyarrow.parquet as pq
+
+    try:
+        num_rows = pq.read_metadata(path).num_rows
+    except Exception as err:  # ArrowInvalid, OSError: the footer is missing or damaged
+        raise DatasetError(f"{path} is not a readable parquet file ({describe_error(err)}); it is truncated or "
+                           "corrupt: copy it again from its source, or remove it") from None
+    if num_rows == 0:
+        raise DatasetError(f"{path} holds no rows; fill it, or remove it")
+
+
 def read_parquet(files: list[Path], *, progress: bool = True) -> Any:
-    """The parquet file(s) of one split, in the hub schema -> ``datasets.Dataset``."""
+    """The parquet file(s) of one split, in the hub schema -> ``datasets.Dataset`` (each file checked first)."""
+    for path in files:
+        check_parquet(path)
     return _load_local("parquet", progress, data_files={"train": [str(p) for p in files]}, split="train")
 
 
@@ -159,13 +185,37 @@ def read_image_folder(folder: Path, *, progress: bool = True) -> Any:
     return _load_local("imagefolder", progress, data_dir=str(folder))
 
 
+def offline_requested() -> bool:
+    """Whether the environment asks for offline mode now (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE true)."""
+    return any(os.environ.get(key, "").upper() in ("1", "ON", "YES", "TRUE")
+               for key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+@contextmanager
+def _offline_as_now() -> Iterator[None]:
+    """Honour an offline mode set after ``datasets`` was imported: both libraries read the variables once, at
+    import, and would otherwise retry an unreachable hub for about 25 s. The HF cache is still used offline."""
+    import datasets
+    from huggingface_hub import constants
+
+    if not offline_requested():
+        yield
+        return
+    saved = constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE
+    constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE, datasets.config.HF_DATASETS_OFFLINE = saved
+
+
 def read_hub(hub_id: str, *, progress: bool = True) -> tuple[Any, str]:
     """A hub dataset -> ``(datasets.DatasetDict, revision)``; revision is the commit sha or 'unknown'."""
     import datasets
 
-    with _quiet(progress):  # downloads and arrow files go to the Hugging Face cache (HF_HOME), as usual
+    with _quiet(progress), _offline_as_now():  # downloads and arrow files go to the HF cache (HF_HOME), as usual
         loaded = datasets.load_dataset(hub_id)
-    return loaded, hub_revision(hub_id)
+        return loaded, hub_revision(hub_id)
 
 
 def hub_revision(hub_id: str) -> str:
@@ -185,8 +235,9 @@ def _pick(candidates: list[str], preferred: tuple[str, ...], what: str, columns:
         if name in candidates:
             return name
     if not candidates:
-        raise DatasetError(f"{where}: found no {what} column among {columns}; expected a datasets.{'Image' if what == 'image' else 'ClassLabel'} "
-                           f"feature or a column named one of {list(preferred)}")
+        feature = "Image" if what == "image" else "ClassLabel"
+        raise DatasetError(f"{where}: found no {what} column among {columns}; store the {what}s as a "
+                           f"datasets.{feature} feature or in a column named one of {list(preferred)}")
     raise DatasetError(f"{where}: ambiguous {what} column, candidates {candidates}; rename the one to use to "
                        f"'{preferred[0]}'")
 
@@ -205,6 +256,31 @@ def detect_columns(features: Any, where: str) -> tuple[str, str]:
     return _pick(images, IMAGE_NAMES, "image", columns, where), _pick(labels, LABEL_NAMES, "label", columns, where)
 
 
+def read_labels(column: Any, feature: Any) -> tuple[np.ndarray, list[str], dict[int, str]]:
+    """``(labels, names, bad)`` of a label column: int64 labels (-1 where unusable), class names, and
+    ``{row: reason}`` of rows whose label is missing or outside the classes."""
+    import datasets
+    import pyarrow as pa
+
+    null = np.asarray(column.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    if isinstance(feature, datasets.ClassLabel) or pa.types.is_integer(column.type):
+        labels = column.cast(pa.int64()).fill_null(-1).to_numpy(zero_copy_only=False).copy()
+        if isinstance(feature, datasets.ClassLabel):
+            names = list(feature.names)
+        else:
+            names = [str(i) for i in range(int(labels.max()) + 1 if labels.size and labels.max() >= 0 else 0)]
+    else:  # string (or other) labels: sorted unique values become the classes
+        raw = column.to_numpy(zero_copy_only=False)
+        names_arr, inverse = np.unique(raw[~null].astype(str), return_inverse=True)
+        names, labels = [str(n) for n in names_arr], np.full(null.shape[0], -1, dtype=np.int64)
+        labels[~null] = inverse
+    invalid = null | (labels < 0) | (labels >= len(names))
+    bad = {int(r): "missing label" if null[r] else f"label {labels[r]} outside 0..{len(names) - 1}"
+           for r in np.flatnonzero(invalid)}
+    labels[invalid] = -1
+    return labels, names, bad
+
+
 def split_from_dataset(dataset: Any, identity: dict[str, Any], location: str) -> SourceSplit:
     """Wrap one ``datasets.Dataset`` split: detect columns, read labels and names, keep images encoded."""
     import datasets
@@ -213,17 +289,8 @@ def split_from_dataset(dataset: Any, identity: dict[str, Any], location: str) ->
     if isinstance(dataset.features[image_col], datasets.Image):
         dataset = dataset.cast_column(image_col, datasets.Image(decode=False))
     table = dataset.with_format("arrow")[:]  # pyarrow Table (honours any index mapping)
-    feature = dataset.features[label_col]
-    raw = table.column(label_col).to_numpy(zero_copy_only=False)
-    if isinstance(feature, datasets.ClassLabel):
-        labels, names = raw.astype(np.int64), list(feature.names)
-    elif raw.dtype.kind in "iu":
-        labels = raw.astype(np.int64)
-        names = [str(i) for i in range(int(labels.max()) + 1 if labels.size else 0)]
-    else:  # string (or other) labels: sorted unique values become the classes
-        names_arr, labels = np.unique(raw.astype(str), return_inverse=True)
-        names, labels = [str(n) for n in names_arr], labels.astype(np.int64)
-    if labels.size and (labels.min() < 0 or labels.max() >= len(names)):
-        raise DatasetError(f"{location}: labels outside 0..{len(names) - 1} (min {labels.min()}, max {labels.max()})")
+    if table.num_rows == 0:
+        raise DatasetError(f"{location} holds no rows; fill it, or remove it")
+    labels, names, bad = read_labels(table.column(label_col), dataset.features[label_col])
     return SourceSplit(labels=labels, label_names=names, identity=identity, location=location, table=table,
-                       image_column=image_col)
+                       image_column=image_col, bad_rows=bad)

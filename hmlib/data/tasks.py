@@ -33,9 +33,13 @@ class TaskBatch:
 
 
 class TaskSampler:
-    """Draws tasks of ``num_images`` images from ``num_classes`` classes of one labelled split."""
+    """Draws tasks of ``num_images`` images from ``num_classes`` classes of one labelled split.
 
-    def __init__(self, labels: np.ndarray, num_classes: int, num_images: int, mode: str = "random") -> None:
+    ``where`` names the split in error messages (e.g. "dataset 'mnist' split 'test'").
+    """
+
+    def __init__(self, labels: np.ndarray, num_classes: int, num_images: int, mode: str = "random", *,
+                 where: str = "the labels") -> None:
         labels = np.asarray(labels)
         if labels.ndim != 1 or labels.dtype.kind not in "iu":
             raise ValueError(f"labels must be a 1-D integer array, got shape {labels.shape} dtype {labels.dtype}")
@@ -47,8 +51,7 @@ class TaskSampler:
         self.num_classes, self.num_images, self.mode = num_classes, num_images, mode
         self.class_ids, counts = np.unique(labels, return_counts=True)
         if num_classes > self.class_ids.size:
-            raise DatasetError(f"a task needs {num_classes} classes but the labels hold only {self.class_ids.size} "
-                               f"({self.class_ids.tolist()}); lower task.num_classes")
+            raise DatasetError(too_few_classes(self.class_ids.size, num_classes, where))
         self.order = np.argsort(labels, kind="stable")  # image indices grouped by class
         self.starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
         self.counts = counts
@@ -62,7 +65,8 @@ class TaskSampler:
             worst = short[np.argmin(counts[short])]
             raise DatasetError(f"a task of {num_images} images over {num_classes} classes takes up to {self.per_class} "
                                f"images per class, but class {self.class_ids[worst]} holds only {counts[worst]} "
-                               f"({short.size} classes hold too few); lower task.num_images or use a larger split")
+                               f"in {where} ({short.size} classes hold too few); lower task.num_images or use a "
+                               "larger split")
 
     def sample(self, num_tasks: int, rng: np.random.Generator) -> TaskBatch:
         """Draw ``num_tasks`` tasks; images within a task are in random order."""
@@ -127,16 +131,24 @@ class TaskSampler:
         return draws
 
 
+def too_few_classes(available: int, num_classes: int, where: str) -> str:
+    """The error message for a split with fewer classes than a task's K."""
+    return (f"a task needs {num_classes} classes (task.num_classes) but only {available} are in {where} (fewer than "
+            f"the {num_classes} required); lower task.num_classes to at most {available}, or use a dataset with at "
+            f"least {num_classes} classes")
+
+
 def sample_tasks(labels: np.ndarray, num_tasks: int, num_classes: int, num_images: int, mode: str = "random",
-                 seed: int = 0) -> TaskBatch:
+                 seed: int = 0, *, where: str = "the labels") -> TaskBatch:
     """``num_tasks`` tasks from ``labels`` (deterministic for ``seed``)."""
-    return TaskSampler(labels, num_classes, num_images, mode).sample(num_tasks, np.random.default_rng(seed))
+    return TaskSampler(labels, num_classes, num_images, mode, where=where).sample(num_tasks,
+                                                                               np.random.default_rng(seed))
 
 
-def fit_task_size(labels: np.ndarray, num_classes: int, num_images: int) -> int:
+def fit_task_size(labels: np.ndarray, num_classes: int, num_images: int, *, where: str = "the labels") -> int:
     """Largest task size <= ``num_images`` whose balanced K-class tasks every class of ``labels`` can fill."""
     counts = np.bincount(np.asarray(labels, dtype=np.int64))
     counts = counts[counts > 0]
     if len(counts) < num_classes:
-        raise DatasetError(f"only {len(counts)} classes, fewer than the {num_classes} a task needs")
+        raise DatasetError(too_few_classes(len(counts), num_classes, where))
     return int(min(num_images, num_classes * counts.min()))

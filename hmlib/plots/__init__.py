@@ -9,23 +9,15 @@ from __future__ import annotations
 import matplotlib as mpl
 import seaborn as sns
 
+from hmlib.evaluation.methods import METHODS
+
 # Colour-blind-safe base palette (seaborn "colorblind" = Wong/Okabe-Ito family), fixed order.
 PALETTE: tuple[str, ...] = tuple(sns.color_palette("colorblind", 10).as_hex())
 
-# A method keeps one colour everywhere: the hypernetwork family in blues/greens, baselines in warm
-# and grey tones, references (chance, ceiling) in greys.
-METHOD_COLORS: dict[str, str] = {
-    "hypernet": PALETTE[0],  # before test-time adaptation (0 inner steps)
-    "hypernet_adapted": PALETTE[2],  # after test-time adaptation
-    "no_inner_loop": PALETTE[9],  # meta-trained without the inner loop (MT3 ablation)
-    "pixel_noise": PALETTE[4],  # conditioning on noise images
-    "kmeans_latent": PALETTE[1],
-    "gmm_latent": PALETTE[3],
-    "kmeans_pixels": PALETTE[5],
-    "spectral_pixels": PALETTE[8],
-    "logreg_ceiling": "#555555",
-    "chance": "#9a9a9a",
-}
+# Methods keep one colour and label everywhere: they come from the method registry
+# (hmlib.evaluation.methods.METHODS); these are the few extra series the figures draw.
+EXTRA_COLORS: dict[str, str] = {"chance": "#9a9a9a"}
+EXTRA_LABELS: dict[str, str] = {"chance": "chance"}
 
 DATASET_COLORS: dict[str, str] = {
     "mnist": PALETTE[0],
@@ -33,20 +25,6 @@ DATASET_COLORS: dict[str, str] = {
     "kmnist": PALETTE[2],
     "hebrew_chars": PALETTE[3],
     "math_shapes": PALETTE[4],
-}
-
-# Human-readable labels for legends and table headers.
-METHOD_LABELS: dict[str, str] = {
-    "hypernet": "hypernet (no adaptation)",
-    "hypernet_adapted": "hypernet + test-time adaptation",
-    "no_inner_loop": "meta-trained without inner loop",
-    "pixel_noise": "pixel-noise conditioning",
-    "kmeans_latent": "k-means on VAE means",
-    "gmm_latent": "GMM on VAE means",
-    "kmeans_pixels": "k-means on pixels",
-    "spectral_pixels": "spectral on pixels",
-    "logreg_ceiling": "supervised ceiling (logreg)",
-    "chance": "chance",
 }
 
 SEQUENTIAL_CMAP = "viridis"  # ordered quantities (steps, learning rates)
@@ -119,13 +97,15 @@ def _fallback(name: str) -> str:
 
 
 def method_color(name: str) -> str:
-    """Colour of a method (fixed for known methods, stable for any other name)."""
-    return METHOD_COLORS.get(name, _fallback(name))
+    """Colour of a method (from the method registry; stable for any other name)."""
+    method = METHODS.get(name)
+    return method.color if method is not None else EXTRA_COLORS.get(name, _fallback(name))
 
 
 def method_label(name: str) -> str:
-    """Legend label of a method (its name if it has no fixed label)."""
-    return METHOD_LABELS.get(name, name.replace("_", " "))
+    """Legend label of a method (from the method registry; its name otherwise)."""
+    method = METHODS.get(name)
+    return method.label if method is not None else EXTRA_LABELS.get(name, name.replace("_", " "))
 
 
 def dataset_color(name: str) -> str:
@@ -134,6 +114,6 @@ def dataset_color(name: str) -> str:
 
 
 __all__ = [
-    "PALETTE", "METHOD_COLORS", "METHOD_LABELS", "DATASET_COLORS", "SEQUENTIAL_CMAP", "CONFUSION_CMAP",
+    "PALETTE", "DATASET_COLORS", "SEQUENTIAL_CMAP", "CONFUSION_CMAP",
     "IMAGE_CMAP", "set_style", "method_color", "method_label", "dataset_color",
 ]

@@ -1,4 +1,4 @@
-"""Figures of notebook 04: step curves, paired differences, leave-one-dataset-out, the explorer's views."""
+"""Figures of notebook 04: step curves, paired differences and the explorer's views."""
 from __future__ import annotations
 
 import io
@@ -10,8 +10,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from hmlib.metrics import mean_ci
-from hmlib.plots import CONFUSION_CMAP, PALETTE, method_color
+from hmlib.plots import CONFUSION_CMAP, PALETTE, method_color, method_label
+from hmlib.stats import mean_ci
 
 if TYPE_CHECKING:  # imported for type hints only (no import cycle at run time)
     from hmlib.ablations import AblationResult
@@ -19,33 +19,30 @@ if TYPE_CHECKING:  # imported for type hints only (no import cycle at run time)
 
 
 def _band(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Means and 95% half-widths over tasks (axis 0) for every column of (T, C) values."""
-    stats = np.array([mean_ci(values[:, c]) for c in range(values.shape[1])])
-    return stats[:, 0], stats[:, 1]
+    """Means and 95% half-widths over tasks (axis 0) for every column of (T, C) values (0 width if undefined)."""
+    stats = [mean_ci(values[:, c]) for c in range(values.shape[1])]
+    return np.array([m for m, _ in stats]), np.array([h or 0.0 for _, h in stats])
 
 
 def plot_step_curve(result: "AblationResult", steps: Sequence[int], *, label: str | None = None) -> Figure:
     """Accuracy (mean ± 95% CI over tasks) against the number of test-time inner steps, with k-means."""
     label = label or result.variants[0]["label"]
-    acc = result.acc[label]
+    acc = result.curve(label)
     steps = [s for s in steps if s < acc.shape[1]]
     mean, half = _band(acc[:, steps] * 100)
     positions = np.arange(len(steps))  # equal spacing: the grid is roughly geometric
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     ax.plot(positions, mean, "o-", color=method_color("hypernet_adapted"), label="hypernet + adaptation")
     ax.fill_between(positions, mean - half, mean + half, color=method_color("hypernet_adapted"), alpha=0.2)
-    kmeans = result.kmeans(label)
-    if kmeans is not None:
-        k_mean, k_half = mean_ci(kmeans * 100)
-        ax.axhline(k_mean, color=method_color("kmeans_latent"), ls="--", label="k-means on VAE means")
-        ax.axhspan(k_mean - k_half, k_mean + k_half, color=method_color("kmeans_latent"), alpha=0.15)
+    k_mean, k_half = mean_ci(result.kmeans.mean(axis=0) * 100)
+    ax.axhline(k_mean, color=method_color("kmeans_embedding"), ls="--", label=method_label("kmeans_embedding"))
+    ax.axhspan(k_mean - (k_half or 0), k_mean + (k_half or 0), color=method_color("kmeans_embedding"), alpha=0.15)
     ax.axhline(100 / _num_classes(result), color=method_color("chance"), ls=":", label="1/K")
     ax.set_xticks(positions, [str(s) for s in steps])
     ax.set_xlabel("test-time inner steps")
     ax.set_ylabel("clustering accuracy (%)")
-    info = result.variant_info(label)
-    ax.set_title(f"{info['dataset']} ({info['setting'].replace('_', '-')}), {acc.shape[0]} tasks, "
-                 f"N = {info.get('task_size', '?')}")
+    ax.set_title(f"{result.dataset} ({result.setting.replace('_', '-')}), {acc.shape[0]} tasks, N = {result.task_size}, "
+                 f"{len(result.seeds)} seed(s)")
     ax.legend(loc="best")
     return fig
 
@@ -65,12 +62,11 @@ def plot_comparison(result: "AblationResult") -> Figure:
     ax = axes[0, 0]
     for offset, key, name in ((0.15, "before", "hypernet"), (-0.15, "after", "hypernet_adapted")):
         means = [100 * r[key]["mean"] for r in rows]
-        halves = [100 * r[key]["half"] for r in rows]
+        halves = [100 * (r[key]["ci"] or 0) for r in rows]
         ax.errorbar(means, y + offset, xerr=halves, fmt="o", capsize=3, color=method_color(name),
                     label="before adaptation" if key == "before" else "after adaptation")
-    if all("kmeans" in r for r in rows):
-        ax.scatter([100 * r["kmeans"]["mean"] for r in rows], y, marker="|", s=200,
-                   color=method_color("kmeans_latent"), label="k-means on VAE means", zorder=3)
+    ax.scatter([100 * r["kmeans"]["mean"] for r in rows], y, marker="|", s=200,
+               color=method_color("kmeans_embedding"), label=method_label("kmeans_embedding"), zorder=3)
     ax.set_yticks(y, labels)
     ax.set_ylim(y.min() - 0.6, y.max() + 0.6)
     ax.set_xlabel("clustering accuracy (%), mean ± 95% CI")
@@ -84,41 +80,11 @@ def plot_comparison(result: "AblationResult") -> Figure:
                 continue
             color = method_color("hypernet_adapted") if stat["excludes_zero"] and stat["mean"] > 0 else (
                 method_color("kmeans_pixels") if stat["excludes_zero"] else method_color("chance"))
-            ax.errorbar([100 * stat["mean"]], [yi], xerr=[100 * stat["half"]], fmt="o", capsize=3, color=color)
+            ax.errorbar([100 * stat["mean"]], [yi], xerr=[100 * (stat["ci"] or 0)], fmt="o", capsize=3, color=color)
         ax.axvline(0, color="black", lw=0.8)
         ax.xaxis.set_major_locator(MaxNLocator(nbins=6))
         ax.set_xlabel(f"paired difference vs {result.reference} (points)")
     fig.suptitle(result.title)
-    return fig
-
-
-def plot_lodo(result: "AblationResult") -> Figure:
-    """Leave-one-dataset-out matrix: rows held-out datasets, columns before / after / k-means (mean %)."""
-    rows = result.summary()
-    columns = ["before adaptation", "after adaptation", "k-means (VAE means)", "gain (pts)"]
-    values = np.array([[100 * r["before"]["mean"], 100 * r["after"]["mean"],
-                        100 * r["kmeans"]["mean"] if "kmeans" in r else np.nan, 100 * r["gain"]["mean"]]
-                       for r in rows])
-    halves = np.array([[100 * r["before"]["half"], 100 * r["after"]["half"],
-                        100 * r["kmeans"]["half"] if "kmeans" in r else np.nan, 100 * r["gain"]["half"]]
-                       for r in rows])
-    fig, (ax, ax_gain) = plt.subplots(1, 2, figsize=(10, 0.6 * len(rows) + 1.8),
-                                      gridspec_kw={"width_ratios": [3, 1]})
-    ax.imshow(values[:, :3], cmap=CONFUSION_CMAP, vmin=0, vmax=100, aspect="auto")
-    for (i, j), v in np.ndenumerate(values[:, :3]):
-        ax.text(j, i, f"{v:.1f}\n± {halves[i, j]:.1f}", ha="center", va="center",
-                color="white" if v > 60 else "black", fontsize="small")
-    ax.set_xticks(range(3), columns[:3])
-    ax.set_yticks(range(len(rows)), [f"{r['dataset']} (N={r['task_size']})" for r in rows])
-    ax.set_ylabel("held-out dataset")
-    ax.grid(False)
-    y = np.arange(len(rows))
-    ax_gain.errorbar(values[:, 3], y, xerr=halves[:, 3], fmt="o", capsize=3, color=method_color("hypernet_adapted"))
-    ax_gain.axvline(0, color="black", lw=0.8)
-    ax_gain.set_ylim(len(rows) - 0.5, -0.5)
-    ax_gain.set_yticks(y, [""] * len(rows))
-    ax_gain.set_xlabel("test-time gain (points)")
-    fig.suptitle(result.title + " — accuracy %, mean ± 95% CI")
     return fig
 
 

@@ -8,20 +8,17 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from hmlib.plots import method_color
-
-
-def _pct(row: Mapping[str, Any]) -> str:
-    return f"{100 * row['accuracy']:.1f} ± {100 * row['ci']:.1f}"
+from hmlib.stats import pct, signed
 
 
 def evaluation_table(rows: Sequence[Mapping[str, Any]], title: str | None = None) -> Figure:
-    """The evaluation table (summary rows of hmlib.evaluate) drawn as a figure, for reports."""
-    header = ["setting", "N", "method", "accuracy % (95% CI)", "ms / task", "gain, points (95% CI)"]
-    cells = [[row["setting"], str(row["num_images"]), row["label"], _pct(row),
+    """The evaluation table (summary rows of hmlib.evaluation) drawn as a figure, for reports."""
+    header = ["setting", "N", "method", "accuracy % (95% CI)", "ms / task", "vs k-means on embedding", "test-time gain"]
+    cells = [[row["setting"], str(row["num_images"]), row["label"], pct({"mean": row["accuracy"], "ci": row["ci"]}),
               "" if row.get("ms_per_task") is None else f"{row['ms_per_task']:.1f}",
-              f"{100 * row['gain']:+.1f} ± {100 * row['gain_ci']:.1f}" if "gain" in row else ""]
-             for row in rows]
-    fig, ax = plt.subplots(figsize=(11, 0.45 * (len(cells) + 2)))
+              signed(row["vs"].get("kmeans_embedding")) if "vs" in row else "",
+              signed(row["gain"]) if "gain" in row else ""] for row in rows]
+    fig, ax = plt.subplots(figsize=(12, 0.45 * (len(cells) + 2)))
     ax.axis("off")
     table = ax.table(cellText=cells or [[""] * len(header)], colLabels=header, loc="center", cellLoc="left")
     table.auto_set_font_size(False)
@@ -35,7 +32,7 @@ def evaluation_table(rows: Sequence[Mapping[str, Any]], title: str | None = None
     return fig
 
 
-def task_scatter(hyper_acc: np.ndarray, baseline_acc: np.ndarray, *, baseline_label: str = "k-means on VAE means",
+def task_scatter(hyper_acc: np.ndarray, baseline_acc: np.ndarray, *, baseline_label: str = "k-means on the embedding",
                  hyper_label: str = "hypernetwork + adaptation", title: str | None = None) -> Figure:
     """Per-task accuracy of the hypernetwork (y) against a baseline (x) on identical tasks; diagonal = tie."""
     hyper_acc = 100 * np.asarray(hyper_acc, dtype=np.float64)
@@ -71,7 +68,7 @@ def accuracy_bars(rows: Sequence[Mapping[str, Any]], *, num_classes: int | None 
             if row is not None:
                 xs.append(g - 0.4 + width * (m + 0.5))
                 means.append(100 * row["accuracy"])
-                errs.append(100 * row["ci"])
+                errs.append(100 * (row["ci"] or 0.0))
         ax.bar(xs, means, width=width * 0.95, yerr=errs, capsize=2, color=method_color(method), label=labels[method])
     if num_classes:
         ax.axhline(100 / num_classes, color="#9a9a9a", ls="--", lw=1, label=f"1/K = {100 / num_classes:.0f}%")

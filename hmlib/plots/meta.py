@@ -36,19 +36,15 @@ def plot_training_curves(histories: Mapping[str, Mapping[str, list]], *, smooth:
         ev = np.asarray(history["eval_iteration"])
         axes[2].plot(ev, history["val_acc_before"], color=color, ls=":", marker=".", label=f"{label}, before")
         axes[2].plot(ev, history["val_acc_after"], color=color, marker=".", label=f"{label}, after")
-        monitor = np.asarray(history.get("monitor_acc_after", []), dtype=np.float64)
-        if monitor.size and np.isfinite(monitor).any():
-            axes[2].plot(ev, monitor, color=color, ls="--", alpha=0.6, label=f"{label}, held-out train (monitor)")
     if chance is not None:
         axes[2].axhline(chance, color=method_color("chance"), lw=1, ls="-.", label="chance")
-    axes[0].set(title="outer loss (aligned CE, query)", xlabel="iteration", ylabel="loss")
+    axes[0].set(title="outer loss (aligned CE)", xlabel="iteration", ylabel="loss")
     axes[1].set(title="inner loss (dotted: before steps)", xlabel="iteration", ylabel="loss")
-    axes[2].set(title="validation accuracy (dotted: before)", xlabel="iteration",
+    axes[2].set(title="validation accuracy, cross-fitted (dotted: before)", xlabel="iteration",
                 ylabel="clustering accuracy")
     axes[0].legend(fontsize="x-small")  # one colour per run; line styles explained once, on the right
     styles = [Line2D([], [], color="#555555", ls="-", label="after the inner steps"),
-              Line2D([], [], color="#555555", ls=":", label="before"),
-              Line2D([], [], color="#555555", ls="--", alpha=0.6, label="held-out dataset, train split (monitor)")]
+              Line2D([], [], color="#555555", ls=":", label="before")]
     if chance is not None:
         styles.append(Line2D([], [], color=method_color("chance"), ls="-.", label="chance"))
     axes[2].legend(handles=styles, fontsize="x-small", loc="lower right")
@@ -62,7 +58,7 @@ def _aligned(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarr
 
 def plot_task_adaptation(points_2d: np.ndarray, labels: np.ndarray, predictions: Mapping[str, np.ndarray], *,
                          title: str = "") -> Figure:
-    """One task's latents in 2-D, coloured by true class and by each prediction (clusters matched to classes)."""
+    """One task's features in 2-D, coloured by true class and by each prediction (clusters matched to classes)."""
     num_classes = int(max(labels.max(), *(p.max() for p in predictions.values()))) + 1
     colors = np.asarray(PALETTE)[:num_classes]
     panels = {"true class": labels, **{k: _aligned(np.asarray(v), labels, num_classes) for k, v in predictions.items()}}

@@ -7,6 +7,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
+from hmlib.features import project_2d
+
 from hmlib.plots import IMAGE_CMAP, PALETTE, dataset_color
 
 
@@ -67,28 +69,6 @@ def plot_reconstructions(originals: Mapping[str, np.ndarray], reconstructions: M
     return fig
 
 
-def pca_2d(x: np.ndarray) -> np.ndarray:
-    """Project rows of ``x`` (N, d) onto their first two principal components, (N, 2), with a fixed orientation."""
-    centred = np.asarray(x, dtype=np.float64) - np.mean(x, axis=0)
-    _, _, vh = np.linalg.svd(centred, full_matrices=False)
-    proj = centred @ vh[:2].T
-    signs = np.sign(proj[np.abs(proj).argmax(0), np.arange(proj.shape[1])])  # deterministic orientation
-    proj = proj * np.where(signs == 0, 1.0, signs)
-    return np.pad(proj, ((0, 0), (0, max(0, 2 - proj.shape[1]))))
-
-
-def project_2d(points: np.ndarray, method: str = "pca", seed: int = 0) -> np.ndarray:
-    """2-D projection (n, 2) of points (n, d): "pca" (SVD) or "tsne" (scikit-learn)."""
-    points = np.asarray(points, dtype=np.float64)
-    if method == "pca":
-        return pca_2d(points)
-    if method == "tsne":
-        from sklearn.manifold import TSNE
-
-        return TSNE(2, init="pca", perplexity=min(30.0, (len(points) - 1) / 3), random_state=seed).fit_transform(points)
-    raise ValueError(f"unknown projection {method!r}; use 'pca' or 'tsne'")
-
-
 def plot_latent_projection(latents: Mapping[str, tuple[np.ndarray, np.ndarray]], method: str = "pca",
                            max_points: int = 1000, seed: int = 0,
                            title: str = "Posterior means, coloured by class") -> Figure:
@@ -125,3 +105,37 @@ def pick_examples(labels: np.ndarray, num: int = 12, seed: int = 0) -> np.ndarra
     rank[sort] = np.arange(len(labels)) - starts
     picked = order[np.lexsort((rng.random(len(labels)), rank))[:num]]
     return picked[np.argsort(labels[picked], kind="stable")]
+
+
+def plot_backbone_training(metas: Mapping[str, Mapping]) -> Figure:
+    """Training loss and training accuracy per epoch of each backbone (from its checkpoint meta)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for i, (label, meta) in enumerate(metas.items()):
+        history = meta["history"]
+        epochs = [h["epoch"] + 1 for h in history]
+        color = PALETTE[i % len(PALETTE)]
+        axes[0].plot(epochs, [h["loss"] for h in history], "o-", color=color, label=label)
+        axes[1].plot(epochs, [100 * h["train_accuracy"] for h in history], "o-", color=color, label=label)
+    axes[0].set(title="cross-entropy (label smoothing, augmented)", xlabel="epoch", ylabel="loss")
+    axes[1].set(title="training accuracy over the meta-training classes", xlabel="epoch", ylabel="%")
+    axes[0].legend(fontsize="x-small")
+    return fig
+
+
+def plot_cluster_quality(rows: Sequence[Mapping]) -> Figure:
+    """k-means accuracy (mean ± 95% CI) per dataset for each representation (rows of evaluation.quality)."""
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    reps = list(dict.fromkeys(r["representation"] for r in rows))
+    width = 0.8 / max(len(reps), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 * len(datasets) + 2), 3.8))
+    for j, rep in enumerate(reps):
+        picked = {r["dataset"]: r for r in rows if r["representation"] == rep}
+        xs = [i - 0.4 + width * (j + 0.5) for i, d in enumerate(datasets) if d in picked]
+        ax.bar(xs, [picked[d]["accuracy %"] for d in datasets if d in picked], width=0.95 * width,
+               yerr=[picked[d]["95% CI ±"] or 0 for d in datasets if d in picked], capsize=2,
+               color=PALETTE[j % len(PALETTE)], label=rep)
+    ax.set_xticks(range(len(datasets)), [f"{d}\n({rows[0]['role_of'][d]})" if "role_of" in rows[0] else d
+                                          for d in datasets])
+    ax.set(ylabel="k-means accuracy % (95% CI)", ylim=(0, 100), title="How well each representation clusters")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+    return fig

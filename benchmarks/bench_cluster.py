@@ -1,0 +1,67 @@
+"""``hmlib cluster`` on folders of images: throughput end to end, and accuracy where labels exist.
+
+    HMLIB_DATA_DIR=../shared/data .venv/bin/python benchmarks/bench_cluster.py --checkpoint models/hypernet_zero_shot_seed0-*.pt
+
+Writes folders of 1,000 PNG images drawn from a test split (K = 4 and K = 10 classes), clusters each folder as
+``hmlib cluster`` does (decode, preprocess, embed, generate, adapt, assign), times it on one thread, and scores the
+clusters against the labels the folder was drawn from, beside k-means on raw pixels and on the backbone embedding
+of the same images. Writes results/bench/cluster.json.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from common import record, setup
+from hmlib import data
+from hmlib.cluster.estimator import HyperClusterer
+from hmlib.cluster.images import export_image_folder, load_images
+from hmlib.config import load_config
+from hmlib.evaluation.methods import METHODS, run_clusterer
+from hmlib.metrics import clustering_accuracy
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--images", type=int, default=1000)
+    parser.add_argument("--datasets", nargs="+", default=["mnist", "fashion_mnist"])
+    args = parser.parse_args()
+    machine = setup(1)
+    cfg = load_config("default")
+    figures, rng = {}, np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        for dataset in args.datasets:
+            split = data.load_split(dataset, "test", cfg.data, progress=False)
+            for k in (4, 10):
+                classes = np.sort(rng.choice(np.unique(split.labels), size=k, replace=False))
+                pool = np.flatnonzero(np.isin(split.labels, classes))
+                pick = np.sort(rng.choice(pool, size=args.images, replace=False))
+                folder = export_image_folder(split.images[pick], Path(tmp) / f"{dataset}_k{k}")
+                labels = np.searchsorted(classes, split.labels[pick])
+                start = time.perf_counter()
+                collection = load_images(folder, progress=False)
+                clusterer = HyperClusterer.from_checkpoint(args.checkpoint, n_clusters=k).fit(collection.images)
+                seconds = time.perf_counter() - start
+                order = np.argsort(collection.names)  # names are the row order written above
+                pred = clusterer.labels_[order]
+                pixels = run_clusterer(METHODS["kmeans_pixels"], collection.images.reshape(len(pick), -1) / 255.0,
+                                       k, 0, cfg.eval.kmeans_n_init)[0][order]
+                embedding = run_clusterer(METHODS["kmeans_embedding"], clusterer.transform(collection.images), k, 0,
+                                          cfg.eval.kmeans_n_init)[0][order]
+                row = {"hmlib cluster %": 100 * clustering_accuracy(pred, labels, k),
+                       "k-means on raw pixels %": 100 * clustering_accuracy(pixels, labels, k),
+                       "k-means on the embedding %": 100 * clustering_accuracy(embedding, labels, k),
+                       "images/s end to end": len(pick) / seconds}
+                print(f"{dataset}, K = {k}, {len(pick)} images: " + ", ".join(f"{key} {v:.1f}" for key, v in row.items()))
+                figures.update({f"{dataset} K={k}: {key}": round(v, 1) for key, v in row.items()})
+    print(machine)
+    record("cluster", {**figures, "_machine": machine, "_checkpoint": str(args.checkpoint)})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Training the backbone and finding it again: ``get_backbone`` loads a matching checkpoint or trains one.
+
+The backbone learns with labels from the meta-training datasets only (their train splits minus the
+validation part), cross-entropy over the union of their classes with label smoothing, random affine
+augmentation, AdamW with a one-cycle schedule. ``left_out=d`` trains the same recipe without dataset ``d``
+(cross-fitting: meta-training reads dataset ``d`` through a backbone that never saw it).
+
+Checkpoints: ``models/backbone_seed<s>[_without-<d>]-<hash>.pt`` with settings, data fingerprints,
+metrics and per-epoch history; the identity ``backbone_id`` is a hash of the weights.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from hmlib import data, paths
+from hmlib.artifacts import ArtifactError, load_checkpoint, load_or_build, named_path, save_checkpoint, state_fingerprint
+from hmlib.backbone.model import ConvBackbone, augment, batchnorm_layers
+from hmlib.config import Config, ConfigError, config_to_dict, resolve_device
+from hmlib.features import images_to_tensor
+from hmlib.protocol import train_val_indices
+from hmlib.reproducibility import seeded
+from hmlib.vae.train import make_command
+
+ADAPT_BN_IMAGES = 10000  # unlabeled images that set a dataset's normalisation statistics (transductive)
+
+
+class BackboneTrainingError(ArtifactError):
+    """Backbone training diverged (non-finite loss); no checkpoint was written."""
+
+
+def training_datasets(cfg: Config, left_out: str | None) -> tuple[str, ...]:
+    """The meta-training datasets, minus ``left_out`` (a cross-fitting fold)."""
+    names = tuple(d for d in cfg.meta.train_datasets if d != left_out)
+    if left_out is not None and left_out not in cfg.meta.train_datasets:
+        raise ConfigError(f"left_out = {left_out!r} is not a meta-training dataset ({', '.join(cfg.meta.train_datasets)})")
+    if not names:
+        raise ConfigError("cross-fitting needs at least two meta-training datasets (backbone.cross_fit = false "
+                          "for one)")
+    return names
+
+
+def backbone_identity(cfg: Config, seed: int, left_out: str | None, fingerprints: dict[str, str]) -> dict[str, Any]:
+    """Everything that makes two backbones different: settings, seed, training data and its validation part."""
+    settings = config_to_dict(cfg.backbone)
+    for key in ("retrain", "cross_fit"):
+        settings.pop(key)
+    return {"kind": "backbone", "seed": int(seed), "left_out": left_out, "settings": settings,
+            "val_fraction": cfg.meta.val_fraction, "data_fingerprints": fingerprints}
+
+
+def train_backbone(image_sets: Sequence[Any], cfg: Config, seed: int, *, progress: bool = True,
+                   desc: str = "backbone") -> tuple[ConvBackbone, dict[str, Any]]:
+    """Train a backbone on the training part of each ImageSet; return it (eval mode) and its history/metrics."""
+    bb = cfg.backbone
+    images, labels, offset = [], [], 0
+    for image_set in image_sets:
+        keep, _ = train_val_indices(image_set.labels, cfg)
+        images.append(torch.as_tensor(image_set.images[keep]))
+        labels.append(torch.as_tensor(np.asarray(image_set.labels)[keep] + offset))
+        offset += int(np.max(image_set.labels)) + 1
+    with seeded(seed):
+        model = ConvBackbone(bb.channels, bb.embed_dim, offset)
+    generator = torch.Generator().manual_seed(seed)
+    steps_per_epoch = math.ceil(bb.images_per_dataset * len(images) / bb.batch_size)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=bb.lr, weight_decay=bb.weight_decay)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=bb.lr, total_steps=bb.epochs * steps_per_epoch)
+    history: list[dict[str, float]] = []
+    started = time.perf_counter()
+    bar = tqdm(total=bb.epochs * steps_per_epoch, desc=desc, disable=not progress, leave=False)
+    for epoch in range(bb.epochs):
+        draws = [torch.randint(len(x), (bb.images_per_dataset,), generator=generator) for x in images]
+        x_epoch = torch.cat([x[i] for x, i in zip(images, draws)])
+        y_epoch = torch.cat([y[i] for y, i in zip(labels, draws)])
+        model.train()
+        total, correct, seen = 0.0, 0, 0
+        for batch in torch.randperm(len(x_epoch), generator=generator).split(bb.batch_size):
+            x = augment(images_to_tensor(x_epoch[batch]), generator, bb.augment)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y_epoch[batch], label_smoothing=bb.label_smoothing)
+            if not torch.isfinite(loss):
+                raise BackboneTrainingError(f"{desc}: loss became {loss.item()} in epoch {epoch}; no checkpoint "
+                                            f"was written. Lower backbone.lr (now {bb.lr}).")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            total += float(loss.detach()) * len(batch)
+            correct += int((logits.argmax(1) == y_epoch[batch]).sum())
+            seen += len(batch)
+            bar.update(1)
+        history.append({"epoch": epoch, "loss": total / seen, "train_accuracy": correct / seen})
+        bar.set_postfix(loss=f"{total / seen:.3f}", acc=f"{correct / seen:.3f}")
+    bar.close()
+    seconds = time.perf_counter() - started
+    metrics = {"train_seconds": seconds, "num_classes": offset,
+               "train_images_per_second": bb.epochs * steps_per_epoch * bb.batch_size / max(seconds, 1e-9),
+               "final_loss": history[-1]["loss"], "final_train_accuracy": history[-1]["train_accuracy"]}
+    return model.eval(), {"history": history, "metrics": metrics}
+
+
+def backbone_from_state(state: dict[str, Any], meta: dict[str, Any]) -> ConvBackbone:
+    """Rebuild a backbone in eval mode from a checkpoint's state and meta."""
+    settings = meta["settings"]
+    model = ConvBackbone(settings["channels"], settings["embed_dim"], int(meta["metrics"]["num_classes"]))
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as err:
+        raise ArtifactError(f"backbone weights do not fit the recorded architecture ({str(err).splitlines()[0]}); "
+                            "delete the checkpoint to retrain") from err
+    return model.eval()
+
+
+def load_backbone(path: str | Path) -> tuple[ConvBackbone, dict[str, Any]]:
+    """Load a backbone checkpoint (weights_only) -> (model in eval mode, meta with 'backbone_id', 'path', 'name')."""
+    state, meta = load_checkpoint(path)
+    if meta.get("kind") != "backbone":
+        raise ArtifactError(f"{path} is not a backbone checkpoint (kind={meta.get('kind')!r})")
+    return backbone_from_state(state, meta), {**meta, "path": str(path), "name": Path(path).stem}
+
+
+def get_backbone(cfg: Config, seed: int, *, left_out: str | None = None, train: bool = True, progress: bool = True,
+                 verbose: bool = True) -> tuple[ConvBackbone, dict[str, Any]]:
+    """The backbone of replicate ``seed`` (without dataset ``left_out``): reused when it matches, else trained.
+
+    ``train=False`` never trains: a missing backbone is a MissingArtifactError naming the file and the command.
+    """
+    image_sets = [data.load_split(d, "train", cfg.data, progress=progress) for d in training_datasets(cfg, left_out)]
+    identity = backbone_identity(cfg, seed, left_out, {s.name: s.fingerprint for s in image_sets})
+    stem = f"backbone_seed{seed}" + (f"_without-{left_out}" if left_out else "")
+    path = named_path(paths.models_dir(), stem, identity)
+
+    def build() -> None:
+        print(f"Training {path.stem} on {', '.join(s.name for s in image_sets)} "
+              f"({cfg.backbone.epochs} epochs x {cfg.backbone.images_per_dataset} images per dataset).")
+        model, record = train_backbone(image_sets, cfg, seed, progress=progress, desc=path.stem)
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        save_checkpoint(path, state, {**identity, **record, "backbone_id": state_fingerprint(state),
+                                      "torch_version": str(torch.__version__)})
+        print(f"Saved {path} ({record['metrics']['train_seconds']:.0f} s).")
+
+    state, meta, reused = load_or_build(path, identity, build, retrain=cfg.backbone.retrain, allow_build=train,
+                                        what="backbone", how_to_make=make_command(cfg, "02"), verbose=verbose)
+    model = backbone_from_state(state, meta).to(resolve_device(cfg.device))
+    return model, {**meta, "path": str(path), "name": path.stem, "reused": reused}
+
+
+@torch.no_grad()
+def adapt_batchnorm(model: ConvBackbone, images: np.ndarray, *, batch_size: int = 500) -> ConvBackbone:
+    """A copy of ``model`` whose normalisation statistics are re-estimated on unlabeled ``images`` (AdaBN)."""
+    adapted = copy.deepcopy(model)
+    layers = batchnorm_layers(adapted)
+    for layer in layers:
+        layer.reset_running_stats()
+        layer.momentum = None  # cumulative average over the batches below
+    adapted.train()
+    device = next(adapted.parameters()).device
+    for start in range(0, len(images), batch_size):
+        adapted.features(images_to_tensor(images[start:start + batch_size]).to(device))
+    for layer in layers:
+        layer.momentum = 0.1
+    return adapted.eval()
+
+
+def bn_sample(images: np.ndarray, limit: int = ADAPT_BN_IMAGES) -> np.ndarray:
+    """A deterministic sample of at most ``limit`` images (evenly spaced) for :func:`adapt_batchnorm`."""
+    if len(images) <= limit:
+        return images
+    return images[np.linspace(0, len(images) - 1, limit).astype(np.int64)]
+
+
+def cross_fit_folds(cfg: Config) -> tuple[str | None, ...]:
+    """The backbones a replicate needs: the full one (None) and, with cross-fitting, one per left-out dataset."""
+    return (None, *cfg.meta.train_datasets) if cfg.backbone.cross_fit else (None,)
+
+
+def get_all_backbones(cfg: Config, *, train: bool = True, progress: bool = True
+                      ) -> dict[tuple[int, str | None], tuple[ConvBackbone, dict]]:
+    """Every backbone of the protocol, keyed (seed, left-out dataset or None)."""
+    return {(seed, fold): get_backbone(cfg, seed, left_out=fold, train=train, progress=progress)
+            for seed in cfg.seeds for fold in cross_fit_folds(cfg)}

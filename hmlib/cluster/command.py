@@ -1,0 +1,160 @@
+"""``hmlib cluster PATH --k K``: cluster an unlabeled image collection with a trained model and write the results.
+
+Order of work: check the arguments and the output folder, resolve the checkpoint, decode the images, fit the
+estimator, then write ``assignments.csv``, ``clusters.html`` and ``summary.json``. Bad input stops with one line
+``hmlib cluster: error: ...`` on stderr (exit status 2) before anything is written.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hmlib.artifacts import ArtifactError
+from hmlib.cluster.decode import one_line
+from hmlib.cluster.images import ClusterInputError, ImageCollection, input_kind, load_images
+from hmlib.cluster.outputs import (ASSIGNMENTS, CONTACT_SHEET, SUMMARY, build_summary, check_out_dir,
+                                   default_out_dir, write_assignments, write_summary)
+from hmlib.cluster.sheet import write_contact_sheet
+
+MAX_PRINTED = 20  # skipped files printed one per line; the rest are in summary.json
+
+DESCRIPTION = """Cluster the images at PATH into K groups with a meta-trained model, without labels.
+PATH is a folder of image files (searched recursively; any format Pillow reads), a parquet folder in the
+Hugging Face schema (<name>/{train,test}.parquet, or one .parquet file) or a hub id 'org/name'.
+Writes assignments.csv (file, cluster, confidence), clusters.html (a contact sheet) and summary.json to --out.
+Unreadable images are skipped and listed; files that are not images are ignored."""
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``hmlib cluster``; the handler is ``args.func(args)``."""
+    parser = subparsers.add_parser("cluster", help="cluster an unlabeled image folder, parquet folder or hub dataset",
+                                   description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", metavar="PATH", help="image folder, parquet folder / file, or hub id 'org/name'")
+    parser.add_argument("--k", type=int, required=True, metavar="K",
+                        help="number of clusters: at least 2, at most the number of images")
+    parser.add_argument("--checkpoint", type=Path, metavar="CKPT",
+                        help="model checkpoint (default: the pipeline's zero-shot checkpoint)")
+    parser.add_argument("--steps", type=int, metavar="S",
+                        help="adaptation steps at test time, 0 for none (default: the checkpoint's)")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="output folder (default: results/cluster/<name of PATH>/ under the artifact home)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help=f"replace {ASSIGNMENTS}, {CONTACT_SHEET} and {SUMMARY} in an existing --out")
+    parser.add_argument("--split", metavar="NAME",
+                        help="parquet / hub split to cluster (default: test if present, else train)")
+    parser.add_argument("--limit", type=int, metavar="N", help="cluster only the first N images (in sorted order)")
+    parser.add_argument("--per-cluster", type=int, default=12, metavar="M",
+                        help="thumbnails per row of the contact sheet (default: %(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run_cluster_command)
+    return parser
+
+
+def run_cluster_command(args: argparse.Namespace) -> int:
+    """Handler of ``hmlib cluster``: 0 on success, 2 with a one-line message on bad input."""
+    try:
+        return _cluster(args)
+    except ClusterInputError as err:
+        print(f"hmlib cluster: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    if args.k < 2:
+        raise ClusterInputError(f"--k must be at least 2 (got {args.k})")
+    if args.steps is not None and args.steps < 0:
+        raise ClusterInputError(f"--steps must be 0 or more (got {args.steps})")
+    if args.limit is not None and args.limit < 1:
+        raise ClusterInputError(f"--limit must be at least 1 (got {args.limit})")
+    if args.per_cluster < 1:
+        raise ClusterInputError(f"--per-cluster must be at least 1 (got {args.per_cluster})")
+
+
+def _estimator_api() -> Any:
+    """The model side, imported only when a run needs it."""
+    try:
+        return importlib.import_module("hmlib.cluster.estimator")
+    except ImportError as err:
+        raise ClusterInputError(f"the clustering model is not available ({one_line(err)})") from err
+
+
+def _checkpoint(api: Any, given: Path | None) -> Path:
+    if given is not None:
+        path = Path(given).expanduser().resolve()
+        if not path.is_file():
+            raise ClusterInputError(f"checkpoint not found: {path}")
+        return path
+    try:
+        return Path(api.default_checkpoint())
+    except (FileNotFoundError, ArtifactError) as err:
+        raise ClusterInputError(str(err).strip().splitlines()[0] if str(err).strip() else one_line(err)) from err
+
+
+def _fit(api: Any, checkpoint: Path, k: int, steps: int | None, images: np.ndarray) -> Any:
+    """The fitted estimator; a checkpoint or input it refuses becomes a one-line error."""
+    try:
+        model = api.HyperClusterer.from_checkpoint(checkpoint, n_clusters=k, num_steps=steps)
+    except (FileNotFoundError, ArtifactError, ValueError) as err:
+        raise ClusterInputError(f"cannot use checkpoint {checkpoint}: {one_line(err)}") from err
+    try:
+        model.fit(images)
+    except ValueError as err:
+        raise ClusterInputError(f"the model cannot cluster these images: {one_line(err)}") from err
+    return model
+
+
+def _results(model: Any, count: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels, confidence)`` from the fitted estimator, checked against its documented contract."""
+    labels, confidence = np.asarray(model.labels_), np.asarray(model.confidence_, dtype=np.float64)
+    in_range = count == 0 or (labels.dtype.kind in "iu" and 0 <= labels.min() and labels.max() < k)
+    if labels.shape != (count,) or not in_range:
+        raise RuntimeError(f"estimator labels_ must be ({count},) integers in 0..{k - 1}; got {labels.shape} "
+                           f"{labels.dtype}")
+    if confidence.shape != (count,) or not np.all((confidence >= 0) & (confidence <= 1)):
+        raise RuntimeError(f"estimator confidence_ must be ({count},) values in [0, 1]; got {confidence.shape}")
+    return labels.astype(np.int64), confidence
+
+
+def _print_skipped(collection: ImageCollection) -> None:
+    if collection.skipped:
+        print(f"skipped {len(collection.skipped)} unreadable file(s):")
+        for name, reason in collection.skipped[:MAX_PRINTED]:
+            print(f"  {name}: {reason}")
+        if len(collection.skipped) > MAX_PRINTED:
+            print(f"  ... and {len(collection.skipped) - MAX_PRINTED} more (listed in {SUMMARY})")
+    if collection.ignored:
+        print(f"ignored {len(collection.ignored)} file(s) that are not images (listed in {SUMMARY})")
+
+
+def _cluster(args: argparse.Namespace) -> int:
+    _check_arguments(args)
+    input_kind(args.path)  # a PATH that does not exist fails here, before any other check
+    out = check_out_dir(args.out if args.out is not None else default_out_dir(args.path), args.overwrite)
+    api = _estimator_api()
+    checkpoint = _checkpoint(api, args.checkpoint)
+    collection = load_images(args.path, progress=not args.quiet, limit=args.limit, split=args.split)
+    _print_skipped(collection)
+    if args.k > len(collection):
+        raise ClusterInputError(f"--k {args.k} is larger than the number of images ({len(collection)}) at "
+                                f"{collection.location}")
+    model = _fit(api, checkpoint, args.k, args.steps, collection.images)
+    labels, confidence = _results(model, len(collection), args.k)
+    summary = build_summary(collection, model, input_path=args.path, k=args.k, requested_steps=args.steps,
+                            labels=labels, confidence=confidence)
+    write_assignments(out / ASSIGNMENTS, collection.names, labels, confidence)
+    write_contact_sheet(out / CONTACT_SHEET, collection.images, labels, confidence, names=collection.names,
+                        n_clusters=args.k, per_cluster=args.per_cluster, summary=summary,
+                        title=f"hmlib cluster: {collection.location} (K={args.k})")
+    write_summary(out / SUMMARY, summary)
+    print(f"clustered {len(collection)} images from {collection.location} into K={args.k} clusters "
+          f"(checkpoint {summary['checkpoint']}, {summary['num_steps']} steps)")
+    for row in summary["clusters"]:
+        mean = f"mean confidence {row['mean_confidence']:.2f}" if row["size"] else "empty"
+        print(f"  cluster {row['cluster']:>3}: {row['size']:>7} images ({row['share']:6.1%})  {mean}")
+    print(f"wrote {out / ASSIGNMENTS}\n      {out / CONTACT_SHEET}\n      {out / SUMMARY}")
+    return 0

@@ -1,0 +1,162 @@
+"""``HyperClusterer``: a meta-trained checkpoint as a scikit-learn-style clusterer of unlabeled images.
+
+    clusterer = hmlib.HyperClusterer.from_checkpoint(path, n_clusters=5)
+    labels = clusterer.fit_predict(images)      # uint8 (N, H, W) arrays or a list of PIL images
+
+The checkpoint's bundled VAE reads the set's VAE distribution (the conditioning) and its bundled backbone embeds
+every image; the hypernetwork generates the set's classifier and the inner loop adapts it, exactly as on a task.
+Sets larger than ``max_fit_images`` are fitted on an evenly spaced sample of that many images (conditioning,
+kNN graph, prototypes and adaptation), and every image is then assigned in batches against the fitted classifier
+(:meth:`HyperNet.extend`): memory stays bounded by the sample, not the set.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from hmlib import paths
+from hmlib.artifacts import ArtifactError
+from hmlib.backbone.embeddings import embed_images
+from hmlib.config import IMAGE_SIZE
+from hmlib.data.preprocess import preprocess_images
+from hmlib.hyper.adapt import adapt
+from hmlib.hyper.bundle import Bundle, load_bundle
+from hmlib.hyper.hypernet import TaskInputs
+from hmlib.vae.train import encode_images
+
+MAX_FIT_IMAGES = 2048
+ASSIGN_BATCH = 4096
+
+
+def default_checkpoint() -> Path:
+    """The newest zero-shot checkpoint in ``models/`` (what ``make run`` trains), seed 0 first."""
+    found = sorted(paths.models_dir().glob("hypernet_zero_shot_seed0-*.pt"), key=lambda p: p.stat().st_mtime) or \
+        sorted(paths.models_dir().glob("hypernet_zero_shot_seed*-*.pt"), key=lambda p: p.stat().st_mtime)
+    if not found:
+        raise ArtifactError(f"no zero-shot hypernetwork checkpoint in {paths.models_dir()}; train one with `make run` "
+                            "or pass --checkpoint")
+    return found[-1]
+
+
+def as_images(images: Any) -> np.ndarray:
+    """uint8 (N, 28, 28) from uint8 arrays of any size (N, H, W) or a list of PIL images (hmlib's preprocessing)."""
+    if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE):
+        return images
+    if isinstance(images, np.ndarray):
+        if images.ndim != 3 or images.dtype != np.uint8:
+            raise ValueError(f"expected uint8 images (N, H, W) or a list of PIL images, got {images.dtype} "
+                             f"{images.shape}")
+        images = [Image.fromarray(a, mode="L") for a in images]
+    if not len(images):
+        raise ValueError("no images to cluster")
+    return preprocess_images(list(images), progress=False, num_workers=1)
+
+
+class HyperClusterer:
+    """Cluster an unlabeled image set with a meta-trained hypernetwork (its zero-shot checkpoint)."""
+
+    def __init__(self, bundle: Bundle, n_clusters: int, *, num_steps: int | None = None,
+                 max_fit_images: int = MAX_FIT_IMAGES) -> None:
+        if bundle.setting != "zero_shot" or bundle.vae is None:
+            raise ValueError(f"{bundle.path.name} is a {bundle.setting} checkpoint; clustering a new image set needs "
+                             "a zero-shot one (it carries its VAE)")
+        if bundle.cfg.hyper.target_input == "embedding" and bundle.backbone is None:
+            raise ValueError(f"{bundle.path.name} carries no backbone; re-run meta-training to rewrite it")
+        if int(n_clusters) < 2:
+            raise ValueError(f"n_clusters must be at least 2, got {n_clusters}")
+        self.bundle, self.n_clusters, self.max_fit_images = bundle, int(n_clusters), int(max_fit_images)
+        self.num_steps = bundle.cfg.adapt.num_inner_steps if num_steps is None else int(num_steps)
+        self.labels_: np.ndarray | None = None
+        self.confidence_: np.ndarray | None = None
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, n_clusters: int, *, num_steps: int | None = None,
+                        max_fit_images: int = MAX_FIT_IMAGES) -> "HyperClusterer":
+        """A clusterer from a hypernetwork checkpoint file (weights_only; nothing is trained)."""
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"checkpoint not found: {path}")
+        return cls(load_bundle(path), n_clusters, num_steps=num_steps, max_fit_images=max_fit_images)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.bundle.path
+
+    @property
+    def checkpoint_sha256(self) -> str:
+        return self.bundle.sha256
+
+    def describe(self) -> dict[str, Any]:
+        """Settings for a run summary."""
+        return {"checkpoint": str(self.bundle.path), "sha256": self.bundle.sha256, "setting": self.bundle.setting,
+                "seed": self.bundle.meta["seed"], "trained_num_classes": self.bundle.meta["num_classes"],
+                "n_clusters": self.n_clusters, "num_steps": self.num_steps, "max_fit_images": self.max_fit_images,
+                "inner_loss": self.bundle.cfg.adapt.inner_loss, "generation": self.bundle.cfg.hyper.generation}
+
+    # ----------------------------------------------------------------------------------- internals
+    def _rows(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(conditioning rows, features) of preprocessed images."""
+        mu, logvar = encode_images(self.bundle.vae, images)
+        context = np.concatenate([mu, logvar], axis=1)
+        cfg = self.bundle.cfg.hyper
+        embeddings = embed_images(self.bundle.backbone, images) if self.bundle.backbone is not None else None
+        features = embeddings if cfg.target_input == "embedding" else context
+        if cfg.conditioning_input == "embedding":
+            context = embeddings
+        return context, features
+
+    def transform(self, images: Any) -> np.ndarray:
+        """The features the classifier acts on (backbone embeddings), (N, D) float32."""
+        return self._rows(as_images(images))[1]
+
+    @torch.no_grad()
+    def _logits(self, images: np.ndarray, fit: bool) -> np.ndarray:
+        context, features = self._rows(images)
+        if fit:
+            sample = np.linspace(0, len(images) - 1, min(len(images), self.max_fit_images)).astype(np.int64)
+            if len(sample) < self.n_clusters:
+                raise ValueError(f"{len(images)} images cannot form {self.n_clusters} clusters")
+            task = TaskInputs.from_arrays(context[sample][None], features[sample][None])
+            result = adapt(self.bundle.hypernet, task, self.bundle.cfg.adapt, num_steps=self.num_steps,
+                           num_classes=self.n_clusters)
+            self._params = {k: v.detach() for k, v in result.params.items()}
+            self._state = self.bundle.hypernet.prepare(task.features)
+        if not hasattr(self, "_params"):
+            raise ValueError("call fit (or fit_predict) before predict / predict_proba")
+        out = [self.bundle.hypernet.extend(self._params, self._state,
+                                           torch.as_tensor(features[i:i + ASSIGN_BATCH][None])).numpy()[0]
+               for i in range(0, len(features), ASSIGN_BATCH)]
+        return np.concatenate(out)
+
+    # ------------------------------------------------------------------------------------ public API
+    def fit(self, images: Any) -> "HyperClusterer":
+        """Generate and adapt the set's classifier, then assign every image (``labels_``, ``confidence_``)."""
+        logits = self._logits(as_images(images), fit=True)
+        probs = _softmax(logits)
+        self.labels_ = probs.argmax(1).astype(np.int64)
+        self.confidence_ = probs.max(1)
+        return self
+
+    def fit_predict(self, images: Any) -> np.ndarray:
+        """Cluster ids (N,) of the images (fits first)."""
+        return self.fit(images).labels_
+
+    def predict_proba(self, images: Any) -> np.ndarray:
+        """(N, K) cluster probabilities of images under the fitted classifier (new images are placed, not refitted)."""
+        return _softmax(self._logits(as_images(images), fit=False))
+
+    def predict(self, images: Any) -> np.ndarray:
+        """Cluster ids (N,) under the fitted classifier."""
+        return self.predict_proba(images).argmax(1)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+__all__: Sequence[str] = ("HyperClusterer", "as_images", "default_checkpoint")

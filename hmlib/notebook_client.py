@@ -1,0 +1,90 @@
+"""The nbclient client behind ``hmlib run``, made safe to stop with Ctrl-C.
+
+nbclient's own SIGINT handler only schedules a graceful kernel shutdown: a busy kernel goes on
+running its cell, and the run then fails at a later cell with an empty message. Here SIGINT
+(while the kernel lives) interrupts the kernel, so the running cell stops with a
+``KeyboardInterrupt`` shown in its output, then the kernel is shut down at once; a cell that
+ignores the interrupt is abandoned after :data:`INTERRUPT_GRACE_S` seconds (or at a second
+Ctrl-C). :meth:`InterruptibleClient.reap_kernel` finally kills whatever is left of the kernel's
+process group, so no kernel survives an interrupted run.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Any
+
+from jupyter_core.utils import ensure_async
+from nbclient import NotebookClient
+
+INTERRUPT_GRACE_S = 10.0  # how long the running cell may take to stop after the kernel was interrupted
+
+
+class InterruptibleClient(NotebookClient):
+    """A NotebookClient whose SIGINT interrupts and then shuts down the kernel; ``interrupted`` tells it happened."""
+
+    def __init__(self, *args: Any, interrupt_grace_s: float = INTERRUPT_GRACE_S, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.interrupted = False
+        self.interrupt_grace_s = interrupt_grace_s
+        self._ready = False
+        self._task: asyncio.Task | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._pending: asyncio.Future | None = None
+        self._kernel_pgid: int | None = None
+
+    async def async_start_new_kernel(self, **kwargs: Any) -> None:
+        """Take over SIGINT (nbclient installed its own just before), then start the kernel."""
+        self._task = asyncio.current_task()
+        try:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGINT, self._on_sigint)
+        except (RuntimeError, NotImplementedError, ValueError):  # not the main thread, or no signals (Windows)
+            pass
+        try:
+            await super().async_start_new_kernel(**kwargs)
+        finally:  # even when a Ctrl-C cancelled the start half-way: reap_kernel needs the process group
+            provisioner = getattr(self.km, "provisioner", None)
+            self._kernel_pgid = getattr(provisioner, "pgid", None) or getattr(provisioner, "pid", None)
+
+    async def async_start_new_kernel_client(self) -> Any:
+        """Start the client; from here on an interrupt can reach a running cell."""
+        kc = await super().async_start_new_kernel_client()
+        self._ready = True
+        return kc
+
+    def _on_sigint(self) -> None:
+        """First Ctrl-C: interrupt the kernel, stop after the grace period; a later one (or no kernel yet): stop now."""
+        first = not self.interrupted
+        self.interrupted = True
+        self.shutdown_kernel = "immediate"  # read by nbclient's cleanup: shutdown_kernel(now=True)
+        if first and self._ready and self.km is not None:
+            self._pending = asyncio.ensure_future(ensure_async(self.km.interrupt_kernel()))
+            self._pending.add_done_callback(lambda f: f.cancelled() or f.exception())  # a dead kernel: nothing to do
+            self._timer = asyncio.get_running_loop().call_later(self.interrupt_grace_s, self._stop)
+        else:
+            self._stop()
+
+    def _stop(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()  # nbclient's cleanup (kernel shutdown) still runs on the way out
+
+    def reap_kernel(self) -> bool:
+        """Kill the kernel's process group if any of it is still alive; return whether something was killed."""
+        if self._timer is not None:
+            self._timer.cancel()
+        pgid = self._kernel_pgid
+        if pgid is None or not hasattr(os, "killpg") or pgid == os.getpgrp():  # never our own group
+            return False
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False  # nothing of the kernel is left
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            return False
+        return True
+
+
+__all__ = ["INTERRUPT_GRACE_S", "InterruptibleClient"]

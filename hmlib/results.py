@@ -1,0 +1,169 @@
+"""The committed record of the default run: ``docs/results.json``, and the README tables generated from it.
+
+``hmlib results --write`` (after ``make run`` and ``make bench``) gathers the evaluation results, the notebooks'
+wall times and the benchmark figures from the artifact folder into ``docs/results.json`` and rewrites every README
+section between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->`` from it. ``hmlib results --check`` (and a
+test) fails when the README and the file disagree, so no figure in the README is copied by hand.
+"""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from hmlib import paths
+from hmlib.artifacts import ArtifactError, read_json, write_json
+from hmlib.config import SETTINGS
+from hmlib.errors import HmlibError
+
+RESULTS_FILE = paths.REPO_ROOT / "docs" / "results.json"
+README = paths.REPO_ROOT / "README.md"
+SECTION = re.compile(r"(<!-- results:(?P<name>[a-z_]+) -->\n)(?P<body>.*?)(<!-- /results:(?P=name) -->)", re.S)
+
+
+class ResultsError(HmlibError):
+    """The results record or the README cannot be brought in line."""
+
+
+def _pct(mean: float, ci: float | None) -> str:
+    return f"{100 * mean:.1f} ± {'n/a' if ci is None else f'{100 * ci:.1f}'}"
+
+
+def _signed(stat: Mapping[str, Any] | None) -> str:
+    if not stat:
+        return ""
+    half = "n/a" if stat.get("ci") is None else f"{100 * stat['ci']:.1f}"
+    return f"{100 * stat['mean']:+.1f} ± {half}" + (" *" if stat.get("excludes_zero") else "")
+
+
+def gather(home: Path | None = None) -> dict[str, Any]:
+    """The record from an artifact folder (``$HMLIB_HOME`` by default): evaluation rows, wall times, benchmarks."""
+    home = Path(home) if home is not None else paths.home()
+    record: dict[str, Any] = {"evaluation": {}, "pipeline": {}, "benchmarks": {}}
+    for setting in SETTINGS:
+        path = home / "results" / f"eval_{setting}.json"
+        if not path.is_file():
+            raise ResultsError(f"{path} not found; run `make run` first")
+        result = read_json(path)
+        record["evaluation"][setting] = {
+            "dataset": result["dataset"], "seeds": result["seeds"], "num_steps": result["num_steps"],
+            "sizes": {n: [{k: row.get(k) for k in ("method", "label", "accuracy", "ci", "seed_std", "num_seeds",
+                                                  "ms_per_task", "supervised", "gain", "vs")}
+                          for row in block["summary"]] for n, block in result["sizes"].items()}}
+    runs = home / "reports" / "runs.json"
+    if runs.is_file():
+        log = read_json(runs).get("notebooks", {})
+        record["pipeline"] = {name: {"wall_s": entry.get("wall_s"), "status": entry.get("status"),
+                                     "profile": entry.get("profile")} for name, entry in sorted(log.items())}
+    for path in sorted((home / "results" / "bench").glob("*.json")):
+        record["benchmarks"][path.stem] = read_json(path)
+    return record
+
+
+def _results_table(record: Mapping[str, Any]) -> str:
+    evaluation = record["evaluation"]
+    sizes = sorted({int(n) for s in evaluation.values() for n in s["sizes"]}, reverse=True)
+    lines = []
+    for n in sizes:
+        settings = [s for s in SETTINGS if str(n) in evaluation.get(s, {}).get("sizes", {})]
+        lines += [f"| N = {n} | " + " | ".join(s.replace("_", "-") for s in settings) + " |",
+                  "|---|" + "---:|" * len(settings)]
+        rows = {s: {r["method"]: r for r in evaluation[s]["sizes"][str(n)]} for s in settings}
+        for method in dict.fromkeys(m for s in settings for m in rows[s]):
+            label = next(rows[s][method]["label"] for s in settings if method in rows[s])
+            cells = []
+            for s in settings:
+                row = rows[s].get(method)
+                cells.append("" if row is None else _pct(row["accuracy"], row["ci"]) + (
+                    f" (sd {100 * row['seed_std']:.1f})" if row.get("seed_std") is not None else ""))
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        for key, title in (("gain", "test-time gain, paired"), ("kmeans_embedding", "vs k-means on the embedding, paired")):
+            cells = []
+            for s in settings:
+                row = rows[s].get("hypernet_adapted", {})
+                cells.append(_signed(row.get("gain") if key == "gain" else (row.get("vs") or {}).get(key)))
+            lines.append(f"| {title} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _pipeline_table(record: Mapping[str, Any]) -> str:
+    pipeline = record.get("pipeline") or {}
+    if not pipeline:
+        return "_no pipeline run recorded_\n"
+    total = sum(v["wall_s"] or 0 for v in pipeline.values())
+    cells = ", ".join(f"{name} {entry['wall_s']:.0f} s" for name, entry in pipeline.items())
+    return f"Total **{total:.0f} s ({total / 60:.1f} min)**: {cells}.\n"
+
+
+def _bench_table(record: Mapping[str, Any]) -> str:
+    benches = record.get("benchmarks") or {}
+    if not benches:
+        return "_no benchmark recorded_\n"
+    lines = ["| benchmark | figure | value |", "|---|---|---:|"]
+    for name, figures in benches.items():
+        for key, value in figures.items():
+            if key.startswith("_"):
+                continue
+            lines.append(f"| {name} | {key} | {value if not isinstance(value, float) else f'{value:,.1f}'} |")
+    return "\n".join(lines) + "\n"
+
+
+RENDERERS: dict[str, Callable[[Mapping[str, Any]], str]] = {
+    "results": _results_table, "pipeline": _pipeline_table, "benchmarks": _bench_table}
+
+
+def render_readme(text: str, record: Mapping[str, Any]) -> str:
+    """``text`` with every results section regenerated from ``record``."""
+    def replace(match: re.Match) -> str:
+        name = match.group("name")
+        if name not in RENDERERS:
+            raise ResultsError(f"README has an unknown results section {name!r}; known: {', '.join(RENDERERS)}")
+        return match.group(1) + RENDERERS[name](record) + match.group(4)
+
+    return SECTION.sub(replace, text)
+
+
+def check_readme(readme: Path = README, results: Path = RESULTS_FILE) -> list[str]:
+    """Names of README results sections that disagree with the results file (empty when in line)."""
+    record = read_json(results)
+    text = readme.read_text()
+    expected = render_readme(text, record)
+    have = {m.group("name"): m.group("body") for m in SECTION.finditer(text)}
+    want = {m.group("name"): m.group("body") for m in SECTION.finditer(expected)}
+    return sorted(name for name in want if have.get(name) != want[name])
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``hmlib results``."""
+    parser = subparsers.add_parser("results", help="write docs/results.json from the last run, regenerate the README "
+                                                   "tables, or check that they agree")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--write", action="store_true", help="gather from the artifact folder, write both files")
+    group.add_argument("--check", action="store_true", help="fail if README and docs/results.json disagree")
+    parser.add_argument("--home", type=Path, help="artifact folder of the run (default: $HMLIB_HOME or the repository)")
+    parser.set_defaults(func=run_results_command)
+    return parser
+
+
+def run_results_command(args: argparse.Namespace) -> int:
+    """Handler of ``hmlib results``."""
+    if args.write:
+        record = gather(args.home)
+        write_json(RESULTS_FILE, record)
+        README.write_text(render_readme(README.read_text(), record))
+        print(f"wrote {RESULTS_FILE} and regenerated the results sections of {README}")
+        return 0
+    try:
+        stale = check_readme()
+    except ArtifactError as err:
+        raise ResultsError(str(err)) from None
+    if stale:
+        raise ResultsError(f"README sections {', '.join(stale)} disagree with {RESULTS_FILE.name}; run "
+                           "`hmlib results --write` after `make run` and `make bench`")
+    print("README agrees with docs/results.json")
+    return 0
+
+
+__all__ = ["RESULTS_FILE", "check_readme", "gather", "render_readme"]

@@ -1,0 +1,70 @@
+"""A tiny protocol trained for real on the tiny mirror (VAEs, cross-fitted backbones, hypernetworks), for the tests
+of the stages after meta-training. Train it once per test module into its own home with :func:`train_home`; each
+test works on a copy (:func:`use_home`), so caches and results written by one test never reach another.
+"""
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import pytest
+
+from hmlib.config import Config, load_config
+from hmlib.hyper.metatrain import meta_train
+from hmlib.vae.train import get_vae
+
+K, N, TASKS, STEPS, LATENT_DIM = 3, 18, 3, 2, 4
+OVERRIDES: dict[str, Any] = {
+    "data": {"use_hub": False, "max_images_per_split": None},
+    "task": {"num_classes": K, "num_images": N},
+    "vae": {"latent_dim": LATENT_DIM, "epochs": 1, "max_train_images": 240, "batch_size": 64},
+    "backbone": {"channels": [4, 8], "embed_dim": 8, "epochs": 1, "images_per_dataset": 60, "batch_size": 32},
+    "hyper": {"embed_dim": 8, "head_hidden": 16, "num_seeds": 2, "num_heads": 2, "num_context": 64,
+              "cluster_inits": 2},
+    "adapt": {"num_inner_steps": STEPS},
+    "meta": {"iterations": 2, "meta_batch_size": 2, "eval_every": 2, "eval_tasks": 2, "val_fraction": 0.3},
+    "eval": {"num_tasks": TASKS, "task_sizes": [N], "kmeans_n_init": 1, "logreg_train_per_class": 10},
+    "ablation": {"step_grid": [0, 1, 2, 4], "lr_grid": [0.1, 1.0], "num_tasks": 3, "task_size": N,
+                 "meta_iterations": 2, "num_seeds": 1},
+}
+
+
+def tiny_config(**sections: Any) -> Config:
+    """The smoke profile shrunk to the tiny mirror (6 classes, 120 train / 60 test images per dataset)."""
+    overrides = {key: {**OVERRIDES.get(key, {}), **value} if isinstance(value, dict) else value
+                 for key, value in {**OVERRIDES, **sections}.items()}
+    return load_config("smoke", overrides=overrides)
+
+
+@dataclass
+class TrainedHome:
+    """An HMLIB_HOME holding trained models, and the config and checkpoint names that made them."""
+
+    home: Path
+    cfg: Config
+    checkpoints: dict[tuple[str, int], str]  # (setting, seed) -> file name in models/
+
+
+def train_home(home: Path, mirror: Path, runs: Iterable[tuple[str, int]], *, cfg: Config | None = None,
+               own_vaes: Iterable[str] = ()) -> TrainedHome:
+    """Meta-train each (setting, seed) of ``runs`` (with its VAEs and backbones) into ``home``; also train the
+    held-out datasets' own VAEs named in ``own_vaes`` (what a transductive evaluation reads)."""
+    cfg = cfg or tiny_config()
+    checkpoints = {}
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in (("HMLIB_HOME", home), ("HMLIB_DATA_DIR", mirror), ("HF_HUB_OFFLINE", "1"),
+                            ("HF_DATASETS_OFFLINE", "1")):
+            patch.setenv(name, str(value))
+        for setting, seed in runs:
+            checkpoints[(setting, seed)] = meta_train(cfg, setting, seed, progress=False).checkpoint_path.name
+        for dataset in own_vaes:
+            get_vae(cfg, dataset, 0, progress=False, verbose=False)
+    return TrainedHome(home, cfg, checkpoints)
+
+
+def use_home(trained: TrainedHome, home: Path) -> dict[tuple[str, int], Path]:
+    """Copy a trained home into ``home`` (the test's HMLIB_HOME); return its checkpoints' paths there."""
+    shutil.copytree(trained.home, home, dirs_exist_ok=True)
+    return {key: home / "models" / name for key, name in trained.checkpoints.items()}
