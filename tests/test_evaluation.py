@@ -189,7 +189,7 @@ def test_registry_order_and_kinds():
     """The hypernetwork's rows are not baselines; ceilings are supervised; register replaces a same-named method."""
     names = [m.name for m in baselines()]
     assert "hypernet" not in names and "hypernet_adapted" not in names
-    assert {m.name for m in baselines()} - set(UNSUPERVISED) == {"logreg_embedding", "logreg_latent"}
+    assert {m.name for m in baselines()} - set(UNSUPERVISED) == {"logreg_embedding"}
     assert names[:2] == ["kmeans_embedding", "gmm_embedding"] and all(METHODS[n].reads for n in names)
     assert all(METHODS[n].cluster is not None for n in UNSUPERVISED)
 
@@ -577,7 +577,7 @@ def test_evaluation_figures_from_results():
     """The table, bars and per-task scatter are drawn from summary rows and per-task accuracies."""
     rng = np.random.default_rng(1)
     result = synthetic_result(rng.uniform(0.5, 1, (1, 5, STEPS + 1)),
-                              {"kmeans_embedding": rng.uniform(0.5, 1, (1, 5)), "logreg_latent": np.ones((1, 5))})
+                              {"kmeans_embedding": rng.uniform(0.5, 1, (1, 5)), "logreg_embedding": np.ones((1, 5))})
     rows = summary_rows(result)
     kmeans = per_task_accuracy(result, N, "kmeans_embedding")
     figures = [plots.evaluation_table(rows, title="toy"), plots.accuracy_bars(rows, num_classes=K),

@@ -269,8 +269,8 @@ def test_meta_train_reads_the_settings_train_splits_and_names_its_checkpoint(mon
     upstream models and names the checkpoint by setting, seed and a settings hash."""
     calls, bundles = [], []
 
-    def fake_task_data(cfg, dataset, split, setting, seed, *, meta_training=False, train=True, progress=True):
-        calls.append((dataset, split, setting, seed, meta_training))
+    def fake_task_data(cfg, dataset, split, setting, seed, *, train=True, progress=True):
+        calls.append((dataset, split, setting, seed))
         return blobs(dataset, sum(map(ord, dataset)) % 97)
 
     def fake_bundle(cfg, setting, seed, *, train=False, progress=False):
@@ -281,7 +281,7 @@ def test_meta_train_reads_the_settings_train_splits_and_names_its_checkpoint(mon
     monkeypatch.setattr(hmlib.hyper.bundle, "bundle_for", fake_bundle)
     cfg = _cfg(iterations=2, eval_every=2)
     result = meta_train(cfg, "transductive", 1, progress=False)
-    assert calls == [(d, "train", "transductive", 1, True) for d in cfg.meta.train_datasets]
+    assert calls == [(d, "train", "transductive", 1) for d in cfg.meta.train_datasets]
     assert bundles == [("transductive", 1)]
     assert result.checkpoint_path.parent.name == "models"
     assert result.checkpoint_path.name.startswith("hypernet_transductive_seed1-")

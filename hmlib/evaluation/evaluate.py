@@ -124,7 +124,7 @@ def evaluate_setting(cfg: Config, checkpoints: Sequence[str | Path], *, dataset:
     if dataset is None:
         raise EvalError("no dataset to evaluate: pass dataset= or set meta.test_datasets")
     path = Path(path) if path is not None else default_results_path(setting)
-    inputs = [seed_inputs(b, cfg, dataset, progress=progress) for b in bundles]
+    inputs = [seed_inputs(b, cfg, dataset, with_train=i == 0, progress=progress) for i, b in enumerate(bundles)]
     labels = inputs[0].test.labels
     sizes = sorted({fitted_size(cfg, labels, n) for n in (sizes or cfg.eval.task_sizes)})
     identity = {"schema": RESULT_SCHEMA, "setting": setting, "dataset": dataset, "sizes": list(sizes),
@@ -158,7 +158,7 @@ def evaluate_setting(cfg: Config, checkpoints: Sequence[str | Path], *, dataset:
             if method.reads not in inputs[0].reps:
                 continue  # e.g. no backbone in the latent-only configuration
             per_seed = [score_baseline(method, cfg, i, suite, seed) for i in
-                        (inputs if method.reads != "pixels" else inputs[:1])]
+                        (inputs if method.every_seed else inputs[:1])]
             block["methods"][method.name] = {"acc": [s[0].tolist() for s in per_seed],
                                              "seconds": [s[1].tolist() for s in per_seed]}
         result["sizes"][str(num_images)] = block

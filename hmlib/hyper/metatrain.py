@@ -1,7 +1,7 @@
 """Meta-training (the outer loop): random K-class tasks, the inner loop in the graph, label-aligned cross-entropy.
 
 :func:`meta_train` reads the meta-training datasets for a setting and replicate seed (:mod:`hmlib.hyper.inputs`;
-with ``backbone.cross_fit`` each dataset through a backbone that never saw it) and calls :func:`fit_hypernet`,
+and calls :func:`fit_hypernet`,
 which works on any :class:`TaskData` (tests use synthetic blobs). A stratified validation part of each dataset
 (:func:`hmlib.protocol.train_val_indices`, held back from the backbone too) chooses the weights kept: the best
 validation accuracy after adaptation, iteration 0 included. Checkpoints ``models/hypernet_<setting>_seed<s>-<hash>.pt``
@@ -55,8 +55,7 @@ def training_settings(cfg: Config) -> dict[str, Any]:
     full = config_to_dict(cfg)
     return {"data": {k: v for k, v in full["data"].items() if k not in ("data_dir", "use_hub")},
             "task": full["task"], "hyper": full["hyper"], "adapt": full["adapt"],
-            "meta": {k: v for k, v in full["meta"].items() if k != "retrain"},
-            "backbone_cross_fit": cfg.backbone.cross_fit}
+            "meta": {k: v for k, v in full["meta"].items() if k != "retrain"}}
 
 
 @dataclass
@@ -271,7 +270,7 @@ def meta_train(cfg: Config, setting: str, seed: int, *, train: bool = True, prog
 
     if setting not in SETTINGS:
         raise ConfigError(f"unknown setting {setting!r}; use one of {', '.join(SETTINGS)}")
-    train_sets = {d: load_task_data(cfg, d, "train", setting, seed, meta_training=True, train=train, progress=progress)
+    train_sets = {d: load_task_data(cfg, d, "train", setting, seed, train=train, progress=progress)
                   for d in cfg.meta.train_datasets}
     upstream = {"ids": {d: s.identity for d, s in train_sets.items()}}
     bundle = bundle_for(cfg, setting, seed, train=train, progress=progress)
