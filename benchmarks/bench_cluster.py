@@ -18,7 +18,7 @@ import numpy as np
 
 from common import record, setup
 from hmlib import data
-from hmlib.cluster.estimator import HyperClusterer
+from hmlib.cluster.estimator import HyperClusterer, default_checkpoint
 from hmlib.cluster.images import export_image_folder, load_images
 from hmlib.config import load_config
 from hmlib.evaluation.methods import METHODS, run_clusterer
@@ -27,11 +27,12 @@ from hmlib.metrics import clustering_accuracy
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint", help="zero-shot checkpoint (default: the newest in models/)")
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--datasets", nargs="+", default=["mnist", "fashion_mnist"])
     args = parser.parse_args()
     machine = setup(1)
+    args.checkpoint = args.checkpoint or default_checkpoint()
     cfg = load_config("default")
     figures, rng = {}, np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:

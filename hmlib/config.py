@@ -75,7 +75,7 @@ class VAEConfig:
     epochs: int = checked(2, min=1)
     batch_size: int = checked(128, min=1)
     lr: float = checked(1e-3, min_exclusive=0.0)
-    max_train_images: int | None = checked(8000, min=1)  # per epoch, an equal share per dataset; None = all
+    max_train_images: int | None = checked(5000, min=1)  # per epoch, an equal share per dataset; None = all
     retrain: str = checked("auto", choices=("auto", "never", "always"))
 
 
@@ -108,7 +108,7 @@ class HyperConfig:
     embed_dim: int = checked(64, min=1)
     head_hidden: int = checked(128, min=1)
     target_hidden: tuple[int, ...] = checked((64,), min=1)  # hidden widths of generated MLPs
-    num_context: int = checked(1024, min=1)  # rows of the VAE distribution read for conditioning (all if fewer)
+    num_context: int = checked(128, min=1)  # rows of the VAE distribution read for conditioning (a random sample)
     num_seeds: int = checked(4, min=1)  # learned queries of the multihead set encoder
     num_heads: int = checked(4, min=1)  # attention heads of the multihead set encoder (must divide embed_dim)
     random_features: int = checked(128, min=1)  # hyperfast encoder: fixed random ReLU features per row
@@ -146,8 +146,8 @@ class MetaConfig:
     grad_clip: float = checked(1.0, min_exclusive=0.0)
     task_mixing: str = checked("mixed", choices=("mixed", "single"))  # tasks from all datasets per batch, or one
     val_fraction: float = checked(0.1, min_exclusive=0.0, max_exclusive=1.0)  # of each meta-training dataset's train split, for selection
-    eval_every: int = checked(10, min=1)
-    eval_tasks: int = checked(48, min=1)
+    eval_every: int = checked(20, min=1)
+    eval_tasks: int = checked(24, min=1)
     use_inner_loop: bool = True  # False: meta-train without adaptation (MT3 ablation)
     retrain: str = checked("auto", choices=("auto", "never", "always"))
 
@@ -160,7 +160,7 @@ class EvalConfig:
     task_sizes: tuple[int, ...] = checked((64, 256), min_len=1, min=4)
     seed: int = checked(1234, min=0)
     kmeans_n_init: int = checked(10, min=1)
-    logreg_train_per_class: int = checked(500, min=1)  # train-split images per class for the supervised ceiling
+    logreg_train_per_class: int = checked(100, min=1)  # train-split images per class for the supervised ceiling
 
 
 @dataclass(frozen=True)

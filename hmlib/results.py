@@ -135,6 +135,18 @@ def check_readme(readme: Path = README, results: Path = RESULTS_FILE) -> list[st
     return sorted(name for name in want if have.get(name) != want[name])
 
 
+def cluster_accuracy_note(results: Path = RESULTS_FILE) -> str:
+    """What accuracy to expect of ``hmlib cluster`` at several K, from the recorded benchmark (for its --help)."""
+    try:
+        figures = read_json(results).get("benchmarks", {}).get("cluster", {})
+    except ArtifactError:
+        figures = {}
+    measured = [f"{key.split(':')[0]} {value:.1f}%" for key, value in figures.items() if key.endswith("hmlib cluster %")]
+    if not measured:
+        return "no measurement recorded yet (benchmarks/bench_cluster.py)"
+    return "measured on 1,000-image folders (benchmarks/bench_cluster.py, docs/results.json): " + ", ".join(measured)
+
+
 def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``hmlib results``."""
     parser = subparsers.add_parser("results", help="write docs/results.json from the last run, regenerate the README "
@@ -166,4 +178,4 @@ def run_results_command(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["RESULTS_FILE", "check_readme", "gather", "render_readme"]
+__all__ = ["RESULTS_FILE", "check_readme", "cluster_accuracy_note", "gather", "render_readme"]

@@ -276,6 +276,7 @@ def test_every_method_scores_the_same_deterministic_suite(trained, ckpt, tmp_pat
 
     monkeypatch.setattr(evaluate_module, "score_hypernet", spy(evaluate_module.score_hypernet))
     monkeypatch.setattr(evaluate_module, "score_baseline", spy(evaluate_module.score_baseline))
+    monkeypatch.setattr(evaluate_module, "_PIXEL_SCORES", {})  # pixel scores are kept per process: start empty
     again = evaluate(trained, [ckpt[("zero_shot", 0)]], tmp_path / "again.json")  # computed anew
     assert len(seen) == 1 + len(baselines()) and set(seen) == {suite_fingerprint(suite)}
     for name, scores in block["methods"].items():

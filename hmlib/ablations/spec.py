@@ -82,10 +82,9 @@ def define_ablations(cfg: Config) -> list[Ablation]:
                  (main, Variant("per-task normalisation statistics", task_batchnorm=True),
                   Variant("VAE latents only (no backbone)", train_overrides={"hyper": {"target_input": "latent"}})),
                  reference=main.label),
-        Ablation("inner_loss", "Inner (unsupervised) loss",
-                 "Which label-free objective should the inner loop minimise?",
-                 (loss_main, *(Variant(loss, train_overrides={"adapt": {"inner_loss": loss}},
-                                       adapt_overrides={"inner_loss": loss}) for loss in other_losses)),
+        Ablation("inner_loss", "Inner (unsupervised) loss at test time",
+                 "Which label-free objective should the test-time update minimise (the hypernetwork as meta-trained)?",
+                 (loss_main, *(Variant(loss, adapt_overrides={"inner_loss": loss}) for loss in other_losses)),
                  reference=loss_main.label),
     ]
     return ablations

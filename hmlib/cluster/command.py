@@ -20,6 +20,8 @@ from hmlib.cluster.images import ClusterInputError, ImageCollection, input_kind,
 from hmlib.cluster.outputs import (ASSIGNMENTS, CONTACT_SHEET, SUMMARY, build_summary, check_out_dir,
                                    default_out_dir, write_assignments, write_summary)
 from hmlib.cluster.sheet import write_contact_sheet
+from hmlib.config import TaskConfig
+from hmlib.results import cluster_accuracy_note
 
 MAX_PRINTED = 20  # skipped files printed one per line; the rest are in summary.json
 
@@ -36,7 +38,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                    description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", metavar="PATH", help="image folder, parquet folder / file, or hub id 'org/name'")
     parser.add_argument("--k", type=int, required=True, metavar="K",
-                        help="number of clusters: at least 2, at most the number of images")
+                        help="number of clusters: at least 2, at most the number of images; any K works (the "
+                             f"prototypes come from the images), the default meta-training uses K = {TaskConfig().num_classes}; "
+                             f"{cluster_accuracy_note()}")
     parser.add_argument("--checkpoint", type=Path, metavar="CKPT",
                         help="model checkpoint (default: the pipeline's zero-shot checkpoint)")
     parser.add_argument("--steps", type=int, metavar="S",

@@ -58,10 +58,10 @@ def kmeans_clusters(x: np.ndarray, num_classes: int, seed: int = 0, n_init: int 
     return KMeans(n_clusters=num_classes, n_init=n_init, random_state=seed).fit_predict(np.asarray(x, np.float64))
 
 
-def gmm_clusters(x: np.ndarray, num_classes: int, seed: int = 0, n_init: int = 1) -> np.ndarray:
-    """Cluster ids (N,) from a full-covariance Gaussian mixture (k-means initialised, regularised)."""
+def gmm_clusters(x: np.ndarray, num_classes: int, seed: int = 0, covariance: str = "full") -> np.ndarray:
+    """Cluster ids (N,) from a Gaussian mixture (k-means initialised, regularised covariances)."""
     x = np.asarray(x, dtype=np.float64)
-    return GaussianMixture(n_components=num_classes, covariance_type="full", reg_covar=1e-3,
+    return GaussianMixture(n_components=num_classes, covariance_type=covariance, reg_covar=1e-3,
                            random_state=seed).fit(x).predict(x)
 
 
@@ -92,8 +92,8 @@ register(Method("hypernet_adapted", "hypernetwork + test-time adaptation", "#009
 register(Method("hypernet", "hypernetwork, no adaptation", "#0072B2", baseline=False))
 register(Method("kmeans_embedding", "k-means on the backbone embedding", "#E69F00", "embedding", kmeans_clusters,
                 normalize=True, every_seed=True))  # the comparison every claim is paired with
-register(Method("gmm_embedding", "Gaussian mixture on the backbone embedding", "#D55E00", "embedding",
-                lambda x, k, s, n: gmm_clusters(x, k, s), normalize=True))
+register(Method("gmm_embedding", "Gaussian mixture on the backbone embedding (diagonal)", "#D55E00", "embedding",
+                lambda x, k, s, n: gmm_clusters(x, k, s, "diag"), normalize=True))
 register(Method("spectral_embedding", "spectral clustering on the backbone embedding", "#CC79A7", "embedding",
                 spectral_clusters, normalize=True))
 register(Method("kmeans_latent", "k-means on VAE means", "#F0E442", "latent", kmeans_clusters))
