@@ -14,7 +14,7 @@ import hmlib.backbone.embeddings as embeddings_mod
 import hmlib.backbone.train as train_mod
 import hmlib.data
 from datafactory import balanced_labels, class_patterns
-from fakes import FakeData
+from fakes import FakeData, install_fake_data
 from hmlib.artifacts import ArtifactError, MissingArtifactError, StaleArtifactError, read_json, save_checkpoint
 from hmlib.backbone import (ConvBackbone, EmbeddingSet, adapt_batchnorm, augment, batch_statistics,
                             embed_images, embed_split, get_all_backbones, get_backbone, get_embeddings,
@@ -45,9 +45,7 @@ MAKE_IT = "hmlib run --profile smoke --only 02"
 @pytest.fixture
 def fake_data(monkeypatch) -> FakeData:
     """Synthetic ImageSets in place of hmlib.data.load_split; records what was loaded."""
-    fake = FakeData(NUM_IMAGES, extra_test=EXTRA_TEST)
-    monkeypatch.setattr(hmlib.data, "load_split", fake.load_split)
-    return fake
+    return install_fake_data(monkeypatch, NUM_IMAGES, EXTRA_TEST)
 
 
 def tiny_cfg(**backbone_overrides):

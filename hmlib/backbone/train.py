@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hmlib import data, paths
-from hmlib.artifacts import ArtifactError, load_checkpoint, load_or_build, named_path, save_checkpoint, state_fingerprint
+from hmlib.artifacts import ArtifactError, load_named_kind, load_or_build, named_path, save_checkpoint, state_fingerprint
 from hmlib.backbone.model import ConvBackbone, augment, batchnorm_layers
 from hmlib.config import Config, ConfigError, config_to_dict, resolve_device
 from hmlib.features import images_to_tensor
@@ -108,10 +108,8 @@ def backbone_from_state(state: dict[str, Any], meta: dict[str, Any]) -> ConvBack
 
 def load_backbone(path: str | Path) -> tuple[ConvBackbone, dict[str, Any]]:
     """Load a backbone checkpoint (weights_only) -> (model in eval mode, meta with 'backbone_id', 'path', 'name')."""
-    state, meta = load_checkpoint(path)
-    if meta.get("kind") != "backbone":
-        raise ArtifactError(f"{path} is not a backbone checkpoint (kind={meta.get('kind')!r})")
-    return backbone_from_state(state, meta), {**meta, "path": str(path), "name": Path(path).stem}
+    state, meta = load_named_kind(path, "backbone", "backbone")
+    return backbone_from_state(state, meta), meta
 
 
 def get_backbone(cfg: Config, seed: int, *, train: bool = True, progress: bool = True,
