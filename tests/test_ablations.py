@@ -234,7 +234,7 @@ def test_bad_specs_raise_clear_errors(tiny_mirror):
 
 def test_describe_states_the_protocol():
     """The paragraph above the tables names the suite, the setting, the seeds and the re-training."""
-    cfg = load_config("default", overrides={"ablation": {"meta_iterations": 50, "num_tasks": 7}})
+    cfg = load_config("default", overrides={"ablation": {"meta_iterations": 50, "num_tasks": 7, "num_seeds": 3}})
     text = describe(cfg)
     assert "first 7 tasks" in text and "**mnist**" in text and "50 iterations" in text
     assert "**zero-shot**" in text and "[0, 1, 2]" in text

@@ -24,7 +24,7 @@ from hmlib.metrics import clustering_accuracy
 CONTEXT_DIM, FEATURE_DIM, K, N, T, STEPS = 6, 5, 3, 24, 2, 3
 NEIGHBORS = 4
 HYPER = HyperConfig(embed_dim=8, head_hidden=16, target_hidden=(8,), num_seeds=2, num_heads=2, num_context=64,
-                    random_features=12, num_components=2, cluster_inits=3, graph_neighbors=NEIGHBORS,
+                    cluster_inits=3, graph_neighbors=NEIGHBORS,
                     diffusion_steps=2)
 ADAPT = AdaptConfig(inner_loss="infomax", num_inner_steps=STEPS, inner_lr=0.5)
 HYPERNET_LR = 0.05  # inner lr when the inner loop updates every weight of the hypernetwork

@@ -15,6 +15,7 @@ from hmlib.artifacts import ArtifactError, MissingArtifactError, StaleArtifactEr
 from hmlib.config import ConfigError, load_config
 from hmlib.hyper import metatrain
 from hmlib.hyper.adapt import predict_task
+from hmlib.hyper.hypernet import TaskInputs
 from hmlib.hyper.inputs import TaskData
 from hmlib.hyper.metatrain import MetaTrainingError, fit_hypernet, load_hypernet, meta_train
 from hmlib.plots.meta import plot_task_adaptation, plot_training_curves
@@ -95,25 +96,6 @@ def test_meta_training_the_cluster_head_lowers_the_outer_loss_and_keeps_the_best
     assert best["val_acc_after"] == max(history["val_acc_after"])
     assert best["iteration"] == history["eval_iteration"][int(np.argmax(history["val_acc_after"]))]
     _assert_same_weights(result.hypernet.state_dict(), state["best_model"])
-
-
-def test_task_mixing_single_draws_each_meta_batch_from_one_dataset(tmp_path, monkeypatch):
-    """meta.task_mixing='single': every meta-batch comes from one dataset; 'mixed' mixes them."""
-    seen = []
-    original = metatrain._outer_loss
-
-    def recording(hypernet, inputs, labels, cfg):
-        seen.append(np.sign(inputs.features.mean(dim=(1, 2)).numpy()))  # dataset a sits at +50, b at -50
-        return original(hypernet, inputs, labels, cfg)
-
-    monkeypatch.setattr(metatrain, "_outer_loss", recording)
-    sets = {"a": blobs("a", 0, offset=50.0), "b": blobs("b", 1, offset=-50.0)}
-    for mixing in ("single", "mixed"):
-        seen.clear()
-        _fit(_cfg(task_mixing=mixing, meta_batch_size=4), tmp_path / f"{mixing}.pt", sets=sets)
-        assert len(seen) == ITERATIONS
-        one_dataset = [len(set(batch.tolist())) == 1 for batch in seen]
-        assert all(one_dataset) if mixing == "single" else not all(one_dataset)
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
@@ -230,21 +212,21 @@ def test_train_false_with_a_missing_or_unfinished_checkpoint_raises(tmp_path, mo
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_state(tmp_path, monkeypatch):
     """A NaN outer loss stops meta-training with an error; the checkpoint holds the weights before that step."""
-    sets = _sets()
-    sets["a"].features[:] = np.nan
     original, weights = metatrain._outer_loss, []
 
-    def recording(hypernet, inputs, labels, cfg):
+    def nan_at_iteration_4(hypernet, inputs, labels, cfg):
         weights.append(copy.deepcopy(hypernet.state_dict()))
+        if len(weights) == 4:  # a meta-batch whose features are not finite
+            inputs = TaskInputs(inputs.context, torch.full_like(inputs.features, float("nan")))
         return original(hypernet, inputs, labels, cfg)
 
-    monkeypatch.setattr(metatrain, "_outer_loss", recording)
+    monkeypatch.setattr(metatrain, "_outer_loss", nan_at_iteration_4)
     path = tmp_path / "h.pt"
     with pytest.raises(MetaTrainingError, match="non-finite outer loss"):
-        _fit(_cfg(task_mixing="single", iterations=20, eval_every=20), path, sets=sets)
+        _fit(_cfg(iterations=20, eval_every=20), path)
     state, meta = load_checkpoint(path)
     assert not meta["complete"] and meta["iteration"] == len(weights) - 1 == len(meta["history"]["iteration"])
-    assert len(weights) > 1  # some steps on dataset b went through before a batch of a
+    assert len(weights) == 4  # three good steps, then the non-finite one
     _assert_same_weights(state["model"], weights[-1])
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 

@@ -102,15 +102,10 @@ def _task_size(parts: list[TaskData], cfg: Config) -> int:
     return size
 
 
-def _meta_batch(parts: list[TaskData], samplers: list, batch_size: int, rng: np.random.Generator,
-                mixing: str = "mixed") -> tuple[TaskInputs, torch.Tensor]:
-    """``batch_size`` tasks, each from a dataset drawn at random ("mixed") or all from one ("single"):
-    inputs (T, N, ...) and labels (T, N)."""
-    if mixing == "single":
-        counts = np.zeros(len(parts), dtype=np.int64)
-        counts[rng.integers(len(parts))] = batch_size
-    else:
-        counts = np.bincount(rng.integers(len(parts), size=batch_size), minlength=len(parts))
+def _meta_batch(parts: list[TaskData], samplers: list, batch_size: int, rng: np.random.Generator
+                ) -> tuple[TaskInputs, torch.Tensor]:
+    """``batch_size`` tasks, each from a meta-training dataset drawn at random: inputs (T, N, ...), labels (T, N)."""
+    counts = np.bincount(rng.integers(len(parts), size=batch_size), minlength=len(parts))
     inputs, labels = [], []
     for part, sampler, count in zip(parts, samplers, counts):
         if count:
@@ -210,7 +205,7 @@ def fit_hypernet(cfg: Config, train_sets: Mapping[str, TaskData], *, seed: int, 
     hypernet.train()
     for iteration in bar:
         rng = np.random.default_rng([seed, iteration])  # per-iteration stream: resuming replays the same tasks
-        inputs, labels = _meta_batch(parts, samplers, cfg.meta.meta_batch_size, rng, cfg.meta.task_mixing)
+        inputs, labels = _meta_batch(parts, samplers, cfg.meta.meta_batch_size, rng)
         loss, inner_before, inner_after = _outer_loss(hypernet, inputs, labels, cfg)
         optimizer.zero_grad(set_to_none=True)
         grad_norm = torch.tensor(0.0)
