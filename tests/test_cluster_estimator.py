@@ -3,13 +3,16 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import shutil
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from datafactory import class_patterns
-from hmlib import HyperClusterer, cli
+from hmlib import HyperClusterer, cli, paths
+from hmlib.artifacts import write_json
 from hmlib.cluster.estimator import as_images, default_checkpoint
 from hmlib.cluster.images import ClusterInputError, export_image_folder
 from hmlib.metrics import clustering_accuracy
@@ -75,8 +78,20 @@ def test_bad_inputs_are_clear_errors(ckpt, tmp_path):
         clusterer.fit(patterns(1, per_class=2)[0])
 
 
-def test_default_checkpoint_is_the_newest_zero_shot_one(ckpt):
+def test_default_checkpoint_is_the_newest_zero_shot_one_without_an_evaluation(ckpt):
     assert default_checkpoint() == ckpt[("zero_shot", 0)]
+
+
+def test_default_checkpoint_is_the_evaluated_one_not_a_newer_ablation_variant(ckpt):
+    """Notebook 04's re-trained variants are newer files of the same stem; the pipeline's evaluation names its own."""
+    pipeline = ckpt[("zero_shot", 0)]
+    variant = pipeline.with_name("hypernet_zero_shot_seed0-abcdef12.pt")
+    shutil.copyfile(pipeline, variant)
+    os.utime(variant, (pipeline.stat().st_mtime + 60,) * 2)
+    assert default_checkpoint() == variant  # no evaluation record: the newest
+    write_json(paths.results_dir() / "eval_zero_shot.json",
+               {"checkpoints": [{"path": f"/elsewhere/models/{pipeline.name}", "seed": 0}]})
+    assert default_checkpoint() == pipeline
 
 
 def test_hmlib_cluster_end_to_end_on_a_folder(ckpt, tmp_path, capsys):

@@ -19,10 +19,11 @@ import torch
 from PIL import Image
 
 from hmlib import paths
-from hmlib.artifacts import ArtifactError
+from hmlib.artifacts import ArtifactError, read_json
 from hmlib.backbone.embeddings import embed_images
 from hmlib.config import IMAGE_SIZE
 from hmlib.data.preprocess import preprocess_images
+from hmlib.evaluation.evaluate import default_results_path
 from hmlib.hyper.adapt import adapt
 from hmlib.hyper.bundle import Bundle, load_bundle
 from hmlib.hyper.hypernet import TaskInputs
@@ -33,7 +34,21 @@ ASSIGN_BATCH = 4096
 
 
 def default_checkpoint() -> Path:
-    """The newest zero-shot checkpoint in ``models/`` (what ``make run`` trains), seed 0 first."""
+    """The pipeline's zero-shot checkpoint: the first replicate that notebook 03 evaluated.
+
+    ``results/eval_zero_shot.json`` names the checkpoints of the pipeline's own evaluation; notebook 04's re-trained
+    ablation variants sit beside them in ``models/`` and must never be taken for it. Without that record (a
+    checkpoint copied to a fresh home), the newest zero-shot checkpoint, seed 0 first.
+    """
+    record = default_results_path("zero_shot")
+    if record.is_file():
+        try:
+            evaluated = [paths.models_dir() / Path(c["path"]).name for c in read_json(record).get("checkpoints", [])]
+        except (ArtifactError, AttributeError, KeyError, TypeError):
+            evaluated = []
+        for path in evaluated:
+            if path.is_file():
+                return path
     found = sorted(paths.models_dir().glob("hypernet_zero_shot_seed0-*.pt"), key=lambda p: p.stat().st_mtime) or \
         sorted(paths.models_dir().glob("hypernet_zero_shot_seed*-*.pt"), key=lambda p: p.stat().st_mtime)
     if not found:
