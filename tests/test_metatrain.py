@@ -120,23 +120,28 @@ def test_checkpoint_round_trip_and_reuse(tmp_path, capsys):
     assert again.history == result.history
 
 
+def _interrupt_outer_loss_at_call(monkeypatch, call: int) -> None:
+    """Make meta-training's ``call``-th outer loss raise KeyboardInterrupt (Ctrl-C mid-run)."""
+    original, calls = metatrain._outer_loss, []
+
+    def interrupting(*args):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(metatrain, "_outer_loss", interrupting)
+
+
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch, capsys):
     """A run that stops after its iteration-3 save resumes there and ends with the weights of an uninterrupted run."""
     cfg = _cfg()
     full = _fit(cfg, tmp_path / "full.pt")
-    original, calls = metatrain._outer_loss, []
-
-    def crash_at_iteration_5(*args):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return original(*args)
-
     path = tmp_path / "h.pt"
-    monkeypatch.setattr(metatrain, "_outer_loss", crash_at_iteration_5)
+    _interrupt_outer_loss_at_call(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         _fit(cfg, path)
-    monkeypatch.setattr(metatrain, "_outer_loss", original)
+    monkeypatch.undo()
     state, meta = load_checkpoint(path)
     assert meta["iteration"] == EVAL_EVERY and not meta["complete"]
     capsys.readouterr()
@@ -195,15 +200,7 @@ def test_train_false_with_a_missing_or_unfinished_checkpoint_raises(tmp_path, mo
     with pytest.raises(MissingArtifactError, match=r"not found; make it with: hmlib run --profile default --only 03"):
         _fit(_cfg(), path, train=False)
     assert not path.exists()
-    original, calls = metatrain._outer_loss, []
-
-    def crash_at_iteration_5(*args):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return original(*args)
-
-    monkeypatch.setattr(metatrain, "_outer_loss", crash_at_iteration_5)
+    _interrupt_outer_loss_at_call(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         _fit(_cfg(), path)
     with pytest.raises(MissingArtifactError, match="is unfinished"):
