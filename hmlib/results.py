@@ -135,13 +135,19 @@ def check_readme(readme: Path = README, results: Path = RESULTS_FILE) -> list[st
     return sorted(name for name in want if have.get(name) != want[name])
 
 
-def cluster_accuracy_note(results: Path = RESULTS_FILE) -> str:
-    """What accuracy to expect of ``hmlib cluster`` at several K, from the recorded benchmark (for its --help)."""
+def cluster_accuracy_note(results: Path | None = None) -> str:
+    """What accuracy to expect of ``hmlib cluster`` at several K, beside k-means on the same embedding, from the
+    recorded benchmark (for its --help)."""
     try:
-        figures = read_json(results).get("benchmarks", {}).get("cluster", {})
+        figures = read_json(results or RESULTS_FILE).get("benchmarks", {}).get("cluster", {})
     except ArtifactError:
         figures = {}
-    measured = [f"{key.split(':')[0]} {value:.1f}%" for key, value in figures.items() if key.endswith("hmlib cluster %")]
+    measured = []
+    for key, value in figures.items():
+        if key.endswith(": hmlib cluster %"):
+            where = key.split(":")[0]
+            kmeans = figures.get(f"{where}: k-means on the embedding %")
+            measured.append(f"{where} {value:.1f}%" + ("" if kmeans is None else f" (k-means on the embedding {kmeans:.1f}%)"))
     if not measured:
         return "no measurement recorded yet (benchmarks/bench_cluster.py)"
     return "measured on 1,000-image folders (benchmarks/bench_cluster.py, docs/results.json): " + ", ".join(measured)

@@ -40,7 +40,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--k", type=int, required=True, metavar="K",
                         help="number of clusters: at least 2, at most the number of images; any K works (the "
                              f"prototypes come from the images), the default meta-training uses K = {TaskConfig().num_classes}; "
-                             f"{cluster_accuracy_note()}")
+                             f"{cluster_accuracy_note()}".replace("%", "%%"))  # argparse expands % in help
     parser.add_argument("--checkpoint", type=Path, metavar="CKPT",
                         help="model checkpoint (default: the pipeline's zero-shot checkpoint)")
     parser.add_argument("--steps", type=int, metavar="S",
