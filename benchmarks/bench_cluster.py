@@ -6,7 +6,8 @@ Writes folders of 1,000 PNG images drawn from a test split (K = 4 and K = 10 cla
 figures are their mean), clusters each folder as
 ``hmlib cluster`` does (decode, preprocess, embed, generate, adapt, assign), times it on one thread, and scores the
 clusters against the labels the folder was drawn from, beside k-means on raw pixels and on the backbone embedding
-of the same images. Writes results/bench/cluster.json.
+of the same images; then lets ``--k auto`` (silhouette, K = 2..12) choose K and counts how often it finds the true K.
+Writes results/bench/cluster.json.
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ from hmlib.cluster.images import export_image_folder, load_images
 from hmlib.config import load_config
 from hmlib.evaluation.methods import METHODS, run_clusterer
 from hmlib.metrics import clustering_accuracy
+
+K_MAX = 12  # --k auto tries K = 2..K_MAX
 
 
 def main() -> None:
@@ -70,7 +73,11 @@ def score_folder(args: argparse.Namespace, cfg, split, k: int, rng: np.random.Ge
                            k, 0, cfg.eval.kmeans_n_init)[0][order]
     embedding = run_clusterer(METHODS["kmeans_embedding"], clusterer.transform(collection.images), k, 0,
                               cfg.eval.kmeans_n_init)[0][order]
+    chooser = HyperClusterer.from_checkpoint(args.checkpoint, n_clusters=2)
+    chosen = chooser.select_n_clusters(collection.images, candidates=range(2, K_MAX + 1))
     return {"hmlib cluster %": 100 * clustering_accuracy(pred, labels, k),
+            "--k auto: true K found (share of folders)": float(chosen == k),
+            "--k auto: K chosen": float(chosen),
             "k-means on raw pixels %": 100 * clustering_accuracy(pixels, labels, k),
             "k-means on the embedding %": 100 * clustering_accuracy(embedding, labels, k),
             "images/s end to end": len(pick) / seconds}

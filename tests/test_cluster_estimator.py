@@ -9,12 +9,14 @@ import shutil
 import numpy as np
 import pytest
 from PIL import Image
+from sklearn.metrics import silhouette_score
 
 from datafactory import class_patterns
 from hmlib import HyperClusterer, cli, paths
 from hmlib.artifacts import write_json
 from hmlib.cluster.estimator import as_images, default_checkpoint
 from hmlib.cluster.images import ClusterInputError, export_image_folder
+from hmlib.features import normalize_task_np
 from hmlib.metrics import clustering_accuracy
 from tinyprotocol import K, train_home, use_home
 
@@ -121,3 +123,36 @@ def test_export_refuses_a_folder_that_holds_files(tmp_path):
     with pytest.raises(ClusterInputError, match="not empty"):
         export_image_folder(np.zeros((2, 28, 28), np.uint8), folder)
     assert len(list(export_image_folder(np.zeros((3, 28, 28), np.uint8), folder, overwrite=True).iterdir())) == 3
+
+
+def test_select_n_clusters_takes_the_best_silhouette_and_fits_with_it(ckpt):
+    """K from the data: every candidate scored by the silhouette of its clusters on the normalised embedding."""
+    images, labels = patterns(K)
+    clusterer = HyperClusterer.from_checkpoint(ckpt[("zero_shot", 0)], n_clusters=2)
+    chosen = clusterer.select_n_clusters(images, candidates=(2, 3, 4, 5))
+    assert sorted(clusterer.k_scores_) == [2, 3, 4, 5] and chosen == max(clusterer.k_scores_, key=clusterer.k_scores_.get)
+    assert clusterer.n_clusters == chosen and set(clusterer.labels_) <= set(range(chosen))
+    z = normalize_task_np(clusterer.transform(images), l2=True)
+    assert clusterer.k_scores_[chosen] == pytest.approx(silhouette_score(z, clusterer.labels_, random_state=0))
+    assert chosen == K  # the pattern classes are far apart: the criterion must find them
+    assert clusterer.describe()["k_selection"]["scores"].keys() == {"2", "3", "4", "5"}
+    with pytest.raises(ValueError, match="at least 2"):
+        clusterer.select_n_clusters(images, candidates=(1,))
+
+
+def test_hmlib_cluster_k_auto_end_to_end(ckpt, tmp_path, capsys):
+    images, _ = patterns(K)
+    export_image_folder(images, tmp_path / "photos")
+    out = tmp_path / "out"
+    code = cli.main(["cluster", str(tmp_path / "photos"), "--k", "auto", "--k-max", "5", "--out", str(out), "--quiet"])
+    text = capsys.readouterr().out
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert f"chose K={summary['n_clusters']} without labels" in text
+    assert set(summary["estimator"]["k_selection"]["scores"]) == {"2", "3", "4", "5"}
+    with open(out / "assignments.csv") as fh:
+        assert {int(r["cluster"]) for r in csv.DictReader(fh)} <= set(range(summary["n_clusters"]))
+    assert cli.main(["cluster", str(tmp_path / "photos"), "--k", "many", "--out", str(tmp_path / "o2")]) == 2
+    assert "expected an integer or 'auto'" in capsys.readouterr().err
+    assert cli.main(["cluster", str(tmp_path / "photos"), "--k", "auto", "--k-max", "1", "--out", str(tmp_path / "o3")]) == 2
+    assert "--k-max must be at least 2" in capsys.readouterr().err
