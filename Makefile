@@ -21,13 +21,14 @@ ifeq ($(strip $(HMLIB_DATA_DIR)),)
   endif
 endif
 
-.PHONY: setup run test test-fast bench clean-reports help
+.PHONY: setup run test test-fast bench results clean-reports help
 
 help:
 	@echo "make run        set up, then hmlib run --profile $(PROFILE) (HTML reports in reports/)"
 	@echo "make test       set up, then every test (slow tier included)"
 	@echo "make test-fast  set up, then the unit tests only (-m 'not slow')"
-	@echo "make bench      set up, then every benchmarks/bench_*.py"
+	@echo "make bench      set up, then every benchmarks/bench_*.py (after make run: they time its checkpoints)"
+	@echo "make results    docs/results.json and the README tables from the last make run + make bench"
 	@echo "variables: PROFILE=smoke|default|seed CONFIG=path.json HMLIB_DATA_DIR=... TORCH_INDEX=..."
 
 setup: $(STAMP)
@@ -50,6 +51,9 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	@set -e; for script in benchmarks/bench_*.py; do echo "== $$script"; $(BIN)/python $$script; done
+
+results: $(STAMP)
+	$(BIN)/hmlib results --write
 
 clean-reports:
 	rm -rf reports

@@ -16,12 +16,13 @@ import time
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
 
-from hmlib import data, paths
-from hmlib.artifacts import write_json
+from common import record, setup
+from hmlib import data
+from hmlib.artifacts import ArtifactError
 from hmlib.backbone.embeddings import embed_images
 from hmlib.backbone.model import ConvBackbone
+from hmlib.cluster.estimator import default_checkpoint
 from hmlib.config import load_config
 from hmlib.data.registry import DatasetError
 from hmlib.evaluation.methods import METHODS, run_clusterer
@@ -61,11 +62,16 @@ def images_and_tasks(cfg, num_tasks: int, n: int):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", default="default")
-    parser.add_argument("--checkpoint", help="zero-shot hypernetwork checkpoint (default: untrained models)")
+    parser.add_argument("--checkpoint", help="zero-shot checkpoint (default: the newest in models/, else untrained models)")
     parser.add_argument("--tasks", type=int, default=30)
     parser.add_argument("--n", type=int, default=256)
     args = parser.parse_args(argv)
-    torch.set_num_threads(1)
+    machine = setup(1)
+    if args.checkpoint is None:
+        try:
+            args.checkpoint = default_checkpoint()
+        except ArtifactError:
+            pass
     cfg = load_config(args.profile)
     hypernet, vae, backbone, adapt_cfg, what = models(args, cfg)
     images, tasks, source = images_and_tasks(cfg, args.tasks + 1, args.n)
@@ -74,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "  backbone embedding": [], "  generation + inner steps": [],
                                      f"k-means on raw pixels (n_init={n_init})": [],
                                      f"k-means on the embedding (embedding + k-means, n_init={n_init})": []}
-    with threadpool_limits(1), torch.no_grad():
+    with torch.no_grad():
         for t, idx in enumerate(tasks.indices):
             x = images[idx]
             start = time.perf_counter()
@@ -104,11 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     method, pixels = medians[next(iter(medians))], medians[f"k-means on raw pixels (n_init={n_init})"]
     verdict = "met" if method <= pixels else "not met"
     print(f"target (method no slower than k-means on raw pixels): {verdict} ({method:.1f} vs {pixels:.1f} ms)")
-    write_json(paths.results_dir() / "bench" / "eval.json",
-               {"method ms / task (N=256, 1 thread)": round(method, 1),
-                "k-means on raw pixels ms / task": round(pixels, 1),
-                "k-means on the embedding ms / task": round(medians[list(medians)[-1]], 1),
-                "target: method <= k-means on pixels": verdict, "_source": source, "_models": what})
+    record("eval", {"method ms / task (N=256, 1 thread)": round(method, 1),
+                    "k-means on raw pixels ms / task": round(pixels, 1),
+                    "k-means on the embedding ms / task": round(medians[list(medians)[-1]], 1),
+                    "target: method <= k-means on pixels": verdict, "_source": source, "_models": str(what),
+                    "_machine": machine})
     return 0
 
 

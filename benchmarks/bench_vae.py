@@ -17,7 +17,6 @@ import torch
 from common import record, setup
 from hmlib.backbone.embeddings import embed_images
 from hmlib.backbone.model import ConvBackbone
-from hmlib.backbone.train import cross_fit_folds
 from hmlib.config import load_config
 from hmlib.data import ImageSet
 from hmlib.backbone.train import train_backbone
@@ -56,16 +55,14 @@ def main() -> None:
 
     seeds, datasets = len(cfg.seeds), len(cfg.meta.train_datasets)
     vae_images = seeds * (1 + len(cfg.datasets)) * cfg.vae.epochs * (cfg.vae.max_train_images or 60000)
-    folds = cross_fit_folds(cfg)
-    bb_images = seeds * cfg.backbone.epochs * cfg.backbone.images_per_dataset * sum(
-        datasets - (fold is not None) for fold in folds)
+    bb_images = seeds * cfg.backbone.epochs * cfg.backbone.images_per_dataset * datasets
     print(f"{machine}")
     print(f"VAE ({cfg.vae.variant}, d = {cfg.vae.latent_dim}): training {vae_train:,.0f} images/s, encoding "
           f"{vae_encode:,.0f} images/s")
     print(f"backbone (channels {cfg.backbone.channels}): training {bb_train:,.0f} images/s (with augmentation), "
           f"embedding {bb_encode:,.0f} images/s")
     print(f"notebook 02 of '{args.profile}': {seeds} seed(s) x {1 + len(cfg.datasets)} VAEs ~ {vae_images / vae_train:.0f} s, "
-          f"{seeds} seed(s) x {len(folds)} backbones ~ {bb_images / bb_train:.0f} s of training")
+          f"{seeds} backbone(s) ~ {bb_images / bb_train:.0f} s of training")
     record("models", {"VAE training images/s": round(vae_train), "VAE encoding images/s": round(vae_encode),
                       "backbone training images/s": round(bb_train), "backbone embedding images/s": round(bb_encode),
                       "_machine": machine})

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ def setup(threads: int = 1) -> str:
     return f"{threads} thread(s), {len(os.sched_getaffinity(0))} cores visible, load average {load:.2f}"
 
 
-def record(name: str, figures: dict[str, Any]) -> None:
+def record(name: str, figures: dict[str, Any], results_dir: Path | None = None) -> None:
     """Write the figures to ``results/bench/<name>.json`` (``hmlib results --write`` puts them in the README)."""
-    path = write_json(paths.results_dir() / "bench" / f"{name}.json", figures)
+    path = write_json((results_dir or paths.results_dir()) / "bench" / f"{name}.json", figures)
     print(f"wrote {path}")

@@ -117,6 +117,14 @@ def load_checkpoint(path: str | Path, expected_meta: Mapping[str, Any] | None = 
     return payload["state"], meta
 
 
+def load_named_kind(path: str | Path, kind: str, what: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(state, meta)`` of a checkpoint that must be of ``kind``; meta gains its 'path' and 'name' (file stem)."""
+    state, meta = load_checkpoint(path)
+    if meta.get("kind") != kind:
+        raise ArtifactError(f"{path} is not a {what} checkpoint (kind={meta.get('kind')!r})")
+    return state, {**meta, "path": str(path), "name": Path(path).stem}
+
+
 def check_meta(meta: Mapping[str, Any], expected: Mapping[str, Any], what: str) -> None:
     """Raise StaleArtifactError listing every setting whose recorded value differs from the expected one."""
     diffs = settings_diff(meta, expected)

@@ -135,6 +135,24 @@ def check_readme(readme: Path = README, results: Path = RESULTS_FILE) -> list[st
     return sorted(name for name in want if have.get(name) != want[name])
 
 
+def cluster_accuracy_note(results: Path | None = None) -> str:
+    """What accuracy to expect of ``hmlib cluster`` at several K, beside k-means on the same embedding, from the
+    recorded benchmark (for its --help)."""
+    try:
+        figures = read_json(results or RESULTS_FILE).get("benchmarks", {}).get("cluster", {})
+    except ArtifactError:
+        figures = {}
+    measured = []
+    for key, value in figures.items():
+        if key.endswith(": hmlib cluster %"):
+            where = key.split(":")[0]
+            kmeans = figures.get(f"{where}: k-means on the embedding %")
+            measured.append(f"{where} {value:.1f}%" + ("" if kmeans is None else f" (k-means on the embedding {kmeans:.1f}%)"))
+    if not measured:
+        return "no measurement recorded yet (benchmarks/bench_cluster.py)"
+    return "measured on 1,000-image folders (benchmarks/bench_cluster.py, docs/results.json): " + ", ".join(measured)
+
+
 def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``hmlib results``."""
     parser = subparsers.add_parser("results", help="write docs/results.json from the last run, regenerate the README "
@@ -166,4 +184,4 @@ def run_results_command(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["RESULTS_FILE", "check_readme", "gather", "render_readme"]
+__all__ = ["RESULTS_FILE", "check_readme", "cluster_accuracy_note", "gather", "render_readme"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+import hmlib.data
 from hmlib.artifacts import fingerprint
 from hmlib.data import ImageSet
 
@@ -16,6 +17,13 @@ def synthetic_images(num_images: int, seed: int) -> tuple[np.ndarray, np.ndarray
     for offset in range(8):  # vectorised over images: paint an 8x8 square per image
         images[np.arange(num_images)[:, None], rows[:, None] + offset, cols[:, None] + np.arange(8)] = 230
     return images, labels.astype(np.int64)
+
+
+def install_fake_data(monkeypatch, num_images: int, extra_test: int = 0) -> "FakeData":
+    """Synthetic ImageSets in place of hmlib.data.load_split (records what was loaded)."""
+    fake = FakeData(num_images, extra_test)
+    monkeypatch.setattr(hmlib.data, "load_split", fake.load_split)
+    return fake
 
 
 class FakeData:

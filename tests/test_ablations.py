@@ -211,8 +211,8 @@ def test_a_registered_inner_loss_becomes_an_ablation_variant(monkeypatch):
     monkeypatch.setitem(losses.INNER_LOSSES, "neg_max", lambda logits, reference, cfg: -logits.max(-1).values.mean(-1))
     spec = next(a for a in define_ablations(load_config("default")) if a.key == "inner_loss")
     variant = spec.variant("neg_max")
-    assert variant.adapt_overrides == {"inner_loss": "neg_max"}
-    assert training_config(load_config("default"), variant).adapt.inner_loss == "neg_max"
+    assert variant.adapt_overrides == {"inner_loss": "neg_max"} and not variant.retrained  # a test-time arm
+    assert training_config(load_config("default"), variant) == load_config("default")
 
 
 def test_bad_specs_raise_clear_errors(tiny_mirror):
@@ -234,7 +234,7 @@ def test_bad_specs_raise_clear_errors(tiny_mirror):
 
 def test_describe_states_the_protocol():
     """The paragraph above the tables names the suite, the setting, the seeds and the re-training."""
-    cfg = load_config("default", overrides={"ablation": {"meta_iterations": 50, "num_tasks": 7}})
+    cfg = load_config("default", overrides={"ablation": {"meta_iterations": 50, "num_tasks": 7, "num_seeds": 3}})
     text = describe(cfg)
     assert "first 7 tasks" in text and "**mnist**" in text and "50 iterations" in text
     assert "**zero-shot**" in text and "[0, 1, 2]" in text

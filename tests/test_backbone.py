@@ -14,9 +14,9 @@ import hmlib.backbone.embeddings as embeddings_mod
 import hmlib.backbone.train as train_mod
 import hmlib.data
 from datafactory import balanced_labels, class_patterns
-from fakes import FakeData
+from fakes import FakeData, install_fake_data
 from hmlib.artifacts import ArtifactError, MissingArtifactError, StaleArtifactError, read_json, save_checkpoint
-from hmlib.backbone import (ConvBackbone, EmbeddingSet, adapt_batchnorm, augment, batch_statistics, cross_fit_folds,
+from hmlib.backbone import (ConvBackbone, EmbeddingSet, adapt_batchnorm, augment, batch_statistics,
                             embed_images, embed_split, get_all_backbones, get_backbone, get_embeddings,
                             load_backbone, setting_backbone, train_backbone)
 from hmlib.backbone.embeddings import embed_tasks_with_task_statistics
@@ -45,9 +45,7 @@ MAKE_IT = "hmlib run --profile smoke --only 02"
 @pytest.fixture
 def fake_data(monkeypatch) -> FakeData:
     """Synthetic ImageSets in place of hmlib.data.load_split; records what was loaded."""
-    fake = FakeData(NUM_IMAGES, extra_test=EXTRA_TEST)
-    monkeypatch.setattr(hmlib.data, "load_split", fake.load_split)
-    return fake
+    return install_fake_data(monkeypatch, NUM_IMAGES, EXTRA_TEST)
 
 
 def tiny_cfg(**backbone_overrides):
@@ -292,28 +290,9 @@ def test_backbone_trains_on_meta_training_datasets_only(fake_data):
     cfg = tiny_cfg()
     _, meta = get_backbone(cfg, 0, progress=False)
     assert sorted(fake_data.loaded) == sorted((d, "train") for d in cfg.meta.train_datasets)
-    assert sorted(meta["data_fingerprints"]) == sorted(cfg.meta.train_datasets) and meta["left_out"] is None
+    assert sorted(meta["data_fingerprints"]) == sorted(cfg.meta.train_datasets)
     assert meta["kind"] == "backbone" and meta["seed"] == 0 and meta["name"].startswith("backbone_seed0-")
     assert meta["val_fraction"] == cfg.meta.val_fraction and meta["settings"]["channels"] == list(CHANNELS)
-
-
-def test_left_out_excludes_that_dataset(fake_data):
-    """left_out=d never loads d and records no fingerprint of it; a dataset not meta-trained on is refused."""
-    cfg = tiny_cfg()
-    _, full = get_backbone(cfg, 0, progress=False)
-    fake_data.loaded.clear()
-    _, meta = get_backbone(cfg, 0, left_out="hebrew_chars", progress=False)
-    assert ("hebrew_chars", "train") not in fake_data.loaded
-    assert "hebrew_chars" not in meta["data_fingerprints"]
-    assert full["data_fingerprints"]["hebrew_chars"] not in meta["data_fingerprints"].values()
-    assert sorted(meta["data_fingerprints"]) == ["fashion_mnist", "math_shapes"] and meta["left_out"] == "hebrew_chars"
-    assert meta["name"].startswith("backbone_seed0_without-hebrew_chars-") and meta["path"] != full["path"]
-    assert meta["backbone_id"] != full["backbone_id"]
-    with pytest.raises(ConfigError, match="not a meta-training dataset"):
-        get_backbone(cfg, 0, left_out="mnist", progress=False)
-    single = load_config("smoke", overrides={"backbone": TINY_BACKBONE, "meta": {"train_datasets": ["math_shapes"]}})
-    with pytest.raises(ConfigError, match="at least two"):
-        get_backbone(single, 0, left_out="math_shapes", progress=False)
 
 
 def test_checkpoint_round_trip_and_reuse(fake_data, capsys):
@@ -345,9 +324,9 @@ def test_train_false_and_retrain_never_refuse_to_train(fake_data):
     """Without a checkpoint, train=False and retrain='never' raise MissingArtifactError naming file and command."""
     for cfg, kwargs in ((tiny_cfg(), {"train": False}), (tiny_cfg(retrain="never"), {})):
         with pytest.raises(MissingArtifactError) as err:
-            get_backbone(cfg, 0, left_out="math_shapes", progress=False, **kwargs)
+            get_backbone(cfg, 0, progress=False, **kwargs)
         text = str(err.value)
-        assert "backbone_seed0_without-math_shapes-" in text and "not found" in text and MAKE_IT in text
+        assert "backbone_seed0-" in text and "not found" in text and MAKE_IT in text
     _, meta = get_backbone(tiny_cfg(), 0, progress=False)
     _, again = get_backbone(tiny_cfg(), 0, train=False, progress=False)
     assert again["reused"] and again["backbone_id"] == meta["backbone_id"]
@@ -376,16 +355,13 @@ def test_retrain_always_keeps_the_previous_beside(fake_data):
     assert (path.parent / f"{path.stem}.previous-1.pt").read_bytes() == before
 
 
-def test_get_all_backbones_with_and_without_cross_fitting(fake_data):
-    """Cross-fitting adds one backbone per meta-training dataset left out, for every seed."""
-    cfg = tiny_cfg()
-    assert cross_fit_folds(cfg) == (None, *cfg.meta.train_datasets)
-    assert cross_fit_folds(tiny_cfg(cross_fit=False)) == (None,)
+def test_get_all_backbones_trains_one_per_seed(fake_data):
+    """Every replicate seed gets its own backbone, with its own weights."""
+    cfg = load_config("smoke", overrides={"backbone": TINY_BACKBONE, "seeds": [0, 1]})
     backbones = get_all_backbones(cfg, progress=False)
-    assert list(backbones) == [(0, None), *((0, d) for d in cfg.meta.train_datasets)]
-    assert all(meta["left_out"] == fold for (_, fold), (_, meta) in backbones.items())
-    assert len({meta["backbone_id"] for _, meta in backbones.values()}) == len(backbones)
-    assert list(get_all_backbones(tiny_cfg(cross_fit=False), train=False, progress=False)) == [(0, None)]
+    assert list(backbones) == [0, 1]
+    assert len({meta["backbone_id"] for _, meta in backbones.values()}) == 2
+    assert list(get_all_backbones(cfg, train=False, progress=False)) == [0, 1]
 
 
 # ------------------------------------------------------------------------------------ settings and embeddings
@@ -433,8 +409,8 @@ def test_get_embeddings_matches_contract_and_is_cached(fake_data, monkeypatch):
     np.testing.assert_array_equal(cached.embeddings, out.embeddings)
 
 
-def test_settings_and_folds_embed_through_their_backbone(fake_data):
-    """Transductive and cross-fitted embeddings come from their own backbones and caches."""
+def test_settings_embed_through_their_backbone(fake_data):
+    """Transductive embeddings come from the backbone with the dataset's statistics, in their own cache."""
     cfg = tiny_cfg()
     zero_shot = get_embeddings(cfg, "mnist", "test", "zero_shot", 0, progress=False)
     transductive = get_embeddings(cfg, "mnist", "test", "transductive", 0, progress=False)
@@ -442,9 +418,7 @@ def test_settings_and_folds_embed_through_their_backbone(fake_data):
     assert not np.allclose(transductive.embeddings, zero_shot.embeddings)
     _, meta = get_backbone(cfg, 0, progress=False, verbose=False)
     assert cache_path("embeddings", f"{meta['name']}_bn-mnist", "mnist", "test").is_file()
-    fold = get_embeddings(cfg, "fashion_mnist", "train", "zero_shot", 0, left_out="fashion_mnist", progress=False)
-    _, fold_meta = get_backbone(cfg, 0, left_out="fashion_mnist", progress=False, verbose=False)
-    assert fold.backbone_id == fold_meta["backbone_id"] != meta["backbone_id"]
+    assert zero_shot.backbone_id == meta["backbone_id"]
 
 
 def test_embeddings_are_reencoded_when_the_backbone_changes(fake_data, capsys):

@@ -17,8 +17,9 @@ from PIL import Image
 
 from cluster_fakes import BrightnessClusterer, install_estimator, write_checkpoint, write_mixed_folder
 from datafactory import class_patterns, write_tiny_dataset
+import hmlib.results
 from hmlib import cli, paths
-from hmlib.artifacts import ArtifactError, file_sha256
+from hmlib.artifacts import ArtifactError, file_sha256, write_json
 from hmlib.cluster.images import load_images
 from hmlib.cluster.outputs import CSV_COLUMNS, OUTPUT_FILES
 
@@ -192,13 +193,27 @@ def test_estimator_breaking_its_contract_is_not_hidden(mixed, checkpoint, capsys
     assert not (tmp_path / "o").exists()
 
 
-def test_help_lists_the_options(capsys):
+@pytest.fixture(params=["none", "recorded"])
+def recorded_results(request, tmp_path, monkeypatch):
+    """No results file, or one with cluster benchmark figures (percent signs included) for the --k help."""
+    path = tmp_path / "results.json"
+    if request.param == "recorded":
+        write_json(path, {"benchmarks": {"cluster": {"mnist K=10: hmlib cluster %": 79.9,
+                                                     "mnist K=10: k-means on the embedding %": 92.2}}})
+    monkeypatch.setattr(hmlib.results, "RESULTS_FILE", path)
+    return request.param
+
+
+def test_help_lists_the_options(capsys, recorded_results):
     with pytest.raises(SystemExit) as info:
         cli.main(["cluster", "--help"])
     assert info.value.code == 0
     text = capsys.readouterr().out
     for option in ("--k K", "--checkpoint CKPT", "--steps S", "--out DIR", "--overwrite", "--split", "PATH"):
         assert option in text
+    expected = ("mnist K=10 79.9% (k-means on the embedding 92.2%)" if recorded_results == "recorded"
+                else "no measurement recorded yet")
+    assert expected in " ".join(text.split())
 
 
 def test_console_entry_point_reports_a_missing_path(tmp_path):

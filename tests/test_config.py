@@ -37,7 +37,7 @@ def test_sections_and_top_level_fields():
     names = [f.name for f in dataclasses.fields(Config)]
     assert names == ["profile", "device", "num_threads", "seeds", *SECTIONS]
     cfg = load_config()
-    assert cfg.seeds == (0, 1, 2) and cfg.num_threads == 1
+    assert cfg.seeds == (0, 1, 2) and cfg.num_threads == 2 and Config().num_threads == 1  # default profile: both cores
     assert all(dataclasses.is_dataclass(getattr(cfg, s)) for s in SECTIONS)
 
 
@@ -173,7 +173,7 @@ def test_missing_or_invalid_config_file(tmp_path):
     ({"seeds": []}, "seeds", "non-empty"),
     ({"ablation": {"lr_grid": [0.1, 0]}}, "ablation.lr_grid[1]", "> 0"),
     ({"eval": {"task_sizes": [2]}}, "eval.task_sizes[0]", ">= 4"),
-    ({"backbone": {"cross_fit": "yes"}}, "backbone.cross_fit", "true or false"),
+    ({"meta": {"use_inner_loop": "yes"}}, "meta.use_inner_loop", "true or false"),
     ({"task": {"mode": "sequential"}}, "task.mode", "must be one of"),
     ({"adapt": {"inner_loss": "mse"}}, "adapt.inner_loss", "must be one of"),
     ({"hyper": {"conditioning": "lstm"}}, "hyper.conditioning", "must be one of"),

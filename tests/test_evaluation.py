@@ -189,7 +189,7 @@ def test_registry_order_and_kinds():
     """The hypernetwork's rows are not baselines; ceilings are supervised; register replaces a same-named method."""
     names = [m.name for m in baselines()]
     assert "hypernet" not in names and "hypernet_adapted" not in names
-    assert {m.name for m in baselines()} - set(UNSUPERVISED) == {"logreg_embedding", "logreg_latent"}
+    assert {m.name for m in baselines()} - set(UNSUPERVISED) == {"logreg_embedding"}
     assert names[:2] == ["kmeans_embedding", "gmm_embedding"] and all(METHODS[n].reads for n in names)
     assert all(METHODS[n].cluster is not None for n in UNSUPERVISED)
 
@@ -276,6 +276,7 @@ def test_every_method_scores_the_same_deterministic_suite(trained, ckpt, tmp_pat
 
     monkeypatch.setattr(evaluate_module, "score_hypernet", spy(evaluate_module.score_hypernet))
     monkeypatch.setattr(evaluate_module, "score_baseline", spy(evaluate_module.score_baseline))
+    monkeypatch.setattr(evaluate_module, "_PIXEL_SCORES", {})  # pixel scores are kept per process: start empty
     again = evaluate(trained, [ckpt[("zero_shot", 0)]], tmp_path / "again.json")  # computed anew
     assert len(seen) == 1 + len(baselines()) and set(seen) == {suite_fingerprint(suite)}
     for name, scores in block["methods"].items():
@@ -577,7 +578,7 @@ def test_evaluation_figures_from_results():
     """The table, bars and per-task scatter are drawn from summary rows and per-task accuracies."""
     rng = np.random.default_rng(1)
     result = synthetic_result(rng.uniform(0.5, 1, (1, 5, STEPS + 1)),
-                              {"kmeans_embedding": rng.uniform(0.5, 1, (1, 5)), "logreg_latent": np.ones((1, 5))})
+                              {"kmeans_embedding": rng.uniform(0.5, 1, (1, 5)), "logreg_embedding": np.ones((1, 5))})
     rows = summary_rows(result)
     kmeans = per_task_accuracy(result, N, "kmeans_embedding")
     figures = [plots.evaluation_table(rows, title="toy"), plots.accuracy_bars(rows, num_classes=K),

@@ -16,7 +16,7 @@ from hmlib.hyper.adapt import adapt, predict_clusters, predict_task
 from hmlib.hyper.encoders import ENCODERS
 from hmlib.hyper.generators import GENERATORS, ClusterGenerator, TaskState, diffuse, kmeans_prototypes, knn_graph
 from hmlib.hyper.hypernet import HyperNet, TaskInputs
-from hmlib.hyper.inputs import TaskData, feature_backbone_fold
+from hmlib.hyper.inputs import TaskData
 from hmlib.hyper.losses import (INNER_LOSSES, aligned_cross_entropy, best_alignment, entropy_loss, geometry_loss,
                                 infomax_loss, inner_loss, task_accuracy)
 from hmlib.metrics import clustering_accuracy
@@ -24,7 +24,7 @@ from hmlib.metrics import clustering_accuracy
 CONTEXT_DIM, FEATURE_DIM, K, N, T, STEPS = 6, 5, 3, 24, 2, 3
 NEIGHBORS = 4
 HYPER = HyperConfig(embed_dim=8, head_hidden=16, target_hidden=(8,), num_seeds=2, num_heads=2, num_context=64,
-                    random_features=12, num_components=2, cluster_inits=3, graph_neighbors=NEIGHBORS,
+                    cluster_inits=3, graph_neighbors=NEIGHBORS,
                     diffusion_steps=2)
 ADAPT = AdaptConfig(inner_loss="infomax", num_inner_steps=STEPS, inner_lr=0.5)
 HYPERNET_LR = 0.05  # inner lr when the inner loop updates every weight of the hypernetwork
@@ -166,17 +166,6 @@ def test_task_inputs_from_arrays_and_task_data():
     assert len(part) == 2 and part.labels.tolist() == [1, 2]
     np.testing.assert_array_equal(part.context, task_data.context[[4, 2]])
     assert not random_inputs().batched and random_inputs().as_batch().features.shape == (1, N, FEATURE_DIM)
-
-
-def test_meta_training_reads_each_dataset_through_a_backbone_that_never_saw_it():
-    """Cross-fitting: a meta-training dataset is embedded without itself; held-out data by the full backbone."""
-    cfg = load_config("default")
-    train = cfg.meta.train_datasets[0]
-    assert feature_backbone_fold(cfg, train, meta_training=True) == train
-    assert feature_backbone_fold(cfg, train, meta_training=False) is None
-    assert feature_backbone_fold(cfg, cfg.meta.test_datasets[0], meta_training=True) is None
-    no_cross = load_config("default", overrides={"backbone": {"cross_fit": False}})
-    assert feature_backbone_fold(no_cross, train, meta_training=True) is None
 
 
 def test_a_registered_encoder_is_a_valid_conditioning(monkeypatch):

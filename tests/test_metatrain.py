@@ -15,6 +15,7 @@ from hmlib.artifacts import ArtifactError, MissingArtifactError, StaleArtifactEr
 from hmlib.config import ConfigError, load_config
 from hmlib.hyper import metatrain
 from hmlib.hyper.adapt import predict_task
+from hmlib.hyper.hypernet import TaskInputs
 from hmlib.hyper.inputs import TaskData
 from hmlib.hyper.metatrain import MetaTrainingError, fit_hypernet, load_hypernet, meta_train
 from hmlib.plots.meta import plot_task_adaptation, plot_training_curves
@@ -97,25 +98,6 @@ def test_meta_training_the_cluster_head_lowers_the_outer_loss_and_keeps_the_best
     _assert_same_weights(result.hypernet.state_dict(), state["best_model"])
 
 
-def test_task_mixing_single_draws_each_meta_batch_from_one_dataset(tmp_path, monkeypatch):
-    """meta.task_mixing='single': every meta-batch comes from one dataset; 'mixed' mixes them."""
-    seen = []
-    original = metatrain._outer_loss
-
-    def recording(hypernet, inputs, labels, cfg):
-        seen.append(np.sign(inputs.features.mean(dim=(1, 2)).numpy()))  # dataset a sits at +50, b at -50
-        return original(hypernet, inputs, labels, cfg)
-
-    monkeypatch.setattr(metatrain, "_outer_loss", recording)
-    sets = {"a": blobs("a", 0, offset=50.0), "b": blobs("b", 1, offset=-50.0)}
-    for mixing in ("single", "mixed"):
-        seen.clear()
-        _fit(_cfg(task_mixing=mixing, meta_batch_size=4), tmp_path / f"{mixing}.pt", sets=sets)
-        assert len(seen) == ITERATIONS
-        one_dataset = [len(set(batch.tolist())) == 1 for batch in seen]
-        assert all(one_dataset) if mixing == "single" else not all(one_dataset)
-
-
 # ----------------------------------------------------------------------------------------- checkpoints
 
 def test_checkpoint_round_trip_and_reuse(tmp_path, capsys):
@@ -138,23 +120,28 @@ def test_checkpoint_round_trip_and_reuse(tmp_path, capsys):
     assert again.history == result.history
 
 
+def _interrupt_outer_loss_at_call(monkeypatch, call: int) -> None:
+    """Make meta-training's ``call``-th outer loss raise KeyboardInterrupt (Ctrl-C mid-run)."""
+    original, calls = metatrain._outer_loss, []
+
+    def interrupting(*args):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(metatrain, "_outer_loss", interrupting)
+
+
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch, capsys):
     """A run that stops after its iteration-3 save resumes there and ends with the weights of an uninterrupted run."""
     cfg = _cfg()
     full = _fit(cfg, tmp_path / "full.pt")
-    original, calls = metatrain._outer_loss, []
-
-    def crash_at_iteration_5(*args):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return original(*args)
-
     path = tmp_path / "h.pt"
-    monkeypatch.setattr(metatrain, "_outer_loss", crash_at_iteration_5)
+    _interrupt_outer_loss_at_call(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         _fit(cfg, path)
-    monkeypatch.setattr(metatrain, "_outer_loss", original)
+    monkeypatch.undo()
     state, meta = load_checkpoint(path)
     assert meta["iteration"] == EVAL_EVERY and not meta["complete"]
     capsys.readouterr()
@@ -213,15 +200,7 @@ def test_train_false_with_a_missing_or_unfinished_checkpoint_raises(tmp_path, mo
     with pytest.raises(MissingArtifactError, match=r"not found; make it with: hmlib run --profile default --only 03"):
         _fit(_cfg(), path, train=False)
     assert not path.exists()
-    original, calls = metatrain._outer_loss, []
-
-    def crash_at_iteration_5(*args):
-        calls.append(1)
-        if len(calls) == 5:
-            raise KeyboardInterrupt
-        return original(*args)
-
-    monkeypatch.setattr(metatrain, "_outer_loss", crash_at_iteration_5)
+    _interrupt_outer_loss_at_call(monkeypatch, 5)
     with pytest.raises(KeyboardInterrupt):
         _fit(_cfg(), path)
     with pytest.raises(MissingArtifactError, match="is unfinished"):
@@ -230,21 +209,21 @@ def test_train_false_with_a_missing_or_unfinished_checkpoint_raises(tmp_path, mo
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_state(tmp_path, monkeypatch):
     """A NaN outer loss stops meta-training with an error; the checkpoint holds the weights before that step."""
-    sets = _sets()
-    sets["a"].features[:] = np.nan
     original, weights = metatrain._outer_loss, []
 
-    def recording(hypernet, inputs, labels, cfg):
+    def nan_at_iteration_4(hypernet, inputs, labels, cfg):
         weights.append(copy.deepcopy(hypernet.state_dict()))
+        if len(weights) == 4:  # a meta-batch whose features are not finite
+            inputs = TaskInputs(inputs.context, torch.full_like(inputs.features, float("nan")))
         return original(hypernet, inputs, labels, cfg)
 
-    monkeypatch.setattr(metatrain, "_outer_loss", recording)
+    monkeypatch.setattr(metatrain, "_outer_loss", nan_at_iteration_4)
     path = tmp_path / "h.pt"
     with pytest.raises(MetaTrainingError, match="non-finite outer loss"):
-        _fit(_cfg(task_mixing="single", iterations=20, eval_every=20), path, sets=sets)
+        _fit(_cfg(iterations=20, eval_every=20), path)
     state, meta = load_checkpoint(path)
     assert not meta["complete"] and meta["iteration"] == len(weights) - 1 == len(meta["history"]["iteration"])
-    assert len(weights) > 1  # some steps on dataset b went through before a batch of a
+    assert len(weights) == 4  # three good steps, then the non-finite one
     _assert_same_weights(state["model"], weights[-1])
     assert all(torch.isfinite(v).all() for v in state["model"].values())
 
@@ -269,8 +248,8 @@ def test_meta_train_reads_the_settings_train_splits_and_names_its_checkpoint(mon
     upstream models and names the checkpoint by setting, seed and a settings hash."""
     calls, bundles = [], []
 
-    def fake_task_data(cfg, dataset, split, setting, seed, *, meta_training=False, train=True, progress=True):
-        calls.append((dataset, split, setting, seed, meta_training))
+    def fake_task_data(cfg, dataset, split, setting, seed, *, train=True, progress=True):
+        calls.append((dataset, split, setting, seed))
         return blobs(dataset, sum(map(ord, dataset)) % 97)
 
     def fake_bundle(cfg, setting, seed, *, train=False, progress=False):
@@ -281,7 +260,7 @@ def test_meta_train_reads_the_settings_train_splits_and_names_its_checkpoint(mon
     monkeypatch.setattr(hmlib.hyper.bundle, "bundle_for", fake_bundle)
     cfg = _cfg(iterations=2, eval_every=2)
     result = meta_train(cfg, "transductive", 1, progress=False)
-    assert calls == [(d, "train", "transductive", 1, True) for d in cfg.meta.train_datasets]
+    assert calls == [(d, "train", "transductive", 1) for d in cfg.meta.train_datasets]
     assert bundles == [("transductive", 1)]
     assert result.checkpoint_path.parent.name == "models"
     assert result.checkpoint_path.name.startswith("hypernet_transductive_seed1-")

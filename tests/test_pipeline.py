@@ -108,10 +108,15 @@ def browser(tmp_path_factory):
 def _check_page(driver, path: Path, min_images: int = 0) -> None:
     """Open ``path`` from disk; assert it rendered, every image loaded and the console has no error."""
     from PIL import Image
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
 
     driver.get_log("browser")  # drop messages from earlier pages
     driver.get(path.resolve().as_uri())
-    assert driver.execute_script("return document.readyState") == "complete"
+    try:  # get() may return while the page is still 'interactive' (subresources such as images loading)
+        WebDriverWait(driver, 30).until(lambda d: d.execute_script("return document.readyState") == "complete")
+    except TimeoutException:
+        pytest.fail(f"{path.name}: still {driver.execute_script('return document.readyState')!r} after 30 s")
     images = driver.execute_script(
         "return Array.from(document.images).map(i => [i.complete && i.naturalWidth > 0, i.src.slice(0, 60)])")
     broken = [src for ok, src in images if not ok]

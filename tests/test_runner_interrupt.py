@@ -9,11 +9,10 @@ import time
 from pathlib import Path
 
 import nbformat
+import psutil
 import pytest
 
 from hmlib import reports
-
-psutil = pytest.importorskip("psutil")
 
 REPO = Path(__file__).resolve().parents[1]
 LONG_CELL_FIRST_LINE = "import os, pathlib, subprocess, sys, time  # the long cell"

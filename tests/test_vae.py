@@ -11,7 +11,7 @@ import torch
 import hmlib.data
 import hmlib.vae.latents as latents_mod
 import hmlib.vae.train as train_mod
-from fakes import FakeData, synthetic_images
+from fakes import FakeData, install_fake_data, synthetic_images
 from hmlib.artifacts import ArtifactError, MissingArtifactError, StaleArtifactError, read_json, save_checkpoint
 from hmlib.config import ConfigError, VAEConfig, load_config
 from hmlib.data import ImageSet
@@ -35,9 +35,7 @@ MAKE_IT = "hmlib run --profile smoke --only 02"
 @pytest.fixture
 def fake_data(monkeypatch) -> FakeData:
     """Synthetic ImageSets in place of hmlib.data.load_split; records what was loaded."""
-    fake = FakeData(NUM_IMAGES, extra_test=EXTRA_TEST)
-    monkeypatch.setattr(hmlib.data, "load_split", fake.load_split)
-    return fake
+    return install_fake_data(monkeypatch, NUM_IMAGES, EXTRA_TEST)
 
 
 def tiny_cfg(**vae_overrides):

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Mapping
 
 import numpy as np
@@ -257,15 +257,19 @@ def test_missing_file_and_directory(tmp_path):
         load_config("default", tmp_path)
 
 
-@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads any file")
-def test_unreadable_file(tmp_path):
+def test_unreadable_file(tmp_path, monkeypatch):
+    """A file the process may not read (as root chmod 0 does not stop reads, so the OS refusal is simulated)."""
     path = _file(tmp_path, "{}")
-    path.chmod(0)
-    try:
-        with pytest.raises(ConfigError, match="cannot be read: permission denied"):
-            read_config_file(path)
-    finally:
-        path.chmod(0o600)
+    real_read_bytes = Path.read_bytes
+
+    def refuse(self):
+        if self == path:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", refuse)
+    with pytest.raises(ConfigError, match="cannot be read: permission denied"):
+        read_config_file(path)
 
 
 def test_utf8_with_bom_and_good_file(tmp_path):

@@ -1,4 +1,4 @@
-"""A tiny protocol trained for real on the tiny mirror (VAEs, cross-fitted backbones, hypernetworks), for the tests
+"""A tiny protocol trained for real on the tiny mirror (VAEs, backbones, hypernetworks), for the tests
 of the stages after meta-training. Train it once per test module into its own home with :func:`train_home`; each
 test works on a copy (:func:`use_home`), so caches and results written by one test never reach another.
 """

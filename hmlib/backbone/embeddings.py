@@ -40,13 +40,13 @@ def embed_images(model: ConvBackbone, images: np.ndarray, *, progress: bool = Fa
     return encode_batches(lambda x: model.embed(x.to(device)), images, progress=progress, desc="embed")[0]
 
 
-def setting_backbone(cfg: Config, dataset: str, setting: str, seed: int, *, left_out: str | None = None,
+def setting_backbone(cfg: Config, dataset: str, setting: str, seed: int, *,
                      train: bool = True, progress: bool = True) -> tuple[ConvBackbone, dict[str, Any]]:
     """The backbone that reads ``dataset`` in ``setting``: as trained (zero-shot) or with the dataset's own
     normalisation statistics (transductive); meta has its 'name' and identity 'backbone_id'."""
     if setting not in SETTINGS:
         raise ConfigError(f"unknown setting {setting!r}; use one of {', '.join(SETTINGS)}")
-    model, meta = get_backbone(cfg, seed, left_out=left_out, train=train, progress=progress, verbose=False)
+    model, meta = get_backbone(cfg, seed, train=train, progress=progress, verbose=False)
     return (model, meta) if setting == "zero_shot" else with_dataset_statistics(cfg, model, meta, dataset)
 
 
@@ -67,10 +67,10 @@ def embed_split(model: ConvBackbone, meta: dict[str, Any], image_set: Any, *, pr
                         meta["backbone_id"])
 
 
-def get_embeddings(cfg: Config, dataset: str, split: str, setting: str, seed: int, *, left_out: str | None = None,
+def get_embeddings(cfg: Config, dataset: str, split: str, setting: str, seed: int, *,
                    train: bool = True, progress: bool = True) -> EmbeddingSet:
     """Embeddings of a dataset split in ``setting`` under replicate ``seed``'s backbone; cached."""
-    model, meta = setting_backbone(cfg, dataset, setting, seed, left_out=left_out, train=train, progress=progress)
+    model, meta = setting_backbone(cfg, dataset, setting, seed, train=train, progress=progress)
     return embed_split(model, meta, data.load_split(dataset, split, cfg.data, progress=progress), progress=progress)
 
 

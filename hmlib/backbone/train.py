@@ -2,10 +2,9 @@
 
 The backbone learns with labels from the meta-training datasets only (their train splits minus the
 validation part), cross-entropy over the union of their classes with label smoothing, random affine
-augmentation, AdamW with a one-cycle schedule. ``left_out=d`` trains the same recipe without dataset ``d``
-(cross-fitting: meta-training reads dataset ``d`` through a backbone that never saw it).
+augmentation, AdamW with a one-cycle schedule.
 
-Checkpoints: ``models/backbone_seed<s>[_without-<d>]-<hash>.pt`` with settings, data fingerprints,
+Checkpoints: ``models/backbone_seed<s>-<hash>.pt`` with settings, data fingerprints,
 metrics and per-epoch history; the identity ``backbone_id`` is a hash of the weights.
 """
 from __future__ import annotations
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hmlib import data, paths
-from hmlib.artifacts import ArtifactError, load_checkpoint, load_or_build, named_path, save_checkpoint, state_fingerprint
+from hmlib.artifacts import ArtifactError, load_named_kind, load_or_build, named_path, save_checkpoint, state_fingerprint
 from hmlib.backbone.model import ConvBackbone, augment, batchnorm_layers
 from hmlib.config import Config, ConfigError, config_to_dict, resolve_device
 from hmlib.features import images_to_tensor
@@ -37,23 +36,11 @@ class BackboneTrainingError(ArtifactError):
     """Backbone training diverged (non-finite loss); no checkpoint was written."""
 
 
-def training_datasets(cfg: Config, left_out: str | None) -> tuple[str, ...]:
-    """The meta-training datasets, minus ``left_out`` (a cross-fitting fold)."""
-    names = tuple(d for d in cfg.meta.train_datasets if d != left_out)
-    if left_out is not None and left_out not in cfg.meta.train_datasets:
-        raise ConfigError(f"left_out = {left_out!r} is not a meta-training dataset ({', '.join(cfg.meta.train_datasets)})")
-    if not names:
-        raise ConfigError("cross-fitting needs at least two meta-training datasets (backbone.cross_fit = false "
-                          "for one)")
-    return names
-
-
-def backbone_identity(cfg: Config, seed: int, left_out: str | None, fingerprints: dict[str, str]) -> dict[str, Any]:
+def backbone_identity(cfg: Config, seed: int, fingerprints: dict[str, str]) -> dict[str, Any]:
     """Everything that makes two backbones different: settings, seed, training data and its validation part."""
     settings = config_to_dict(cfg.backbone)
-    for key in ("retrain", "cross_fit"):
-        settings.pop(key)
-    return {"kind": "backbone", "seed": int(seed), "left_out": left_out, "settings": settings,
+    settings.pop("retrain")
+    return {"kind": "backbone", "seed": int(seed), "settings": settings,
             "val_fraction": cfg.meta.val_fraction, "data_fingerprints": fingerprints}
 
 
@@ -121,22 +108,19 @@ def backbone_from_state(state: dict[str, Any], meta: dict[str, Any]) -> ConvBack
 
 def load_backbone(path: str | Path) -> tuple[ConvBackbone, dict[str, Any]]:
     """Load a backbone checkpoint (weights_only) -> (model in eval mode, meta with 'backbone_id', 'path', 'name')."""
-    state, meta = load_checkpoint(path)
-    if meta.get("kind") != "backbone":
-        raise ArtifactError(f"{path} is not a backbone checkpoint (kind={meta.get('kind')!r})")
-    return backbone_from_state(state, meta), {**meta, "path": str(path), "name": Path(path).stem}
+    state, meta = load_named_kind(path, "backbone", "backbone")
+    return backbone_from_state(state, meta), meta
 
 
-def get_backbone(cfg: Config, seed: int, *, left_out: str | None = None, train: bool = True, progress: bool = True,
+def get_backbone(cfg: Config, seed: int, *, train: bool = True, progress: bool = True,
                  verbose: bool = True) -> tuple[ConvBackbone, dict[str, Any]]:
-    """The backbone of replicate ``seed`` (without dataset ``left_out``): reused when it matches, else trained.
+    """The backbone of replicate ``seed``: reused when it matches, else trained.
 
     ``train=False`` never trains: a missing backbone is a MissingArtifactError naming the file and the command.
     """
-    image_sets = [data.load_split(d, "train", cfg.data, progress=progress) for d in training_datasets(cfg, left_out)]
-    identity = backbone_identity(cfg, seed, left_out, {s.name: s.fingerprint for s in image_sets})
-    stem = f"backbone_seed{seed}" + (f"_without-{left_out}" if left_out else "")
-    path = named_path(paths.models_dir(), stem, identity)
+    image_sets = [data.load_split(d, "train", cfg.data, progress=progress) for d in cfg.meta.train_datasets]
+    identity = backbone_identity(cfg, seed, {s.name: s.fingerprint for s in image_sets})
+    path = named_path(paths.models_dir(), f"backbone_seed{seed}", identity)
 
     def build() -> None:
         print(f"Training {path.stem} on {', '.join(s.name for s in image_sets)} "
@@ -177,13 +161,7 @@ def bn_sample(images: np.ndarray, limit: int = ADAPT_BN_IMAGES) -> np.ndarray:
     return images[np.linspace(0, len(images) - 1, limit).astype(np.int64)]
 
 
-def cross_fit_folds(cfg: Config) -> tuple[str | None, ...]:
-    """The backbones a replicate needs: the full one (None) and, with cross-fitting, one per left-out dataset."""
-    return (None, *cfg.meta.train_datasets) if cfg.backbone.cross_fit else (None,)
-
-
 def get_all_backbones(cfg: Config, *, train: bool = True, progress: bool = True
-                      ) -> dict[tuple[int, str | None], tuple[ConvBackbone, dict]]:
-    """Every backbone of the protocol, keyed (seed, left-out dataset or None)."""
-    return {(seed, fold): get_backbone(cfg, seed, left_out=fold, train=train, progress=progress)
-            for seed in cfg.seeds for fold in cross_fit_folds(cfg)}
+                      ) -> dict[int, tuple[ConvBackbone, dict]]:
+    """The backbone of every replicate seed."""
+    return {seed: get_backbone(cfg, seed, train=train, progress=progress) for seed in cfg.seeds}

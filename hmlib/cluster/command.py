@@ -20,6 +20,8 @@ from hmlib.cluster.images import ClusterInputError, ImageCollection, input_kind,
 from hmlib.cluster.outputs import (ASSIGNMENTS, CONTACT_SHEET, SUMMARY, build_summary, check_out_dir,
                                    default_out_dir, write_assignments, write_summary)
 from hmlib.cluster.sheet import write_contact_sheet
+from hmlib.config import TaskConfig
+from hmlib.results import cluster_accuracy_note
 
 MAX_PRINTED = 20  # skipped files printed one per line; the rest are in summary.json
 
@@ -35,8 +37,13 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser("cluster", help="cluster an unlabeled image folder, parquet folder or hub dataset",
                                    description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", metavar="PATH", help="image folder, parquet folder / file, or hub id 'org/name'")
-    parser.add_argument("--k", type=int, required=True, metavar="K",
-                        help="number of clusters: at least 2, at most the number of images")
+    parser.add_argument("--k", type=_k_value, required=True, metavar="K",
+                        help="number of clusters, or 'auto' to choose it without labels (the K in 2..--k-max whose "
+                             "clusters have the highest silhouette on the embedding); at least 2, at most the "
+                             "number of images; any K works (the "
+                             f"prototypes come from the images), the default meta-training uses K = {TaskConfig().num_classes}; "
+                             f"{cluster_accuracy_note()}".replace("%", "%%"))  # argparse expands % in help
+    parser.add_argument("--k-max", type=int, default=10, metavar="KMAX", help="largest K tried by --k auto (default 10)")
     parser.add_argument("--checkpoint", type=Path, metavar="CKPT",
                         help="model checkpoint (default: the pipeline's zero-shot checkpoint)")
     parser.add_argument("--steps", type=int, metavar="S",
@@ -64,8 +71,21 @@ def run_cluster_command(args: argparse.Namespace) -> int:
         return 2
 
 
+def _k_value(text: str) -> int | str:
+    """``--k``: an integer or 'auto'."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+
+
 def _check_arguments(args: argparse.Namespace) -> None:
-    if args.k < 2:
+    if args.k == "auto":
+        if args.k_max < 2:
+            raise ClusterInputError(f"--k-max must be at least 2 (got {args.k_max})")
+    elif args.k < 2:
         raise ClusterInputError(f"--k must be at least 2 (got {args.k})")
     if args.steps is not None and args.steps < 0:
         raise ClusterInputError(f"--steps must be 0 or more (got {args.steps})")
@@ -95,14 +115,18 @@ def _checkpoint(api: Any, given: Path | None) -> Path:
         raise ClusterInputError(str(err).strip().splitlines()[0] if str(err).strip() else one_line(err)) from err
 
 
-def _fit(api: Any, checkpoint: Path, k: int, steps: int | None, images: np.ndarray) -> Any:
-    """The fitted estimator; a checkpoint or input it refuses becomes a one-line error."""
+def _fit(api: Any, checkpoint: Path, k: int | str, steps: int | None, images: np.ndarray, k_max: int = 10) -> Any:
+    """The fitted estimator (K chosen from the data when ``k`` is 'auto'); a checkpoint or input it refuses becomes
+    a one-line error."""
     try:
-        model = api.HyperClusterer.from_checkpoint(checkpoint, n_clusters=k, num_steps=steps)
+        model = api.HyperClusterer.from_checkpoint(checkpoint, n_clusters=2 if k == "auto" else k, num_steps=steps)
     except (FileNotFoundError, ArtifactError, ValueError) as err:
         raise ClusterInputError(f"cannot use checkpoint {checkpoint}: {one_line(err)}") from err
     try:
-        model.fit(images)
+        if k == "auto":
+            model.select_n_clusters(images, range(2, min(k_max, len(images)) + 1))
+        else:
+            model.fit(images)
     except ValueError as err:
         raise ClusterInputError(f"the model cannot cluster these images: {one_line(err)}") from err
     return model
@@ -139,10 +163,16 @@ def _cluster(args: argparse.Namespace) -> int:
     checkpoint = _checkpoint(api, args.checkpoint)
     collection = load_images(args.path, progress=not args.quiet, limit=args.limit, split=args.split)
     _print_skipped(collection)
-    if args.k > len(collection):
+    if args.k != "auto" and args.k > len(collection):
         raise ClusterInputError(f"--k {args.k} is larger than the number of images ({len(collection)}) at "
                                 f"{collection.location}")
-    model = _fit(api, checkpoint, args.k, args.steps, collection.images)
+    if args.k == "auto" and len(collection) < 2:
+        raise ClusterInputError(f"--k auto needs at least 2 images; {collection.location} has {len(collection)}")
+    model = _fit(api, checkpoint, args.k, args.steps, collection.images, args.k_max)
+    if args.k == "auto":
+        args.k = int(model.n_clusters)
+        scores = ", ".join(f"{k}: {v:.3f}" for k, v in model.k_scores_.items())
+        print(f"chose K={args.k} without labels (silhouette on the embedding per K: {scores})")
     labels, confidence = _results(model, len(collection), args.k)
     summary = build_summary(collection, model, input_path=args.path, k=args.k, requested_steps=args.steps,
                             labels=labels, confidence=confidence)

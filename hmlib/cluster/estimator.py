@@ -17,12 +17,15 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from PIL import Image
+from sklearn.metrics import silhouette_score
 
 from hmlib import paths
-from hmlib.artifacts import ArtifactError
+from hmlib.artifacts import ArtifactError, read_json
 from hmlib.backbone.embeddings import embed_images
 from hmlib.config import IMAGE_SIZE
 from hmlib.data.preprocess import preprocess_images
+from hmlib.features import normalize_task_np
+from hmlib.evaluation.evaluate import default_results_path
 from hmlib.hyper.adapt import adapt
 from hmlib.hyper.bundle import Bundle, load_bundle
 from hmlib.hyper.hypernet import TaskInputs
@@ -30,10 +33,25 @@ from hmlib.vae.train import encode_images
 
 MAX_FIT_IMAGES = 2048
 ASSIGN_BATCH = 4096
+SILHOUETTE_SAMPLE = 2000  # images the silhouette of a candidate K is computed on (a seeded sample)
 
 
 def default_checkpoint() -> Path:
-    """The newest zero-shot checkpoint in ``models/`` (what ``make run`` trains), seed 0 first."""
+    """The pipeline's zero-shot checkpoint: the first replicate that notebook 03 evaluated.
+
+    ``results/eval_zero_shot.json`` names the checkpoints of the pipeline's own evaluation; notebook 04's re-trained
+    ablation variants sit beside them in ``models/`` and must never be taken for it. Without that record (a
+    checkpoint copied to a fresh home), the newest zero-shot checkpoint, seed 0 first.
+    """
+    record = default_results_path("zero_shot")
+    if record.is_file():
+        try:
+            evaluated = [paths.models_dir() / Path(c["path"]).name for c in read_json(record).get("checkpoints", [])]
+        except (ArtifactError, AttributeError, KeyError, TypeError):
+            evaluated = []
+        for path in evaluated:
+            if path.is_file():
+                return path
     found = sorted(paths.models_dir().glob("hypernet_zero_shot_seed0-*.pt"), key=lambda p: p.stat().st_mtime) or \
         sorted(paths.models_dir().glob("hypernet_zero_shot_seed*-*.pt"), key=lambda p: p.stat().st_mtime)
     if not found:
@@ -94,7 +112,10 @@ class HyperClusterer:
         return {"checkpoint": str(self.bundle.path), "sha256": self.bundle.sha256, "setting": self.bundle.setting,
                 "seed": self.bundle.meta["seed"], "trained_num_classes": self.bundle.meta["num_classes"],
                 "n_clusters": self.n_clusters, "num_steps": self.num_steps, "max_fit_images": self.max_fit_images,
-                "inner_loss": self.bundle.cfg.adapt.inner_loss, "generation": self.bundle.cfg.hyper.generation}
+                "inner_loss": self.bundle.cfg.adapt.inner_loss, "generation": self.bundle.cfg.hyper.generation,
+                **({"k_selection": {"criterion": "silhouette on the standardised embedding",
+                                    "scores": {str(k): v for k, v in self.k_scores_.items()}}}
+                   if hasattr(self, "k_scores_") else {})}
 
     # ----------------------------------------------------------------------------------- internals
     def _rows(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -113,8 +134,9 @@ class HyperClusterer:
         return self._rows(as_images(images))[1]
 
     @torch.no_grad()
-    def _logits(self, images: np.ndarray, fit: bool) -> np.ndarray:
-        context, features = self._rows(images)
+    def _logits(self, images: np.ndarray, fit: bool, rows: tuple[np.ndarray, np.ndarray] | None = None
+                ) -> np.ndarray:
+        context, features = rows if rows is not None else self._rows(images)
         if fit:
             sample = np.linspace(0, len(images) - 1, min(len(images), self.max_fit_images)).astype(np.int64)
             if len(sample) < self.n_clusters:
@@ -132,13 +154,33 @@ class HyperClusterer:
         return np.concatenate(out)
 
     # ------------------------------------------------------------------------------------ public API
-    def fit(self, images: Any) -> "HyperClusterer":
+    def fit(self, images: Any, *, _rows: tuple[np.ndarray, np.ndarray] | None = None) -> "HyperClusterer":
         """Generate and adapt the set's classifier, then assign every image (``labels_``, ``confidence_``)."""
-        logits = self._logits(as_images(images), fit=True)
+        logits = self._logits(as_images(images), fit=True, rows=_rows)
         probs = _softmax(logits)
         self.labels_ = probs.argmax(1).astype(np.int64)
         self.confidence_ = probs.max(1)
         return self
+
+    def select_n_clusters(self, images: Any, candidates: Sequence[int] = tuple(range(2, 11))) -> int:
+        """Choose K without labels, then fit with it: the candidate whose clusters have the highest mean silhouette
+        on the set's standardised, L2-normalised embedding (``k_scores_`` keeps every candidate's score)."""
+        images = as_images(images)
+        candidates = sorted({int(k) for k in candidates if int(k) <= len(images)})
+        if not candidates or candidates[0] < 2:
+            raise ValueError(f"candidates for K must be at least 2 and at most the number of images ({len(images)})")
+        rows = self._rows(images)
+        z = normalize_task_np(rows[1], l2=True)
+        scores: dict[int, float] = {}
+        for k in candidates:
+            self.n_clusters = k
+            labels = self.fit(images, _rows=rows).labels_
+            scores[k] = float(silhouette_score(z, labels, sample_size=min(len(z), SILHOUETTE_SAMPLE), random_state=0)
+                              ) if len(np.unique(labels)) > 1 else -1.0
+        self.k_scores_ = scores
+        self.n_clusters = max(scores, key=scores.get)
+        self.fit(images, _rows=rows)
+        return self.n_clusters
 
     def fit_predict(self, images: Any) -> np.ndarray:
         """Cluster ids (N,) of the images (fits first)."""

@@ -29,6 +29,9 @@ from hmlib.metrics import clustering_accuracy
 from hmlib.paths import results_dir
 
 RESULT_SCHEMA = "hmlib-eval/2"
+# Scores of methods that read raw pixels depend on the suite and the images only, not on the setting or the models:
+# computed once per process (zero-shot and transductive evaluate the same suite) and reused.
+_PIXEL_SCORES: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
 
 
 class EvalError(ConfigError):
@@ -124,7 +127,7 @@ def evaluate_setting(cfg: Config, checkpoints: Sequence[str | Path], *, dataset:
     if dataset is None:
         raise EvalError("no dataset to evaluate: pass dataset= or set meta.test_datasets")
     path = Path(path) if path is not None else default_results_path(setting)
-    inputs = [seed_inputs(b, cfg, dataset, progress=progress) for b in bundles]
+    inputs = [seed_inputs(b, cfg, dataset, with_train=i == 0, progress=progress) for i, b in enumerate(bundles)]
     labels = inputs[0].test.labels
     sizes = sorted({fitted_size(cfg, labels, n) for n in (sizes or cfg.eval.task_sizes)})
     identity = {"schema": RESULT_SCHEMA, "setting": setting, "dataset": dataset, "sizes": list(sizes),
@@ -157,8 +160,14 @@ def evaluate_setting(cfg: Config, checkpoints: Sequence[str | Path], *, dataset:
         for method in tqdm(registry.baselines(), desc=f"baselines N={num_images}", disable=not progress, leave=False):
             if method.reads not in inputs[0].reps:
                 continue  # e.g. no backbone in the latent-only configuration
-            per_seed = [score_baseline(method, cfg, i, suite, seed) for i in
-                        (inputs if method.reads != "pixels" else inputs[:1])]
+            if method.reads == "pixels":
+                key = (method.name, suite_fingerprint(suite), inputs[0].identity["images"], cfg.eval.kmeans_n_init, seed)
+                if key not in _PIXEL_SCORES:
+                    _PIXEL_SCORES[key] = score_baseline(method, cfg, inputs[0], suite, seed)
+                per_seed = [_PIXEL_SCORES[key]]
+            else:
+                per_seed = [score_baseline(method, cfg, i, suite, seed) for i in
+                            (inputs if method.every_seed else inputs[:1])]
             block["methods"][method.name] = {"acc": [s[0].tolist() for s in per_seed],
                                              "seconds": [s[1].tolist() for s in per_seed]}
         result["sizes"][str(num_images)] = block

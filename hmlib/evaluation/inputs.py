@@ -45,19 +45,23 @@ def setting_models(bundle: Bundle, cfg: Config, dataset: str) -> tuple[Any, dict
     return vae, vae_meta, backbone, backbone_meta
 
 
-def seed_inputs(bundle: Bundle, cfg: Config, dataset: str, *, progress: bool = False) -> SeedInputs:
-    """The test (and train, for the ceilings) rows of ``dataset`` under one checkpoint's models."""
+def seed_inputs(bundle: Bundle, cfg: Config, dataset: str, *, with_train: bool = True,
+                progress: bool = False) -> SeedInputs:
+    """The test rows of ``dataset`` under one checkpoint's models (and, ``with_train``, the train split's
+    embeddings that the supervised ceiling learns from)."""
     vae, vae_meta, backbone, backbone_meta = setting_models(bundle, cfg, dataset)
     model_cfg = bundle.cfg
     reps, train_reps = {}, {}
-    splits = {"test": data.load_split(dataset, "test", cfg.data, progress=progress),
-              "train": data.load_split(dataset, "train", cfg.data, progress=progress)}
-    test = task_data_from_models(model_cfg, splits["test"], vae, vae_meta, backbone, backbone_meta, progress=progress)
-    for split, out in (("test", reps), ("train", train_reps)):
-        image_set = splits[split]
-        out["latent"] = encode_split(vae, vae_meta, image_set, progress=progress).mu
-        if backbone is not None:
-            out["embedding"] = embed_split(backbone, backbone_meta, image_set, progress=progress).embeddings
-    reps["pixels"] = splits["test"].images.reshape(len(splits["test"].images), -1).astype(np.float32) / 255.0
-    return SeedInputs(int(bundle.meta["seed"]), test, reps, train_reps, np.asarray(splits["train"].labels),
-                      {**test.identity, "images": splits["test"].fingerprint})
+    test_set = data.load_split(dataset, "test", cfg.data, progress=progress)
+    test = task_data_from_models(model_cfg, test_set, vae, vae_meta, backbone, backbone_meta, progress=progress)
+    reps["latent"] = encode_split(vae, vae_meta, test_set, progress=progress).mu
+    reps["pixels"] = test_set.images.reshape(len(test_set.images), -1).astype(np.float32) / 255.0
+    train_labels = np.zeros(0, np.int64)
+    if backbone is not None:
+        reps["embedding"] = embed_split(backbone, backbone_meta, test_set, progress=progress).embeddings
+        if with_train:
+            train_set = data.load_split(dataset, "train", cfg.data, progress=progress)
+            train_reps["embedding"] = embed_split(backbone, backbone_meta, train_set, progress=progress).embeddings
+            train_labels = np.asarray(train_set.labels)
+    return SeedInputs(int(bundle.meta["seed"]), test, reps, train_reps, train_labels,
+                      {**test.identity, "images": test_set.fingerprint})

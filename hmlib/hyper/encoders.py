@@ -58,28 +58,5 @@ class MultiheadPool(nn.Module):
         return self.out(pooled)
 
 
-class HyperFastPool(nn.Module):
-    """HyperFast-style, label-free: fixed random ReLU features, then PCA statistics of the task."""
-
-    def __init__(self, row_dim: int, cfg: HyperConfig):
-        super().__init__()
-        generator = torch.Generator().manual_seed(0)
-        self.register_buffer("projection", torch.randn(row_dim, cfg.random_features, generator=generator)
-                             / math.sqrt(row_dim))
-        self.num_components = cfg.num_components
-        self.out = mlp(cfg.random_features * (1 + cfg.num_components), cfg.embed_dim, cfg.embed_dim)
-
-    def forward(self, rows: Tensor) -> Tensor:
-        with torch.no_grad():  # fixed features of the data: nothing to learn before the PCA
-            feats = torch.relu(rows @ self.projection)  # (T, M, F)
-            mean = feats.mean(dim=-2)
-            _, sing, vh = torch.linalg.svd(feats - mean.unsqueeze(-2), full_matrices=False)
-            comps = vh[:, : self.num_components]  # (T, C, F); fix each component's sign for determinism
-            signs = torch.sign(comps.gather(-1, comps.abs().argmax(dim=-1, keepdim=True)))
-            comps = comps * signs * (sing[:, : self.num_components] / math.sqrt(rows.shape[1])).unsqueeze(-1)
-            stats = torch.cat([mean, comps.flatten(1)], dim=-1)
-        return self.out(stats)
-
-
 # The registry of conditioning encoders: config validation, ablations and docs read it; add one here.
-ENCODERS = {"attention": AttentionPool, "multihead": MultiheadPool, "hyperfast": HyperFastPool}
+ENCODERS = {"attention": AttentionPool, "multihead": MultiheadPool}

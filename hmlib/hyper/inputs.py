@@ -1,8 +1,7 @@
 """What the hypernetwork reads of a dataset split: conditioning rows, target features and labels, aligned.
 
 :func:`load_task_data` is the one place that decides, for a setting and replicate seed, which VAE gives
-the conditioning rows and which backbone (cross-fitted or not, with or without the dataset's own
-normalisation statistics) gives the features; meta-training, evaluation, ablations, the explorer and
+the conditioning rows and which backbone (with or without the dataset's own normalisation statistics) gives the features; meta-training, evaluation, ablations, the explorer and
 ``hmlib cluster`` all read tasks through it.
 """
 from __future__ import annotations
@@ -44,14 +43,6 @@ class TaskData:
         return TaskInputs.from_arrays(self.context[indices], self.features[indices])
 
 
-def feature_backbone_fold(cfg: Config, dataset: str, *, meta_training: bool) -> str | None:
-    """The dataset left out of the backbone that embeds ``dataset``: itself during meta-training with
-    ``backbone.cross_fit`` (it is read through a backbone that never saw it), otherwise none."""
-    if meta_training and cfg.backbone.cross_fit and dataset in cfg.meta.train_datasets:
-        return dataset
-    return None
-
-
 def task_data_from_models(cfg: Config, image_set: Any, vae: Any, vae_meta: dict[str, Any], backbone: Any = None,
                           backbone_meta: dict[str, Any] | None = None, *, progress: bool = False) -> TaskData:
     """TaskData of an ImageSet under given models (cached by their identities): what every loader ends in."""
@@ -70,15 +61,13 @@ def task_data_from_models(cfg: Config, image_set: Any, vae: Any, vae_meta: dict[
                     np.asarray(image_set.labels, np.int64), identity)
 
 
-def load_task_data(cfg: Config, dataset: str, split: str, setting: str, seed: int, *, meta_training: bool = False,
+def load_task_data(cfg: Config, dataset: str, split: str, setting: str, seed: int, *,
                    train: bool = True, progress: bool = True) -> TaskData:
     """Conditioning rows and features of one split in ``setting`` under replicate ``seed``'s models
     (``train=False``: never train a missing model, say which one is missing)."""
     vae, vae_meta = get_vae(cfg, vae_scope(setting, dataset), seed, train=train, progress=progress, verbose=False)
     backbone, backbone_meta = None, None
     if cfg.hyper.target_input == "embedding" or cfg.hyper.conditioning_input == "embedding":
-        left_out = feature_backbone_fold(cfg, dataset, meta_training=meta_training)
-        backbone, backbone_meta = setting_backbone(cfg, dataset, setting, seed, left_out=left_out, train=train,
-                                                   progress=progress)
+        backbone, backbone_meta = setting_backbone(cfg, dataset, setting, seed, train=train, progress=progress)
     image_set = data.load_split(dataset, split, cfg.data, progress=progress)
     return task_data_from_models(cfg, image_set, vae, vae_meta, backbone, backbone_meta, progress=progress)

@@ -1,7 +1,7 @@
 """Meta-training (the outer loop): random K-class tasks, the inner loop in the graph, label-aligned cross-entropy.
 
 :func:`meta_train` reads the meta-training datasets for a setting and replicate seed (:mod:`hmlib.hyper.inputs`;
-with ``backbone.cross_fit`` each dataset through a backbone that never saw it) and calls :func:`fit_hypernet`,
+and calls :func:`fit_hypernet`,
 which works on any :class:`TaskData` (tests use synthetic blobs). A stratified validation part of each dataset
 (:func:`hmlib.protocol.train_val_indices`, held back from the backbone too) chooses the weights kept: the best
 validation accuracy after adaptation, iteration 0 included. Checkpoints ``models/hypernet_<setting>_seed<s>-<hash>.pt``
@@ -55,8 +55,7 @@ def training_settings(cfg: Config) -> dict[str, Any]:
     full = config_to_dict(cfg)
     return {"data": {k: v for k, v in full["data"].items() if k not in ("data_dir", "use_hub")},
             "task": full["task"], "hyper": full["hyper"], "adapt": full["adapt"],
-            "meta": {k: v for k, v in full["meta"].items() if k != "retrain"},
-            "backbone_cross_fit": cfg.backbone.cross_fit}
+            "meta": {k: v for k, v in full["meta"].items() if k != "retrain"}}
 
 
 @dataclass
@@ -103,15 +102,10 @@ def _task_size(parts: list[TaskData], cfg: Config) -> int:
     return size
 
 
-def _meta_batch(parts: list[TaskData], samplers: list, batch_size: int, rng: np.random.Generator,
-                mixing: str = "mixed") -> tuple[TaskInputs, torch.Tensor]:
-    """``batch_size`` tasks, each from a dataset drawn at random ("mixed") or all from one ("single"):
-    inputs (T, N, ...) and labels (T, N)."""
-    if mixing == "single":
-        counts = np.zeros(len(parts), dtype=np.int64)
-        counts[rng.integers(len(parts))] = batch_size
-    else:
-        counts = np.bincount(rng.integers(len(parts), size=batch_size), minlength=len(parts))
+def _meta_batch(parts: list[TaskData], samplers: list, batch_size: int, rng: np.random.Generator
+                ) -> tuple[TaskInputs, torch.Tensor]:
+    """``batch_size`` tasks, each from a meta-training dataset drawn at random: inputs (T, N, ...), labels (T, N)."""
+    counts = np.bincount(rng.integers(len(parts), size=batch_size), minlength=len(parts))
     inputs, labels = [], []
     for part, sampler, count in zip(parts, samplers, counts):
         if count:
@@ -211,7 +205,7 @@ def fit_hypernet(cfg: Config, train_sets: Mapping[str, TaskData], *, seed: int, 
     hypernet.train()
     for iteration in bar:
         rng = np.random.default_rng([seed, iteration])  # per-iteration stream: resuming replays the same tasks
-        inputs, labels = _meta_batch(parts, samplers, cfg.meta.meta_batch_size, rng, cfg.meta.task_mixing)
+        inputs, labels = _meta_batch(parts, samplers, cfg.meta.meta_batch_size, rng)
         loss, inner_before, inner_after = _outer_loss(hypernet, inputs, labels, cfg)
         optimizer.zero_grad(set_to_none=True)
         grad_norm = torch.tensor(0.0)
@@ -271,7 +265,7 @@ def meta_train(cfg: Config, setting: str, seed: int, *, train: bool = True, prog
 
     if setting not in SETTINGS:
         raise ConfigError(f"unknown setting {setting!r}; use one of {', '.join(SETTINGS)}")
-    train_sets = {d: load_task_data(cfg, d, "train", setting, seed, meta_training=True, train=train, progress=progress)
+    train_sets = {d: load_task_data(cfg, d, "train", setting, seed, train=train, progress=progress)
                   for d in cfg.meta.train_datasets}
     upstream = {"ids": {d: s.identity for d, s in train_sets.items()}}
     bundle = bundle_for(cfg, setting, seed, train=train, progress=progress)

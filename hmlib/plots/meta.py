@@ -40,7 +40,7 @@ def plot_training_curves(histories: Mapping[str, Mapping[str, list]], *, smooth:
         axes[2].axhline(chance, color=method_color("chance"), lw=1, ls="-.", label="chance")
     axes[0].set(title="outer loss (aligned CE)", xlabel="iteration", ylabel="loss")
     axes[1].set(title="inner loss (dotted: before steps)", xlabel="iteration", ylabel="loss")
-    axes[2].set(title="validation accuracy, cross-fitted (dotted: before)", xlabel="iteration",
+    axes[2].set(title="validation accuracy (dotted: before)", xlabel="iteration",
                 ylabel="clustering accuracy")
     axes[0].legend(fontsize="x-small")  # one colour per run; line styles explained once, on the right
     styles = [Line2D([], [], color="#555555", ls="-", label="after the inner steps"),

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hmlib import data, paths
-from hmlib.artifacts import ArtifactError, load_checkpoint, load_or_build, named_path, save_checkpoint, state_fingerprint
+from hmlib.artifacts import ArtifactError, load_named_kind, load_or_build, named_path, save_checkpoint, state_fingerprint
 from hmlib.config import SETTINGS, Config, ConfigError, VAEConfig, config_to_dict, resolve_device
 from hmlib.features import encode_batches, images_to_tensor
 from hmlib.reproducibility import seeded
@@ -152,10 +152,8 @@ def vae_from_state(state: dict[str, Any], meta: dict[str, Any]) -> VAE:
 
 def load_vae(path: str | Path) -> tuple[VAE, dict[str, Any]]:
     """Load a VAE checkpoint (weights_only) -> (model in eval mode, meta with 'vae_id', 'path' and 'name')."""
-    state, meta = load_checkpoint(path)
-    if meta.get("kind") != "vae":
-        raise ArtifactError(f"{path} is not a VAE checkpoint (kind={meta.get('kind')!r})")
-    return vae_from_state(state, meta), {**meta, "path": str(path), "name": Path(path).stem}
+    state, meta = load_named_kind(path, "vae", "VAE")
+    return vae_from_state(state, meta), meta
 
 
 def get_vae(cfg: Config, scope: str, seed: int, *, train: bool = True, progress: bool = True,

@@ -1,0 +1,158 @@
+"""HyperClusterer and `hmlib cluster` end to end on a real (tiny) trained checkpoint: no stand-in model here."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import silhouette_score
+
+from datafactory import class_patterns
+from hmlib import HyperClusterer, cli, paths
+from hmlib.artifacts import write_json
+from hmlib.cluster.estimator import as_images, default_checkpoint
+from hmlib.cluster.images import ClusterInputError, export_image_folder
+from hmlib.features import normalize_task_np
+from hmlib.metrics import clustering_accuracy
+from tinyprotocol import K, train_home, use_home
+
+NUM_IMAGES, PER_CLASS = 60, 10  # six classes of ten pattern images
+
+
+@pytest.fixture(scope="module")
+def trained(_tiny_mirror_root, tmp_path_factory):
+    """A zero-shot and a transductive checkpoint of seed 0, trained once for the module."""
+    return train_home(tmp_path_factory.mktemp("trained"), _tiny_mirror_root, [("zero_shot", 0), ("transductive", 0)])
+
+
+@pytest.fixture
+def ckpt(trained, hmlib_home, tiny_mirror):
+    return use_home(trained, hmlib_home)
+
+
+def patterns(num_classes: int, per_class: int = PER_CLASS) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 (n, 28, 28) bar images of ``num_classes`` orientations and their labels."""
+    labels = np.repeat(np.arange(num_classes), per_class)
+    return class_patterns(labels, 6, seed=3), labels
+
+
+def test_fit_predict_clusters_images_and_exposes_the_sklearn_attributes(ckpt):
+    images, labels = patterns(K)
+    clusterer = HyperClusterer.from_checkpoint(ckpt[("zero_shot", 0)], n_clusters=K)
+    pred = clusterer.fit_predict(images)
+    assert pred.shape == (len(images),) and set(pred) <= set(range(K))
+    assert clusterer.labels_ is pred or np.array_equal(clusterer.labels_, pred)
+    assert clusterer.confidence_.shape == (len(images),) and np.all((clusterer.confidence_ >= 0) & (clusterer.confidence_ <= 1))
+    proba = clusterer.predict_proba(images)
+    assert proba.shape == (len(images), K) and np.allclose(proba.sum(1), 1.0)
+    np.testing.assert_array_equal(proba.argmax(1), pred)  # the fitted images are placed where fit put them
+    assert clusterer.transform(images).shape == (len(images), clusterer.bundle.cfg.backbone.embed_dim)
+    assert clustering_accuracy(pred, labels, K) > 1 / K + 0.2  # bars of distinct angles: well above chance
+
+
+def test_any_k_and_pil_input_and_a_sample_for_large_sets(ckpt):
+    images, labels = patterns(5)
+    pil = [Image.fromarray(a).resize((40, 40)) for a in images]  # other size: hmlib's own preprocessing
+    clusterer = HyperClusterer.from_checkpoint(ckpt[("zero_shot", 0)], n_clusters=5)
+    assert clusterer.fit_predict(pil).shape == (len(pil),) and clusterer.predict_proba(pil).shape == (len(pil), 5)
+    sampled = HyperClusterer.from_checkpoint(ckpt[("zero_shot", 0)], n_clusters=5, max_fit_images=20)
+    assert sampled.fit_predict(images).shape == (len(images),)  # fitted on 20 images, every image assigned
+    assert as_images(np.zeros((3, 28, 28), np.uint8)).shape == (3, 28, 28)
+
+
+def test_bad_inputs_are_clear_errors(ckpt, tmp_path):
+    with pytest.raises(ValueError, match="zero-shot one"):
+        HyperClusterer.from_checkpoint(ckpt[("transductive", 0)], n_clusters=3)
+    with pytest.raises(ValueError, match="at least 2"):
+        HyperClusterer.from_checkpoint(ckpt[("zero_shot", 0)], n_clusters=1)
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        HyperClusterer.from_checkpoint(tmp_path / "nope.pt", n_clusters=3)
+    clusterer = HyperClusterer.from_checkpoint(ckpt[("zero_shot", 0)], n_clusters=3)
+    with pytest.raises(ValueError, match="call fit"):
+        clusterer.predict(patterns(3)[0])
+    with pytest.raises(ValueError, match="uint8"):
+        clusterer.fit(np.zeros((4, 28, 28), np.float32))
+    with pytest.raises(ValueError, match="cannot form"):
+        clusterer.fit(patterns(1, per_class=2)[0])
+
+
+def test_default_checkpoint_is_the_newest_zero_shot_one_without_an_evaluation(ckpt):
+    assert default_checkpoint() == ckpt[("zero_shot", 0)]
+
+
+def test_default_checkpoint_is_the_evaluated_one_not_a_newer_ablation_variant(ckpt):
+    """Notebook 04's re-trained variants are newer files of the same stem; the pipeline's evaluation names its own."""
+    pipeline = ckpt[("zero_shot", 0)]
+    variant = pipeline.with_name("hypernet_zero_shot_seed0-abcdef12.pt")
+    shutil.copyfile(pipeline, variant)
+    os.utime(variant, (pipeline.stat().st_mtime + 60,) * 2)
+    assert default_checkpoint() == variant  # no evaluation record: the newest
+    write_json(paths.results_dir() / "eval_zero_shot.json",
+               {"checkpoints": [{"path": f"/elsewhere/models/{pipeline.name}", "seed": 0}]})
+    assert default_checkpoint() == pipeline
+
+
+def test_hmlib_cluster_end_to_end_on_a_folder(ckpt, tmp_path, capsys):
+    images, labels = patterns(K)
+    folder = export_image_folder(images, tmp_path / "photos" / "nested")
+    (tmp_path / "photos" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    out = tmp_path / "out"
+    code = cli.main(["cluster", str(tmp_path / "photos"), "--k", str(K), "--out", str(out), "--quiet"])
+    assert code == 0, capsys.readouterr().err
+    with open(out / "assignments.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(images) and rows[0]["file"] == "nested/00000.png"
+    assert {int(r["cluster"]) for r in rows} <= set(range(K))
+    pred = np.array([int(r["cluster"]) for r in rows])
+    assert clustering_accuracy(pred, labels, K) > 1 / K + 0.2
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_clusters"] == K and summary["checkpoint_sha256"]
+    assert [s["file"] for s in summary["skipped"]] == ["broken.png"]
+    page = (out / "clusters.html").read_text()
+    assert page.count("data:image/png;base64,") >= K and "http" not in page.replace("http-equiv", "")
+    assert cli.main(["cluster", str(tmp_path / "photos"), "--k", str(K), "--out", str(out), "--quiet"]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+
+
+def test_export_refuses_a_folder_that_holds_files(tmp_path):
+    folder = export_image_folder(np.zeros((2, 28, 28), np.uint8), tmp_path / "f")
+    with pytest.raises(ClusterInputError, match="not empty"):
+        export_image_folder(np.zeros((2, 28, 28), np.uint8), folder)
+    assert len(list(export_image_folder(np.zeros((3, 28, 28), np.uint8), folder, overwrite=True).iterdir())) == 3
+
+
+def test_select_n_clusters_takes_the_best_silhouette_and_fits_with_it(ckpt):
+    """K from the data: every candidate scored by the silhouette of its clusters on the normalised embedding."""
+    images, labels = patterns(K)
+    clusterer = HyperClusterer.from_checkpoint(ckpt[("zero_shot", 0)], n_clusters=2)
+    chosen = clusterer.select_n_clusters(images, candidates=(2, 3, 4, 5))
+    assert sorted(clusterer.k_scores_) == [2, 3, 4, 5] and chosen == max(clusterer.k_scores_, key=clusterer.k_scores_.get)
+    assert clusterer.n_clusters == chosen and set(clusterer.labels_) <= set(range(chosen))
+    z = normalize_task_np(clusterer.transform(images), l2=True)
+    assert clusterer.k_scores_[chosen] == pytest.approx(silhouette_score(z, clusterer.labels_, random_state=0))
+    assert chosen == K  # the pattern classes are far apart: the criterion must find them
+    assert clusterer.describe()["k_selection"]["scores"].keys() == {"2", "3", "4", "5"}
+    with pytest.raises(ValueError, match="at least 2"):
+        clusterer.select_n_clusters(images, candidates=(1,))
+
+
+def test_hmlib_cluster_k_auto_end_to_end(ckpt, tmp_path, capsys):
+    images, _ = patterns(K)
+    export_image_folder(images, tmp_path / "photos")
+    out = tmp_path / "out"
+    code = cli.main(["cluster", str(tmp_path / "photos"), "--k", "auto", "--k-max", "5", "--out", str(out), "--quiet"])
+    text = capsys.readouterr().out
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert f"chose K={summary['n_clusters']} without labels" in text
+    assert set(summary["estimator"]["k_selection"]["scores"]) == {"2", "3", "4", "5"}
+    with open(out / "assignments.csv") as fh:
+        assert {int(r["cluster"]) for r in csv.DictReader(fh)} <= set(range(summary["n_clusters"]))
+    assert cli.main(["cluster", str(tmp_path / "photos"), "--k", "many", "--out", str(tmp_path / "o2")]) == 2
+    assert "expected an integer or 'auto'" in capsys.readouterr().err
+    assert cli.main(["cluster", str(tmp_path / "photos"), "--k", "auto", "--k-max", "1", "--out", str(tmp_path / "o3")]) == 2
+    assert "--k-max must be at least 2" in capsys.readouterr().err
