@@ -73,8 +73,7 @@ def score_folder(args: argparse.Namespace, cfg, split, k: int, rng: np.random.Ge
                            k, 0, cfg.eval.kmeans_n_init)[0][order]
     embedding = run_clusterer(METHODS["kmeans_embedding"], clusterer.transform(collection.images), k, 0,
                               cfg.eval.kmeans_n_init)[0][order]
-    chooser = HyperClusterer.from_checkpoint(args.checkpoint, n_clusters=2)
-    chosen = chooser.select_n_clusters(collection.images, candidates=range(2, K_MAX + 1))
+    chosen = clusterer.select_n_clusters(collection.images, candidates=range(2, K_MAX + 1))  # after the K = k figures
     return {"hmlib cluster %": 100 * clustering_accuracy(pred, labels, k),
             "--k auto: true K found (share of folders)": float(chosen == k),
             "--k auto: K chosen": float(chosen),

@@ -172,14 +172,16 @@ class HyperClusterer:
         rows = self._rows(images)
         z = normalize_task_np(rows[1], l2=True)
         scores: dict[int, float] = {}
+        best: tuple | None = None  # the fitted state of the best candidate so far (kept, not refitted)
         for k in candidates:
             self.n_clusters = k
             labels = self.fit(images, _rows=rows).labels_
             scores[k] = float(silhouette_score(z, labels, sample_size=min(len(z), SILHOUETTE_SAMPLE), random_state=0)
                               ) if len(np.unique(labels)) > 1 else -1.0
+            if best is None or scores[k] > scores[best[0]]:
+                best = (k, self.labels_, self.confidence_, self._params, self._state)
         self.k_scores_ = scores
-        self.n_clusters = max(scores, key=scores.get)
-        self.fit(images, _rows=rows)
+        self.n_clusters, self.labels_, self.confidence_, self._params, self._state = best
         return self.n_clusters
 
     def fit_predict(self, images: Any) -> np.ndarray:
