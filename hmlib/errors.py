@@ -12,4 +12,12 @@ class HmlibError(Exception):
     """An error with a message meant for the user (bad input, settings or artifact), not a bug."""
 
 
-__all__ = ["HmlibError"]
+class DatasetError(HmlibError, ValueError):
+    """A dataset name is unknown or none of its sources could be read (the message says how to fix it).
+
+    Defined here, below every ``hmlib.data`` module, so the corruption registry and the dataset registry that
+    reads it can both raise it; ``hmlib.data.DatasetError`` is the same class.
+    """
+
+
+__all__ = ["DatasetError", "HmlibError"]
