@@ -266,9 +266,10 @@ def contrast(x: np.ndarray, rng: np.random.Generator, strength: float, reduction
 
 
 def pixelate(x: np.ndarray, rng: np.random.Generator, strength: float, block: int) -> np.ndarray:
-    """Averaged over square blocks of side round(uniform [0.5, 1] x block x strength) on a randomly shifted grid."""
+    """Averaged over square blocks of side 1 + round(uniform [0.5, 1] x (block - 1) x strength) on a randomly
+    shifted grid."""
     n, h, w = x.shape
-    side = np.maximum(np.rint(_scaled(rng, n, block, strength)), 1).astype(np.intp)[:, None, None]
+    side = 1 + np.rint(_scaled(rng, n, block - 1, strength)).astype(np.intp)[:, None, None]
     shift = rng.integers(0, side)  # (n, 1, 1): the grid's offset, below the block side
     rows, cols = np.mgrid[0:h, 0:w]
     cells = max(h, w)

@@ -122,7 +122,7 @@ _add("train", "elastic", "elastic deformation: uniform noise smoothed by sigma 4
      ops.elastic, alpha=34.0, sigma=4.0)
 _add("train", "contrast", "contrast about the image mean cut by a share uniform in [0.35, 0.7]", ops.contrast,
      reduction=0.7)
-_add("train", "pixelate", "averaged over square blocks of side 2 to 4 px (uniform [0.5, 1] x 4, rounded) on a "
+_add("train", "pixelate", "averaged over square blocks of side 2 to 4 px (1 + uniform [1.5, 3], rounded) on a "
      "randomly shifted grid", ops.pixelate, block=4)
 _add("train", "jpeg", "JPEG block-DCT quantisation at a quality uniform in [2, 10]", ops.jpeg, low=2.0, high=10.0)
 _add("train", "erase", "a box of sides uniform in [5, 10] px centred in the middle half set to background",
