@@ -39,6 +39,11 @@ def _warp(x: np.ndarray, src_rows: np.ndarray, src_cols: np.ndarray) -> np.ndarr
     return ndimage.map_coordinates(x, [index, src_rows, src_cols], order=1, mode="constant", cval=0.0)
 
 
+def _identities(n: int) -> np.ndarray:
+    """n identity matrices, float32 (n, 2, 2), to edit into per-image affine maps."""
+    return np.tile(np.eye(2, dtype=np.float32), (n, 1, 1))
+
+
 def _affine(x: np.ndarray, matrix: np.ndarray, offset: np.ndarray | None = None) -> np.ndarray:
     """Output pixel p of image i reads the source at matrix[i] @ (p - centre) + centre + offset[i] (rows, cols)."""
     n, h, w = x.shape
@@ -85,7 +90,7 @@ def _across(rng: np.random.Generator, rows: np.ndarray, cols: np.ndarray) -> tup
 
 def _blend(x: np.ndarray, target: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
     """``x`` moved towards ``target`` by a per-image fraction uniform in [0.5, 1] x strength."""
-    return x + _column(strength * rng.uniform(0.5, 1.0, x.shape[0])) * (target - x)
+    return x + _column(_scaled(rng, x.shape[0], 1.0, strength)) * (target - x)
 
 
 def _scaled(rng: np.random.Generator, n: int, value: float, strength: float) -> np.ndarray:
@@ -136,7 +141,7 @@ def shear(x: np.ndarray, rng: np.random.Generator, max_shear: float) -> np.ndarr
     """Sheared about the centre by a factor uniform in [-max_shear, max_shear], horizontally or vertically."""
     n = x.shape[0]
     factor, vertical = rng.uniform(-max_shear, max_shear, n), rng.random(n) < 0.5
-    matrix = np.tile(np.eye(2, dtype=np.float32), (n, 1, 1))
+    matrix = _identities(n)
     matrix[:, 1, 0] = np.where(vertical, 0.0, -factor)  # horizontal: the column read shifts with the row
     matrix[:, 0, 1] = np.where(vertical, -factor, 0.0)
     return _affine(x, matrix)
@@ -146,7 +151,7 @@ def scale(x: np.ndarray, rng: np.random.Generator, low: float, high: float) -> n
     """Zoomed out about the centre by a factor uniform in [low, high] (antialiased first)."""
     factor = rng.uniform(low, high, x.shape[0])
     sigma = 0.5 * (2.0 / (low + high) - 1.0)  # the usual antialiasing width for the mean factor
-    matrix = np.eye(2, dtype=np.float32)[None] / factor[:, None, None]
+    matrix = _identities(x.shape[0]) / factor[:, None, None]
     return _affine(ndimage.gaussian_filter(x, (0, sigma, sigma)), matrix)
 
 
@@ -158,11 +163,12 @@ def rotate(x: np.ndarray, rng: np.random.Generator, max_degrees: float) -> np.nd
 
 
 def translate(x: np.ndarray, rng: np.random.Generator, low: float, high: float) -> np.ndarray:
-    """Shifted by a whole-pixel vector of length uniform in [low, high] in a random direction (no wraparound)."""
+    """Shifted by a vector of length uniform in [low, high] in a random direction, rounded to whole pixels (no
+    wraparound)."""
     n = x.shape[0]
     angle, length = rng.uniform(0.0, 2 * np.pi, n), rng.uniform(low, high, n)
     shift = np.rint(np.stack([length * np.sin(angle), length * np.cos(angle)], 1))
-    return _affine(x, np.tile(np.eye(2, dtype=np.float32), (n, 1, 1)), -shift)
+    return _affine(x, _identities(n), -shift)
 
 
 def brightness(x: np.ndarray, rng: np.random.Generator, low: float, high: float) -> np.ndarray:
@@ -299,10 +305,10 @@ def erase(x: np.ndarray, rng: np.random.Generator, strength: float, low: float, 
     """A box of sides uniform in [low, high] x strength pixels, centred in the middle half, set to background."""
     n, h, w = x.shape
     height, width = strength * rng.uniform(low, high, (2, n, 1, 1))
-    top, left = rng.uniform(h / 4, 3 * h / 4, (n, 1, 1)) - height / 2, rng.uniform(w / 4, 3 * w / 4, (n, 1, 1)) - width / 2
+    top = np.rint(rng.uniform(h / 4, 3 * h / 4, (n, 1, 1)) - height / 2)
+    left = np.rint(rng.uniform(w / 4, 3 * w / 4, (n, 1, 1)) - width / 2)
     rows, cols = _grid(h, w)
-    inside = (rows >= np.rint(top)) & (rows < np.rint(top + height)) & (cols >= np.rint(left)) & \
-             (cols < np.rint(left + width))
+    inside = (rows >= top) & (rows < top + np.rint(height)) & (cols >= left) & (cols < left + np.rint(width))
     return np.where(inside, 0.0, x)
 
 

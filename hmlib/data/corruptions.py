@@ -97,8 +97,8 @@ _add("benchmark", "scale", "zoomed out about the centre by a factor uniform in [
      low=0.5, high=0.6)
 _add("benchmark", "rotate", "rotated about the centre by an angle uniform in [-70, 70] degrees", ops.rotate,
      max_degrees=70.0)
-_add("benchmark", "translate", "shifted by a whole-pixel vector of length uniform in [4, 6] px in a uniform direction, "
-     "no wraparound", ops.translate, low=4.0, high=6.0)
+_add("benchmark", "translate", "shifted by a vector of length uniform in [4, 6] px in a uniform direction, rounded "
+     "to whole pixels, no wraparound", ops.translate, low=4.0, high=6.0)
 _add("benchmark", "brightness", "a constant uniform in [0.3, 0.5] of the range added to every pixel (grey background)",
      ops.brightness, low=0.3, high=0.5)
 _add("benchmark", "stripe", "3 stripes 2 px wide at random places, all vertical or all horizontal, inverted",
@@ -152,7 +152,7 @@ def get_corruption(name: str) -> Corruption:
 
 
 def apply(name: str, images: np.ndarray, seed: int, strength: float = 1.0) -> np.ndarray:
-    """``images`` (uint8 (n, h, w)) corrupted by ``name`` with a generator seeded by ``seed``: same call, same pixels."""
+    """``images`` (uint8 (n, h, w)) corrupted by ``name``, its generator seeded by ``seed`` (same call, same pixels)."""
     return get_corruption(name)(images, np.random.default_rng(seed), strength)
 
 
