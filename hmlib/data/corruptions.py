@@ -24,7 +24,7 @@ from hmlib.errors import DatasetError
 
 FAMILIES = ("benchmark", "train")
 NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,49}")  # a corruption name ends a dataset name: no '+', '.' or '/'
-CHUNK = 8192  # images corrupted at a time: bounds the float temporaries of the vectorised operations
+CHUNK = 8192  # images per call of an op: bounds float temporaries; changing it changes the pixels (bump versions)
 
 
 @dataclass(frozen=True)
