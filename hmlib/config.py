@@ -32,10 +32,24 @@ def _names(module: str, attribute: str) -> Callable[[], tuple[str, ...]]:
     return names
 
 
+def _train_shifts() -> tuple[str, ...]:
+    """The train family of corruptions (read lazily: hmlib.data imports this module)."""
+    from hmlib.data.corruptions import train_corruptions
+
+    return tuple(train_corruptions())
+
+
+def _benchmark_shifts() -> tuple[str, ...]:
+    """The benchmark (held-out) family of corruptions."""
+    from hmlib.data.corruptions import benchmark_corruptions
+
+    return tuple(benchmark_corruptions())
+
+
 SETTINGS: dict[str, str] = {
     "zero_shot": "zero-shot (no model saw the held-out dataset)",
-    "transductive": "transductive (the held-out dataset's unlabeled train split trained its VAE and set the "
-                    "backbone's normalisation statistics; never its labels)",
+    "transductive": "transductive (the backbone adapted to the held-out dataset's unlabeled train split; never its "
+                    "labels)",
 }
 
 
@@ -97,39 +111,72 @@ class BackboneConfig:
 
 
 @dataclass(frozen=True)
-class HyperConfig:
-    """The hypernetwork: what it reads, what it generates and what the generated classifier acts on (notebook 03)."""
+class TransductiveConfig:
+    """The transductive setting: the backbone adapted to a held-out dataset's unlabeled train split (SCAN-style
+    neighbour agreement with a clustering head; ``epochs = 0``: normalisation statistics only) (notebook 03)."""
 
-    target_input: str = checked("embedding", choices=("embedding", "latent"))  # backbone embedding, or [mu, logvar]
+    epochs: int = checked(3, min=0)
+    max_images: int = checked(20000, min=100)  # unlabeled train images used (an evenly spaced sample)
+    neighbours: int = checked(20, min=1)  # nearest neighbours mined once in the starting embedding
+    clusters: int = checked(20, min=2)  # width of the clustering head (over-clustering, as SCAN)
+    batch_size: int = checked(256, min=2)
+    lr: float = checked(1e-4, min_exclusive=0.0)  # backbone
+    head_lr: float = checked(1e-3, min_exclusive=0.0)
+    entropy_weight: float = checked(5.0, min=0.0)
+    augment: float = checked(1.0, min=0.0)  # random affine strength of both views
+    retrain: str = checked("auto", choices=("auto", "never", "always"))
+
+
+@dataclass(frozen=True)
+class HyperConfig:
+    """The hypernetwork: the set encoder that reads a task's VAE distribution, and which generator emits the
+    task-specific part of the network (each generator has its own section: ``film``, ``full``) (notebook 03)."""
+
+    generation: str = checked("film", choices=_names("hmlib.hyper.generators", "GENERATORS"))
     conditioning: str = checked("multihead", choices=_names("hmlib.hyper.encoders", "ENCODERS"))
-    conditioning_input: str = checked("vae", choices=("vae", "embedding"))  # what the set encoder reads: the VAE
-    # distribution [mu, logvar] (the design) or the backbone embeddings (an ablation)
-    generation: str = checked("cluster", choices=_names("hmlib.hyper.generators", "GENERATORS"))
-    embed_dim: int = checked(64, min=1)
-    head_hidden: int = checked(128, min=1)
-    target_hidden: tuple[int, ...] = checked((64,), min=1)  # hidden widths of generated MLPs
+    embed_dim: int = checked(64, min=1)  # width of the task code
     num_context: int = checked(128, min=1)  # rows of the VAE distribution read for conditioning (a random sample)
     num_seeds: int = checked(4, min=1)  # learned queries of the multihead set encoder
     num_heads: int = checked(4, min=1)  # attention heads of the multihead set encoder (must divide embed_dim)
+
+
+@dataclass(frozen=True)
+class FilmConfig:
+    """Generator ``film`` (method v3): per-task FiLM and statistics blend of every backbone normalisation layer,
+    and a k-means cluster head with a generated temperature."""
+
+    init_std: float = checked(0.01, min_exclusive=0.0)  # initial weights of the output heads: small, never zero
+    blend_init: float = checked(0.5, min_exclusive=0.0, max_exclusive=1.0)  # initial blend (1 = task statistics)
+    tau: float = checked(10.0, min_exclusive=0.0)  # initial temperature of the cluster head's cosine logits
+    adapt: str = checked("both", choices=("head", "film", "both"))  # what the inner loop updates
+    adapt_blocks: int = checked(1, min=1)  # the last blocks whose FiLM the inner loop updates
+    inner_lr: float = checked(0.5, min_exclusive=0.0)  # initial step size of the FiLM parameters
+    head_lr: float = checked(0.1, min_exclusive=0.0)  # initial step size of the prototypes and temperature
+    learn_inner_lr: bool = True  # Meta-SGD: per-parameter step sizes meta-learned in the outer loop
     cluster_iters: int = checked(10, min=0)  # Lloyd iterations computing the prototypes from the task
     cluster_inits: int = checked(10, min=1)  # k-means++ seedings per task (fixed generator); lowest inertia wins
-    cluster_tau: float = checked(10.0, min_exclusive=0.0)  # initial temperature of the cluster head's logits
-    graph_neighbors: int = checked(5, min=0)  # kNN graph of the task's embeddings for feature diffusion (0: off)
-    diffusion_steps: int = checked(4, min=0)
-    diffusion_alpha: float = checked(0.8, min_exclusive=0.0, max_exclusive=1.0)  # initial weight of the neighbours in each diffusion step
-    task_batchnorm: bool = False  # backbone normalisation statistics from each task's own images
+
+
+@dataclass(frozen=True)
+class FullConfig:
+    """Generator ``full`` (the prototype's, ``seed`` profile): an MLP on the task's [mu, logvar] rows whose weights
+    and biases are all generated."""
+
+    head_hidden: int = checked(128, min=1)
+    target_hidden: tuple[int, ...] = checked((64,), min=1)  # hidden widths of the generated MLP
 
 
 @dataclass(frozen=True)
 class AdaptConfig:
     """The unsupervised inner loop, shared by meta-training and test time."""
 
-    inner_loss: str = checked("infomax", choices=_names("hmlib.hyper.losses", "INNER_LOSSES"))
-    num_inner_steps: int = checked(4, min=0)
-    inner_lr: float = checked(0.5, min_exclusive=0.0)
+    inner_loss: str = checked("neighbours", choices=_names("hmlib.hyper.losses", "INNER_LOSSES"))
+    num_inner_steps: int = checked(3, min=0)
+    inner_lr: float = checked(0.5, min_exclusive=0.0)  # step size where the generator does not learn its own
     adapt_params: str = checked("generated", choices=("generated", "hypernet"))  # generated params, or all of the hypernet
+    neighbours: int = checked(5, min=1)  # nearest neighbours of the neighbour-agreement loss
     geometry_weight: float = checked(3.0, min=0.0)
-    balance_weight: float = checked(1.0, min=0.0)  # weight of the cluster-balance term of infomax
+    balance_weight: float = checked(1.0, min=0.0)  # weight of the cluster-balance term
 
 
 @dataclass(frozen=True)
@@ -137,13 +184,20 @@ class MetaConfig:
     """Meta-training (outer loop) and the protocol's datasets."""
 
     train_datasets: tuple[str, ...] = checked(("fashion_mnist", "hebrew_chars", "math_shapes"), min_len=1)
-    test_datasets: tuple[str, ...] = ("mnist",)
-    iterations: int = checked(20, min=1)
-    meta_batch_size: int = checked(4, min=1)
+    test_datasets: tuple[str, ...] = ("mnist",)  # held out; shifted variants by name, e.g. "mnist+rotate"
+    iterations: int = checked(150, min=1)
+    meta_batch_size: int = checked(8, min=1)
+    min_classes: int = checked(2, min=2)  # K of each meta-batch drawn from min..max (capped by the dataset)
+    max_classes: int = checked(10, min=2)
+    task_images: int = checked(128, min=4)  # N of a meta-training task
+    shifts: tuple[str, ...] | None = checked(None, choices=_train_shifts)  # None: every train-family corruption
+    shift_prob: float = checked(0.7, min=0.0, max=1.0)  # share of meta-training tasks under a random shift
+    outer_loss: str = checked("centroids", choices=("centroids", "aligned"))  # class-centroid or aligned CE
+    backbone_lr: float = checked(0.0, min=0.0)  # > 0: the outer loop also fine-tunes the backbone (episodic)
     outer_lr: float = checked(1e-3, min_exclusive=0.0)
     grad_clip: float = checked(1.0, min_exclusive=0.0)
     val_fraction: float = checked(0.1, min_exclusive=0.0, max_exclusive=1.0)  # of each meta-training dataset's train split, for selection
-    eval_every: int = checked(10, min=1)
+    eval_every: int = checked(25, min=1)
     eval_tasks: int = checked(24, min=1)
     use_inner_loop: bool = True  # False: meta-train without adaptation (MT3 ablation)
     retrain: str = checked("auto", choices=("auto", "never", "always"))
@@ -151,13 +205,25 @@ class MetaConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    """The fixed evaluation suite (test split of each held-out dataset)."""
+    """The evaluation grid: every held-out dataset (``meta.test_datasets``) at every task shape (K, N), each a
+    fixed, seeded suite of tasks from the dataset's test split, identical for every method (notebook 03)."""
 
     num_tasks: int = checked(200, min=2)
-    task_sizes: tuple[int, ...] = checked((64, 256), min_len=1, min=4)
+    shapes: tuple[tuple[int, int], ...] = ((4, 256), (10, 500))  # (K classes, N images) of a task
     seed: int = checked(1234, min=0)
     kmeans_n_init: int = checked(10, min=1)
     logreg_train_per_class: int = checked(100, min=1)  # train-split images per class for the supervised ceiling
+    plain_steps: int = checked(15, min=0)  # the non-meta-learned adaptation baseline: Adam steps on every BN layer
+    plain_lr: float = checked(0.01, min_exclusive=0.0)
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """``make benchmark``: the full grid on the pipeline's checkpoints (its own command, beyond the default run)."""
+
+    corruptions: tuple[str, ...] | None = checked(None, choices=_benchmark_shifts)  # None: the whole benchmark family
+    shapes: tuple[tuple[int, int], ...] = ((2, 64), (4, 64), (4, 256), (10, 500))
+    num_tasks: int = checked(60, min=2)
 
 
 @dataclass(frozen=True)
@@ -185,10 +251,14 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    transductive: TransductiveConfig = field(default_factory=TransductiveConfig)
     hyper: HyperConfig = field(default_factory=HyperConfig)
+    film: FilmConfig = field(default_factory=FilmConfig)
+    full: FullConfig = field(default_factory=FullConfig)
     adapt: AdaptConfig = field(default_factory=AdaptConfig)
     meta: MetaConfig = field(default_factory=MetaConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
 
     @property
@@ -205,18 +275,24 @@ PROFILES: dict[str, dict[str, Any]] = {
         "task": {"num_images": 64},
         "vae": {"epochs": 1, "max_train_images": 1500, "batch_size": 64},
         "backbone": {"channels": (8, 16, 16), "embed_dim": 32, "epochs": 1, "images_per_dataset": 300},
-        "hyper": {"embed_dim": 16, "head_hidden": 32, "num_seeds": 2, "num_heads": 2},
-        "meta": {"iterations": 10, "meta_batch_size": 2, "eval_every": 5, "eval_tasks": 4, "val_fraction": 0.2},
-        "eval": {"num_tasks": 10, "task_sizes": (64,), "kmeans_n_init": 2},
+        "hyper": {"embed_dim": 16, "num_seeds": 2, "num_heads": 2},
+        "film": {"cluster_inits": 3},
+        "meta": {"iterations": 10, "meta_batch_size": 2, "eval_every": 5, "eval_tasks": 4, "val_fraction": 0.2,
+                 "max_classes": 4, "task_images": 32},
+        "eval": {"num_tasks": 10, "shapes": ((4, 64), (2, 32)), "kmeans_n_init": 2, "plain_steps": 3},
+        "benchmark": {"corruptions": ("rotate", "shot_noise"), "shapes": ((4, 64),), "num_tasks": 6},
+        "transductive": {"epochs": 1, "max_images": 300, "batch_size": 64},
         "ablation": {"step_grid": (0, 1, 2), "lr_grid": (0.5,), "num_tasks": 6, "task_size": 64,
                      "meta_iterations": 5, "num_seeds": 1},
     },
     "seed": {  # the prototype's protocol: latent-only target MLP, geometry loss, prototype VAE
-        "meta": {"train_datasets": ("kmnist", "fashion_mnist"), "test_datasets": ("mnist",)},
+        "meta": {"train_datasets": ("kmnist", "fashion_mnist"), "test_datasets": ("mnist",), "min_classes": 4,
+                 "max_classes": 4, "task_images": 64, "shift_prob": 0.0, "outer_loss": "aligned"},
         "vae": {"variant": "prototype", "latent_dim": 128, "likelihood": "mse_ssim"},
         "task": {"mode": "consecutive"},
-        "hyper": {"target_input": "latent", "conditioning": "attention", "generation": "full",
-                  "target_hidden": (400, 200)},
+        "hyper": {"conditioning": "attention", "generation": "full"},
+        "full": {"target_hidden": (400, 200)},
+        "eval": {"shapes": ((4, 64), (4, 256))},
         "adapt": {"inner_loss": "geometry", "num_inner_steps": 3, "inner_lr": 5e-3, "adapt_params": "hypernet"},
     },
 }
@@ -275,9 +351,18 @@ def validate(cfg: Config) -> Config:
     if cfg.ablation.num_seeds > len(cfg.seeds):
         raise ConfigError(f"ablation.num_seeds = {cfg.ablation.num_seeds} but only {len(cfg.seeds)} seeds are "
                           "configured (seeds)")
-    if cfg.hyper.target_input == "latent" and cfg.hyper.task_batchnorm:
-        raise ConfigError("hyper.task_batchnorm re-normalises the backbone, which hyper.target_input = 'latent' "
-                          "does not use")
+    if cfg.meta.min_classes > cfg.meta.max_classes:
+        raise ConfigError(f"meta.min_classes = {cfg.meta.min_classes} exceeds meta.max_classes = "
+                          f"{cfg.meta.max_classes}")
+    if cfg.meta.task_images < 2 * cfg.meta.max_classes:
+        raise ConfigError(f"meta.task_images = {cfg.meta.task_images} is too small for {cfg.meta.max_classes}-class "
+                          "tasks (at least 2 images per class)")
+    for where, shapes in (("eval.shapes", cfg.eval.shapes), ("benchmark.shapes", cfg.benchmark.shapes)):
+        if not shapes:
+            raise ConfigError(f"{where} is empty; give at least one [K, N] task shape")
+        for K, N in shapes:
+            if K < 2 or N < 2 * K:
+                raise ConfigError(f"{where}: a task shape [K, N] needs K >= 2 and N >= 2K, got [{K}, {N}]")
     from hmlib.hyper.generators import GENERATORS  # each generator validates what it needs
 
     GENERATORS[cfg.hyper.generation].check_config(cfg)

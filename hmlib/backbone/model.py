@@ -57,6 +57,12 @@ def augment(x: Tensor, generator: torch.Generator, strength: float = 1.0) -> Ten
     return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
 
 
+def blocks(model: ConvBackbone) -> list[tuple[nn.Conv2d, nn.BatchNorm2d]]:
+    """The (convolution, normalisation) pair of every block, in order (each followed by a ReLU)."""
+    layers = list(model.features)
+    return [(layers[i], layers[i + 1]) for i in range(0, len(layers) - 1, 3)]
+
+
 def batchnorm_layers(model: nn.Module) -> list[nn.BatchNorm2d]:
     """The model's BatchNorm layers."""
     return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]

@@ -29,7 +29,6 @@ from hmlib.protocol import train_val_indices
 from hmlib.reproducibility import seeded
 from hmlib.vae.train import make_command
 
-ADAPT_BN_IMAGES = 10000  # unlabeled images that set a dataset's normalisation statistics (transductive)
 
 
 class BackboneTrainingError(ArtifactError):
@@ -152,13 +151,6 @@ def adapt_batchnorm(model: ConvBackbone, images: np.ndarray, *, batch_size: int 
     for layer in layers:
         layer.momentum = 0.1
     return adapted.eval()
-
-
-def bn_sample(images: np.ndarray, limit: int = ADAPT_BN_IMAGES) -> np.ndarray:
-    """A deterministic sample of at most ``limit`` images (evenly spaced) for :func:`adapt_batchnorm`."""
-    if len(images) <= limit:
-        return images
-    return images[np.linspace(0, len(images) - 1, limit).astype(np.int64)]
 
 
 def get_all_backbones(cfg: Config, *, train: bool = True, progress: bool = True

@@ -1,15 +1,16 @@
-"""The evaluation protocol: every method on identical held-out tasks, aggregated over replicate seeds.
+"""The evaluation protocol: every method on identical held-out tasks, over a grid of conditions and replicate seeds.
 
 :func:`evaluate_setting` scores hypernetwork checkpoints (one per replicate seed) and every registered baseline
-(:mod:`hmlib.evaluation.methods`) on the fixed suite of a held-out dataset's *test* split, for one setting.
-Representations that depend on the replicate (VAE means, backbone embeddings) are rebuilt from each
-checkpoint's bundle, so a baseline on seed s reads exactly what the hypernetwork of seed s reads; per-task
-accuracies are averaged over seeds, intervals are over tasks, differences are paired per task. The result is
-written as ``results/eval_<setting>.json`` (+ ``.md``) and reused while its recorded identity matches.
+(:mod:`hmlib.evaluation.methods`) on the suite of every condition of the grid (:mod:`hmlib.evaluation.conditions`:
+held-out datasets, clean and shifted, x task shapes), in one setting. Representations that depend on the
+replicate (VAE means, backbone embeddings) are rebuilt from each checkpoint's bundle, so a baseline on seed s reads
+exactly what the hypernetwork of seed s reads; per-task accuracies are averaged over seeds, intervals are over
+tasks, differences are paired per task. Each condition is written as soon as it is done
+(``results/eval/<setting>/<condition>.json``) and reused while its recorded identity matches: an interrupted
+grid resumes where it stopped. The whole grid's summary is ``results/eval_<setting>.json`` (+ ``.md``).
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -17,36 +18,42 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from hmlib.artifacts import ArtifactError, StaleArtifactError, check_meta, read_json
+from hmlib.artifacts import ArtifactError, StaleArtifactError, check_meta, read_json, write_json
 from hmlib.config import SETTINGS, Config, ConfigError, config_to_dict
 from hmlib.evaluation import methods as registry
+from hmlib.evaluation.conditions import Condition, grid, suite_fingerprint, suite_for, suite_seed
 from hmlib.evaluation.inputs import SeedInputs, seed_inputs
-from hmlib.evaluation.suite import fitted_size, suite_fingerprint, suite_from_labels, suite_seed
-from hmlib.evaluation.tables import summary_rows_for_size, write_results
+from hmlib.evaluation.tables import grid_summary, write_results
 from hmlib.hyper.adapt import predict_task
 from hmlib.hyper.bundle import Bundle, load_bundle
-from hmlib.metrics import clustering_accuracy
+from hmlib.hyper.losses import task_accuracy
 from hmlib.paths import results_dir
 
-RESULT_SCHEMA = "hmlib-eval/2"
-# Scores of methods that read raw pixels depend on the suite and the images only, not on the setting or the models:
-# computed once per process (zero-shot and transductive evaluate the same suite) and reused.
-_PIXEL_SCORES: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+RESULT_SCHEMA = "hmlib-eval/3"
 
 
 class EvalError(ConfigError):
     """Bad input to the evaluation (unknown setting, mismatched or duplicated checkpoints)."""
 
 
-def default_results_path(setting: str) -> Path:
-    """``results/eval_<setting>.json`` (what notebook 03 writes and notebook 04 and the README read)."""
+def check_setting(setting: str) -> str:
     if setting not in SETTINGS:
         raise EvalError(f"unknown setting {setting!r}; choose one of {', '.join(SETTINGS)}")
-    return results_dir() / f"eval_{setting}.json"
+    return setting
+
+
+def default_results_path(setting: str) -> Path:
+    """``results/eval_<setting>.json`` (what notebook 03 writes and notebook 04 and the README read)."""
+    return results_dir() / f"eval_{check_setting(setting)}.json"
+
+
+def condition_path(summary_path: Path, condition: Condition) -> Path:
+    """Where one condition of a grid is cached: beside the summary, in a folder named after it."""
+    return summary_path.with_suffix("") / f"{condition.key}.json"
 
 
 def load_bundles(checkpoints: Sequence[str | Path]) -> list[Bundle]:
-    """Bundles of distinct checkpoints of one setting with distinct seeds (duplicates refused, not double-counted)."""
+    """Bundles of distinct checkpoints with distinct seeds (duplicates refused, not double-counted)."""
     bundles: list[Bundle] = []
     for path in checkpoints:
         if not Path(path).is_file():
@@ -55,123 +62,97 @@ def load_bundles(checkpoints: Sequence[str | Path]) -> list[Bundle]:
         same = [b for b in bundles if b.sha256 == bundle.sha256]
         if same:
             raise EvalError(f"{path} is the same checkpoint as {same[0].path}; pass each replicate once")
-        if any(b.meta["seed"] == bundle.meta["seed"] for b in bundles):
-            raise EvalError(f"two checkpoints of replicate seed {bundle.meta['seed']} ({path}); one per seed")
+        if any(b.seed == bundle.seed for b in bundles):
+            raise EvalError(f"two checkpoints of replicate seed {bundle.seed} ({path}); one per seed")
         bundles.append(bundle)
     if not bundles:
         raise EvalError("no checkpoint to evaluate")
-    settings = {b.setting for b in bundles}
-    if len(settings) != 1:
-        raise EvalError(f"the checkpoints mix settings {sorted(settings)}; evaluate one setting at a time")
     return bundles
 
 
 @torch.no_grad()
-def score_hypernet(bundle: Bundle, cfg: Config, inputs: SeedInputs, suite: Any, num_steps: int | None,
-                   progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(accuracy (T, S+1) after 0..S inner steps, seconds (T,)) of one checkpoint, one task at a time."""
-    labels, num_classes = np.asarray(suite.labels), np.asarray(suite.classes).shape[1]
-    acc, seconds = [], []
-    for t in tqdm(range(len(suite)), desc=f"hypernet seed {inputs.seed}", disable=not progress, leave=False):
-        task = inputs.test.task_inputs(suite.indices[t:t + 1])
-        start = time.perf_counter()
-        pred = predict_task(bundle.hypernet, task, cfg.adapt, num_steps).argmax(-1)[:, 0].numpy()  # (S+1, N)
-        seconds.append(time.perf_counter() - start)
-        acc.append([clustering_accuracy(p, labels[t], num_classes) for p in pred])
-    return np.asarray(acc), np.asarray(seconds)
+def score_hypernet(inputs: SeedInputs, cfg: Config, suite: Any, num_steps: int | None,
+                   chunk: int = 25) -> tuple[np.ndarray, float]:
+    """(accuracy (T, S+1) after 0..S inner steps, seconds per task) of one replicate's hypernetwork, batched."""
+    import time
+
+    start = time.perf_counter()
+    indices, labels = np.asarray(suite.indices), np.asarray(suite.labels)
+    logits = predict_task(inputs.hypernet, inputs.test.task_inputs(indices), cfg.adapt, num_steps,
+                          num_classes=int(np.asarray(suite.classes).shape[1]), chunk=chunk)  # (S+1, T, N, K)
+    seconds = (time.perf_counter() - start) / len(indices)
+    return np.stack([task_accuracy(step, labels) for step in logits], axis=1), seconds
 
 
-def score_baseline(method: registry.Method, cfg: Config, inputs: SeedInputs, suite: Any, seed: int
-                   ) -> tuple[np.ndarray, np.ndarray]:
-    """(accuracy (T,), seconds (T,)) of one baseline on the suite, under one replicate's representations."""
-    rows, labels = inputs.reps[method.reads], np.asarray(suite.labels)
-    num_classes = np.asarray(suite.classes).shape[1]
-    acc, seconds = np.empty(len(suite)), np.empty(len(suite))
-    for t in range(len(suite)):
-        x = rows[suite.indices[t]]
-        if method.supervised:
-            start = time.perf_counter()
-            train_x, train_y = _ceiling_training_set(inputs, method.reads, suite.classes[t], cfg, seed + t)
-            pred = registry.logreg_predict(train_x, train_y, x, seed=seed + t)
-            seconds[t] = time.perf_counter() - start
-            acc[t] = float(np.mean(pred == labels[t]))
-        else:
-            pred, seconds[t] = registry.run_clusterer(method, x, num_classes, seed + t, cfg.eval.kmeans_n_init)
-            acc[t] = clustering_accuracy(pred, labels[t], num_classes)
-    return acc, seconds
-
-
-def _ceiling_training_set(inputs: SeedInputs, reads: str, classes: np.ndarray, cfg: Config, seed: int
-                          ) -> tuple[np.ndarray, np.ndarray]:
-    """Up to ``eval.logreg_train_per_class`` labeled train-split rows of each of the task's classes."""
-    rng = np.random.default_rng(seed)
-    rows, ys = [], []
-    for j, c in enumerate(classes):
-        members = np.flatnonzero(inputs.train_labels == c)
-        if len(members) == 0:
-            raise EvalError(f"class {c} has no images in the train split; the supervised ceiling needs some")
-        take = rng.choice(members, size=min(cfg.eval.logreg_train_per_class, len(members)), replace=False)
-        rows.append(take)
-        ys.append(np.full(len(take), j))
-    rows = np.concatenate(rows)
-    return inputs.train_reps[reads][rows], np.concatenate(ys)
-
-
-def evaluate_setting(cfg: Config, checkpoints: Sequence[str | Path], *, dataset: str | None = None,
-                     sizes: Sequence[int] | None = None, num_steps: int | None = None, path: str | Path | None = None,
-                     recompute: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Score the checkpoints (one per replicate seed) and every baseline on the held-out suite; cached JSON."""
-    bundles = load_bundles(checkpoints)
-    setting = bundles[0].setting
-    dataset = dataset or (cfg.meta.test_datasets[0] if cfg.meta.test_datasets else None)
-    if dataset is None:
-        raise EvalError("no dataset to evaluate: pass dataset= or set meta.test_datasets")
-    path = Path(path) if path is not None else default_results_path(setting)
-    inputs = [seed_inputs(b, cfg, dataset, with_train=i == 0, progress=progress) for i, b in enumerate(bundles)]
+def evaluate_condition(cfg: Config, inputs: Sequence[SeedInputs], condition: Condition, *, num_steps: int | None,
+                       checkpoints: Sequence[str], path: Path, recompute: bool = False, progress: bool = False
+                       ) -> dict[str, Any]:
+    """Every method on one condition's suite under every replicate; cached at ``path`` while its identity matches."""
     labels = inputs[0].test.labels
-    sizes = sorted({fitted_size(cfg, labels, n) for n in (sizes or cfg.eval.task_sizes)})
-    identity = {"schema": RESULT_SCHEMA, "setting": setting, "dataset": dataset, "sizes": list(sizes),
-                "num_tasks": cfg.eval.num_tasks, "num_classes": cfg.task.num_classes, "suite_seed": cfg.eval.seed,
-                "eval": config_to_dict(cfg.eval), "adapt": config_to_dict(cfg.adapt), "num_steps": num_steps,
-                "checkpoints": [b.sha256 for b in bundles], "inputs": [i.identity for i in inputs],
-                "methods": sorted(registry.METHODS)}
+    suite = suite_for(cfg, condition, labels)
+    seed = suite_seed(cfg.eval.seed, condition)
+    identity = {"schema": RESULT_SCHEMA, "setting": inputs[0].setting, "condition": condition.__dict__,
+                "num_tasks": cfg.eval.num_tasks, "suite": suite_fingerprint(suite), "eval": config_to_dict(cfg.eval),
+                "adapt": config_to_dict(cfg.adapt), "num_steps": num_steps, "checkpoints": list(checkpoints),
+                "inputs": [i.identity for i in inputs], "methods": sorted(registry.METHODS)}
     if not recompute and path.is_file():
         try:
             cached = read_json(path)
             check_meta(cached.get("identity", {}), identity, str(path))
-            print(f"Reusing evaluation results from {path.name} (same suite, settings, checkpoints and inputs).")
             return cached
         except ArtifactError as err:
-            print(f"Recomputing the evaluation: {err}")
-    result: dict[str, Any] = {
-        "schema": RESULT_SCHEMA, "identity": identity, "setting": setting, "setting_label": SETTINGS[setting],
-        "dataset": dataset, "seeds": [int(b.meta["seed"]) for b in bundles],
-        "checkpoints": [{"path": str(b.path), "sha256": b.sha256, "seed": b.meta["seed"]} for b in bundles],
-        "num_steps": cfg.adapt.num_inner_steps if num_steps is None else int(num_steps), "sizes": {}}
-    for num_images in sizes:
-        suite = suite_from_labels(labels, cfg, dataset, num_images)
-        seed = suite_seed(cfg.eval.seed, dataset, num_images)
-        block: dict[str, Any] = {"suite": {"seed": seed, "num_tasks": len(suite), "num_images": int(num_images),
-                                           "fingerprint": suite_fingerprint(suite),
-                                           "classes": np.asarray(suite.classes).tolist()}, "methods": {}}
-        scored = [score_hypernet(b, cfg, i, suite, num_steps, progress) for b, i in zip(bundles, inputs)]
-        block["methods"]["hypernet"] = {"acc_steps": [s[0].tolist() for s in scored],
-                                        "seconds": [s[1].tolist() for s in scored]}
-        for method in tqdm(registry.baselines(), desc=f"baselines N={num_images}", disable=not progress, leave=False):
-            if method.reads not in inputs[0].reps:
-                continue  # e.g. no backbone in the latent-only configuration
-            if method.reads == "pixels":
-                key = (method.name, suite_fingerprint(suite), inputs[0].identity["images"], cfg.eval.kmeans_n_init, seed)
-                if key not in _PIXEL_SCORES:
-                    _PIXEL_SCORES[key] = score_baseline(method, cfg, inputs[0], suite, seed)
-                per_seed = [_PIXEL_SCORES[key]]
-            else:
-                per_seed = [score_baseline(method, cfg, i, suite, seed) for i in
-                            (inputs if method.every_seed else inputs[:1])]
-            block["methods"][method.name] = {"acc": [s[0].tolist() for s in per_seed],
-                                             "seconds": [s[1].tolist() for s in per_seed]}
-        result["sizes"][str(num_images)] = block
-        block["summary"] = summary_rows_for_size(result, num_images)
+            print(f"Recomputing {condition.key}: {str(err).splitlines()[0]}")
+    block: dict[str, Any] = {"identity": identity, "condition": {**condition.__dict__, "key": condition.key,
+                                                                "label": condition.label, "shift": condition.shift},
+                             "suite": {"seed": seed, "num_tasks": len(suite), "classes": np.asarray(suite.classes).tolist()},
+                             "methods": {}}
+    scored = [score_hypernet(i, cfg, suite, num_steps) for i in inputs]
+    block["methods"]["hypernet"] = {"acc_steps": [s[0].tolist() for s in scored], "seconds": [s[1] for s in scored]}
+    contexts = [registry.MethodContext(cfg, i, suite, seed) for i in inputs]  # one memo per replicate
+    for method in tqdm(registry.baselines(), desc=condition.key, disable=not progress, leave=False):
+        if not available(method, inputs[0]):
+            continue  # e.g. no backbone in the latent-only configuration
+        per_seed = [registry.score(method, ctx) for ctx in (contexts if method.every_seed else contexts[:1])]
+        block["methods"][method.name] = {"acc": [s[0].tolist() for s in per_seed],
+                                         "seconds": [s[1] for s in per_seed]}
+    write_json(path, block)
+    return block
+
+
+def available(method: registry.Method, inputs: SeedInputs) -> bool:
+    """Whether a method can be scored on these inputs (what it reads exists)."""
+    if method.reads == "images":
+        return inputs.backbone is not None
+    return method.reads is None or method.reads in inputs.reps
+
+
+def evaluate_setting(cfg: Config, checkpoints: Sequence[str | Path], setting: str = "zero_shot", *,
+                     datasets: Sequence[str] | None = None, shapes: Sequence[Sequence[int]] | None = None,
+                     num_steps: int | None = None, path: str | Path | None = None, recompute: bool = False,
+                     progress: bool = True) -> dict[str, Any]:
+    """Score the checkpoints (one per replicate seed) and every baseline on every condition of the grid."""
+    check_setting(setting)
+    bundles = load_bundles(checkpoints)
+    path = Path(path) if path is not None else default_results_path(setting)
+    conditions = grid(cfg, datasets, shapes)
+    shas = [b.sha256 for b in bundles]
+    blocks, cache = [], {}
+    bar = tqdm(conditions, desc=f"evaluate {setting}", disable=not progress)
+    for condition in bar:
+        bar.set_postfix_str(condition.key)
+        if condition.dataset not in cache:
+            cache.clear()  # one dataset's inputs in memory at a time
+            cache[condition.dataset] = [seed_inputs(b, cfg, condition.dataset, setting, with_train=i == 0,
+                                                    progress=False) for i, b in enumerate(bundles)]
+        blocks.append(evaluate_condition(cfg, cache[condition.dataset], condition, num_steps=num_steps,
+                                         checkpoints=shas, path=condition_path(path, condition), recompute=recompute,
+                                         progress=False))
+    result = {"schema": RESULT_SCHEMA, "setting": setting, "setting_label": SETTINGS[setting],
+              "seeds": [b.seed for b in bundles],
+              "checkpoints": [{"path": str(b.path), "sha256": b.sha256, "seed": b.seed} for b in bundles],
+              "num_steps": cfg.adapt.num_inner_steps if num_steps is None else int(num_steps),
+              "num_tasks": cfg.eval.num_tasks, "conditions": blocks}
+    result["summary"] = grid_summary(result)
     write_results(result, path)
     return result
 
@@ -186,16 +167,16 @@ def load_results(setting: str, path: str | Path | None = None) -> dict[str, Any]
     return result
 
 
-def per_task_accuracy(result: Mapping[str, Any], num_images: int, method: str) -> np.ndarray:
-    """Per-task accuracy (T,) of one method, averaged over replicate seeds."""
-    block = result["sizes"][str(num_images)]["methods"]
+def per_task_accuracy(block: Mapping[str, Any], method: str) -> np.ndarray:
+    """Per-task accuracy (T,) of one method in one condition's block, averaged over replicate seeds."""
+    methods = block["methods"]
     if method in ("hypernet", "hypernet_adapted"):
-        acc = np.asarray(block["hypernet"]["acc_steps"], dtype=np.float64)  # (R, T, S+1)
+        acc = np.asarray(methods["hypernet"]["acc_steps"], dtype=np.float64)  # (R, T, S+1)
         return acc[:, :, -1 if method == "hypernet_adapted" else 0].mean(axis=0)
-    if method not in block:
-        raise EvalError(f"no method {method!r} in this result; it has {', '.join(sorted(block))}")
-    return np.asarray(block[method]["acc"], dtype=np.float64).mean(axis=0)
+    if method not in methods:
+        raise EvalError(f"no method {method!r} in this result; it has {', '.join(sorted(methods))}")
+    return np.asarray(methods[method]["acc"], dtype=np.float64).mean(axis=0)
 
 
-__all__ = ["EvalError", "RESULT_SCHEMA", "default_results_path", "evaluate_setting", "load_bundles",
-           "load_results", "per_task_accuracy", "score_baseline", "score_hypernet"]
+__all__ = ["EvalError", "RESULT_SCHEMA", "default_results_path", "evaluate_condition", "evaluate_setting",
+           "load_bundles", "load_results", "per_task_accuracy", "score_hypernet"]

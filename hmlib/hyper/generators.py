@@ -1,178 +1,240 @@
-"""Generators: from a task code, the parameters of the task-specific classifier, and that classifier's forward.
+"""Generators: from a task code, the task-specific part of the network, and that network's forward pass.
 
-Every generator owns its whole target network: ``prepare`` (per-task view of the images' features),
-``forward`` (task code -> parameter dict), ``logits`` (parameters -> (T, N, K)), ``adaptable`` (what the
-inner loop updates), ``extend`` (logits of images outside the task, for sets larger than one task) and
-``check_config`` (what it needs of the configuration). ``GENERATORS`` is the registry.
+Every generator implements the :class:`Generator` interface: ``prepare`` (the task's inputs as the target
+network reads them), ``forward`` (task code -> generated parameters, a dict of (T, ...) tensors), ``logits``
+((T, N, K) under given parameters), ``adaptable`` (the names the inner loop updates), ``inner_lrs`` (their
+step sizes), ``extend`` (logits of images outside the task) and ``check_config``. ``GENERATORS`` is the
+registry that ``hyper.generation`` chooses from.
 
-- ``cluster`` (default): the task's features (backbone embeddings, or [mu, logvar]) standardised over the
-  task and L2-normalised, smoothed over the task's kNN graph (feature diffusion with a generated weight
-  alpha), K prototypes computed from the task by k-means in that space (gradients flow through the
-  centroids), logits = generated temperature x cosine similarity.
-- ``full`` (the prototype's): one MLP head per layer emits all weights and biases of a target MLP.
+- ``film`` (default, method v3): for every normalisation layer of the backbone, a per-channel FiLM (scale and
+  shift) and the blend between the backbone's stored statistics and the task's own (TaskNorm); the generated
+  modulation changes the *representation* of the task's images. The cluster head is computed, not generated:
+  K prototypes by differentiable k-means on the modulated embedding, and a generated temperature. The inner
+  loop updates the FiLM of the last ``film.adapt_blocks`` blocks and the head with per-parameter, meta-learned
+  step sizes (Meta-SGD); the blocks below are computed once per task.
+- ``full`` (the prototype's, ``seed`` profile): one MLP head per layer emits all weights and biases of a target
+  MLP on the task's [mu, logvar] rows.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hmlib.config import Config, HyperConfig
+from hmlib.backbone import modulation as mod
+from hmlib.backbone.model import ConvBackbone, augment, blocks
+from hmlib.config import Config, FilmConfig, FullConfig, HyperConfig, ConfigError
 from hmlib.features import standardize
+from hmlib.hyper.cluster_ops import cosine_logits, kmeans_prototypes
 from hmlib.hyper.encoders import mlp
 
 Params = dict[str, Tensor]
 
 
 @dataclass
-class TaskState:
-    """A task's features as the target network reads them (computed once, before any inner step)."""
+class TaskInputs:
+    """One task, or a batch with a leading T: conditioning rows and what the target network reads.
 
-    z: Tensor  # (T, N, F) normalised features; also the inner losses' reference
-    graph: Tensor | None = None  # (T, N, N) row-normalised symmetric kNN adjacency, or None
-    mean: Tensor | None = None  # (T, 1, F) the task's feature statistics (to place rows outside the task)
-    std: Tensor | None = None
-
-
-# ------------------------------------------------------------------------------ task-level operations
-
-def knn_graph(z: Tensor, neighbors: int) -> Tensor:
-    """Row-normalised symmetrised kNN adjacency (T, N, N) of unit rows z (T, N, F) by cosine similarity."""
-    with torch.no_grad():
-        sim = z @ z.transpose(-1, -2)
-        sim.diagonal(dim1=-2, dim2=-1).fill_(-float("inf"))
-        index = sim.topk(min(neighbors, z.shape[-2] - 1), dim=-1).indices
-        adjacency = torch.zeros_like(sim).scatter_(-1, index, 1.0)
-        adjacency = (adjacency + adjacency.transpose(-1, -2)) / 2
-        return adjacency / adjacency.sum(-1, keepdim=True).clamp_min(1e-12)
-
-
-def diffuse(z: Tensor, graph: Tensor | None, alpha: Tensor, steps: int) -> Tensor:
-    """h <- (1 - alpha) z + alpha A h, ``steps`` times, then L2-normalised; alpha (T, 1) in (0, 1)."""
-    if graph is None or steps == 0:
-        return z
-    weight = alpha.unsqueeze(-1)  # (T, 1, 1)
-    h = z
-    for _ in range(steps):
-        h = (1 - weight) * z + weight * (graph @ h)
-    return F.normalize(h, dim=-1)
-
-
-def _sq_dist(h: Tensor, centers: Tensor) -> Tensor:
-    """Squared distances (..., M, K) between rows h (..., M, E) and centers (..., K, E) (one matrix product)."""
-    dist = (h * h).sum(-1, keepdim=True) - 2 * h @ centers.transpose(-1, -2) + (centers * centers).sum(-1).unsqueeze(-2)
-    return dist.clamp_min(0.0)
-
-
-def kmeans_prototypes(h: Tensor, num_clusters: int, iters: int = 10, inits: int = 10, seed: int = 0) -> Tensor:
-    """K-means centroids of each task's rows, h (T, M, E) -> (T, K, E).
-
-    Deterministic k-means++ seeding (``inits`` seedings from a fixed generator, the same for every task, so a
-    batch of tasks gives the same result as one at a time), ``iters`` Lloyd iterations and the choice of the
-    seeding with the lowest inertia run without gradients; the returned centroids are the means of the rows
-    of each final cluster, so gradients flow through h (an empty cluster keeps its seed centre).
+    ``context`` (T, M, C): the task's VAE distribution rows. ``images`` (T, N, 28, 28) uint8 or (T, N, 1, 28, 28)
+    float in [0, 1] (generator ``film``), or ``features`` (T, N, F) (generator ``full``).
     """
-    T, M, E = h.shape
-    K, R = num_clusters, max(1, inits)
-    with torch.no_grad():
-        hd = h.detach().unsqueeze(1).expand(T, R, M, E)
-        u = torch.rand(R, K, generator=torch.Generator().manual_seed(seed)).to(h.device, h.dtype)
-        first = (u[:, 0] * M).long().clamp(max=M - 1)  # (R,)
-        centers = hd.gather(2, first.view(1, R, 1, 1).expand(T, R, 1, E))
-        d2 = _sq_dist(hd, centers).squeeze(-1)  # (T, R, M)
-        for k in range(1, K):  # k-means++: inverse-CDF draw proportional to the squared distance
-            cdf = d2.cumsum(-1)
-            target = u[:, k].view(1, R, 1) * cdf[..., -1:]
-            idx = torch.searchsorted(cdf.contiguous(), target.contiguous()).clamp(max=M - 1)  # (T, R, 1)
-            new = hd.gather(2, idx.unsqueeze(-1).expand(T, R, 1, E))
-            centers = torch.cat([centers, new], dim=2)
-            d2 = torch.minimum(d2, _sq_dist(hd, new).squeeze(-1))
-        for _ in range(iters):
-            onehot = F.one_hot(_sq_dist(hd, centers).argmin(-1), K).to(h.dtype)  # (T, R, M, K)
-            counts = onehot.sum(2).unsqueeze(-1)  # (T, R, K, 1)
-            centers = torch.where(counts > 0, onehot.transpose(-1, -2) @ hd / counts.clamp_min(1), centers)
-        dist = _sq_dist(hd, centers)
-        best = dist.min(-1).values.sum(-1).argmin(-1)  # (T,): the seeding with the lowest inertia
-        arange = torch.arange(T, device=h.device)
-        onehot = F.one_hot(dist.argmin(-1)[arange, best], K).to(h.dtype)  # (T, M, K)
-        fallback = centers[arange, best]  # (T, K, E)
-        counts = onehot.sum(1).unsqueeze(-1)  # (T, K, 1)
-    return torch.where(counts > 0, onehot.transpose(-1, -2) @ h / counts.clamp_min(1), fallback)
+
+    context: Tensor
+    images: Tensor | None = None
+    features: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.images is not None and self.images.dtype == torch.uint8:
+            self.images = self.images.unsqueeze(-3).float().div(255.0)
+        main = self.images if self.images is not None else self.features
+        if main is None:
+            raise ValueError("TaskInputs needs images or features")
+        lead = main.dim() - (3 if self.images is not None else 1)
+        if lead not in (1, 2) or self.context.dim() != lead + 1:
+            raise ValueError(f"context {tuple(self.context.shape)} and inputs {tuple(main.shape)} must both be one "
+                             "task (N, ...) or a batch (T, N, ...)")
+        if lead == 2 and self.context.shape[0] != main.shape[0]:
+            raise ValueError(f"context and inputs hold different numbers of tasks: {self.context.shape[0]} vs "
+                             f"{main.shape[0]}")
+
+    @property
+    def batched(self) -> bool:
+        return self.context.dim() == 3
+
+    @property
+    def num_tasks(self) -> int:
+        return int(self.context.shape[0]) if self.batched else 1
+
+    def as_batch(self) -> "TaskInputs":
+        """The same task(s) with a leading task dimension."""
+        if self.batched:
+            return self
+        return TaskInputs(self.context.unsqueeze(0), None if self.images is None else self.images.unsqueeze(0),
+                          None if self.features is None else self.features.unsqueeze(0))
+
+    def to(self, device: torch.device | str) -> "TaskInputs":
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return TaskInputs(move(self.context), move(self.images), move(self.features))
 
 
-# ---------------------------------------------------------------------------------------- generators
+@dataclass
+class TaskState:
+    """A batch of tasks as the target network reads them; ``cache`` holds what ``forward`` computed once."""
 
-class ClusterGenerator(nn.Module):
-    """Generated temperature and diffusion weight; prototypes computed from the task (k-means), refined by the inner loop."""
+    images: Tensor | None = None  # (T, N, 1, 28, 28)
+    features: Tensor | None = None  # (T, N, F) standardised ('full')
+    mean: Tensor | None = None  # (T, 1, F) the task's feature statistics ('full', to place rows outside the task)
+    std: Tensor | None = None
+    augmented: Tensor | None = None  # (T, N, 1, 28, 28) augmented copies, for inner losses that ask for them
+    cache: dict[str, Any] = field(default_factory=dict)
 
-    def __init__(self, cfg: HyperConfig, feature_dim: int, num_classes: int) -> None:
-        super().__init__()
-        self.cfg, self.num_classes = cfg, num_classes
-        self.uses_graph = cfg.graph_neighbors > 0 and cfg.diffusion_steps > 0
-        self.log_tau = nn.Linear(cfg.embed_dim, 1)
-        self.alpha_logit = nn.Linear(cfg.embed_dim, 1)
-        with torch.no_grad():  # start at the configured values whatever the task code
-            for head, value in ((self.log_tau, math.log(cfg.cluster_tau)),
-                                (self.alpha_logit, math.log(cfg.diffusion_alpha / (1 - cfg.diffusion_alpha)))):
-                head.weight.zero_()
-                head.bias.fill_(value)
+    @property
+    def reference(self) -> Tensor:
+        """The task's features before any inner step (where inner losses mine neighbours)."""
+        return self.cache["reference"] if "reference" in self.cache else self.features
+
+
+class Generator(nn.Module):
+    """The interface every generator implements (see the module docstring)."""
+
+    def prepare(self, inputs: TaskInputs, *, augmented: bool = False) -> TaskState:
+        raise NotImplementedError
+
+    def forward(self, code: Tensor, state: TaskState, num_classes: int) -> Params:
+        raise NotImplementedError
+
+    def logits(self, params: Params, state: TaskState, *, augmented: bool = False) -> Tensor:
+        raise NotImplementedError
+
+    def adaptable(self, params: Params) -> list[str]:
+        raise NotImplementedError
+
+    def inner_lrs(self, names: list[str], default: float) -> dict[str, Tensor | float]:
+        """Step size of each adaptable parameter (a tensor broadcastable to it, or a number)."""
+        return {name: default for name in names}
+
+    def extend(self, params: Params, state: TaskState, inputs: TaskInputs) -> Tensor:
+        raise NotImplementedError
 
     @staticmethod
     def check_config(cfg: Config) -> None:
-        """Any target input and conditioning work."""
+        """Refuse (ConfigError) a configuration this generator cannot run."""
 
-    def prepare(self, features: Tensor) -> TaskState:
-        x, mean, std = standardize(features)
-        z = F.normalize(x, dim=-1)
-        return TaskState(z, knn_graph(z, self.cfg.graph_neighbors) if self.uses_graph else None, mean, std)
 
-    def embed(self, params: Params, state: TaskState) -> Tensor:
-        """The task's rows in the cluster space: diffused over the kNN graph with the generated weight."""
-        return diffuse(state.z, state.graph, torch.sigmoid(params["alpha_logit"]), self.cfg.diffusion_steps)
+# ---------------------------------------------------------------------------------------- film
 
-    def forward(self, code: Tensor, state: TaskState, num_classes: int | None = None) -> Params:
-        params = {"log_tau": self.log_tau(code), "alpha_logit": self.alpha_logit(code)}
-        params["prototypes"] = kmeans_prototypes(self.embed(params, state), num_classes or self.num_classes,
-                                                 self.cfg.cluster_iters, self.cfg.cluster_inits)
+class FilmGenerator(Generator):
+    """Per-task FiLM and statistics blend of every backbone normalisation layer + a k-means cluster head."""
+
+    def __init__(self, cfg: HyperConfig, film: FilmConfig, backbone: ConvBackbone, num_classes: int) -> None:
+        super().__init__()
+        self.cfg, self.film, self.num_classes = cfg, film, num_classes
+        self.backbone = backbone  # a submodule: its (meta-trained, when meta.backbone_lr > 0) weights are the model's
+        self.widths = [bn.num_features for _, bn in blocks(backbone)]
+        self.split = len(self.widths) - film.adapt_blocks
+        self.heads = nn.ModuleList(nn.Linear(cfg.embed_dim, 2 * c + 1) for c in self.widths)
+        self.tau_head = nn.Linear(cfg.embed_dim, 1)
+        blend_logit = math.log(film.blend_init / (1 - film.blend_init))
+        with torch.no_grad():  # the identity modulation for any code, with small (never zero) weights
+            for head in [*self.heads, self.tau_head]:
+                nn.init.normal_(head.weight, std=film.init_std)
+                head.bias.zero_()
+            for head in self.heads:
+                head.bias[-1] = blend_logit
+            self.tau_head.bias.fill_(math.log(film.tau))
+        init = math.log(film.inner_lr)
+        self.log_lrs = nn.ParameterDict({
+            **{f"scale_{l}": nn.Parameter(torch.full((c,), init)) for l, c in enumerate(self.widths)},
+            **{f"shift_{l}": nn.Parameter(torch.full((c,), init)) for l, c in enumerate(self.widths)},
+            "prototypes": nn.Parameter(torch.tensor(math.log(film.head_lr))),
+            "log_tau": nn.Parameter(torch.tensor(math.log(film.head_lr)))})
+        self.log_lrs.requires_grad_(film.learn_inner_lr)
+
+    @staticmethod
+    def check_config(cfg: Config) -> None:
+        if cfg.film.adapt_blocks > len(cfg.backbone.channels):
+            raise ConfigError(f"film.adapt_blocks = {cfg.film.adapt_blocks} but the backbone has "
+                              f"{len(cfg.backbone.channels)} blocks (backbone.channels)")
+
+    def prepare(self, inputs: TaskInputs, *, augmented: bool = False) -> TaskState:
+        if inputs.images is None:
+            raise ValueError("the 'film' generator reads the task's images (TaskInputs.images)")
+        state = TaskState(images=inputs.images)
+        if augmented:
+            T, N = inputs.images.shape[:2]
+            generator = torch.Generator().manual_seed(0)  # the same augmentation every call: deterministic
+            state.augmented = augment(inputs.images.flatten(0, 1).cpu(), generator).to(inputs.images).view_as(
+                inputs.images)
+        return state
+
+    def modulation(self, params: Params) -> mod.Modulation:
+        return mod.Modulation.from_tensors(params, len(self.widths))
+
+    def forward(self, code: Tensor, state: TaskState, num_classes: int) -> Params:
+        params: Params = {}
+        for l, (head, c) in enumerate(zip(self.heads, self.widths)):
+            out = head(code)  # (T, 2C + 1)
+            params[f"scale.{l}"], params[f"shift.{l}"] = out[:, :c], out[:, c:2 * c]
+            params[f"blend.{l}"] = torch.sigmoid(out[:, -1])
+        params["log_tau"] = self.tau_head(code)  # (T, 1)
+        self.begin(params, state)
+        z = state.cache["reference"]
+        params["prototypes"] = kmeans_prototypes(z, num_classes, self.film.cluster_iters, self.film.cluster_inits)
         return params
 
-    def logits(self, params: Params, state: TaskState) -> Tensor:
-        h = self.embed(params, state)
-        prototypes = F.normalize(params["prototypes"], dim=-1)
-        return params["log_tau"].exp().unsqueeze(-1) * (h @ prototypes.transpose(-1, -2))
+    def begin(self, params: Params, state: TaskState) -> None:
+        """Compute, once, the blocks below the adapted ones and the starting embedding (the inner losses' reference)."""
+        modulation = self.modulation(params)
+        state.cache["pre"] = mod.trunk(self.backbone, state.images, modulation, self.split)
+        if state.augmented is not None:
+            state.cache["pre_augmented"] = mod.trunk(self.backbone, state.augmented, modulation, self.split)
+        state.cache["reference"] = self.embedding(params, state)
+
+    def embedding(self, params: Params, state: TaskState, *, augmented: bool = False) -> Tensor:
+        """The modulated embedding (T, N, D), standardised over each task and L2-normalised per image."""
+        pre = state.cache["pre_augmented" if augmented else "pre"]
+        T = state.images.shape[0]
+        z = mod.top(self.backbone, pre, self.modulation(params), self.split, T)
+        return F.normalize(standardize(z)[0], dim=-1)
+
+    def logits(self, params: Params, state: TaskState, *, augmented: bool = False) -> Tensor:
+        return cosine_logits(self.embedding(params, state, augmented=augmented), params["prototypes"],
+                             params["log_tau"])
 
     def adaptable(self, params: Params) -> list[str]:
-        return ["log_tau", "alpha_logit", "prototypes"] if self.uses_graph else ["log_tau", "prototypes"]
+        film = [f"{kind}.{l}" for kind in ("scale", "shift") for l in range(self.split, len(self.widths))]
+        head = ["prototypes", "log_tau"]
+        return {"film": film, "head": head, "both": film + head}[self.film.adapt]
 
-    def extend(self, params: Params, state: TaskState, features: Tensor) -> Tensor:
-        """Logits (T, M, K) of rows outside the task: standardised with the task's statistics, diffused one step
-        towards their nearest task rows (the task's fixed point), scored against the task's prototypes."""
-        z = F.normalize((features - state.mean) / state.std, dim=-1)
-        if state.graph is not None:
-            alpha = torch.sigmoid(params["alpha_logit"]).unsqueeze(-1)
-            index = (z @ state.z.transpose(-1, -2)).topk(min(self.cfg.graph_neighbors, state.z.shape[-2]), dim=-1).indices
-            h_task = self.embed(params, state)  # (T, N, F)
-            neighbours = torch.gather(h_task.unsqueeze(1).expand(-1, z.shape[1], -1, -1), 2,
-                                      index.unsqueeze(-1).expand(-1, -1, -1, z.shape[-1])).mean(2)
-            z = F.normalize((1 - alpha) * z + alpha * neighbours, dim=-1)
-        prototypes = F.normalize(params["prototypes"], dim=-1)
-        return params["log_tau"].exp().unsqueeze(-1) * (z @ prototypes.transpose(-1, -2))
+    def inner_lrs(self, names: list[str], default: float) -> dict[str, Tensor | float]:
+        return {name: self.log_lrs[name.replace(".", "_")].exp() for name in names}
+
+    def extend(self, params: Params, state: TaskState, inputs: TaskInputs) -> Tensor:
+        """Logits (T, M, K) of images outside the task, read as the task's adapted network reads its own images:
+        normalised with the task's statistics, standardised with the task's embedding statistics."""
+        other = mod.embed_beside(self.backbone, state.images, inputs.as_batch().images, self.modulation(params))
+        task = mod.top(self.backbone, state.cache["pre"], self.modulation(params), self.split, state.images.shape[0])
+        _, mean, std = standardize(task)
+        return cosine_logits(F.normalize((other - mean) / std, dim=-1), params["prototypes"], params["log_tau"])
 
 
-class FullGenerator(nn.Module):
+# ---------------------------------------------------------------------------------------- full
+
+class FullGenerator(Generator):
     """The prototype's generation: one MLP head per target layer emits all of its weights and biases."""
 
-    def __init__(self, cfg: HyperConfig, feature_dim: int, num_classes: int) -> None:
+    def __init__(self, cfg: HyperConfig, full: FullConfig, feature_dim: int, num_classes: int) -> None:
         super().__init__()
-        dims = [feature_dim, *cfg.target_hidden, num_classes]
+        dims = [feature_dim, *full.target_hidden, num_classes]
+        self.num_classes = num_classes
         self.shapes = list(zip(dims[1:], dims[:-1]))  # (out, in) per layer
         self.heads = nn.ModuleList()
         for out_dim, in_dim in self.shapes:
-            head = mlp(cfg.embed_dim, cfg.head_hidden, out_dim * in_dim + out_dim)
+            head = mlp(cfg.embed_dim, full.head_hidden, out_dim * in_dim + out_dim)
             nn.init.normal_(head[-1].weight, std=0.01)
             reference = nn.Linear(in_dim, out_dim)  # start the generated layer at a standard init
             with torch.no_grad():
@@ -181,16 +243,20 @@ class FullGenerator(nn.Module):
 
     @staticmethod
     def check_config(cfg: Config) -> None:
-        """Any target input and conditioning work."""
+        if cfg.adapt.inner_loss == "augmentation":
+            raise ConfigError("the 'full' generator reads VAE rows, not images: adapt.inner_loss = 'augmentation' "
+                              "needs images")
 
-    def prepare(self, features: Tensor) -> TaskState:
-        x, mean, std = standardize(features)
-        return TaskState(x, None, mean, std)
+    def prepare(self, inputs: TaskInputs, *, augmented: bool = False) -> TaskState:
+        if inputs.features is None:
+            raise ValueError("the 'full' generator reads the task's [mu, logvar] rows (TaskInputs.features)")
+        x, mean, std = standardize(inputs.features)
+        return TaskState(features=x, mean=mean, std=std)
 
-    def forward(self, code: Tensor, state: TaskState, num_classes: int | None = None) -> Params:
-        if num_classes not in (None, self.shapes[-1][0]):
-            raise ValueError(f"the 'full' generator emits exactly {self.shapes[-1][0]} outputs, not {num_classes}; "
-                             "a checkpoint with generation 'cluster' clusters into any K")
+    def forward(self, code: Tensor, state: TaskState, num_classes: int) -> Params:
+        if num_classes != self.num_classes:
+            raise ValueError(f"the 'full' generator emits exactly {self.num_classes} outputs, not {num_classes}; "
+                             "a checkpoint with generation 'film' clusters into any K")
         params = {}
         for i, (head, (out_dim, in_dim)) in enumerate(zip(self.heads, self.shapes)):
             flat = head(code)  # (T, out*in + out)
@@ -198,8 +264,10 @@ class FullGenerator(nn.Module):
             params[f"layers.{i}.bias"] = flat[:, out_dim * in_dim:]
         return params
 
-    def logits(self, params: Params, state: TaskState) -> Tensor:
-        x = state.z
+    def logits(self, params: Params, state: TaskState, *, augmented: bool = False) -> Tensor:
+        return self._mlp(params, state.features)
+
+    def _mlp(self, params: Params, x: Tensor) -> Tensor:
         for i in range(len(self.shapes)):
             x = x @ params[f"layers.{i}.weight"].transpose(-1, -2) + params[f"layers.{i}.bias"].unsqueeze(-2)
             if i < len(self.shapes) - 1:
@@ -209,10 +277,10 @@ class FullGenerator(nn.Module):
     def adaptable(self, params: Params) -> list[str]:
         return list(params)
 
-    def extend(self, params: Params, state: TaskState, features: Tensor) -> Tensor:
+    def extend(self, params: Params, state: TaskState, inputs: TaskInputs) -> Tensor:
         """Logits (T, M, K) of rows outside the task, standardised with the task's statistics."""
-        return self.logits(params, TaskState((features - state.mean) / state.std))
+        return self._mlp(params, (inputs.as_batch().features - state.mean) / state.std)
 
 
 # The registry of generators: config validation, ablations and docs read it; add one here.
-GENERATORS: dict[str, Any] = {"cluster": ClusterGenerator, "full": FullGenerator}
+GENERATORS: dict[str, type[Generator]] = {"film": FilmGenerator, "full": FullGenerator}

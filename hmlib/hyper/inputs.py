@@ -1,8 +1,9 @@
-"""What the hypernetwork reads of a dataset split: conditioning rows, target features and labels, aligned.
+"""What the hypernetwork reads of a dataset split: conditioning rows, the images (or latent rows) and labels.
 
-:func:`load_task_data` is the one place that decides, for a setting and replicate seed, which VAE gives
-the conditioning rows and which backbone (with or without the dataset's own normalisation statistics) gives the features; meta-training, evaluation, ablations, the explorer and
-``hmlib cluster`` all read tasks through it.
+:func:`load_task_data` is the one place that decides, for a replicate seed, which VAE gives the conditioning
+rows (the shared VAE of the meta-training datasets) and what the target network reads: the images themselves
+(generator ``film``, which runs them through the backbone) or the [mu, logvar] rows (generator ``full``).
+Meta-training, evaluation, ablations, the explorer and ``hmlib cluster`` all read tasks through it.
 """
 from __future__ import annotations
 
@@ -10,64 +11,65 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
+import torch
 
 from hmlib import data
-from hmlib.backbone.embeddings import embed_split, setting_backbone
 from hmlib.config import Config
-from hmlib.hyper.hypernet import TaskInputs
+from hmlib.hyper.generators import TaskInputs
 from hmlib.vae.latents import encode_split
-from hmlib.vae.train import get_vae, vae_scope
+from hmlib.vae.train import get_vae
 
 
 @dataclass
 class TaskData:
-    """One dataset split as the hypernetwork reads it; rows of ``context``, ``features`` and ``labels`` align."""
+    """One dataset split as the hypernetwork reads it; rows of ``context``, ``images``/``features`` and ``labels``
+    align."""
 
     name: str
     split: str
-    context: np.ndarray  # (n, C) float32 conditioning rows
-    features: np.ndarray  # (n, F) float32 target-network inputs
+    context: np.ndarray  # (n, C) float32 conditioning rows (the VAE distribution)
     labels: np.ndarray  # (n,) int64 (scoring and the outer loss only)
-    identity: dict[str, Any] = field(default_factory=dict)  # ids of the VAE and backbone that made the rows
+    images: np.ndarray | None = None  # (n, 28, 28) uint8 ('film')
+    features: np.ndarray | None = None  # (n, F) float32 ('full': [mu, logvar])
+    identity: dict[str, Any] = field(default_factory=dict)  # ids of the models and images that made the rows
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def subset(self, index: np.ndarray) -> "TaskData":
         """The rows in ``index``."""
-        return replace(self, context=self.context[index], features=self.features[index], labels=self.labels[index])
+        pick = lambda a: None if a is None else a[index]  # noqa: E731
+        return replace(self, context=self.context[index], labels=self.labels[index], images=pick(self.images),
+                       features=pick(self.features))
 
     def task_inputs(self, indices: np.ndarray) -> TaskInputs:
         """TaskInputs of tasks given by a (T, N) index array."""
         indices = np.asarray(indices)
-        return TaskInputs.from_arrays(self.context[indices], self.features[indices])
+        return TaskInputs(torch.as_tensor(self.context[indices]),
+                          None if self.images is None else torch.as_tensor(self.images[indices]),
+                          None if self.features is None else torch.as_tensor(self.features[indices]))
 
 
-def task_data_from_models(cfg: Config, image_set: Any, vae: Any, vae_meta: dict[str, Any], backbone: Any = None,
-                          backbone_meta: dict[str, Any] | None = None, *, progress: bool = False) -> TaskData:
-    """TaskData of an ImageSet under given models (cached by their identities): what every loader ends in."""
+def reads_images(cfg: Config) -> bool:
+    """Whether the configured generator reads images through the backbone (else the VAE rows)."""
+    return cfg.hyper.generation != "full"
+
+
+def task_data_from_models(cfg: Config, image_set: Any, vae: Any, vae_meta: dict[str, Any], *,
+                          progress: bool = False) -> TaskData:
+    """TaskData of an ImageSet under a VAE (its rows cached by the VAE's identity): what every loader ends in."""
     latents = encode_split(vae, vae_meta, image_set, progress=progress)
-    identity: dict[str, Any] = {"vae_id": latents.vae_id}
-    embeddings = None
-    if backbone is not None:
-        embeddings = embed_split(backbone, backbone_meta, image_set, progress=progress).embeddings
-        identity["backbone_id"] = backbone_meta["backbone_id"]
-    needs_embeddings = cfg.hyper.target_input == "embedding" or cfg.hyper.conditioning_input == "embedding"
-    if needs_embeddings and embeddings is None:
-        raise ValueError("this configuration reads backbone embeddings, but no backbone was given")
-    features = embeddings if cfg.hyper.target_input == "embedding" else latents.distribution
-    context = embeddings if cfg.hyper.conditioning_input == "embedding" else latents.distribution
-    return TaskData(image_set.name, image_set.split, np.asarray(context, np.float32), np.asarray(features, np.float32),
-                    np.asarray(image_set.labels, np.int64), identity)
+    context = np.asarray(latents.distribution, np.float32)
+    images = np.asarray(image_set.images) if reads_images(cfg) else None
+    return TaskData(image_set.name, image_set.split, context, np.asarray(image_set.labels, np.int64), images=images,
+                    features=None if images is not None else context,
+                    identity={"vae_id": latents.vae_id, "images": image_set.fingerprint})
 
 
-def load_task_data(cfg: Config, dataset: str, split: str, setting: str, seed: int, *,
-                   train: bool = True, progress: bool = True) -> TaskData:
-    """Conditioning rows and features of one split in ``setting`` under replicate ``seed``'s models
-    (``train=False``: never train a missing model, say which one is missing)."""
-    vae, vae_meta = get_vae(cfg, vae_scope(setting, dataset), seed, train=train, progress=progress, verbose=False)
-    backbone, backbone_meta = None, None
-    if cfg.hyper.target_input == "embedding" or cfg.hyper.conditioning_input == "embedding":
-        backbone, backbone_meta = setting_backbone(cfg, dataset, setting, seed, train=train, progress=progress)
+def load_task_data(cfg: Config, dataset: str, split: str, seed: int, *, train: bool = True,
+                   progress: bool = True) -> TaskData:
+    """Conditioning rows and images (or rows) of one split under replicate ``seed``'s VAE (``train=False``: never
+    train a missing VAE, say which one is missing)."""
+    vae, vae_meta = get_vae(cfg, "shared", seed, train=train, progress=progress, verbose=False)
     image_set = data.load_split(dataset, split, cfg.data, progress=progress)
-    return task_data_from_models(cfg, image_set, vae, vae_meta, backbone, backbone_meta, progress=progress)
+    return task_data_from_models(cfg, image_set, vae, vae_meta, progress=progress)

@@ -1,11 +1,14 @@
-"""The unsupervised inner losses and the label-aligned outer loss.
+"""The unsupervised inner losses and the label-aligned outer losses.
 
 ``INNER_LOSSES`` is the one registry of inner losses: config validation, the adaptation loop, the
-ablations and the interactive explorer all read it. An inner loss maps (logits (..., N, K), reference
-features (..., N, F), AdaptConfig) to one value per task (...,); adding one is one entry here.
+ablations and the interactive explorer all read it. An inner loss maps an :class:`InnerView` (the task's
+logits (T, N, K), the reference features (T, N, F) it started from and, for losses that ask for them,
+the logits of augmented copies of the same images) and the AdaptConfig to one value per task (T,);
+adding one is one entry here.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -15,9 +18,19 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from hmlib.config import AdaptConfig
+from hmlib.hyper.cluster_ops import gather_rows, nearest_neighbours
 from hmlib.metrics import batched_clustering_accuracy
 
 EPS = 1e-8
+
+
+@dataclass
+class InnerView:
+    """What an inner loss sees of a batch of tasks (never a label)."""
+
+    logits: Tensor  # (T, N, K) under the current (adapted) parameters
+    reference: Tensor  # (T, N, F) the task's features before any inner step (neighbours are mined there)
+    augmented: Tensor | None = None  # (T, N, K) logits of augmented copies of the same images, if asked for
 
 
 def entropy_loss(logits: Tensor) -> Tensor:
@@ -26,11 +39,39 @@ def entropy_loss(logits: Tensor) -> Tensor:
     return -(logp.exp() * logp).sum(-1).mean(-1)
 
 
+def marginal_entropy(logits: Tensor) -> Tensor:
+    """Entropy of the task's mean prediction, per task (high: every cluster in use)."""
+    mean_probs = torch.softmax(logits, dim=-1).mean(dim=-2)
+    return -(mean_probs * torch.log(mean_probs + EPS)).sum(-1)
+
+
 def infomax_loss(logits: Tensor, balance_weight: float = 1.0) -> Tensor:
     """SHOT/IIC: mean per-image entropy minus balance_weight * entropy of the mean prediction, per task."""
-    mean_probs = torch.softmax(logits, dim=-1).mean(dim=-2)
-    marginal_entropy = -(mean_probs * torch.log(mean_probs + EPS)).sum(-1)
-    return entropy_loss(logits) - balance_weight * marginal_entropy
+    return entropy_loss(logits) - balance_weight * marginal_entropy(logits)
+
+
+def agreement_loss(probs: Tensor, partner_probs: Tensor) -> Tensor:
+    """-log <p_i, q_i> averaged over the task's images (and partners): probs (T, N, K), partners (T, N, [k,] K)."""
+    if partner_probs.dim() == probs.dim() + 1:
+        probs = probs.unsqueeze(-2)
+    return -torch.log((probs * partner_probs).sum(-1) + EPS).flatten(1).mean(-1)
+
+
+def neighbour_loss(logits: Tensor, reference: Tensor, neighbours: int = 5, balance_weight: float = 1.0) -> Tensor:
+    """SCAN: each image's soft assignment should agree with those of its nearest neighbours in the reference
+    features, minus balance_weight * the entropy of the mean assignment (every cluster in use), per task."""
+    probs = torch.softmax(logits, dim=-1)
+    partners = gather_rows(probs, nearest_neighbours(reference, neighbours))  # (T, N, k, K)
+    return agreement_loss(probs, partners) - balance_weight * marginal_entropy(logits)
+
+
+def augmentation_loss(logits: Tensor, augmented: Tensor, balance_weight: float = 1.0) -> Tensor:
+    """IIC / MT3-style consistency: an image and its augmented copy should get the same soft assignment, minus
+    balance_weight * the entropy of the mean assignment, per task."""
+    if augmented is None:
+        raise ValueError("the augmentation loss needs the logits of augmented copies (the generator did not make them)")
+    return (agreement_loss(torch.softmax(logits, -1), torch.softmax(augmented, -1))
+            - balance_weight * marginal_entropy(logits))
 
 
 def geometry_loss(logits: Tensor, reference: Tensor, weight: float = 3.0) -> Tensor:
@@ -41,18 +82,32 @@ def geometry_loss(logits: Tensor, reference: Tensor, weight: float = 3.0) -> Ten
     return weight * ((dist_out - dist_ref) ** 2).mean(dim=(-1, -2))
 
 
-InnerLoss = Callable[[Tensor, Tensor, AdaptConfig], Tensor]
+@dataclass(frozen=True)
+class InnerLoss:
+    """A registered inner loss: the function (InnerView, AdaptConfig) -> (T,), a label, and whether it reads the
+    logits of augmented copies of the task's images (the generator then makes them, once per task)."""
+
+    fn: Callable[[InnerView, AdaptConfig], Tensor]
+    label: str
+    augmented: bool = False
+
 
 INNER_LOSSES: dict[str, InnerLoss] = {
-    "infomax": lambda logits, reference, cfg: infomax_loss(logits, cfg.balance_weight),
-    "entropy": lambda logits, reference, cfg: entropy_loss(logits),
-    "geometry": lambda logits, reference, cfg: geometry_loss(logits, reference, cfg.geometry_weight),
+    "neighbours": InnerLoss(lambda view, cfg: neighbour_loss(view.logits, view.reference, cfg.neighbours,
+                                                             cfg.balance_weight), "neighbour agreement (SCAN)"),
+    "augmentation": InnerLoss(lambda view, cfg: augmentation_loss(view.logits, view.augmented, cfg.balance_weight),
+                              "augmentation consistency (IIC / MT3)", augmented=True),
+    "infomax": InnerLoss(lambda view, cfg: infomax_loss(view.logits, cfg.balance_weight),
+                         "information maximisation (SHOT)"),
+    "entropy": InnerLoss(lambda view, cfg: entropy_loss(view.logits), "entropy minimisation (TENT)"),
+    "geometry": InnerLoss(lambda view, cfg: geometry_loss(view.logits, view.reference, cfg.geometry_weight),
+                          "geometry consistency (the prototype's)"),
 }
 
 
-def inner_loss(logits: Tensor, reference: Tensor, cfg: AdaptConfig) -> Tensor:
-    """The configured unsupervised loss per task (...,); ``reference`` = the task's normalised features."""
-    return INNER_LOSSES[cfg.inner_loss](logits, reference, cfg)
+def inner_loss(view: InnerView, cfg: AdaptConfig) -> Tensor:
+    """The configured unsupervised loss per task (T,)."""
+    return INNER_LOSSES[cfg.inner_loss].fn(view, cfg)
 
 
 # ------------------------------------------------------------------------ Hungarian-aligned outer loss

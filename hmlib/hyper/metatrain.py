@@ -1,11 +1,14 @@
-"""Meta-training (the outer loop): random K-class tasks, the inner loop in the graph, label-aligned cross-entropy.
+"""Meta-training (the outer loop): shifted tasks of varying K, the inner loop in the graph, a label-using outer loss.
 
-:func:`meta_train` reads the meta-training datasets for a setting and replicate seed (:mod:`hmlib.hyper.inputs`;
-and calls :func:`fit_hypernet`,
-which works on any :class:`TaskData` (tests use synthetic blobs). A stratified validation part of each dataset
-(:func:`hmlib.protocol.train_val_indices`, held back from the backbone too) chooses the weights kept: the best
-validation accuracy after adaptation, iteration 0 included. Checkpoints ``models/hypernet_<setting>_seed<s>-<hash>.pt``
-are resumable and self-describing, and bundle the VAE and backbone they were trained with (:mod:`hmlib.hyper.bundle`).
+:func:`meta_train` reads the meta-training datasets for a replicate seed and calls :func:`fit_hypernet`, which
+works on any list of :class:`TaskData` (tests use synthetic data). Each iteration draws an :class:`Episode`
+(:mod:`hmlib.hyper.episodes`), adapts each task's generated network with the inner loop kept in the graph, and
+scores the result with the task's labels (the only place labels enter): the class-centroid cross-entropy of the
+adapted embedding (``meta.outer_loss = 'centroids'``: each image should be nearest its true class's centroid,
+i.e. the representation should cluster by class after adaptation) or the aligned cross-entropy of the cluster
+head. A stratified validation part of each dataset (:func:`hmlib.protocol.train_val_indices`, held back from
+the backbone too), clean and under training shifts, chooses the weights kept. Checkpoints resume and bundle the
+VAE and backbone they read through (:mod:`hmlib.hyper.checkpoints`, :mod:`hmlib.hyper.bundle`).
 """
 from __future__ import annotations
 
@@ -13,26 +16,31 @@ import copy
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hmlib import data, paths
-from hmlib.artifacts import (ArtifactError, MissingArtifactError, StaleArtifactError, load_checkpoint, named_path,
-                             save_checkpoint, set_aside, settings_diff)
-from hmlib.config import SETTINGS, Config, ConfigError, config_from_dict, config_to_dict
-from hmlib.hyper.adapt import adapt, predict_task
-from hmlib.hyper.hypernet import HyperNet, TaskInputs
+from hmlib.artifacts import ArtifactError, MissingArtifactError, load_checkpoint, named_path, save_checkpoint
+from hmlib.backbone.model import ConvBackbone
+from hmlib.config import Config, config_to_dict
+from hmlib.hyper.adapt import AdaptResult, adapt, predict_task
+from hmlib.hyper.checkpoints import CHECKPOINT_KIND, load_existing, training_settings
+from hmlib.hyper.cluster_ops import class_centroid_logits
+from hmlib.hyper.episodes import Episode, EpisodeSampler
+from hmlib.hyper.hypernet import HyperNet
 from hmlib.hyper.inputs import TaskData, load_task_data
-from hmlib.hyper.losses import aligned_cross_entropy, inner_loss, task_accuracy
+from hmlib.hyper.losses import aligned_cross_entropy, task_accuracy
 from hmlib.protocol import train_val_indices
 from hmlib.reproducibility import seeded
+from hmlib.vae.model import VAE
 from hmlib.vae.train import make_command
 
-CHECKPOINT_KIND = "hypernet"
 MIN_IMAGES_PER_CLASS = 2  # smallest validation task worth scoring: K * this
+CONTEXT_SAMPLE = 2000  # rows per dataset that fix the normalisation of the conditioning
 
 
 class MetaTrainingError(ArtifactError):
@@ -50,146 +58,123 @@ class MetaResult:
     reused: bool = False  # True when a finished matching checkpoint was loaded instead of training
 
 
-def training_settings(cfg: Config) -> dict[str, Any]:
-    """Every config value that changes what meta-training produces (part of the checkpoint's identity)."""
-    full = config_to_dict(cfg)
-    return {"data": {k: v for k, v in full["data"].items() if k not in ("data_dir", "use_hub")},
-            "task": full["task"], "hyper": full["hyper"], "adapt": full["adapt"],
-            "meta": {k: v for k, v in full["meta"].items() if k != "retrain"}}
+def outer_loss(hypernet: HyperNet, result: AdaptResult, labels: torch.Tensor, num_classes: int, kind: str
+               ) -> torch.Tensor:
+    """The label-using loss after adaptation: class-centroid cross-entropy of the adapted embedding, or the aligned
+    cross-entropy of the cluster head (the only loss that reads labels)."""
+    if kind == "centroids":
+        z = hypernet.generator.embedding(result.params, result.state)
+        logits = class_centroid_logits(z, labels, num_classes, result.params["log_tau"])
+        return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    return aligned_cross_entropy(result.logits[-1], labels)
 
 
-@dataclass
-class EvalTasks:
-    """Fixed tasks of one dataset for validation: inputs (T, N, ...) and labels (T, N)."""
-
-    name: str
-    inputs: TaskInputs
-    labels: torch.Tensor
-
-
-def fixed_tasks(task_data: TaskData, num_tasks: int, num_classes: int, num_images: int, mode: str,
-                seed: int) -> EvalTasks:
-    """Seeded tasks of ``task_data`` (task size capped so that its smallest classes can fill them)."""
-    size = data.fit_task_size(task_data.labels, num_classes, num_images)
-    if size < MIN_IMAGES_PER_CLASS * num_classes:
-        raise MetaTrainingError(f"the validation part of {task_data.name} is too small for {num_classes}-class tasks "
-                                f"({size} images); raise meta.val_fraction")
-    batch = data.TaskSampler(task_data.labels, num_classes, size, mode).sample(num_tasks, np.random.default_rng(seed))
-    return EvalTasks(task_data.name, task_data.task_inputs(batch.indices), torch.as_tensor(batch.labels))
+def validation_episodes(parts: Sequence[TaskData], sampler: EpisodeSampler, cfg: Config) -> list[Episode]:
+    """Fixed validation meta-batches from the held-back parts: K = task.num_classes, clean and under training
+    shifts in the proportion meta-training sees them (seeded: the same every evaluation)."""
+    rng = np.random.default_rng(1000)
+    episodes = []
+    K = min(cfg.task.num_classes, *sampler.class_counts)
+    for _ in range(max(1, math.ceil(cfg.meta.eval_tasks / cfg.meta.meta_batch_size))):
+        episodes.append(sampler.sample(rng, num_classes=K))
+    return episodes
 
 
 @torch.no_grad()
-def validation_accuracy(hypernet: HyperNet, tasks: list[EvalTasks], cfg: Config) -> tuple[float, float]:
-    """Mean clustering accuracy over the validation tasks before and after the inner steps (task-weighted)."""
-    scores = []
-    for batch in tasks:
-        logits = predict_task(hypernet, batch.inputs, cfg.adapt)  # (S+1, T, N, K)
-        scores.append((task_accuracy(logits[0], batch.labels), task_accuracy(logits[-1], batch.labels)))
-    before = float(np.concatenate([s[0] for s in scores]).mean())
-    after = float(np.concatenate([s[1] for s in scores]).mean())
-    return before, after
-
-
-def _task_size(parts: list[TaskData], cfg: Config) -> int:
-    """Images per meta-training task: ``task.num_images``, shrunk (with a note) if a dataset's classes are small."""
-    K, N = cfg.task.num_classes, cfg.task.num_images
-    size = min(data.fit_task_size(part.labels, K, N) for part in parts)
-    if size < 2 * K:
-        raise MetaTrainingError(f"the smallest classes of the meta-training datasets allow only {size}-image "
-                                f"{K}-class tasks; use more images per dataset or fewer classes")
-    if size < N:
-        print(f"note: the smallest meta-training classes allow {size} images per task, fewer than {N}")
-    return size
-
-
-def _meta_batch(parts: list[TaskData], samplers: list, batch_size: int, rng: np.random.Generator
-                ) -> tuple[TaskInputs, torch.Tensor]:
-    """``batch_size`` tasks, each from a meta-training dataset drawn at random: inputs (T, N, ...), labels (T, N)."""
-    counts = np.bincount(rng.integers(len(parts), size=batch_size), minlength=len(parts))
-    inputs, labels = [], []
-    for part, sampler, count in zip(parts, samplers, counts):
-        if count:
-            batch = sampler.sample(int(count), rng)
-            inputs.append(part.task_inputs(batch.indices))
-            labels.append(torch.as_tensor(batch.labels))
-    return (TaskInputs(torch.cat([i.context for i in inputs]), torch.cat([i.features for i in inputs])),
-            torch.cat(labels))
-
-
-def _outer_loss(hypernet: HyperNet, inputs: TaskInputs, labels: torch.Tensor, cfg: Config
-                ) -> tuple[torch.Tensor, float, float]:
-    """Aligned cross-entropy on every image of the tasks after adapting on them (transductive, as at test time)."""
-    result = adapt(hypernet, inputs, cfg.adapt, num_steps=cfg.adapt.num_inner_steps if cfg.meta.use_inner_loop else 0,
-                   create_graph=True)
-    with torch.no_grad():
-        reference = hypernet.prepare(inputs.features).z
-        before = float(inner_loss(result.logits[0], reference, cfg.adapt).mean())
-        after = float(inner_loss(result.logits[-1], reference, cfg.adapt).mean())
-    return aligned_cross_entropy(result.logits[-1], labels), before, after
+def validation_accuracy(hypernet: HyperNet, episodes: Sequence[Episode], cfg: Config) -> tuple[float, float]:
+    """Mean clustering accuracy over the validation tasks before and after the inner steps."""
+    before, after = [], []
+    for episode in episodes:
+        logits = predict_task(hypernet, episode.inputs, cfg.adapt)  # (S+1, T, N, K)
+        before.append(task_accuracy(logits[0], episode.labels))
+        after.append(task_accuracy(logits[-1], episode.labels))
+    return float(np.concatenate(before).mean()), float(np.concatenate(after).mean())
 
 
 def _new_history() -> dict[str, list]:
-    keys = ["iteration", "outer_loss", "inner_loss_before", "inner_loss_after", "eval_iteration", "val_acc_before",
-            "val_acc_after"]
+    keys = ["iteration", "outer_loss", "inner_loss_before", "inner_loss_after", "num_classes", "eval_iteration",
+            "val_acc_before", "val_acc_after", "blend"]
     return {k: [] for k in keys}
 
 
-def fit_hypernet(cfg: Config, train_sets: Mapping[str, TaskData], *, seed: int, path: str | Path,
-                 upstream: Mapping[str, Any] | None = None, setting: str = "zero_shot", bundle: Mapping[str, Any] | None = None,
-                 train: bool = True, progress: bool = True) -> MetaResult:
-    """Meta-train on ``train_sets`` (name -> TaskData), or reuse / resume the matching checkpoint at ``path``."""
+def _optimizer(hypernet: HyperNet, cfg: Config) -> torch.optim.Optimizer:
+    """Adam on the hypernetwork; the meta-learned step sizes move 10x faster; the backbone it modulates (its
+    embedding, not its training head) at ``meta.backbone_lr``, or frozen when that is 0."""
+    groups: dict[str, list] = {"hyper": [], "lrs": [], "backbone": []}
+    for name, p in hypernet.named_parameters():
+        if name.startswith("generator.backbone."):
+            trainable = cfg.meta.backbone_lr > 0 and ".head." not in name
+            p.requires_grad_(trainable)
+            if trainable:
+                groups["backbone"].append(p)
+        else:
+            groups["lrs" if "log_lrs" in name else "hyper"].append(p)
+    return torch.optim.Adam([{"params": groups["hyper"], "lr": cfg.meta.outer_lr},
+                             {"params": groups["lrs"], "lr": 10 * cfg.meta.outer_lr},
+                             {"params": groups["backbone"], "lr": cfg.meta.backbone_lr}])
+
+
+def fit_hypernet(cfg: Config, train_sets: Mapping[str, TaskData], *, vae: VAE, seed: int, path: str | Path,
+                 backbone: ConvBackbone | None = None, upstream: Mapping[str, Any] | None = None,
+                 bundle: Mapping[str, Any] | None = None, train: bool = True, progress: bool = True) -> MetaResult:
+    """Meta-train on ``train_sets`` (name -> TaskData of train splits), or reuse / resume the checkpoint at ``path``."""
     path = Path(path)
     if not train_sets:
         raise MetaTrainingError("no meta-training datasets (meta.train_datasets is empty)")
-    widths = {name: (s.context.shape[1], s.features.shape[1]) for name, s in train_sets.items()}
+    widths = {name: s.context.shape[1] for name, s in train_sets.items()}
     if len(set(widths.values())) != 1:
-        raise MetaTrainingError(f"meta-training datasets differ in context/feature widths: {widths}")
-    (context_dim, feature_dim), K = next(iter(widths.values())), cfg.task.num_classes
-    meta = {"kind": CHECKPOINT_KIND, "setting": setting, "seed": int(seed), "training": training_settings(cfg),
-            "upstream": dict(upstream or {}), "context_dim": int(context_dim), "feature_dim": int(feature_dim),
+        raise MetaTrainingError(f"meta-training datasets differ in context widths: {widths}")
+    context_dim = next(iter(widths.values()))
+    feature_dim = None if cfg.hyper.generation == "film" else context_dim
+    K = cfg.meta.max_classes
+    meta = {"kind": CHECKPOINT_KIND, "seed": int(seed), "training": training_settings(cfg),
+            "upstream": dict(upstream or {}), "context_dim": int(context_dim), "feature_dim": feature_dim,
             "num_classes": int(K)}
     with seeded(seed):  # initial weights from the replicate's own seed, whatever ran before in this process
-        hypernet = HyperNet(cfg.hyper, context_dim, feature_dim, K)
-    optimizer = torch.optim.Adam(hypernet.parameters(), lr=cfg.meta.outer_lr)
-    state = _load_existing(path, meta, cfg.meta.retrain)
-    if state is not None and state[1].get("complete"):
-        hypernet.load_state_dict(state[0]["best_model"])
+        hypernet = HyperNet(cfg, context_dim, K, backbone=None if backbone is None else copy.deepcopy(backbone),
+                            feature_dim=feature_dim)
+    optimizer = _optimizer(hypernet, cfg)
+    existing = load_existing(path, meta, cfg.meta.retrain)
+    if existing is not None and existing[1].get("complete"):
+        state, recorded = existing
+        hypernet.load_state_dict(state["best_model"])
         print(f"Reusing the finished meta-training checkpoint {path.name} (best validation accuracy "
-              f"{state[1]['best']['val_acc_after']:.3f} at iteration {state[1]['best']['iteration']}).")
-        return MetaResult(hypernet.eval(), state[1]["history"], path, state[1], reused=True)
+              f"{recorded['best']['val_acc_after']:.3f} at iteration {recorded['best']['iteration']}).")
+        return MetaResult(hypernet.eval(), recorded["history"], path, recorded, reused=True)
     if not train:
-        raise MissingArtifactError(f"hypernetwork {path} {'is unfinished' if state else 'not found'}; make it with: "
-                                   f"{make_command(cfg, '03')}")
+        raise MissingArtifactError(f"hypernetwork {path} {'is unfinished' if existing else 'not found'}; make it "
+                                   f"with: {make_command(cfg, '03')}")
 
-    parts, val_tasks = [], []
-    per_dataset = max(1, math.ceil(cfg.meta.eval_tasks / len(train_sets)))
-    for i, (name, task_data) in enumerate(train_sets.items()):
-        keep, held = train_val_indices(task_data.labels, cfg)
+    parts, held = [], []
+    for name, task_data in train_sets.items():
+        keep, val = train_val_indices(task_data.labels, cfg)
         parts.append(task_data.subset(keep))
-        val_tasks.append(fixed_tasks(task_data.subset(held), per_dataset, K, cfg.task.num_images, cfg.task.mode,
-                                     seed=1000 + i))
-    size = _task_size(parts, cfg)
-    samplers = [data.TaskSampler(part.labels, K, size, cfg.task.mode) for part in parts]
+        held.append(task_data.subset(val))
+    _check_parts(parts, held, cfg)
+    sampler = EpisodeSampler(parts, cfg, vae)
+    val_episodes = validation_episodes(held, EpisodeSampler(held, cfg, vae), cfg)
+    hypernet.set_context_statistics(torch.as_tensor(np.concatenate([p.context[:CONTEXT_SAMPLE] for p in parts])))
     history, start, best = _new_history(), 0, {"iteration": 0, "val_acc_after": -1.0}
     best_state = copy.deepcopy(hypernet.state_dict())
-    if state is not None:  # resume an interrupted run
-        hypernet.load_state_dict(state[0]["model"])
-        optimizer.load_state_dict(state[0]["optimizer"])
-        best_state, history, best = state[0]["best_model"], state[1]["history"], state[1]["best"]
-        start = int(state[1]["iteration"])
+    if existing is not None:  # resume an interrupted run
+        state, recorded = existing
+        hypernet.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        best_state, history, best = state["best_model"], recorded["history"], recorded["best"]
+        start = int(recorded["iteration"])
         print(f"Resuming meta-training from {path.name} at iteration {start}/{cfg.meta.iterations}.")
 
     def save(iteration: int, complete: bool) -> None:
-        save_checkpoint(path, {"model": hypernet.state_dict(), "best_model": best_state,
-                               "optimizer": optimizer.state_dict(), "bundle": dict(bundle or {})},
-                        {**meta, "config": config_to_dict(cfg), "iteration": iteration,
-                         "total_iterations": cfg.meta.iterations, "complete": complete, "history": history,
-                         "best": best})
+        state = {"model": hypernet.state_dict(), "best_model": best_state, "optimizer": optimizer.state_dict(),
+                 "bundle": dict(bundle or {})}
+        save_checkpoint(path, state, {**meta, "config": config_to_dict(cfg), "iteration": iteration,
+                                      "total_iterations": cfg.meta.iterations, "complete": complete,
+                                      "history": history, "best": best})
 
     def evaluate(iteration: int) -> None:
         nonlocal best_state, best
         hypernet.eval()
-        before, after = validation_accuracy(hypernet, val_tasks, cfg)
+        before, after = validation_accuracy(hypernet, val_episodes, cfg)
         history["eval_iteration"].append(iteration)
         history["val_acc_before"].append(before)
         history["val_acc_after"].append(after)
@@ -200,28 +185,35 @@ def fit_hypernet(cfg: Config, train_sets: Mapping[str, TaskData], *, seed: int, 
 
     if start == 0:
         evaluate(0)
-    bar = tqdm(range(start, cfg.meta.iterations), desc=f"meta-train {setting} seed {seed}", disable=not progress,
+    bar = tqdm(range(start, cfg.meta.iterations), desc=f"meta-train seed {seed}", disable=not progress,
                initial=start, total=cfg.meta.iterations)
     hypernet.train()
     for iteration in bar:
         rng = np.random.default_rng([seed, iteration])  # per-iteration stream: resuming replays the same tasks
-        inputs, labels = _meta_batch(parts, samplers, cfg.meta.meta_batch_size, rng)
-        loss, inner_before, inner_after = _outer_loss(hypernet, inputs, labels, cfg)
+        episode = sampler.sample(rng)
+        result = adapt(hypernet, episode.inputs, cfg.adapt, create_graph=True, num_classes=episode.num_classes,
+                       num_steps=cfg.adapt.num_inner_steps if cfg.meta.use_inner_loop else 0)
+        loss = outer_loss(hypernet, result, episode.labels, episode.num_classes, cfg.meta.outer_loss)
         optimizer.zero_grad(set_to_none=True)
         grad_norm = torch.tensor(0.0)
         if torch.isfinite(loss):
             loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(hypernet.parameters(), cfg.meta.grad_clip)
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                                       cfg.meta.grad_clip)
         if not torch.isfinite(loss) or not torch.isfinite(grad_norm):
             save(iteration, complete=False)  # the weights are still those of the last good step
             raise MetaTrainingError(f"non-finite outer loss or gradient at iteration {iteration}; the last good state "
-                                    f"is saved in {path}. Lower meta.outer_lr or adapt.inner_lr, or use fewer "
+                                    f"is saved in {path}. Lower meta.outer_lr or the inner step sizes, or use fewer "
                                     "adapt.num_inner_steps")
         optimizer.step()
         history["iteration"].append(iteration + 1)
-        for key, value in (("outer_loss", float(loss.detach())), ("inner_loss_before", inner_before),
-                           ("inner_loss_after", inner_after)):
-            history[key].append(value)
+        history["outer_loss"].append(float(loss.detach()))
+        history["num_classes"].append(episode.num_classes)
+        losses = [float(v) for v in result.inner_losses]
+        history["inner_loss_before"].append(losses[0] if losses else float("nan"))
+        history["inner_loss_after"].append(losses[-1] if losses else float("nan"))
+        blends = [k for k in result.params if k.startswith("blend.")]
+        history["blend"].append([float(result.params[k].mean()) for k in blends])
         done = iteration + 1
         if done % cfg.meta.eval_every == 0 or done == cfg.meta.iterations:
             evaluate(done)
@@ -235,57 +227,30 @@ def fit_hypernet(cfg: Config, train_sets: Mapping[str, TaskData], *, seed: int, 
     return MetaResult(hypernet.eval(), history, path, final_meta)
 
 
-def _load_existing(path: Path, meta: Mapping[str, Any], retrain: str) -> tuple[dict, dict] | None:
-    """A matching checkpoint's (state, meta) to reuse or resume; None to train from scratch (nothing is deleted)."""
-    if not path.exists():
-        return None
-    if retrain == "always":
-        moved = set_aside(path, "previous")
-        print(f"Retraining on request (meta.retrain='always'); the previous checkpoint is kept as {moved.name}.")
-        return None
-    expected = {k: meta[k] for k in ("kind", "setting", "seed", "training", "upstream", "context_dim", "feature_dim",
-                                     "num_classes")}
-    try:
-        state, recorded = load_checkpoint(path)
-        diffs = settings_diff(recorded, expected)
-        if diffs:
-            raise StaleArtifactError(f"{path} was made with other settings or inputs:\n  " + "\n  ".join(diffs))
-        return state, recorded
-    except ArtifactError as err:
-        if retrain == "never":
-            raise
-        moved = set_aside(path, "stale" if isinstance(err, StaleArtifactError) else "corrupt")
-        print(f"{path.name} cannot be reused ({str(err).splitlines()[0]}); kept it as {moved.name}, training anew.")
-    return None
+def _check_parts(parts: Sequence[TaskData], held: Sequence[TaskData], cfg: Config) -> None:
+    """Refuse meta-training data whose classes cannot fill the smallest tasks (one line naming the dataset)."""
+    for part, val in zip(parts, held):
+        classes = len(np.unique(part.labels))
+        if classes < cfg.meta.min_classes:
+            raise MetaTrainingError(f"{part.name} has {classes} classes, fewer than meta.min_classes = "
+                                    f"{cfg.meta.min_classes}")
+        K = min(cfg.task.num_classes, classes)
+        size = data.fit_task_size(val.labels, K, cfg.meta.task_images)
+        if size < MIN_IMAGES_PER_CLASS * K:
+            raise MetaTrainingError(f"the validation part of {part.name} is too small for {K}-class tasks ({size} "
+                                    "images); raise meta.val_fraction")
 
 
-def meta_train(cfg: Config, setting: str, seed: int, *, train: bool = True, progress: bool = True) -> MetaResult:
-    """Meta-train (or reuse / resume) the hypernetwork of a setting and replicate seed on the protocol's datasets."""
+def meta_train(cfg: Config, seed: int, *, train: bool = True, progress: bool = True) -> MetaResult:
+    """Meta-train (or reuse / resume) the hypernetwork of a replicate seed on the protocol's datasets."""
     from hmlib.hyper.bundle import bundle_for  # the bundle reads the VAE and backbone checkpoints
 
-    if setting not in SETTINGS:
-        raise ConfigError(f"unknown setting {setting!r}; use one of {', '.join(SETTINGS)}")
-    train_sets = {d: load_task_data(cfg, d, "train", setting, seed, train=train, progress=progress)
+    bundle, models = bundle_for(cfg, seed, train=train, progress=progress)
+    train_sets = {d: load_task_data(cfg, d, "train", seed, train=train, progress=progress)
                   for d in cfg.meta.train_datasets}
-    upstream = {"ids": {d: s.identity for d, s in train_sets.items()}}
-    bundle = bundle_for(cfg, setting, seed, train=train, progress=progress)
-    stem = f"hypernet_{setting}_seed{seed}"
-    path = named_path(paths.models_dir(), stem, {"training": training_settings(cfg), "upstream": upstream,
-                                                  "setting": setting, "seed": seed})
-    return fit_hypernet(cfg, train_sets, seed=seed, path=path, upstream=upstream, setting=setting, bundle=bundle,
-                        train=train, progress=progress)
-
-
-def load_hypernet(path: str | Path) -> tuple[HyperNet, dict[str, Any]]:
-    """Rebuild a meta-trained hypernetwork (its best validation weights) from a checkpoint, in eval mode."""
-    state, meta = load_checkpoint(path)
-    if meta.get("kind") != CHECKPOINT_KIND or "config" not in meta:
-        raise ArtifactError(f"{path} is not a hypernetwork checkpoint (kind={meta.get('kind')!r})")
-    cfg = config_from_dict(meta["config"])
-    hypernet = HyperNet(cfg.hyper, int(meta["context_dim"]), int(meta["feature_dim"]), int(meta["num_classes"]))
-    try:
-        hypernet.load_state_dict(state["best_model"])
-    except (RuntimeError, KeyError) as err:
-        raise ArtifactError(f"{path} does not fit this hmlib's HyperNet ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0]}); retrain it") from err
-    return hypernet.eval(), meta
+    upstream = {"ids": {d: s.identity for d, s in train_sets.items()},
+                "backbone_id": bundle.get("backbone", {}).get("meta", {}).get("backbone_id")}
+    path = named_path(paths.models_dir(), f"hypernet_seed{seed}", {"training": training_settings(cfg),
+                                                                   "upstream": upstream, "seed": seed})
+    return fit_hypernet(cfg, train_sets, vae=models["vae"], backbone=models.get("backbone"), seed=seed, path=path,
+                        upstream=upstream, bundle=bundle, train=train, progress=progress)

@@ -13,7 +13,7 @@ import numpy as np
 from hmlib import data
 from hmlib.config import Config
 from hmlib.features import cached_features
-from hmlib.vae.train import VAE, encode_images, get_vae, vae_scope
+from hmlib.vae.train import VAE, encode_images, get_vae
 
 
 @dataclass
@@ -48,9 +48,9 @@ def encode_split(vae: VAE, vae_meta: dict[str, Any], image_set: Any, *, progress
                      np.asarray(image_set.labels, np.int64), vae_meta["vae_id"])
 
 
-def get_latents(cfg: Config, dataset: str, split: str, setting: str, seed: int, *, train: bool = True,
+def get_latents(cfg: Config, dataset: str, split: str, seed: int, *, train: bool = True,
                 progress: bool = True) -> LatentSet:
-    """Latents of a dataset split under the setting's VAE of replicate ``seed`` (zero-shot: shared; else its own)."""
-    vae, vae_meta = get_vae(cfg, vae_scope(setting, dataset), seed, train=train, progress=progress, verbose=False)
+    """Latents of a dataset split under the shared VAE of replicate ``seed``."""
+    vae, vae_meta = get_vae(cfg, "shared", seed, train=train, progress=progress, verbose=False)
     return encode_split(vae, vae_meta, data.load_split(dataset, split, cfg.data, progress=progress),
                         progress=progress)

@@ -193,13 +193,6 @@ def make_command(cfg: Config, notebook: str) -> str:
     return f"hmlib run --profile {cfg.profile} --only {notebook}"
 
 
-def vae_scope(setting: str, dataset: str) -> str:
-    """The VAE a setting uses for a dataset: "zero_shot" -> the shared VAE, "transductive" -> the dataset's own."""
-    if setting not in SETTINGS:
-        raise ConfigError(f"unknown setting {setting!r}; use one of {', '.join(SETTINGS)}")
-    return "shared" if setting == "zero_shot" else dataset
-
-
 def encode_images(vae: VAE, images: np.ndarray, *, batch_size: int = 2048, progress: bool = False
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Encode uint8 images (n, 28, 28) -> (mu, logvar), each float32 (n, d), in eval mode."""
@@ -237,6 +230,6 @@ def vae_summary(metas: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def get_all_vaes(cfg: Config, *, train: bool = True, progress: bool = True) -> dict[tuple[str, int], tuple[VAE, dict]]:
-    """Every VAE of the protocol, keyed (scope, seed): the shared one and each dataset's own, per replicate seed."""
-    return {(scope, seed): get_vae(cfg, scope, seed, train=train, progress=progress)
-            for seed in cfg.seeds for scope in ("shared", *cfg.datasets)}
+    """Every VAE of the protocol, keyed (scope, seed): the shared one of each replicate seed (it conditions the
+    hypernetwork in both settings)."""
+    return {("shared", seed): get_vae(cfg, "shared", seed, train=train, progress=progress) for seed in cfg.seeds}

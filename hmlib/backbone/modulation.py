@@ -1,0 +1,124 @@
+"""The backbone under a per-task modulation of its normalisation layers, batched over tasks.
+
+A :class:`Modulation` changes, for every task and every BatchNorm layer of a :class:`ConvBackbone`, which
+statistics normalise the layer (``blend``: 0 = the stored running statistics, 1 = the task's own, in between a
+TaskNorm-style mixture of the two) and the layer's affine transform (FiLM: the stored scale times ``1 + scale``,
+the stored shift plus ``shift``). The identity modulation with ``blend = 0`` reproduces the backbone in eval
+mode; with ``blend = 1`` it is per-task BatchNorm statistics (AdaBN per task).
+
+The forward is split at a block (:func:`trunk` then :func:`top`) so that an inner loop that only changes the
+modulation of the blocks from ``split`` on re-runs only those blocks: the activations below are computed once.
+Images are (T, N, 1, 28, 28) floats in [0, 1]; embeddings are (T, N, D).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from hmlib.backbone.model import ConvBackbone, blocks
+
+
+@dataclass
+class Modulation:
+    """Per-task changes to every normalisation layer: lists over layers of (T, C) scale and shift, (T,) blend."""
+
+    scale: list[Tensor]
+    shift: list[Tensor]
+    blend: list[Tensor]
+
+    @property
+    def num_tasks(self) -> int:
+        return int(self.blend[0].shape[0])
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Flat ``{'scale.0': ..., 'shift.0': ..., 'blend.0': ...}``."""
+        return {f"{kind}.{l}": t for kind in ("scale", "shift", "blend") for l, t in enumerate(getattr(self, kind))}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor], num_layers: int) -> "Modulation":
+        """Inverse of :meth:`tensors`."""
+        return cls(*([tensors[f"{kind}.{l}"] for l in range(num_layers)] for kind in ("scale", "shift", "blend")))
+
+    def with_blend(self, value: float) -> "Modulation":
+        """The same modulation with every layer's blend set to ``value`` (0: stored statistics, 1: the task's)."""
+        return replace(self, blend=[torch.full_like(b, float(value)) for b in self.blend])
+
+    def detached(self) -> "Modulation":
+        return Modulation(*([t.detach() for t in getattr(self, k)] for k in ("scale", "shift", "blend")))
+
+
+def identity(backbone: ConvBackbone, num_tasks: int, blend: float = 0.0) -> Modulation:
+    """No FiLM change; every layer normalised with ``blend`` (0: stored statistics, 1: each task's own)."""
+    widths = [bn.num_features for _, bn in blocks(backbone)]
+    return Modulation([torch.zeros(num_tasks, c) for c in widths], [torch.zeros(num_tasks, c) for c in widths],
+                      [torch.full((num_tasks,), float(blend)) for _ in widths])
+
+
+def affine(grouped: Tensor, bn: torch.nn.BatchNorm2d, blend: Tensor, scale: Tensor, shift: Tensor
+           ) -> tuple[Tensor, Tensor]:
+    """Per-task gain and bias (T, C) that normalise activations (T, N, C, H, W) with blended statistics and FiLM."""
+    C = grouped.shape[2]
+    task_mean = grouped.mean(dim=(1, 3, 4))  # (T, C)
+    task_var = grouped.var(dim=(1, 3, 4), unbiased=False)
+    w = blend.view(-1, 1)
+    run_mean, run_var = bn.running_mean.view(1, C), bn.running_var.view(1, C)
+    mean = w * task_mean + (1 - w) * run_mean
+    var = w * task_var + (1 - w) * run_var + w * (1 - w) * (task_mean - run_mean) ** 2  # TaskNorm's mixture
+    gain = bn.weight.view(1, C) * (1 + scale) / torch.sqrt(var + bn.eps)
+    return gain, bn.bias.view(1, C) + shift - mean * gain
+
+
+def _apply(grouped: Tensor, gain: Tensor, bias: Tensor) -> Tensor:
+    return torch.relu(grouped * gain[:, None, :, None, None] + bias[:, None, :, None, None]).flatten(0, 1)
+
+
+def normalise(h: Tensor, bn: torch.nn.BatchNorm2d, blend: Tensor, scale: Tensor, shift: Tensor, num_tasks: int
+              ) -> Tensor:
+    """BatchNorm + ReLU of activations (T*N, C, H, W) with blended statistics and FiLM, per task."""
+    grouped = h.view(num_tasks, -1, *h.shape[1:])
+    return _apply(grouped, *affine(grouped, bn, blend, scale, shift))
+
+
+def trunk(backbone: ConvBackbone, images: Tensor, modulation: Modulation, split: int) -> Tensor:
+    """Activations (T*N, C, H, W) entering the normalisation of block ``split`` (its convolution applied)."""
+    num_tasks = images.shape[0]
+    h = images.flatten(0, 1)
+    for l, (conv, bn) in enumerate(blocks(backbone)):
+        h = conv(h)
+        if l == split:
+            return h
+        h = normalise(h, bn, modulation.blend[l], modulation.scale[l], modulation.shift[l], num_tasks)
+    raise ValueError(f"split = {split} but the backbone has {l + 1} blocks")
+
+
+def top(backbone: ConvBackbone, pre: Tensor, modulation: Modulation, split: int, num_tasks: int) -> Tensor:
+    """Embeddings (T, N, D) from the activations that :func:`trunk` returned for the same ``split``."""
+    h = pre
+    for l, (conv, bn) in enumerate(blocks(backbone)):
+        if l < split:
+            continue
+        if l > split:
+            h = conv(h)
+        h = normalise(h, bn, modulation.blend[l], modulation.scale[l], modulation.shift[l], num_tasks)
+    return backbone.embedding(h.flatten(1)).view(num_tasks, -1, backbone.embed_dim)
+
+
+def embed(backbone: ConvBackbone, images: Tensor, modulation: Modulation) -> Tensor:
+    """Embeddings (T, N, D) of task images (T, N, 1, 28, 28) under a modulation."""
+    return top(backbone, trunk(backbone, images, modulation, 0), modulation, 0, images.shape[0])
+
+
+def embed_beside(backbone: ConvBackbone, task_images: Tensor, other_images: Tensor, modulation: Modulation
+                 ) -> Tensor:
+    """Embeddings (T, M, D) of other images (T, M, 1, 28, 28) normalised with the statistics of each task's own
+    images (T, N, 1, 28, 28): how a task's adapted network reads images outside the task."""
+    T, N = task_images.shape[:2]
+    h = torch.cat([task_images, other_images], dim=1).flatten(0, 1)
+    for l, (conv, bn) in enumerate(blocks(backbone)):
+        out = conv(h)
+        grouped = out.view(T, -1, *out.shape[1:])
+        gain, bias = affine(grouped[:, :N], bn, modulation.blend[l], modulation.scale[l], modulation.shift[l])
+        h = _apply(grouped, gain, bias)
+    return backbone.embedding(h.flatten(1)).view(T, -1, backbone.embed_dim)[:, N:]

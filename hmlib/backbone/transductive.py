@@ -1,0 +1,192 @@
+"""Transductive: adapt the backbone to a held-out dataset from its unlabeled train split (never its labels).
+
+The recipe is SCAN's first stage (Van Gansbeke et al., ECCV 2020) on top of the meta-training backbone:
+nearest neighbours are mined once in the backbone's embedding of up to ``transductive.max_images`` unlabeled
+train images; then the backbone and a ``transductive.clusters``-way clustering head are trained so that an
+augmented image and one of its neighbours (augmented too) get the same soft assignment, with an entropy term
+that keeps every cluster in use. The normalisation statistics are re-estimated on the same images first (AdaBN)
+and kept up to date during training. ``transductive.epochs = 0`` is the statistics-only variant.
+
+Checkpoints ``models/backbone_seed<s>_on-<dataset>-<hash>.pt`` are self-describing (settings, the identity of the
+backbone they started from, the dataset's fingerprint), reused only when all of them match, written after every
+epoch and resumed when interrupted. The test split is never read here; ``curve_tasks`` (a report-only curve of
+k-means accuracy on the test split's tasks after every epoch) reads labels for scoring only and changes nothing.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from hmlib import data, paths
+from hmlib.artifacts import (ArtifactError, MissingArtifactError, StaleArtifactError, load_checkpoint, named_path,
+                             save_checkpoint, set_aside, settings_diff, state_fingerprint)
+from hmlib.backbone.embeddings import embed_images
+from hmlib.backbone.model import ConvBackbone, augment
+from hmlib.backbone.train import adapt_batchnorm, backbone_from_state
+from hmlib.config import Config, config_to_dict
+from hmlib.features import images_to_tensor
+from hmlib.reproducibility import seeded
+from hmlib.vae.train import make_command
+
+EPS = 1e-8
+KIND = "transductive_backbone"
+
+
+def transductive_identity(cfg: Config, backbone_meta: dict[str, Any], image_set: Any) -> dict[str, Any]:
+    """Everything that makes two adapted backbones different: settings, the starting backbone, the images."""
+    settings = config_to_dict(cfg.transductive)
+    settings.pop("retrain")
+    return {"kind": KIND, "settings": settings, "backbone_id": backbone_meta["backbone_id"],
+            "dataset": image_set.name, "data_fingerprint": image_set.fingerprint}
+
+
+def adaptation_images(cfg: Config, image_set: Any) -> np.ndarray:
+    """A deterministic, evenly spaced sample of at most ``transductive.max_images`` unlabeled train images."""
+    images = image_set.images
+    limit = cfg.transductive.max_images
+    if len(images) <= limit:
+        return images
+    return images[np.linspace(0, len(images) - 1, limit).astype(np.int64)]
+
+
+def mine_neighbours(backbone: ConvBackbone, images: np.ndarray, k: int, batch: int = 2048) -> np.ndarray:
+    """Indices (n, k) of every image's k nearest neighbours (cosine, in the backbone's standardised embedding)."""
+    z = torch.as_tensor(embed_images(backbone, images))
+    z = F.normalize((z - z.mean(0)) / (z.std(0) + 1e-5), dim=-1)
+    out = []
+    for start in range(0, len(z), batch):
+        sim = z[start:start + batch] @ z.T
+        sim[torch.arange(sim.shape[0]), torch.arange(start, start + sim.shape[0])] = -float("inf")
+        out.append(sim.topk(k, dim=-1).indices)
+    return torch.cat(out).numpy()
+
+
+def scan_loss(logits: torch.Tensor, partner_logits: torch.Tensor, entropy_weight: float) -> torch.Tensor:
+    """SCAN: -log <p(x), p(neighbour)> averaged over the batch, minus entropy_weight * entropy of the mean p."""
+    p, q = torch.softmax(logits, -1), torch.softmax(partner_logits, -1)
+    consistency = -torch.log((p * q).sum(-1) + EPS).mean()
+    mean = p.mean(0)
+    return consistency + entropy_weight * (mean * torch.log(mean + EPS)).sum()
+
+
+def train_transductive(backbone: ConvBackbone, images: np.ndarray, cfg: Config, *, seed: int, start: dict | None = None,
+                       on_epoch: Callable[[int, ConvBackbone, nn.Module, dict], None] | None = None,
+                       progress: bool = True, desc: str = "transductive") -> tuple[ConvBackbone, dict[str, Any]]:
+    """Adapt a copy of ``backbone`` to unlabeled ``images``; ``start`` resumes from a saved epoch."""
+    tc = cfg.transductive
+    model = adapt_batchnorm(backbone, images)
+    with seeded(seed):
+        head = nn.Linear(model.embed_dim, tc.clusters)
+    neighbours = mine_neighbours(model, images, tc.neighbours)
+    history: list[dict[str, float]] = []
+    first_epoch = 0
+    optimizer = torch.optim.Adam([{"params": [p for n, p in model.named_parameters() if not n.startswith("head.")],
+                                   "lr": tc.lr}, {"params": head.parameters(), "lr": tc.head_lr}])
+    if start is not None:
+        model.load_state_dict(start["model"])
+        head.load_state_dict(start["head"])
+        optimizer.load_state_dict(start["optimizer"])
+        history, first_epoch = list(start["history"]), int(start["epoch"])
+    generator = torch.Generator().manual_seed(seed)
+    x_all = torch.as_tensor(images)
+    steps = math.ceil(len(images) / tc.batch_size)
+    started = time.perf_counter()
+    for epoch in range(first_epoch, tc.epochs):
+        generator.manual_seed(seed * 1000 + epoch)  # the same batches when an epoch is replayed after a resume
+        model.train()
+        total = 0.0
+        order = torch.randperm(len(images), generator=generator)
+        pick = torch.randint(tc.neighbours, (len(images),), generator=generator)
+        for batch in tqdm(order.split(tc.batch_size), total=steps, desc=f"{desc} epoch {epoch + 1}/{tc.epochs}",
+                          disable=not progress, leave=False):
+            partner = torch.as_tensor(neighbours[batch.numpy(), pick[batch].numpy()])
+            x = augment(images_to_tensor(x_all[batch]), generator, tc.augment)
+            y = augment(images_to_tensor(x_all[partner]), generator, tc.augment)
+            logits = head(model.embed(torch.cat([x, y])))
+            loss = scan_loss(logits[: len(batch)], logits[len(batch):], tc.entropy_weight)
+            if not torch.isfinite(loss):
+                raise ArtifactError(f"{desc}: the loss became {loss.item()} in epoch {epoch}; lower transductive.lr")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += float(loss.detach()) * len(batch)
+        model.eval()
+        record = {"epoch": epoch + 1, "loss": total / len(images), "seconds": time.perf_counter() - started}
+        history.append(record)
+        if on_epoch is not None:
+            on_epoch(epoch + 1, model, head, {"optimizer": optimizer.state_dict(), "history": history})
+    return model.eval(), {"history": history, "seconds": time.perf_counter() - started,
+                          "images": int(len(images))}
+
+
+def get_transductive_backbone(cfg: Config, backbone: ConvBackbone, backbone_meta: dict[str, Any], dataset: str, *,
+                              train: bool = True, progress: bool = True,
+                              curve: Callable[[ConvBackbone], float] | None = None
+                              ) -> tuple[ConvBackbone, dict[str, Any]]:
+    """The backbone adapted to ``dataset``'s unlabeled train split: reused when everything matches, resumed when
+    interrupted, else trained (``train=False`` never trains: one line naming the file and the command).
+
+    ``curve`` (report only) maps an adapted backbone to a number (e.g. k-means accuracy on test tasks) recorded in
+    the history after every epoch; it never changes training.
+    """
+    image_set = data.load_split(dataset, "train", cfg.data, progress=progress)
+    identity = transductive_identity(cfg, backbone_meta, image_set)
+    seed = int(backbone_meta.get("seed", 0))
+    stem = f"{backbone_meta['name'].split('-')[0]}_on-{dataset}"
+    path = named_path(paths.models_dir(), stem, identity)
+    resume = None
+    if path.exists():
+        try:
+            state, meta = load_checkpoint(path)
+            diffs = settings_diff(meta, identity)
+            if diffs:
+                raise StaleArtifactError(f"{path} was made with other settings or inputs: {diffs[0]}")
+            if meta.get("complete") and cfg.transductive.retrain != "always":
+                model = backbone_from_state(state["model"], backbone_meta)
+                return model, {**backbone_meta, **meta, "path": str(path), "name": path.stem,
+                               "backbone_id": meta["adapted_id"], "reused": True}
+            resume = state if meta.get("complete") is False else None
+        except ArtifactError as err:
+            if not train or cfg.transductive.retrain == "never":
+                raise
+            moved = set_aside(path, "stale" if isinstance(err, StaleArtifactError) else "corrupt")
+            print(f"{path.name} cannot be reused ({str(err).splitlines()[0]}); kept it as {moved.name}.")
+    if not train or cfg.transductive.retrain == "never":
+        raise MissingArtifactError(f"transductive backbone {path} {'is unfinished' if resume else 'not found'}; make "
+                                   f"it with: {make_command(cfg, '03')}")
+    images = adaptation_images(cfg, image_set)
+    curve_points: list[float] = list((resume or {}).get("curve", []))
+    if resume is None and curve is not None:
+        curve_points = [float(curve(adapt_batchnorm(backbone, images)))]
+
+    def save(epoch: int, model: ConvBackbone, head: nn.Module, extra: dict) -> None:
+        if curve is not None:
+            curve_points.append(float(curve(model)))
+        state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                 "head": head.state_dict(), "optimizer": extra["optimizer"], "epoch": epoch,
+                 "history": extra["history"], "curve": curve_points}
+        save_checkpoint(path, state, {**identity, "complete": epoch >= cfg.transductive.epochs, "epoch": epoch,
+                                      "history": extra["history"], "curve": curve_points,
+                                      "adapted_id": state_fingerprint(state["model"]), "seed": int(seed)})
+
+    if resume is not None:
+        print(f"Resuming the transductive backbone {path.name} at epoch {resume['epoch']}/{cfg.transductive.epochs}.")
+    else:
+        print(f"Adapting {backbone_meta['name']} to {dataset}'s unlabeled train split ({len(images)} images, "
+              f"{cfg.transductive.epochs} epochs).")
+    model, record = train_transductive(copy.deepcopy(backbone), images, cfg, seed=seed, start=resume, on_epoch=save,
+                                       progress=progress, desc=stem)
+    if cfg.transductive.epochs == 0 or (resume is not None and int(resume["epoch"]) >= cfg.transductive.epochs):
+        save(cfg.transductive.epochs, model, nn.Linear(model.embed_dim, cfg.transductive.clusters),
+             {"optimizer": {}, "history": record["history"]})
+    state, meta = load_checkpoint(path)
+    return model, {**backbone_meta, **meta, "path": str(path), "name": path.stem, "backbone_id": meta["adapted_id"],
+                   "reused": False}
