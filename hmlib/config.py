@@ -173,6 +173,7 @@ class AdaptConfig:
     inner_loss: str = checked("neighbours", choices=_names("hmlib.hyper.losses", "INNER_LOSSES"))
     num_inner_steps: int = checked(3, min=0)
     inner_lr: float = checked(0.5, min_exclusive=0.0)  # step size where the generator does not learn its own
+    lr_scale: float = checked(1.0, min_exclusive=0.0)  # multiplies every step size (meta-learned ones included)
     adapt_params: str = checked("generated", choices=("generated", "hypernet"))  # generated params, or all of the hypernet
     neighbours: int = checked(5, min=1)  # nearest neighbours of the neighbour-agreement loss
     geometry_weight: float = checked(3.0, min=0.0)
@@ -231,9 +232,10 @@ class AblationConfig:
     """Notebook 04 sweeps."""
 
     step_grid: tuple[int, ...] = checked((0, 1, 2, 4, 8, 16, 32), min_len=1, min=0)
-    lr_grid: tuple[float, ...] = checked((0.1, 0.3, 1.0, 3.0), min_exclusive=0.0)
-    num_tasks: int = checked(100, min=2)
-    task_size: int = checked(256, min=4)
+    lr_grid: tuple[float, ...] = checked((0.25, 0.5, 2.0, 4.0), min_exclusive=0.0)  # step-size scales (adapt.lr_scale)
+    num_tasks: int = checked(50, min=2)  # the first tasks of each condition's evaluation suite
+    datasets: tuple[str, ...] | None = None  # held-out datasets of the ablation grid; None = meta.test_datasets
+    shapes: tuple[tuple[int, int], ...] = ((4, 256),)  # task shapes (K, N) of the ablation grid
     meta_iterations: int | None = checked(None, min=1)  # re-trained variants; None = meta.iterations
     num_seeds: int = checked(2, min=1)  # replicate seeds every ablation averages over: the first of cfg.seeds
     setting: str = checked("zero_shot", choices=tuple(SETTINGS))
@@ -282,7 +284,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "eval": {"num_tasks": 10, "shapes": ((4, 64), (2, 32)), "kmeans_n_init": 2, "plain_steps": 3},
         "benchmark": {"corruptions": ("rotate", "shot_noise"), "shapes": ((4, 64),), "num_tasks": 6},
         "transductive": {"epochs": 1, "max_images": 300, "batch_size": 64},
-        "ablation": {"step_grid": (0, 1, 2), "lr_grid": (0.5,), "num_tasks": 6, "task_size": 64,
+        "ablation": {"step_grid": (0, 1, 2), "lr_grid": (2.0,), "num_tasks": 6, "shapes": ((4, 64),),
                      "meta_iterations": 5, "num_seeds": 1},
     },
     "seed": {  # the prototype's protocol: latent-only target MLP, geometry loss, prototype VAE

@@ -25,12 +25,28 @@ class AblationResult:
     variants: list[dict[str, Any]]
     acc: dict[str, np.ndarray]
     kmeans: np.ndarray
-    dataset: str
+    conditions: list[str]  # the grid's conditions, in the order their tasks are pooled
+    condition_tasks: list[int]  # tasks of each condition
     setting: str
-    task_size: int
     seeds: list[int]
     meta: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+
+    def condition_slices(self) -> dict[str, slice]:
+        """Which pooled tasks belong to each condition."""
+        ends = np.cumsum(self.condition_tasks)
+        return {c: slice(int(e - n), int(e)) for c, n, e in zip(self.conditions, self.condition_tasks, ends)}
+
+    def by_condition(self, label: str) -> dict[str, dict[str, Any]]:
+        """Per condition: the variant's accuracy after adaptation and its paired difference with the reference."""
+        out = {}
+        for cond, part in self.condition_slices().items():
+            after = self.after(label)[part]
+            row = {"after": summarize(after), "vs_kmeans": paired(after, self.kmeans.mean(axis=0)[part])}
+            if self.reference is not None and label != self.reference:
+                row["vs_reference"] = paired(after, self.after(self.reference)[part])
+            out[cond] = row
+        return out
 
     def curve(self, label: str) -> np.ndarray:
         """(T, S+1) accuracy after 0..S steps, averaged over seeds."""
@@ -61,16 +77,17 @@ class AblationResult:
     def to_json(self) -> dict[str, Any]:
         return {"key": self.key, "title": self.title, "question": self.question, "reference": self.reference,
                 "variants": self.variants, "acc": {k: v.tolist() for k, v in self.acc.items()},
-                "kmeans": self.kmeans.tolist(), "dataset": self.dataset, "setting": self.setting,
-                "task_size": self.task_size, "seeds": self.seeds, "meta": self.meta, "seconds": self.seconds}
+                "kmeans": self.kmeans.tolist(), "conditions": self.conditions, "condition_tasks": self.condition_tasks,
+                "setting": self.setting, "seeds": self.seeds, "meta": self.meta, "seconds": self.seconds}
 
     @classmethod
     def from_json(cls, saved: Mapping[str, Any]) -> "AblationResult":
         return cls(key=saved["key"], title=saved["title"], question=saved["question"], reference=saved["reference"],
                    variants=list(saved["variants"]),
                    acc={k: np.asarray(v, dtype=np.float64) for k, v in saved["acc"].items()},
-                   kmeans=np.asarray(saved["kmeans"], dtype=np.float64), dataset=saved["dataset"],
-                   setting=saved["setting"], task_size=int(saved["task_size"]), seeds=list(saved["seeds"]),
+                   kmeans=np.asarray(saved["kmeans"], dtype=np.float64), conditions=list(saved["conditions"]),
+                   condition_tasks=[int(n) for n in saved["condition_tasks"]], setting=saved["setting"],
+                   seeds=list(saved["seeds"]),
                    meta=dict(saved["meta"]), seconds=float(saved.get("seconds", 0.0)))
 
 
@@ -105,19 +122,18 @@ def table_rows(result: AblationResult) -> list[dict[str, str]]:
     return rows
 
 
-def describe(cfg: Any) -> str:
+def describe(cfg: Any, conditions: Sequence[str]) -> str:
     """Markdown paragraph stating what the ablations are scored on and how variants were trained."""
     ab = cfg.ablation
     iterations = ab.meta_iterations or cfg.meta.iterations
-    return (f"Every comparison uses the first {ab.num_tasks} tasks of the evaluation suite of "
-            f"**{cfg.meta.test_datasets[0]}** (test split, K = {cfg.task.num_classes}, N = {ab.task_size} images per "
-            f"task where its classes allow, suite seed {cfg.eval.seed}) in the **{ab.setting.replace('_', '-')}** "
-            f"setting, averaged over the replicate seeds {list(cfg.seeds[:ab.num_seeds])}: a re-trained variant is "
-            f"meta-trained ({iterations} iterations) once per seed, on that seed's VAE and backbone. The main "
-            f"configuration adapts with {cfg.adapt.num_inner_steps} steps of `{cfg.adapt.inner_loss}` at inner lr "
-            f"{cfg.adapt.inner_lr:g}. Accuracies are means over tasks with 95% intervals; differences are paired per "
-            "task, `*` marks one whose interval excludes zero, and k-means on the backbone embedding of the same "
-            "seed and tasks is the baseline beside every row.")
+    return (f"Every comparison pools the first {ab.num_tasks} tasks of the evaluation suite of each of "
+            f"{len(conditions)} held-out conditions ({', '.join(f'`{c}`' for c in conditions)}; test splits, suite seed "
+            f"{cfg.eval.seed}) in the **{ab.setting.replace('_', '-')}** setting, averaged over the replicate seeds "
+            f"{list(cfg.seeds[:ab.num_seeds])}: a re-trained variant is meta-trained ({iterations} iterations) once "
+            f"per seed, on that seed's VAE and backbone, and saved under `models/ablations/`. The main configuration "
+            f"adapts with {cfg.adapt.num_inner_steps} steps of `{cfg.adapt.inner_loss}`. Accuracies are means over "
+            "tasks with 95% intervals; differences are paired per task, `*` marks one whose interval excludes zero, "
+            "and k-means on the backbone embedding of the same seed and tasks is the baseline beside every row.")
 
 
 def _interval(stat: Mapping[str, Any]) -> str:

@@ -1,13 +1,18 @@
-"""Running an ablation: every variant of every replicate seed on identical suite tasks, cached as JSON.
+"""Running an ablation: every variant of every replicate seed on identical tasks of the ablation grid, cached.
 
-For each variant and seed we keep the clustering accuracy after 0..S inner steps of every task; k-means on
-the backbone embedding of the same seed and tasks is recorded beside it. Results live in
-``results/ablations/<key>.json`` with every setting, checkpoint and task fingerprint that made them; a cache
-made by other inputs is recomputed (and says so), never silently reused. Variants with their own
-meta-training are trained here when missing (notebook 04 is the stage that makes them).
+The ablation grid is ``ablation.datasets`` (default: the held-out datasets of the protocol, clean and shifted) at
+``ablation.shapes``, the first ``ablation.num_tasks`` tasks of each condition's evaluation suite; a variant's
+per-task accuracy after 0..S inner steps is pooled over the grid's tasks (the condition of every task is kept, for
+per-condition tables). k-means on the backbone embedding of the same seed and tasks is recorded beside it.
+Results live in ``results/ablations/<key>.json`` with every setting, checkpoint and task fingerprint that made
+them; a cache made by other inputs is recomputed (and says so), never silently reused. Variants with their own
+meta-training are trained here when missing (notebook 04 is the stage that makes them), under
+``models/ablations/``, apart from the pipeline's checkpoints.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -16,31 +21,36 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from hmlib import data
 from hmlib.ablations.report import AblationResult
 from hmlib.ablations.spec import Ablation, Variant, define_ablations
 from hmlib.artifacts import ArtifactError, file_sha256, fingerprint, read_json, write_json
-from hmlib.backbone.embeddings import embed_tasks_with_task_statistics, setting_backbone
 from hmlib.config import Config, ConfigError, config_to_dict, with_overrides
-from hmlib.evaluation.methods import METHODS, run_clusterer
-from hmlib.evaluation.suite import build_suite, fitted_size, suite_fingerprint
+from hmlib.evaluation.conditions import Condition, grid, suite_fingerprint, suite_for, suite_seed
+from hmlib.evaluation.inputs import SeedInputs, seed_inputs
+from hmlib.evaluation.methods import METHODS, MethodContext, score
 from hmlib.hyper.adapt import predict_task
-from hmlib.hyper.hypernet import HyperNet, TaskInputs
-from hmlib.hyper.inputs import TaskData, load_task_data
+from hmlib.hyper.bundle import load_bundle
+from hmlib.hyper.hypernet import HyperNet
 from hmlib.hyper.losses import task_accuracy
 from hmlib.hyper.metatrain import meta_train
-from hmlib.metrics import clustering_accuracy
 from hmlib.paths import results_dir
 from hmlib.reproducibility import seeded
-from hmlib.vae.train import encode_images, get_vae, vae_scope
+from hmlib.vae.train import encode_images
 
-RESULT_VERSION = 2
-BATCH_TASKS = 50
+RESULT_VERSION = 3
 
 
 def ablation_seeds(cfg: Config) -> tuple[int, ...]:
     """Replicate seeds every ablation uses: the first ``ablation.num_seeds`` of ``cfg.seeds``."""
     return tuple(cfg.seeds[: cfg.ablation.num_seeds])
+
+
+def ablation_grid(cfg: Config) -> list[Condition]:
+    """The conditions every ablation is scored on."""
+    if cfg.ablation.num_tasks > cfg.eval.num_tasks:
+        raise ConfigError(f"ablation.num_tasks = {cfg.ablation.num_tasks} exceeds eval.num_tasks = "
+                          f"{cfg.eval.num_tasks}: the ablations use the first tasks of the evaluation suites")
+    return grid(cfg, cfg.ablation.datasets or cfg.meta.test_datasets, cfg.ablation.shapes, verbose=False)
 
 
 def training_config(cfg: Config, variant: Variant) -> Config:
@@ -53,82 +63,102 @@ def training_config(cfg: Config, variant: Variant) -> Config:
     return with_overrides(cfg, overrides)
 
 
-def ablation_suite(cfg: Config, dataset: str) -> Any:
-    """The first ``ablation.num_tasks`` tasks of the evaluation suite of ``dataset`` (size fitted to its classes)."""
-    labels = data.load_split(dataset, "test", cfg.data, progress=False).labels
-    if cfg.ablation.num_tasks > cfg.eval.num_tasks:
-        raise ConfigError(f"ablation.num_tasks = {cfg.ablation.num_tasks} exceeds eval.num_tasks = "
-                          f"{cfg.eval.num_tasks}: the ablations use the first tasks of the evaluation suite")
-    return build_suite(cfg, dataset, fitted_size(cfg, labels, cfg.ablation.task_size), cfg.ablation.num_tasks)
-
-
-def _hypernet(cfg: Config, variant: Variant, setting: str, seed: int, memo: dict, progress: bool
-              ) -> tuple[HyperNet, Path | None, Config]:
-    """The variant's hypernetwork for one seed (trained if a re-trained variant is missing), its checkpoint."""
+def _checkpoint(cfg: Config, variant: Variant, seed: int, memo: dict, progress: bool) -> Path:
+    """The checkpoint of a variant's hypernetwork for one seed (trained here if a re-trained variant is missing)."""
     train_cfg = training_config(cfg, variant)
-    key = ("hypernet", fingerprint(config_to_dict(train_cfg)), setting, seed, variant.untrained)
+    key = ("checkpoint", fingerprint(config_to_dict(train_cfg)), seed)
     if key not in memo:
-        result = meta_train(train_cfg, setting, seed, train=variant.retrained, progress=progress)
-        hypernet, path = result.hypernet, result.checkpoint_path
-        if variant.untrained:  # the same architecture at its seeded initialisation
-            with seeded(seed):
-                hypernet = HyperNet(train_cfg.hyper, hypernet.context_dim, hypernet.feature_dim, hypernet.num_classes)
-            path = None
-        memo[key] = (hypernet.eval(), path)
-    return (*memo[key], train_cfg)
-
-
-def _task_data(train_cfg: Config, dataset: str, setting: str, seed: int, memo: dict) -> TaskData:
-    key = ("data", fingerprint(config_to_dict(train_cfg.hyper)), dataset, setting, seed)
-    if key not in memo:
-        memo[key] = load_task_data(train_cfg, dataset, "test", setting, seed, train=False, progress=False)
+        memo[key] = meta_train(train_cfg, seed, train=variant.retrained, progress=progress,
+                               folder="ablations" if variant.retrained else None).checkpoint_path
     return memo[key]
 
 
-def _noise_context(cfg: Config, dataset: str, setting: str, seed: int, suite: Any) -> np.ndarray:
-    """VAE distribution (T, N, 2d) of uniform-noise images, one set per task (the prototype's ablation)."""
-    vae, _ = get_vae(cfg, vae_scope(setting, dataset), seed, train=False, progress=False, verbose=False)
-    shape = np.asarray(suite.indices).shape
-    noise = np.random.default_rng(cfg.eval.seed).integers(0, 256, size=(*shape, 28, 28), dtype=np.uint8)
-    mu, logvar = encode_images(vae, noise.reshape(-1, 28, 28))
-    return np.concatenate([mu, logvar], axis=1).reshape(*shape, -1)
+def _inputs(cfg: Config, path: Path, dataset: str, memo: dict) -> SeedInputs:
+    key = ("inputs", str(path), dataset)
+    if key not in memo:
+        memo[key] = seed_inputs(load_bundle(path), cfg, dataset, cfg.ablation.setting, with_train=False)
+    return memo[key]
+
+
+def variant_hypernet(variant: Variant, inputs: SeedInputs, seed: int, memo: dict) -> HyperNet:
+    """The hypernetwork a variant adapts with: as trained, untrained, or with test-time generator overrides."""
+    key = ("hypernet", id(inputs), variant.untrained, tuple(sorted(variant.film_overrides.items())))
+    if key not in memo:
+        hypernet = inputs.hypernet
+        if variant.untrained:
+            hypernet = initial_hypernet(inputs, seed)
+        if variant.film_overrides:
+            hypernet = copy.copy(hypernet)
+            generator = copy.copy(hypernet.generator)
+            generator.film = dataclasses.replace(generator.film, **variant.film_overrides)
+            hypernet.generator = generator
+        memo[key] = hypernet.eval()
+    return memo[key]
+
+
+def initial_hypernet(inputs: SeedInputs, seed: int) -> HyperNet:
+    """The meta-trained architecture re-initialised from the replicate's seed (the backbone and the conditioning's
+    normalisation kept): what meta-training started from."""
+    trained = inputs.hypernet
+    with seeded(seed):
+        fresh = HyperNet(trained.full_cfg, trained.context_dim, trained.num_classes,
+                         backbone=copy.deepcopy(getattr(trained.generator, "backbone", None)),
+                         feature_dim=trained.feature_dim)
+    fresh.context_mean.copy_(trained.context_mean)
+    fresh.context_std.copy_(trained.context_std)
+    return fresh.eval()
+
+
+def _context(variant: Variant, inputs: SeedInputs, bundle_vae: Any, indices: np.ndarray, seed: int
+             ) -> torch.Tensor | None:
+    """Conditioning rows replacing the task's own: noise images' VAE distribution, or a constant (the mean row)."""
+    if variant.context == "task":
+        return None
+    T, N = indices.shape
+    if variant.context == "noise":
+        noise = np.random.default_rng(seed).integers(0, 256, size=(T * N, 28, 28), dtype=np.uint8)
+        mu, logvar = encode_images(bundle_vae, noise)
+        return torch.as_tensor(np.concatenate([mu, logvar], axis=1).reshape(T, N, -1))
+    mean = inputs.hypernet.context_mean.view(1, 1, -1)
+    return mean.expand(T, N, -1).clone()
 
 
 @torch.no_grad()
-def variant_curves(cfg: Config, variant: Variant, dataset: str, setting: str, seed: int, suite: Any, memo: dict,
+def variant_curves(cfg: Config, variant: Variant, condition: Condition, seed: int, memo: dict,
                    progress: bool = False) -> np.ndarray:
-    """(T, S+1) accuracy of every suite task after 0..S inner steps of the variant (one seed)."""
-    hypernet, _, train_cfg = _hypernet(cfg, variant, setting, seed, memo, progress)
-    adapt_cfg = with_overrides(cfg, {"adapt": {**variant.adapt_overrides, **(
-        {"num_inner_steps": variant.num_steps} if variant.num_steps is not None else {})}}).adapt
-    task_data = _task_data(train_cfg, dataset, setting, seed, memo)
+    """(T, S+1) accuracy of every ablation task of a condition after 0..S inner steps of the variant (one seed);
+    a baseline variant repeats its one accuracy over the steps."""
+    main_path = _checkpoint(cfg, Variant("main"), seed, memo, progress)
+    inputs = _inputs(cfg, main_path, condition.dataset, memo)
+    suite = suite_for(cfg, condition, inputs.test.labels, cfg.ablation.num_tasks)
+    steps = cfg.adapt.num_inner_steps if variant.num_steps is None else variant.num_steps
+    if variant.baseline is not None:
+        key = ("baseline", variant.baseline, str(main_path), condition.key)
+        if key not in memo:
+            ctx = MethodContext(cfg, inputs, suite, suite_seed(cfg.eval.seed, condition))
+            memo[key] = score(METHODS[variant.baseline], ctx)[0]
+        return np.repeat(memo[key][:, None], steps + 1, axis=1)
+    if variant.retrained:
+        inputs = _inputs(cfg, _checkpoint(cfg, variant, seed, memo, progress), condition.dataset, memo)
+    hypernet = variant_hypernet(variant, inputs, seed, memo)
+    adapt_cfg = with_overrides(cfg, {"adapt": dict(variant.adapt_overrides)}).adapt
     indices, labels = np.asarray(suite.indices), np.asarray(suite.labels)
-    context = task_data.context[indices]
-    features = task_data.features[indices]
-    if variant.context == "noise":
-        context = _noise_context(train_cfg, dataset, setting, seed, suite)
-    if variant.task_batchnorm:
-        backbone, _ = setting_backbone(train_cfg, dataset, setting, seed, train=False, progress=False)
-        images = data.load_split(dataset, "test", cfg.data, progress=False).images
-        features = embed_tasks_with_task_statistics(backbone, images[indices])
-    curves = []
-    for start in range(0, len(indices), BATCH_TASKS):
-        part = slice(start, start + BATCH_TASKS)
-        logits = predict_task(hypernet, TaskInputs.from_arrays(context[part], features[part]), adapt_cfg)
-        curves.append(np.stack([task_accuracy(step, labels[part]) for step in logits], axis=1))
-    return np.concatenate(curves)
+    vae = load_bundle(main_path).vae if variant.context == "noise" else None
+    logits = predict_task(hypernet, inputs.test.task_inputs(indices), adapt_cfg, steps,
+                          num_classes=condition.num_classes, fixed=dict(variant.fixed) or None,
+                          context=_context(variant, inputs, vae, indices, cfg.eval.seed))
+    return np.stack([task_accuracy(step, labels) for step in logits], axis=1)
 
 
-def kmeans_reference(cfg: Config, dataset: str, setting: str, seed: int, suite: Any, memo: dict) -> np.ndarray:
+def kmeans_reference(cfg: Config, condition: Condition, seed: int, memo: dict) -> np.ndarray:
     """(T,) k-means on the backbone embedding of this seed, on the same tasks (the baseline beside every table)."""
-    key = ("kmeans", dataset, setting, seed, suite_fingerprint(suite))
+    main_path = _checkpoint(cfg, Variant("main"), seed, memo, False)
+    key = ("kmeans", str(main_path), condition.key)
     if key not in memo:
-        rows = _task_data(cfg, dataset, setting, seed, memo).features
-        method = METHODS["kmeans_embedding"]
-        num_classes = np.asarray(suite.classes).shape[1]
-        memo[key] = np.array([clustering_accuracy(run_clusterer(method, rows[idx], num_classes, cfg.eval.seed + t,
-                                                                cfg.eval.kmeans_n_init)[0], lab, num_classes)
-                              for t, (idx, lab) in enumerate(zip(suite.indices, suite.labels))])
+        inputs = _inputs(cfg, main_path, condition.dataset, memo)
+        suite = suite_for(cfg, condition, inputs.test.labels, cfg.ablation.num_tasks)
+        ctx = MethodContext(cfg, inputs, suite, suite_seed(cfg.eval.seed, condition))
+        memo[key] = score(METHODS["kmeans_embedding"], ctx)[0]
     return memo[key]
 
 
@@ -137,40 +167,43 @@ def result_path(key: str) -> Path:
     return results_dir() / "ablations" / f"{key}.json"
 
 
-def _cache_identity(cfg: Config, ablation: Ablation, suite: Any) -> dict[str, Any]:
+def _cache_identity(cfg: Config, ablation: Ablation, conditions: Sequence[Condition]) -> dict[str, Any]:
     settings = config_to_dict(cfg)
     for volatile in ("profile", "device", "num_threads"):
         settings.pop(volatile, None)
     return {"version": RESULT_VERSION, "spec": [config_to_dict(v) for v in ablation.variants],
-            "reference": ablation.reference, "config": settings, "suite": suite_fingerprint(suite)}
+            "reference": ablation.reference, "config": settings, "conditions": [c.key for c in conditions]}
 
 
 def run_ablation(cfg: Config, ablation: Ablation, *, recompute: bool = False, progress: bool = True,
                  memo: dict | None = None) -> AblationResult:
     """Scores of every variant and seed on identical tasks; loaded from JSON when made by the same inputs."""
     memo = {} if memo is None else memo
-    dataset, setting = cfg.meta.test_datasets[0], cfg.ablation.setting
-    suite = ablation_suite(cfg, dataset)
-    identity = _cache_identity(cfg, ablation, suite)
+    conditions = ablation_grid(cfg)
+    identity = _cache_identity(cfg, ablation, conditions)
     started = time.perf_counter()
     checkpoints = {}
     for variant in ablation.variants:  # resolve (and train, for re-trained variants) every hypernetwork first
-        paths = [_hypernet(cfg, variant, setting, s, memo, progress)[1] for s in ablation_seeds(cfg)]
-        checkpoints[variant.label] = [None if p is None else file_sha256(p) for p in paths]
+        source = variant if variant.retrained else Variant("main")
+        checkpoints[variant.label] = [file_sha256(_checkpoint(cfg, source, s, memo, progress))
+                                      for s in ablation_seeds(cfg)]
     identity["checkpoints"] = checkpoints
     cached = None if recompute else load_cached(ablation.key, identity)
     if cached is not None:
         print(f"Loaded {ablation.key}: {result_path(ablation.key).name} matches every checkpoint, task and setting.")
         return cached
-    acc = {variant.label: np.stack([variant_curves(cfg, variant, dataset, setting, s, suite, memo, progress)
-                                    for s in ablation_seeds(cfg)])  # (R, T, S+1)
-           for variant in tqdm(ablation.variants, desc=ablation.key, disable=not progress, leave=False)}
-    kmeans = np.stack([kmeans_reference(cfg, dataset, setting, s, suite, memo) for s in ablation_seeds(cfg)])
+    acc = {}
+    for variant in tqdm(ablation.variants, desc=ablation.key, disable=not progress, leave=False):
+        acc[variant.label] = np.stack([np.concatenate([variant_curves(cfg, variant, c, s, memo, progress)
+                                                       for c in conditions]) for s in ablation_seeds(cfg)])
+    kmeans = np.stack([np.concatenate([kmeans_reference(cfg, c, s, memo) for c in conditions])
+                       for s in ablation_seeds(cfg)])
+    counts = [min(cfg.ablation.num_tasks, cfg.eval.num_tasks) for _ in conditions]
     result = AblationResult(key=ablation.key, title=ablation.title, question=ablation.question,
                             reference=ablation.reference, variants=[config_to_dict(v) for v in ablation.variants],
-                            acc=acc, kmeans=kmeans, dataset=dataset, setting=setting,
-                            task_size=int(np.asarray(suite.indices).shape[1]), seeds=list(ablation_seeds(cfg)),
-                            meta=identity, seconds=time.perf_counter() - started)
+                            acc=acc, kmeans=kmeans, conditions=[c.key for c in conditions], condition_tasks=counts,
+                            setting=cfg.ablation.setting, seeds=list(ablation_seeds(cfg)), meta=identity,
+                            seconds=time.perf_counter() - started)
     write_json(result_path(ablation.key), result.to_json())
     return result
 

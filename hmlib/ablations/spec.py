@@ -1,9 +1,11 @@
-"""What notebook 04 compares: each ablation is a list of variants scored on identical tasks of the suite.
+"""What notebook 04 compares: each ablation is a list of variants scored on identical tasks of the grid.
 
-A :class:`Variant` says which hypernetwork (the protocol's, one re-trained with config overrides, or an
-untrained one), which test-time update (steps, inner lr or loss), what it is conditioned on (the task's own
-VAE distribution or that of noise images) and how the backbone normalises (stored or per-task statistics).
-Re-trained variants are trained for every replicate seed of ``ablation.num_seeds``, like the reference.
+A :class:`Variant` says which model (the protocol's hypernetwork, one re-trained with config overrides, the same
+architecture untrained, or a registered baseline with no hypernetwork at all), how it adapts at test time (steps,
+step-size scale, inner loss, which generated parameters the inner loop updates), what it is conditioned on (the
+task's own VAE distribution, that of noise images, or a constant code) and whether a generated quantity is
+replaced by a constant (e.g. every normalisation blend). Re-trained variants are trained for every replicate seed
+of ``ablation.num_seeds``, like the reference.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any, Mapping
 from hmlib.config import Config
 from hmlib.hyper.losses import INNER_LOSSES
 
-CONTEXTS = ("task", "noise")
+CONTEXTS = ("task", "noise", "constant")
 
 
 @dataclass(frozen=True)
@@ -23,10 +25,12 @@ class Variant:
     label: str
     train_overrides: Mapping[str, Any] | None = None  # None: the protocol's hypernetwork (notebook 03)
     adapt_overrides: Mapping[str, Any] = field(default_factory=dict)  # test-time overrides of cfg.adapt
+    film_overrides: Mapping[str, Any] = field(default_factory=dict)  # test-time overrides of the generator's section
     num_steps: int | None = None  # inner steps at test time; None = adapt.num_inner_steps
-    context: str = "task"  # conditioning rows: the task's own, or the VAE distribution of noise images
-    task_batchnorm: bool = False  # backbone normalisation statistics from each task's own images
+    context: str = "task"  # conditioning rows: the task's own, those of noise images, or a constant code
+    fixed: Mapping[str, float] = field(default_factory=dict)  # generated tensors replaced by constants
     untrained: bool = False  # the hypernetwork at its initialisation (no meta-training)
+    baseline: str | None = None  # a registered baseline scored instead of a hypernetwork (no meta-learning)
 
     @property
     def retrained(self) -> bool:
@@ -55,36 +59,49 @@ class Ablation:
 def define_ablations(cfg: Config) -> list[Ablation]:
     """Every ablation of notebook 04, built from the configuration (order = notebook order)."""
     ab, main = cfg.ablation, Variant("main")
-    lr_main = Variant(f"lr={cfg.adapt.inner_lr:g} (main)")
+    steps = cfg.adapt.num_inner_steps
+    lr_main = Variant("step sizes x 1 (main)")
     loss_main = Variant(f"{cfg.adapt.inner_loss} (main)")
     other_losses = [name for name in INNER_LOSSES if name != cfg.adapt.inner_loss]
+    film = cfg.hyper.generation == "film"
     ablations = [
         Ablation("steps", "Number of test-time inner steps",
                  "Does accuracy keep rising with more inner steps, plateau, or collapse?",
                  (Variant("main", num_steps=max(ab.step_grid)),), reference=None),
-        Ablation("inner_lr", "Inner learning rate at test time",
-                 "How sensitive is the test-time update to its step size?",
-                 (lr_main, *(Variant(f"lr={lr:g}", adapt_overrides={"inner_lr": float(lr)})
-                             for lr in ab.lr_grid if float(lr) != cfg.adapt.inner_lr)), reference=lr_main.label),
-        Ablation("meta_learning", "What meta-training buys",
-                 "Is the meta-trained hypernetwork better than its initialisation, and does the test-time update "
-                 "need to be meta-learned (MT3)?",
+        Ablation("step_size", "Step sizes at test time",
+                 "How sensitive is the test-time update to its (meta-learned) step sizes?",
+                 (lr_main, *(Variant(f"step sizes x {s:g}", adapt_overrides={"lr_scale": float(s)})
+                             for s in ab.lr_grid if float(s) != 1.0)), reference=lr_main.label),
+        Ablation("meta_learning", "What meta-learning buys",
+                 "Is the meta-trained hypernetwork better than its initialisation, than meta-training without the "
+                 "inner loop (MT3's question), and than the same kind of update with no hypernetwork at all?",
                  (main, Variant("not meta-trained (initialisation)", untrained=True),
-                  Variant("meta-trained without inner loop", train_overrides={"meta": {"use_inner_loop": False}})),
+                  Variant("meta-trained without inner loop", train_overrides={"meta": {"use_inner_loop": False}}),
+                  *((Variant("no hypernetwork: plain adaptation (15 Adam steps, label-free choice)",
+                             baseline="plain_choice"),) if film else ())),
                  reference=main.label),
         Ablation("conditioning", "What the hypernetwork is conditioned on",
-                 "Does the generated classifier depend on the task's own (label-free) VAE distribution?",
-                 (main, Variant("pixel-noise context", context="noise"),
-                  Variant("conditioned on the backbone embedding",
-                          train_overrides={"hyper": {"conditioning_input": "embedding"}})), reference=main.label),
-        Ablation("representation", "What the classifier acts on",
-                 "How much do the backbone and per-task normalisation matter?",
-                 (main, Variant("per-task normalisation statistics", task_batchnorm=True),
-                  Variant("VAE latents only (no backbone)", train_overrides={"hyper": {"target_input": "latent"}})),
+                 "Does the generated adaptation depend on the task's own (label-free) VAE distribution?",
+                 (main, Variant("pixel-noise context", context="noise"), Variant("constant code", context="constant")),
                  reference=main.label),
+    ]
+    if film:
+        ablations += [
+            Ablation("statistics", "Which normalisation statistics",
+                     "Is the generated blend of stored and task statistics better than always using either?",
+                     (main, Variant("stored statistics everywhere (blend 0)", fixed={"blend": 0.0}),
+                      Variant("task statistics everywhere (blend 1)", fixed={"blend": 1.0})), reference=main.label),
+            Ablation("adapted", "What the inner loop updates",
+                     f"Which generated parameters should the {steps} inner steps change?",
+                     (Variant("head and FiLM (main)") if cfg.film.adapt == "both" else main,
+                      *(Variant(f"{which} only", film_overrides={"adapt": which}) for which in ("head", "film")
+                        if which != cfg.film.adapt)),
+                     reference="head and FiLM (main)" if cfg.film.adapt == "both" else main.label),
+        ]
+    ablations.append(
         Ablation("inner_loss", "Inner (unsupervised) loss at test time",
                  "Which label-free objective should the test-time update minimise (the hypernetwork as meta-trained)?",
-                 (loss_main, *(Variant(loss, adapt_overrides={"inner_loss": loss}) for loss in other_losses)),
-                 reference=loss_main.label),
-    ]
+                 (loss_main, *(Variant(loss, adapt_overrides={"inner_loss": loss}) for loss in other_losses
+                               if not (loss == "augmentation" and not film))),
+                 reference=loss_main.label))
     return ablations

@@ -9,6 +9,7 @@ inner loss is summed over tasks, so each task's gradient is its own.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 import torch
@@ -24,12 +25,13 @@ from hmlib.hyper.losses import INNER_LOSSES, InnerView
 @dataclass
 class AdaptResult:
     """Logits after 0..S inner steps (each (T, N, K)), the mean inner loss before each step, the final
-    parameters and the task state they act on."""
+    parameters and the task state they act on (and, if asked, the parameters after every step)."""
 
     logits: list[Tensor]
     inner_losses: list[Tensor]
     params: Params
     state: TaskState | None = None
+    trajectory: list[Params] | None = None
 
 
 def _detached(state: TaskState) -> TaskState:
@@ -38,11 +40,13 @@ def _detached(state: TaskState) -> TaskState:
 
 
 def adapt(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, *, num_steps: int | None = None,
-          create_graph: bool = False, num_classes: int | None = None, context: Tensor | None = None) -> AdaptResult:
+          create_graph: bool = False, num_classes: int | None = None, context: Tensor | None = None,
+          fixed: Mapping[str, float] | None = None, trajectory: bool = False) -> AdaptResult:
     """Generate each task's network, then S steps of the unsupervised loss (batched over tasks).
 
     ``context`` replaces the conditioning rows (the pixel-noise and constant-code ablations) while the network
-    still reads the task's own images.
+    still reads the task's own images; ``fixed`` replaces generated tensors by constants (e.g. ``{'blend': 0}``:
+    the stored statistics everywhere); ``trajectory`` keeps the (detached) parameters after every step.
     """
     num_steps = cfg.num_inner_steps if num_steps is None else int(num_steps)
     if num_steps < 0:
@@ -56,16 +60,18 @@ def adapt(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, *, num_steps
             if num_classes not in (None, hypernet.num_classes):
                 raise ValueError("adapt_params='hypernet' clusters into the checkpoint's K only")
             return _adapt_hypernet(hypernet, inputs, context, state, cfg, num_steps, create_graph)
-        params = hypernet(context, state, num_classes)
+        params = hypernet(context, state, num_classes, fixed)
         names = hypernet.adaptable(params)
-        lrs = hypernet.inner_lrs(names, cfg.inner_lr)
+        lrs = {k: cfg.lr_scale * v for k, v in hypernet.inner_lrs(names, cfg.inner_lr).items()}
         if not create_graph:  # test time: the steps start from a detached copy
             params = {k: v.detach().requires_grad_(k in names) for k, v in params.items()}
             state = _detached(state)
-        logits, losses = [], []
+        logits, losses, path = [], [], []
         for step in range(num_steps + 1):
             out = hypernet.logits(params, state)
             logits.append(out if create_graph else out.detach())
+            if trajectory:
+                path.append({k: v.detach() for k, v in params.items()})
             if step == num_steps:
                 break
             augmented = hypernet.logits(params, state, augmented=True) if loss_spec.augmented else None
@@ -76,7 +82,7 @@ def adapt(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, *, num_steps
             if not create_graph:
                 updated = {k: v.detach().requires_grad_() for k, v in updated.items()}
             params = {**params, **updated}
-    return AdaptResult(logits, losses, params, state)
+    return AdaptResult(logits, losses, params, state, path if trajectory else None)
 
 
 def _adapt_hypernet(hypernet: HyperNet, inputs: TaskInputs, context: Tensor, state: TaskState, cfg: AdaptConfig,
@@ -99,7 +105,8 @@ def _adapt_hypernet(hypernet: HyperNet, inputs: TaskInputs, context: Tensor, sta
             loss = loss_spec.fn(InnerView(out, task_state.reference), cfg).sum()
             grads = torch.autograd.grad(loss, list(weights.values()), create_graph=create_graph, allow_unused=True)
             losses.append(loss.detach())
-            weights = {k: (v if g is None else v - cfg.inner_lr * g) for (k, v), g in zip(weights.items(), grads)}
+            lr = cfg.inner_lr * cfg.lr_scale
+            weights = {k: (v if g is None else v - lr * g) for (k, v), g in zip(weights.items(), grads)}
             if not create_graph:
                 weights = {k: v.detach().requires_grad_() for k, v in weights.items()}
         results.append(AdaptResult(logits, losses, params if create_graph else {k: v.detach() for k, v in params.items()}))
@@ -110,7 +117,8 @@ def _adapt_hypernet(hypernet: HyperNet, inputs: TaskInputs, context: Tensor, sta
 
 
 def predict_task(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, num_steps: int | None = None, *,
-                 num_classes: int | None = None, context: Tensor | None = None, chunk: int = 25) -> Tensor:
+                 num_classes: int | None = None, context: Tensor | None = None,
+                 fixed: Mapping[str, float] | None = None, chunk: int = 25) -> Tensor:
     """Logits after 0..S inner steps, (S+1, T, N, K) ((S+1, N, K) for one unbatched task); no graph kept.
     Tasks are processed ``chunk`` at a time (memory); the result does not depend on ``chunk``."""
     batch = hypernet.check(inputs)
@@ -120,7 +128,7 @@ def predict_task(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, num_s
         sub = TaskInputs(batch.context[part], None if batch.images is None else batch.images[part],
                          None if batch.features is None else batch.features[part])
         parts.append(torch.stack(adapt(hypernet, sub, cfg, num_steps=num_steps, create_graph=False,
-                                       num_classes=num_classes,
+                                       num_classes=num_classes, fixed=fixed,
                                        context=None if context is None else context[part]).logits))
     logits = torch.cat(parts, dim=1)
     return logits if inputs.batched else logits[:, 0]

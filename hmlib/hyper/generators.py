@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -104,7 +104,10 @@ class Generator(nn.Module):
     def prepare(self, inputs: TaskInputs, *, augmented: bool = False) -> TaskState:
         raise NotImplementedError
 
-    def forward(self, code: Tensor, state: TaskState, num_classes: int) -> Params:
+    def forward(self, code: Tensor, state: TaskState, num_classes: int,
+                fixed: Mapping[str, float] | None = None) -> Params:
+        """Generated parameters; ``fixed`` replaces every generated tensor whose name starts with a key by that
+        constant (ablations: e.g. ``{'blend': 1.0}`` normalises every layer with the task's own statistics)."""
         raise NotImplementedError
 
     def logits(self, params: Params, state: TaskState, *, augmented: bool = False) -> Tensor:
@@ -123,6 +126,18 @@ class Generator(nn.Module):
     @staticmethod
     def check_config(cfg: Config) -> None:
         """Refuse (ConfigError) a configuration this generator cannot run."""
+
+
+def fix(params: Params, fixed: Mapping[str, float] | None) -> Params:
+    """``params`` with every tensor whose name starts with a key of ``fixed`` replaced by that constant."""
+    if not fixed:
+        return params
+    out = dict(params)
+    for name, value in params.items():
+        for prefix, constant in fixed.items():
+            if name.startswith(prefix):
+                out[name] = torch.full_like(value, float(constant))
+    return out
 
 
 # ---------------------------------------------------------------------------------------- film
@@ -174,13 +189,15 @@ class FilmGenerator(Generator):
     def modulation(self, params: Params) -> mod.Modulation:
         return mod.Modulation.from_tensors(params, len(self.widths))
 
-    def forward(self, code: Tensor, state: TaskState, num_classes: int) -> Params:
+    def forward(self, code: Tensor, state: TaskState, num_classes: int,
+                fixed: Mapping[str, float] | None = None) -> Params:
         params: Params = {}
         for l, (head, c) in enumerate(zip(self.heads, self.widths)):
             out = head(code)  # (T, 2C + 1)
             params[f"scale.{l}"], params[f"shift.{l}"] = out[:, :c], out[:, c:2 * c]
             params[f"blend.{l}"] = torch.sigmoid(out[:, -1])
         params["log_tau"] = self.tau_head(code)  # (T, 1)
+        params = fix(params, fixed)
         self.begin(params, state)
         z = state.cache["reference"]
         params["prototypes"] = kmeans_prototypes(z, num_classes, self.film.cluster_iters, self.film.cluster_inits)
@@ -253,7 +270,8 @@ class FullGenerator(Generator):
         x, mean, std = standardize(inputs.features)
         return TaskState(features=x, mean=mean, std=std)
 
-    def forward(self, code: Tensor, state: TaskState, num_classes: int) -> Params:
+    def forward(self, code: Tensor, state: TaskState, num_classes: int,
+                fixed: Mapping[str, float] | None = None) -> Params:
         if num_classes != self.num_classes:
             raise ValueError(f"the 'full' generator emits exactly {self.num_classes} outputs, not {num_classes}; "
                              "a checkpoint with generation 'film' clusters into any K")
@@ -262,7 +280,7 @@ class FullGenerator(Generator):
             flat = head(code)  # (T, out*in + out)
             params[f"layers.{i}.weight"] = flat[:, : out_dim * in_dim].reshape(-1, out_dim, in_dim)
             params[f"layers.{i}.bias"] = flat[:, out_dim * in_dim:]
-        return params
+        return fix(params, fixed)
 
     def logits(self, params: Params, state: TaskState, *, augmented: bool = False) -> Tensor:
         return self._mlp(params, state.features)

@@ -9,6 +9,8 @@ Everything carries a leading task dimension T, so a meta-batch of tasks is one b
 """
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 from torch import Tensor, nn
 
@@ -41,7 +43,7 @@ class HyperNet(nn.Module):
     def __init__(self, cfg: Config, context_dim: int, num_classes: int, *, backbone: ConvBackbone | None = None,
                  feature_dim: int | None = None) -> None:
         super().__init__()
-        self.cfg, self.context_dim, self.num_classes = cfg.hyper, context_dim, num_classes
+        self.cfg, self.full_cfg, self.context_dim, self.num_classes = cfg.hyper, cfg, context_dim, num_classes
         self.feature_dim = feature_dim
         self.encoder = ENCODERS[cfg.hyper.conditioning](context_dim, cfg.hyper)
         self.generator = build_generator(cfg, num_classes, backbone=backbone, feature_dim=feature_dim)
@@ -74,9 +76,11 @@ class HyperNet(nn.Module):
         """The generator's per-task view of the inputs."""
         return self.generator.prepare(inputs, augmented=augmented)
 
-    def forward(self, context: Tensor, state: TaskState, num_classes: int | None = None) -> Params:
-        """Generated parameters of each task's network (``num_classes`` other than K where the generator allows)."""
-        return self.generator(self.encode(context), state, num_classes or self.num_classes)
+    def forward(self, context: Tensor, state: TaskState, num_classes: int | None = None,
+                fixed: Mapping[str, float] | None = None) -> Params:
+        """Generated parameters of each task's network (``num_classes`` other than K where the generator allows;
+        ``fixed``: generated tensors replaced by constants, for ablations)."""
+        return self.generator(self.encode(context), state, num_classes or self.num_classes, fixed)
 
     def logits(self, params: Params, state: TaskState, *, augmented: bool = False) -> Tensor:
         """(T, N, K) logits of the generated networks."""

@@ -241,8 +241,11 @@ def _check_parts(parts: Sequence[TaskData], held: Sequence[TaskData], cfg: Confi
                                     "images); raise meta.val_fraction")
 
 
-def meta_train(cfg: Config, seed: int, *, train: bool = True, progress: bool = True) -> MetaResult:
-    """Meta-train (or reuse / resume) the hypernetwork of a replicate seed on the protocol's datasets."""
+def meta_train(cfg: Config, seed: int, *, train: bool = True, progress: bool = True,
+               folder: str | None = None) -> MetaResult:
+    """Meta-train (or reuse / resume) the hypernetwork of a replicate seed on the protocol's datasets; ``folder``
+    puts the checkpoint in a subfolder of ``models/`` (notebook 04's re-trained variants: ``ablations``), apart from
+    the pipeline's own."""
     from hmlib.hyper.bundle import bundle_for  # the bundle reads the VAE and backbone checkpoints
 
     bundle, models = bundle_for(cfg, seed, train=train, progress=progress)
@@ -250,7 +253,8 @@ def meta_train(cfg: Config, seed: int, *, train: bool = True, progress: bool = T
                   for d in cfg.meta.train_datasets}
     upstream = {"ids": {d: s.identity for d, s in train_sets.items()},
                 "backbone_id": bundle.get("backbone", {}).get("meta", {}).get("backbone_id")}
-    path = named_path(paths.models_dir(), f"hypernet_seed{seed}", {"training": training_settings(cfg),
-                                                                   "upstream": upstream, "seed": seed})
+    where = paths.models_dir() / folder if folder else paths.models_dir()
+    stem = f"{'variant' if folder else 'hypernet'}_seed{seed}"
+    path = named_path(where, stem, {"training": training_settings(cfg), "upstream": upstream, "seed": seed})
     return fit_hypernet(cfg, train_sets, vae=models["vae"], backbone=models.get("backbone"), seed=seed, path=path,
                         upstream=upstream, bundle=bundle, train=train, progress=progress)
