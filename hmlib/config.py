@@ -247,17 +247,23 @@ def _merge(base: Any, overrides: Mapping[str, Any], where: str) -> Any:
 def validate(cfg: Config) -> Config:
     """Types and ranges of every field (from annotations and metadata), then rules across fields."""
     cfg = check_dataclass(cfg)
-    from hmlib.data.registry import check_name  # hmlib.data imports this module: read lazily
+    from hmlib.data.corruptions import CORRUPTIONS, train_corruptions  # hmlib.data imports this module: read lazily
+    from hmlib.data.registry import check_name, parse_shifted
 
     for name in cfg.data.custom_datasets:  # a name becomes a folder: refused (DatasetError) if it could escape
-        check_name(name, "custom dataset name")
-    for name in cfg.datasets:
-        check_name(name)
+        check_name(name, "custom dataset name", shifted=False)
+    shifts = {name: parse_shifted(name) for name in cfg.datasets}  # (base, corruption): unsafe names refused
     known = set(registered_datasets()) | set(cfg.data.custom_datasets)
-    for name in cfg.datasets:
-        if name not in known:
-            raise ConfigError(f"unknown dataset '{name}'; registered: {', '.join(sorted(known))} "
+    for name, (base, _) in shifts.items():
+        if base not in known:
+            where = f" (the base of '{name}')" if base != name else ""
+            raise ConfigError(f"unknown dataset '{base}'{where}; registered: {', '.join(sorted(known))} "
                               "(add others under data.custom_datasets as name -> hub id or local folder)")
+    held_out = [name for name in cfg.meta.train_datasets
+                if shifts[name][1] is not None and CORRUPTIONS[shifts[name][1]].family == "benchmark"]
+    if held_out:
+        raise ConfigError(f"meta.train_datasets {held_out} use benchmark corruptions: held-out shifts must not be "
+                          f"meta-trained on (train-family corruptions: {', '.join(train_corruptions())})")
     overlap = set(cfg.meta.train_datasets) & set(cfg.meta.test_datasets)
     if overlap:
         raise ConfigError(f"datasets both meta-trained on and held out: {sorted(overlap)}")

@@ -16,6 +16,14 @@ class HmlibError(Exception):
     """An error with a message meant for the user (bad input, settings or artifact), not a bug."""
 
 
+class DatasetError(HmlibError, ValueError):
+    """A dataset name is unknown or none of its sources could be read (the message says how to fix it).
+
+    Defined here, below every ``hmlib.data`` module, so the corruption registry and the dataset registry that
+    reads it can both raise it; ``hmlib.data.DatasetError`` is the same class.
+    """
+
+
 class StorageError(HmlibError, OSError):
     """A file or folder could not be written (disk full, read-only, no permission); the message names it and the fix."""
 
@@ -31,4 +39,4 @@ def raise_terminated(signum: int, frame: Any) -> NoReturn:
     raise Terminated()
 
 
-__all__ = ["HmlibError", "StorageError", "Terminated", "raise_terminated"]
+__all__ = ["DatasetError", "HmlibError", "StorageError", "Terminated", "raise_terminated"]

@@ -35,3 +35,15 @@ def tiny_mirror(_tiny_mirror_root, monkeypatch):
     it; returns its root."""
     monkeypatch.setenv("HMLIB_DATA_DIR", str(_tiny_mirror_root))
     return _tiny_mirror_root
+
+
+@pytest.fixture
+def mirror(tmp_path, monkeypatch):
+    """A private mirror (the test may rewrite it) holding a tiny 'mnist' (3 classes, 30 train / 15 test images),
+    with HMLIB_DATA_DIR pointing at it; returns its root."""
+    from datafactory import write_tiny_dataset
+
+    root = tmp_path / "mirror"
+    write_tiny_dataset(root, "mnist", num_classes=3, splits={"train": 30, "test": 15})
+    monkeypatch.setenv("HMLIB_DATA_DIR", str(root))
+    return root

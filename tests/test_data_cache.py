@@ -18,15 +18,6 @@ def data_cfg(**overrides):
     return load_config("smoke", overrides={"data": {"max_images_per_split": None, **overrides}}).data
 
 
-@pytest.fixture
-def mirror(tmp_path, monkeypatch):
-    """A private mirror (this test may rewrite it) holding a tiny 'mnist'."""
-    root = tmp_path / "mirror"
-    write_tiny_dataset(root, "mnist", num_classes=3, splits={"train": 30, "test": 15})
-    monkeypatch.setenv("HMLIB_DATA_DIR", str(root))
-    return root
-
-
 @pytest.mark.parametrize("change", [{"polarity": "keep"}, {"max_images_per_split": 9}])  # image_size is fixed at 28
 def test_changed_settings_rebuild_with_a_message(mirror, capsys, change):
     before = load_split("mnist", "train", data_cfg(), progress=False)
@@ -38,12 +29,14 @@ def test_changed_settings_rebuild_with_a_message(mirror, capsys, change):
     assert read_manifest("mnist", "train")["settings"][next(iter(change))] == next(iter(change.values()))
 
 
-def test_changed_source_rebuilds(mirror, capsys):
-    before = load_split("mnist", "test", data_cfg(), progress=False)
+@pytest.mark.parametrize("name", ["mnist", "mnist+shear"])  # a shifted dataset is rebuilt when its base is
+def test_changed_source_rebuilds(mirror, capsys, name):
+    before = load_split(name, "test", data_cfg(), progress=False)
     write_tiny_dataset(mirror, "mnist", num_classes=3, splits={"train": 30, "test": 15}, seed=99)  # new pixels
     capsys.readouterr()
-    after = load_split("mnist", "test", data_cfg(), progress=False)
-    assert "source changed" in capsys.readouterr().out
+    after = load_split(name, "test", data_cfg(), progress=False)
+    out = capsys.readouterr().out
+    assert "source changed" in out and (name == "mnist" or f"cache of {name}/test is stale" in out)
     assert after.fingerprint != before.fingerprint and not np.array_equal(after.images, before.images)
 
 

@@ -24,7 +24,7 @@ CACHE_SCHEMA = 2  # 2: the manifest records content_sha256 (caches of schema 1 h
 def cache_paths(name: str, split: str) -> tuple[Path, Path]:
     """``(arrays.npz, manifest.json)`` for one dataset split (both names checked: they become file names)."""
     folder = paths.cache_dir() / "images" / check_name(name)
-    split = check_name(split, "split name")
+    split = check_name(split, "split name", shifted=False)
     return folder / f"{split}.npz", folder / f"{split}.json"
 
 

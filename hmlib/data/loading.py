@@ -11,6 +11,7 @@ import numpy as np
 from hmlib.artifacts import ArtifactError, fingerprint
 from hmlib.config import DataConfig
 from hmlib.data import cache
+from hmlib.data.corruptions import get_corruption, shift_seed
 from hmlib.data.preprocess import PREPROCESS_VERSION, describe_error, preprocess_batch
 from hmlib.data.registry import HUB_ONLY, DatasetError, DatasetSpec, get_spec
 from hmlib.data.sources import (SourceSplit, comparable, folder_identity, image_folder_splits, local_folders,
@@ -193,37 +194,80 @@ def _select(source: SourceSplit, split: str, derived: bool, cfg: DataConfig) -> 
     return indices
 
 
+def _cached_manifest(name: str, split: str, rebuild: bool) -> tuple[dict[str, Any] | None, str | None]:
+    """``(manifest, cache state)`` of a cached split: None when missing, unreadable (said) or ``rebuild``."""
+    if rebuild:
+        return None, None
+    try:
+        return cache.read_manifest(name, split), None
+    except ArtifactError as err:
+        print(f"[hmlib.data] {err}; rebuilding")
+        return None, f"corrupt: {err}"
+
+
+def _reuse(name: str, split: str, manifest: dict[str, Any], settings: dict[str, Any],
+           identity: dict[str, Any] | None) -> tuple[ImageSet | None, str | None]:
+    """``(the cached split, None)`` when its settings and source match and its arrays verify, else ``(None, why)``
+    (said in one message)."""
+    reasons = cache.stale_reasons(manifest, settings, identity)
+    if reasons:
+        print(f"[hmlib.data] cache of {name}/{split} is stale, rebuilding:\n  " + "\n  ".join(reasons))
+        return None, "stale: " + "; ".join(reasons)
+    try:
+        images, labels = cache.read_arrays(name, split, manifest)
+    except ArtifactError as err:
+        print(f"[hmlib.data] {err}; rebuilding from its source")
+        return None, f"corrupt: {err}"
+    return ImageSet(name, split, images, labels, list(manifest["label_names"]), manifest["fingerprint"]), None
+
+
 def load_split(name: str, split: str, cfg: DataConfig, *, rebuild: bool = False, progress: bool = True,
                num_workers: int | None = None) -> ImageSet:
     """A preprocessed split from the cache, else built from the local mirror, else from the hub (then cached).
 
     A cache is used only when its settings, source and content hash match; otherwise it is rebuilt with a
-    one-line message. ``num_workers``: decoding processes for a build (None: one per core).
+    one-line message. ``num_workers``: decoding processes for a build (None: one per core). A shifted dataset
+    ('base+corruption') is its base's split with the corruption applied, cached the same way.
     """
     spec = get_spec(name, cfg)
-    manifest, cache_state = None, None
-    if not rebuild:
-        try:
-            manifest = cache.read_manifest(name, split)
-        except ArtifactError as err:
-            print(f"[hmlib.data] {err}; rebuilding")
-            cache_state = f"corrupt: {err}"
+    if spec.corruption is not None:
+        return _load_shifted(spec, split, cfg, rebuild, progress, num_workers)
+    manifest, cache_state = _cached_manifest(name, split, rebuild)
     local_state = local_source_state(spec, cfg, split, manifest.get("source") if manifest else None)
     if manifest is not None:
         derived = local_state[1] if local_state else manifest.get("settings", {}).get("derived_split") is not None
-        reasons = cache.stale_reasons(manifest, preprocess_settings(spec, cfg, derived),
-                                      local_state[0] if local_state else None)
-        if not reasons:
-            try:
-                images, labels = cache.read_arrays(name, split, manifest)
-                return ImageSet(name, split, images, labels, list(manifest["label_names"]), manifest["fingerprint"])
-            except ArtifactError as err:
-                print(f"[hmlib.data] {err}; rebuilding from its source")
-                cache_state = f"corrupt: {err}"
-        else:
-            print(f"[hmlib.data] cache of {name}/{split} is stale, rebuilding:\n  " + "\n  ".join(reasons))
-            cache_state = "stale: " + "; ".join(reasons)
+        cached, cache_state = _reuse(name, split, manifest, preprocess_settings(spec, cfg, derived),
+                                     local_state[0] if local_state else None)
+        if cached is not None:
+            return cached
     return _build(spec, split, cfg, progress, num_workers, cache_state)
+
+
+def _load_shifted(spec: DatasetSpec, split: str, cfg: DataConfig, rebuild: bool, progress: bool,
+                  num_workers: int | None) -> ImageSet:
+    """The base dataset's split (loaded as usual) with the corruption applied, seeded by (corruption, base, split);
+    cached under the shifted name and rebuilt when the base, the corruption or its severity changes (``rebuild``
+    rebuilds the shifted cache, not the base's)."""
+    base = load_split(spec.base, split, cfg, progress=progress, num_workers=num_workers)
+    corruption = get_corruption(spec.corruption)
+    settings = {**corruption.record(), "base": base.name, "base_fingerprint": base.fingerprint,
+                "seed": shift_seed(corruption.name, base.name, split)}
+    manifest, _ = _cached_manifest(spec.name, split, rebuild)
+    if manifest is not None:
+        cached, _ = _reuse(spec.name, split, manifest, settings, None)
+        if cached is not None:
+            return cached
+    start = time.perf_counter()
+    images = corruption(base.images, np.random.default_rng(settings["seed"]))
+    fp = fingerprint(spec.name, split, settings)
+    manifest = {"name": spec.name, "split": split, "fingerprint": fp, "settings": settings,
+                "location": f"{base.name}/{split} + {corruption.name}", "label_names": base.label_names,
+                "num_images": len(base), "class_counts": base.class_counts().tolist()}
+    arrays_path = cache.write_cache(spec.name, split, images, base.labels, manifest)
+    if progress:
+        print(f"[hmlib.data] {spec.name}/{split}: {len(base)} images of {base.name}/{split} corrupted by "
+              f"{corruption.name} in {time.perf_counter() - start:.1f} s -> {arrays_path}")
+    return ImageSet(spec.name, split, images, base.labels, list(base.label_names), fp)
 
 
 def open_source(spec: DatasetSpec, cfg: DataConfig, split: str, *, progress: bool = True,

@@ -1,7 +1,7 @@
 """What notebook 01 shows: where each dataset comes from, raw vs preprocessed samples, and the cache state."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -10,6 +10,7 @@ from PIL import Image
 from hmlib.artifacts import ArtifactError
 from hmlib.config import DataConfig
 from hmlib.data import cache
+from hmlib.data.corruptions import apply
 from hmlib.data.loading import ImageSet, load_split, local_source_state, open_source
 from hmlib.data.preprocess import normalise_polarity, open_image, preprocess_images
 from hmlib.data.registry import get_spec
@@ -47,8 +48,13 @@ def _open_decodable(items: Sequence[Any], rows: np.ndarray) -> tuple[list[Image.
 
 def preview(name: str, cfg: DataConfig, *, split: str = "train", num_images: int = 12, num_polarity: int = 500,
             seed: int = 0) -> Preview:
-    """Decode ``num_images`` (one per class where possible) from the source and preprocess them step by step."""
-    source, _ = open_source(get_spec(name, cfg), cfg, split, progress=False)
+    """Decode ``num_images`` (one per class where possible) from the source and preprocess them step by step
+    (a shifted dataset: its base's preview, the corruption applied to the final images)."""
+    spec = get_spec(name, cfg)
+    if spec.corruption is not None:
+        shown = preview(spec.base, cfg, split=split, num_images=num_images, num_polarity=num_polarity, seed=seed)
+        return replace(shown, name=name, processed=apply(spec.corruption, shown.processed, seed))
+    source, _ = open_source(spec, cfg, split, progress=False)
     rng = np.random.default_rng(seed)
     labelled = np.flatnonzero(source.labels >= 0)  # rows with a usable label
     per_class = np.array([rng.choice(np.flatnonzero(source.labels == c)) for c in np.unique(source.labels[labelled])])
@@ -75,8 +81,13 @@ def source_status(cfg: DataConfig, names: Sequence[str], split: str = "train") -
     rows = []
     for name in names:
         spec = get_spec(name, cfg)
-        local = local_source_state(spec, cfg, split, None)
         cached = _manifest_or_none(name, split) is not None
+        if spec.corruption is not None:  # made from its base's cached split
+            rows.append({"dataset": name, "hub id": "-", "cached": cached, "local copy": False,
+                         "test split": f"as {spec.base}", "next load from": "cache" if cached
+                         else f"{spec.base}, then {spec.corruption}"})
+            continue
+        local = local_source_state(spec, cfg, split, None)
         rows.append({"dataset": name, "hub id": spec.hub_id or "-", "cached": cached,
                      "local copy": bool(local), "test split": "derived from train" if local and local[1]
                      else ("given" if local else "?"),

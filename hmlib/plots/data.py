@@ -1,13 +1,22 @@
-"""Figures of notebook 01: raw vs preprocessed samples, polarity, class counts and an example task."""
+"""Figures of notebook 01: raw vs preprocessed samples, polarity, class counts, an example task, corruptions."""
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
+from hmlib.data.corruptions import FAMILIES, apply, corruption_table, get_corruption
 from hmlib.plots import IMAGE_CMAP, PALETTE, dataset_color
+
+
+def _show_image(ax: plt.Axes, pixels: np.ndarray, cmap: str | None = IMAGE_CMAP) -> None:
+    """``pixels`` (0..255) on ``ax``, without ticks or grid."""
+    ax.imshow(pixels, cmap=cmap, vmin=0, vmax=255)
+    ax.set_xticks([])
+    ax.set_yticks([])
+    ax.grid(False)
 
 
 def plot_preprocessing(preview, title: str | None = None) -> Figure:
@@ -16,19 +25,16 @@ def plot_preprocessing(preview, title: str | None = None) -> Figure:
     if num == 0:
         raise ValueError("the preview holds no images")
     fig, axes = plt.subplots(3, num, figsize=(1.1 * num, 4.2), squeeze=False)
-    rows = ("as stored", "grey, padded, 28x28", "final (polarity)")
+    shifted = preview.name.partition("+")[2]  # a shifted dataset's preview shows its corruption in the last row
+    rows = ("as stored", "grey, padded, 28x28", f"final + {shifted}" if shifted else "final (polarity)")
     for col in range(num):
         raw = preview.raw[col]
         shown = raw.convert("RGB") if raw.mode not in ("L", "RGB") else raw
-        axes[0, col].imshow(np.asarray(shown), cmap=IMAGE_CMAP if shown.mode == "L" else None, vmin=0, vmax=255)
+        _show_image(axes[0, col], np.asarray(shown), IMAGE_CMAP if shown.mode == "L" else None)
         axes[0, col].set_title(f"{raw.size[0]}x{raw.size[1]} {raw.mode}", fontsize="x-small", fontweight="normal")
-        axes[1, col].imshow(preview.kept[col], cmap=IMAGE_CMAP, vmin=0, vmax=255)
-        axes[2, col].imshow(preview.processed[col], cmap=IMAGE_CMAP, vmin=0, vmax=255)
+        _show_image(axes[1, col], preview.kept[col])
+        _show_image(axes[2, col], preview.processed[col])
         axes[2, col].set_xlabel(preview.label_names[preview.labels[col]], fontsize="x-small")
-        for row in range(3):
-            axes[row, col].set_xticks([])
-            axes[row, col].set_yticks([])
-            axes[row, col].grid(False)
     for row, label in enumerate(rows):
         axes[row, 0].set_ylabel(label, fontsize="x-small")
     fig.suptitle(title or f"{preview.name}: preprocessing step by step "
@@ -80,16 +86,33 @@ def plot_task(image_set, task, per_class: int = 8, title: str | None = None) -> 
     for j in range(num_classes):
         members = indices[labels == j]
         for col in range(per_class):
-            ax = axes[j, col]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            ax.grid(False)
             if col < members.size:
-                ax.imshow(image_set.images[members[col]], cmap=IMAGE_CMAP, vmin=0, vmax=255)
+                _show_image(axes[j, col], image_set.images[members[col]])
             else:
-                ax.set_axis_off()
+                axes[j, col].set_axis_off()
         axes[j, 0].set_ylabel(f"label {j}\n{image_set.label_names[classes[j]]}\n({(labels == j).sum()} images)",
                               fontsize="x-small", rotation=0, ha="right", va="center")
     fig.suptitle(title or f"{image_set.name}: one task of {indices.size} images from {num_classes} classes "
                           f"(the model sees them unlabeled and shuffled)")
+    return fig
+
+
+def plot_corruptions(images: np.ndarray, names: Sequence[str] | None = None, seed: int = 0) -> Figure:
+    """The clean ``images`` (uint8 (n, h, w)) on top, then a row per corruption (every registered one by default),
+    benchmark family first, each row labelled with its name and family."""
+    images = np.asarray(images)
+    if images.ndim != 3 or images.shape[0] == 0:
+        raise ValueError(f"plot_corruptions takes a non-empty stack of images (n, h, w), got shape {images.shape}")
+    names = [row["name"] for row in corruption_table()] if names is None else list(names)
+    names.sort(key=lambda n: FAMILIES.index(get_corruption(n).family))  # stable: the given order within a family
+    rows = [("clean", "", images)] + [(n, get_corruption(n).family, apply(n, images, seed)) for n in names]
+    num = images.shape[0]
+    fig, axes = plt.subplots(len(rows), num, figsize=(0.8 * num + 1.6, 0.8 * len(rows) + 0.4), squeeze=False)
+    for r, (name, family, shown) in enumerate(rows):
+        for col in range(num):
+            _show_image(axes[r, col], shown[col])
+        colour = PALETTE[FAMILIES.index(family)] if family else "black"
+        axes[r, 0].set_ylabel(f"{name}\n{family}" if family else name, fontsize="x-small", rotation=0, ha="right",
+                              va="center", color=colour)
+    fig.suptitle(f"Corruptions: benchmark family (held out) then train family; seed {seed}")
     return fig
