@@ -3,6 +3,8 @@
 #   make test   set everything up, then run every test (the slow tier included)
 # Set-up creates .venv if missing, installs the pinned CPU-friendly torch FIRST (so nothing pulls an
 # unpinned torch), then hmlib with its test extras. The data mirror defaults to ../shared/data.
+# Set-up repairs itself: a .venv whose python cannot run pip (a first make interrupted while creating it) is
+# recreated, an install that does not import is reinstalled, and the stamp is written only after the check.
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -14,6 +16,23 @@ PROFILE ?= default
 CONFIG ?=
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.hmlib-installed
+# Is the venv usable (its python runs pip)? If not, the stamp counts as out of date whatever its age.
+VENV_OK := $(shell test -x $(BIN)/python && $(BIN)/python -m pip --version >/dev/null 2>&1 && echo yes)
+VERIFY = $(BIN)/python -c "import torch, hmlib; assert torch.__version__.startswith('$(TORCH_VERSION)'), torch.__version__"
+TORCH_ARGS = "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+
+# (Re)create $(VENV) unless its python runs pip; never delete a folder that is not a virtual environment.
+define REPAIR_VENV
+if $(BIN)/python -m pip --version >/dev/null 2>&1; then exit 0; fi; \
+if [ -e "$(VENV)" ] && [ ! -f "$(VENV)/pyvenv.cfg" ] && [ -n "$$(ls -A "$(VENV)" 2>/dev/null)" ]; then \
+  echo "make: $(VENV) exists but is not a virtual environment; move it away or set VENV=<another folder>" >&2; \
+  exit 1; \
+fi; \
+echo "== $(VENV) is missing or broken (no working '$(BIN)/python -m pip'): creating it afresh"; \
+rm -rf "$(VENV)" && $(PYTHON) -m venv "$(VENV)" && $(BIN)/python -m pip --version >/dev/null || { \
+  echo "make: could not create $(VENV) with a working pip from $(PYTHON) (on Debian/Ubuntu: apt-get install" \
+       "python3-venv); fix that and run make again" >&2; rm -rf "$(VENV)"; exit 1; }
+endef
 
 ifeq ($(strip $(HMLIB_DATA_DIR)),)
   ifneq ($(wildcard ../shared/data),)
@@ -21,24 +40,34 @@ ifeq ($(strip $(HMLIB_DATA_DIR)),)
   endif
 endif
 
-.PHONY: setup run test test-fast bench results clean-reports help
+.PHONY: setup setup-venv run test test-fast bench results clean-reports help FORCE
 
 help:
 	@echo "make run        set up, then hmlib run --profile $(PROFILE) (HTML reports in reports/)"
 	@echo "make test       set up, then every test (slow tier included)"
 	@echo "make test-fast  set up, then the unit tests only (-m 'not slow')"
+	@echo "make setup-venv only (re)create .venv when it is missing or broken (no download)"
 	@echo "make bench      set up, then every benchmarks/bench_*.py (after make run: they time its checkpoints)"
 	@echo "make results    docs/results.json and the README tables from the last make run + make bench"
-	@echo "variables: PROFILE=smoke|default|seed CONFIG=path.json HMLIB_DATA_DIR=... TORCH_INDEX=..."
+	@echo "variables: PROFILE=smoke|default|seed CONFIG=path.json HMLIB_DATA_DIR=... TORCH_INDEX=... VENV=.venv"
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
-	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install "torch==$(TORCH_VERSION)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+# Only the virtual environment (no download): recreate it if its python cannot run pip.
+setup-venv:
+	@$(REPAIR_VENV)
+
+$(STAMP): pyproject.toml $(if $(VENV_OK),,FORCE)
+	@$(REPAIR_VENV)
+	$(BIN)/python -m pip install $(TORCH_ARGS)
 	$(BIN)/python -m pip install -e ".[test]" --config-settings editable_mode=compat
-	$(BIN)/python -c "import torch, hmlib; assert torch.__version__.startswith('$(TORCH_VERSION)'), torch.__version__"
+	@$(VERIFY) || { echo "== the install in $(VENV) does not import (an interrupted install?): reinstalling"; \
+	  $(BIN)/python -m pip install --force-reinstall --no-deps $(TORCH_ARGS) && \
+	  $(BIN)/python -m pip install --force-reinstall --no-deps -e ".[test]" --config-settings editable_mode=compat && \
+	  $(VERIFY); }
 	touch $@
+
+FORCE:
 
 run: $(STAMP)
 	$(BIN)/hmlib run --profile $(PROFILE) $(if $(CONFIG),--config $(CONFIG),)

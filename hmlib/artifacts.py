@@ -3,12 +3,19 @@
 Every artifact records the settings that made it (``meta``). Loading compares them with what the
 caller expects and raises :class:`StaleArtifactError` naming the differing keys, so a stale file is
 never silently reused. Writes go to a temporary file in the same folder, then ``os.replace``.
+
+A write that fails because the disk is full, read-only or not writable by us (``ENOSPC``, ``EDQUOT``,
+``EROFS``, ``EACCES``, ``EPERM``; also torch's "unexpected pos" when ``torch.save`` runs out of room) is a
+:class:`~hmlib.errors.StorageError`: one line naming the path and the fix. :func:`check_writable` finds
+such a folder before long work starts.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,9 +23,15 @@ from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
-from hmlib.errors import HmlibError
+from hmlib import paths
+from hmlib.errors import HmlibError, StorageError
 
 SCHEMA_VERSION = 2  # 2: names carry a settings hash, identities are content hashes of the weights
+STORAGE_ERRNOS = {errno.ENOSPC: "no space left on the disk", errno.EDQUOT: "disk quota exceeded",
+                  errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                  errno.EPERM: "operation not permitted"}
+MIN_FREE_BYTES = 16 << 20  # check_writable refuses a folder whose disk has less room than this
+_TORCH_WRITE_FAILURES = ("unexpected pos", "file write failed", "PytorchStreamWriter failed")
 
 
 class ArtifactError(HmlibError, RuntimeError):
@@ -29,23 +42,107 @@ class StaleArtifactError(ArtifactError):
     """An artifact was made with other settings or from other inputs."""
 
 
+# ------------------------------------------------------------------------------------- storage faults
+
+def storage_fix(path: str | Path, code: int = errno.ENOSPC, elsewhere: str | None = None) -> str:
+    """What to do about a path we cannot write, for an errno: free space / fix permissions, or write elsewhere
+    (``elsewhere``; by default: another HMLIB_HOME for a path under it, another folder otherwise)."""
+    if elsewhere is None:
+        try:
+            inside_home = Path(path).resolve().is_relative_to(paths.home())
+        except (OSError, RuntimeError):
+            inside_home = False
+        elsewhere = "set HMLIB_HOME to a writable folder with room" if inside_home else \
+            "choose a writable folder on a disk with room"
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return f"free space on that disk, or {elsewhere}"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"make it writable for this user, or {elsewhere}"
+    return elsewhere
+
+
+def storage_error(err: BaseException, path: str | Path, elsewhere: str | None = None) -> StorageError | None:
+    """The one-line StorageError for an OSError that means 'cannot write here' (None for any other error)."""
+    if not isinstance(err, OSError) or isinstance(err, StorageError) or err.errno not in STORAGE_ERRNOS:
+        return None
+    name = errno.errorcode.get(err.errno, str(err.errno))
+    storage = StorageError(f"cannot write {path}: {STORAGE_ERRNOS[err.errno]} ({name}); "
+                           f"{storage_fix(path, err.errno, elsewhere)}")
+    storage.errno = err.errno
+    return storage
+
+
+@contextmanager
+def storage_errors(path: str | Path, elsewhere: str | None = None) -> Iterator[None]:
+    """Turn a disk-full / read-only / permission OSError raised inside the block into a StorageError naming ``path``."""
+    try:
+        yield
+    except OSError as err:
+        converted = storage_error(err, path, elsewhere)
+        if converted is None:
+            raise
+        raise converted from err
+
+
+def check_writable(folder: str | Path, *, what: str = "folder", elsewhere: str | None = None,
+                   min_free_bytes: int = MIN_FREE_BYTES) -> Path:
+    """``folder`` (created if missing) if a file can be written in it and its disk has room; else a StorageError.
+
+    Commands call it before long work whose results go there (``hmlib run`` for HMLIB_HOME, ``hmlib cluster`` for
+    ``--out``), so a full, read-only or foreign disk is reported at once, not after the computation. ``elsewhere``
+    is the alternative the message offers (e.g. "choose another --out").
+    """
+    folder = Path(folder).expanduser().resolve()
+    if folder.exists() and not folder.is_dir():
+        raise StorageError(f"{what} {folder} is a file, not a folder; {storage_fix(folder, errno.EROFS, elsewhere)}")
+    with storage_errors(folder, elsewhere):
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".hmlib-write-check-", dir=folder)
+        try:
+            os.write(fd, b"hmlib")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+        free = shutil.disk_usage(folder).free
+    if free < min_free_bytes:
+        raise StorageError(f"cannot write {folder}: only {free / 2**20:.1f} MiB free on its disk ({what} needs at "
+                           f"least {min_free_bytes / 2**20:.0f} MiB); {storage_fix(folder, errno.ENOSPC, elsewhere)}")
+    return folder
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success rename it onto ``path``, else delete it."""
+    """Yield a temporary path beside ``path``; on success rename it onto ``path``, else delete it.
+
+    A disk-full, read-only or permission error anywhere in the write (the folder, the temporary file, what the
+    block writes into it, the rename) is a StorageError naming ``path``.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".hmlib-tmp-{path.name}.", dir=path.parent)
-    os.close(fd)
+    with storage_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".hmlib-tmp-{path.name}.", dir=path.parent)
+        os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
-        os.replace(tmp_path, path)
+        try:
+            yield tmp_path
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp_path, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
+            os.replace(tmp_path, path)
+        except OSError as err:
+            own = err.filename is None or str(err.filename) in (str(tmp_path), str(path))  # not a file it read
+            converted = storage_error(err, path) if own else None
+            if converted is None:
+                raise
+            raise converted from err
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        try:
+            if tmp_path.exists():
+                tmp_path.unlink()
+        except OSError:  # a read-only disk: there is nothing we can do about the temporary file
+            pass
 
 
 def write_json(path: str | Path, data: Any) -> Path:
@@ -91,8 +188,25 @@ def save_checkpoint(path: str | Path, state: Mapping[str, Any], meta: Mapping[st
     """Save tensors (``state``) plus primitive ``meta`` atomically; loadable with weights_only=True."""
     payload = {"schema_version": SCHEMA_VERSION, "meta": dict(meta), "state": dict(state)}
     with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+        try:
+            with open(tmp, "wb") as fh:  # a file object: a failed write can surface as OSError(ENOSPC)
+                torch.save(payload, fh)
+        except RuntimeError as err:  # torch's own writer failed part-way ("unexpected pos"): a full disk, mostly
+            if not any(text in str(err) for text in _TORCH_WRITE_FAILURES):
+                raise
+            raise _torch_write_error(err, Path(path), Path(tmp), state) from err
     return Path(path)
+
+
+def _torch_write_error(err: RuntimeError, path: Path, tmp: Path, state: Mapping[str, Any]) -> StorageError:
+    """The StorageError for a torch.save that failed writing: ENOSPC when the disk has less room than the tensors."""
+    free = shutil.disk_usage(tmp.parent).free
+    needed = sum(v.numel() * v.element_size() for v in state.values() if isinstance(v, torch.Tensor))
+    if free < needed + (1 << 20):
+        return StorageError(f"cannot write {path}: {STORAGE_ERRNOS[errno.ENOSPC]} (ENOSPC: {free / 2**20:.1f} MiB "
+                            f"free, the checkpoint needs {needed / 2**20:.1f} MiB); {storage_fix(path)}")
+    return StorageError(f"cannot write {path}: torch.save failed part-way ({str(err).strip().splitlines()[0]}; "
+                        f"{free / 2**20:.1f} MiB free on the disk); {storage_fix(path)}")
 
 
 def load_checkpoint(path: str | Path, expected_meta: Mapping[str, Any] | None = None,
@@ -196,7 +310,8 @@ def set_aside(path: Path, reason: str) -> Path | None:
     for n in range(1, 1000):
         target = path.with_name(f"{path.stem}.{reason}-{n}{path.suffix}")
         if not target.exists():
-            os.replace(path, target)
+            with storage_errors(path):
+                os.replace(path, target)
             return target
     raise ArtifactError(f"too many set-aside copies of {path}; delete some")
 

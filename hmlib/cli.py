@@ -6,25 +6,31 @@ gives ``hmlib run``, ``hmlib.evaluation.cli`` gives ``hmlib eval``, ``hmlib.clus
 
 Errors the user can fix (an :class:`~hmlib.errors.HmlibError` such as a bad config value, a bad
 command line, a missing or unreadable file) are printed as one ``hmlib: error: ...`` line (plus
-the further lines of a message that lists several items) and end with status 2; Ctrl-C ends with
-``hmlib: interrupted`` and status 130. Any other exception is a bug: its traceback is shown, then a
-line asking to report it. ``--debug`` re-raises every exception with its full traceback.
+the further lines of a message that lists several items) and end with status 2; so does a disk
+that is full, read-only or not writable (an ``OSError`` ENOSPC, EROFS, EACCES, ...: the path and the
+fix). Ctrl-C ends with ``hmlib: interrupted`` and status 130, SIGTERM with ``hmlib: terminated`` and
+status 143, wherever they land. Any other exception is a bug: its traceback is shown, then a line
+asking to report it. ``--debug`` re-raises every exception with its full traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 import traceback
-from typing import NoReturn, Sequence
+from contextlib import contextmanager
+from typing import Any, Iterator, NoReturn, Sequence
 
 from hmlib import __version__
-from hmlib.errors import HmlibError
+from hmlib.artifacts import storage_error
+from hmlib.errors import HmlibError, Terminated, raise_terminated
 
 SUBCOMMAND_MODULES: tuple[str, ...] = ("hmlib.runner", "hmlib.evaluation.cli", "hmlib.cluster.command", "hmlib.results")
 USER_ERRORS: tuple[type[BaseException], ...] = (
     HmlibError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, UnicodeDecodeError)
-EXIT_ERROR, EXIT_BUG, EXIT_INTERRUPTED = 2, 1, 130
+EXIT_ERROR, EXIT_BUG, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 1, 130, 143
 MAX_MESSAGE_LINES = 40
 # argparse's own complaints about the command line (as opposed to a handler calling parser.error on bad input)
 ARGPARSE_MESSAGES = ("argument ", "the following arguments are required", "unrecognized arguments",
@@ -66,22 +72,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv[:argv.index("--")] if "--" in argv else "--debug" in argv
     try:
-        parser = build_parser()
-        args = parser.parse_args(argv)
-        debug = bool(args.debug)
-        if getattr(args, "func", None) is None:
-            parser.print_help(sys.stderr)
-            return EXIT_ERROR
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
+        with sigterm_as_interrupt():
+            parser = build_parser()
+            args = parser.parse_args(argv)
+            debug = bool(args.debug)
+            if getattr(args, "func", None) is None:
+                parser.print_help(sys.stderr)
+                return EXIT_ERROR
+            return int(args.func(args) or 0)
+    except KeyboardInterrupt as err:
         if debug:
             raise
-        print("hmlib: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+        terminated = isinstance(err, Terminated)
+        print("hmlib: terminated (SIGTERM)" if terminated else "hmlib: interrupted", file=sys.stderr)
+        return EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
     except USER_ERRORS as err:
         if debug:
             raise
         print("\n".join(error_lines(err)), file=sys.stderr)
+        return EXIT_ERROR
+    except OSError as err:  # a full, read-only or foreign disk met outside hmlib's own writers: not a bug either
+        storage = storage_error(err, err.filename if err.filename is not None else "a file")
+        if debug or storage is None:
+            raise
+        print("\n".join(error_lines(storage)), file=sys.stderr)
         return EXIT_ERROR
     except Exception as err:  # a bug: keep the traceback
         if debug:
@@ -90,6 +104,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"hmlib: internal error: {type(err).__name__} (a bug in hmlib, not in your input); re-run with "
               "--debug for the full traceback and please report it", file=sys.stderr)
         return EXIT_BUG
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`~hmlib.errors.Terminated` (a KeyboardInterrupt) like Ctrl-C does."""
+    installed = threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGTERM")
+    previous: Any = signal.signal(signal.SIGTERM, raise_terminated) if installed else None
+    try:
+        yield
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 def error_lines(err: BaseException) -> list[str]:

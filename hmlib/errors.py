@@ -1,11 +1,15 @@
-"""The common base of the errors hmlib raises on purpose.
+"""The common base of the errors hmlib raises on purpose, and the SIGTERM counterpart of Ctrl-C.
 
 Every error the package raises for bad input, settings or artifacts derives from :class:`HmlibError`
 (``ConfigError``, ``DatasetError``, ``ArtifactError``, ``EvalError``, ``RunnerError``, ...), so the
 ``hmlib`` command can print it as one ``hmlib: error: ...`` line instead of a traceback. Anything
-else reaching the command is a bug and keeps its traceback.
+else reaching the command is a bug and keeps its traceback. A disk that is full, read-only or not
+ours is :class:`StorageError` (also an ``OSError``, so code catching ``OSError`` still sees it).
 """
 from __future__ import annotations
+
+import signal
+from typing import Any, NoReturn
 
 
 class HmlibError(Exception):
@@ -20,4 +24,19 @@ class DatasetError(HmlibError, ValueError):
     """
 
 
-__all__ = ["DatasetError", "HmlibError"]
+class StorageError(HmlibError, OSError):
+    """A file or folder could not be written (disk full, read-only, no permission); the message names it and the fix."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where it lands like Ctrl-C's KeyboardInterrupt, so both unwind the same way (exit 143)."""
+
+    signal = signal.SIGTERM
+
+
+def raise_terminated(signum: int, frame: Any) -> NoReturn:
+    """A SIGTERM handler: raise :class:`Terminated` in the main thread."""
+    raise Terminated()
+
+
+__all__ = ["DatasetError", "HmlibError", "StorageError", "Terminated", "raise_terminated"]

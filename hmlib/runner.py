@@ -5,15 +5,20 @@ current interpreter (cwd = the notebooks folder), injecting ``profile`` and ``co
 cell placed right after the one tagged ``parameters`` (papermill style). Executed notebooks and
 their HTML reports go to ``reports/`` (under ``$HMLIB_HOME`` if set), with ``reports/index.html``.
 The run stops at the first failing notebook, naming the cell and the error; that notebook's
-partial HTML is still written for debugging. Ctrl-C interrupts the running cell, shuts the kernel
-down (:mod:`hmlib.notebook_client`), records the notebook as ``interrupted`` with its partial report
-and ends the command with status 130.
+partial HTML is still written for debugging. Ctrl-C (SIGINT) or SIGTERM interrupts the running cell,
+shuts the kernel down (:mod:`hmlib.notebook_client`), starts no further cell or notebook, records the
+notebook as ``interrupted`` with its partial report and ends the command with status 130 (SIGINT) or
+143 (SIGTERM). ``HMLIB_HOME`` and ``HMLIB_DATA_DIR`` are resolved once, here, and handed to every kernel as
+absolute paths, and so are the entries of ``PYTHONPATH`` (a kernel runs in the notebooks folder, where a relative
+path would mean another folder).
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -24,6 +29,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import nbformat
 
 from hmlib import paths, reports
+from hmlib.artifacts import check_writable
 from hmlib.config import load_config
 from hmlib.errors import HmlibError
 
@@ -31,6 +37,7 @@ NOTEBOOK_PATTERN = re.compile(r"^\d\d_.+\.ipynb$")
 PARAMETERS_TAG = "parameters"
 INJECTED_TAG = "injected-parameters"
 DEFAULT_CELL_TIMEOUT_S = 3600
+PATH_VARIABLES = ("HMLIB_HOME", "HMLIB_DATA_DIR")  # resolved once by the runner, passed to kernels absolute
 
 
 class RunnerError(HmlibError, RuntimeError):
@@ -48,6 +55,7 @@ class NotebookRun:
     html_path: Path | None
     error: str | None = None  # one paragraph: cell index, first source line, exception (or the interruption)
     cell_index: int | None = None  # index of the failing (or interrupted) cell in the source notebook
+    stop_signal: int | None = None  # the signal that interrupted it (SIGINT or SIGTERM)
 
 
 # ------------------------------------------------------------------------------------ selection
@@ -80,13 +88,19 @@ def _find(notebooks: Sequence[Path], selector: str) -> int:
 def select_notebooks(notebooks: Sequence[Path], only: Iterable[str] | None = None,
                      start: str | None = None) -> list[Path]:
     """Apply ``--only`` (a list of selectors) and ``--from`` (first notebook to run) to the series."""
-    if only and start:
+    if only is not None and start is not None:
         raise RunnerError("use either --only or --from, not both")
-    if only:
+    if only is not None:
         selectors = [s for item in only for s in item.split(",") if s.strip()]
+        if not selectors:
+            given = " ".join(f"--only {item!r}" for item in only) or "--only"
+            example = notebooks[0].stem[:2] if notebooks else "01"
+            raise RunnerError(f"{given} selects no notebook; name at least one, e.g. --only {example}")
         picked = sorted({_find(notebooks, s) for s in selectors})
         return [notebooks[i] for i in picked]
-    if start:
+    if start is not None:
+        if not start.strip():
+            raise RunnerError("--from '' names no notebook; give one, e.g. --from 02")
         return list(notebooks[_find(notebooks, start):])
     return list(notebooks)
 
@@ -125,14 +139,18 @@ def _first_line(cell: nbformat.NotebookNode) -> str:
     return next((ln for ln in cell.source.splitlines() if ln.strip()), "").strip()[:100]
 
 
-def _describe_interruption(nb: nbformat.NotebookNode, cell_index: int | None, injected_at: int,
-                           source_name: str) -> tuple[str, int | None]:
-    """'interrupted in <notebook>, cell <i> (<first line>)' for the cell running (last started) at the Ctrl-C."""
+def _describe_interruption(nb: nbformat.NotebookNode, cell_index: int | None, running: bool, injected_at: int,
+                           source_name: str, stop_signal: int | None = None) -> tuple[str, int | None]:
+    """'interrupted in <notebook>, cell <i> (<first line>)' for the code cell running at the signal ('after cell
+    <i>' when it came between cells); 'interrupted by SIGTERM in ...' for a SIGTERM."""
+    by_sigint = stop_signal in (None, signal.SIGINT)
+    how = "interrupted" if by_sigint else f"interrupted by {signal.Signals(stop_signal).name}"
     if cell_index is None or cell_index >= len(nb.cells):
-        return f"interrupted in {source_name} while starting the kernel", None
+        return f"{how} in {source_name} while starting the kernel", None
     original = cell_index - 1 if cell_index > injected_at else cell_index
     where = "the injected parameters cell" if cell_index == injected_at else f"cell {original}"
-    return f"interrupted in {source_name}, {where} ({_first_line(nb.cells[cell_index])})", original
+    return f"{how} in {source_name}{',' if running else ' after'} {where} ({_first_line(nb.cells[cell_index])})", \
+        original
 
 
 def _describe_failure(nb: nbformat.NotebookNode, cell_index: int | None, injected_at: int,
@@ -151,9 +169,24 @@ def _describe_failure(nb: nbformat.NotebookNode, cell_index: int | None, injecte
     return f"{source_name}, {where} [first line: {first_line[:100]}]: {ename}: {evalue}", original
 
 
+def kernel_environment() -> dict[str, str]:
+    """The environment of a notebook kernel: this one, with HMLIB_HOME / HMLIB_DATA_DIR made absolute (a kernel's
+    cwd is the notebooks folder, where a relative path names another folder)."""
+    env = dict(os.environ)
+    for name in PATH_VARIABLES:
+        if env.get(name, "").strip():
+            env[name] = str(Path(env[name]).expanduser().resolve())
+    if env.get("PYTHONPATH"):  # the same for the kernel's imports ('' or '.' meant this working directory)
+        env["PYTHONPATH"] = os.pathsep.join(str(Path(p or ".").expanduser().resolve())
+                                            for p in env["PYTHONPATH"].split(os.pathsep))
+    return env
+
+
 def execute_notebook(source: Path, parameters: Mapping[str, Any], out_dir: Path, *,
-                     timeout: int | None = DEFAULT_CELL_TIMEOUT_S, progress: bool = True) -> NotebookRun:
-    """Execute one notebook (cwd = its folder), write the executed .ipynb and its HTML to ``out_dir``."""
+                     timeout: int | None = DEFAULT_CELL_TIMEOUT_S, progress: bool = True,
+                     env: Mapping[str, str] | None = None) -> NotebookRun:
+    """Execute one notebook (cwd = its folder, environment ``env``: default :func:`kernel_environment`), write the
+    executed .ipynb and its HTML to ``out_dir``."""
     from tqdm.auto import tqdm
 
     from hmlib.notebook_client import InterruptibleClient
@@ -177,23 +210,32 @@ def execute_notebook(source: Path, parameters: Mapping[str, Any], out_dir: Path,
     started = time.perf_counter()
     error = cell_index = None
     interrupted = False
+    early_signal: int | None = None
+    previous_sigterm = _sigterm_handler()
     with tempfile.TemporaryDirectory(prefix="hmlib-kernel-") as socket_dir:
         client = InterruptibleClient(nb, km=_kernel_manager(socket_dir), timeout=timeout, allow_errors=False,
                                      resources={"metadata": {"path": str(source.parent)}},
                                      on_cell_start=on_cell_start, on_cell_executed=on_cell_executed)
-        try:
-            client.execute(cleanup_kc=True)  # we own the kernel manager: shut the kernel down here
+        try:  # we own the kernel manager: shut the kernel down here
+            client.execute(cleanup_kc=True, env=dict(kernel_environment() if env is None else env))
         except (Exception, asyncio.CancelledError, KeyboardInterrupt) as err:  # CellExecutionError, timeouts, ...
             interrupted = client.interrupted or isinstance(err, KeyboardInterrupt)
+            if isinstance(err, KeyboardInterrupt) and client.stop_signal is None:  # before the client's handlers
+                early_signal = getattr(err, "signal", signal.SIGINT)  # hmlib.errors.Terminated carries SIGTERM
             if not interrupted:
                 error, cell_index = _describe_failure(nb, state["cell_index"], injected_at, err, source.name)
         finally:
             interrupted = interrupted or client.interrupted  # also a Ctrl-C after the last cell: stop the series
             if interrupted:
                 client.reap_kernel()  # whatever is left of the kernel's process group
+            _restore_sigterm(previous_sigterm)  # asyncio leaves SIGTERM at its default (death) when it lets go
             bar.close()
+    stop_signal = int(client.stop_signal or early_signal or signal.SIGINT) if interrupted else None
     if interrupted:
-        error, cell_index = _describe_interruption(nb, state["cell_index"], injected_at, source.name)
+        signalled = client.stop_signal is not None  # else a KeyboardInterrupt before the client's handlers were set
+        at = client.interrupted_cell if signalled else client.current_cell
+        running = client.cell_was_running if signalled else True
+        error, cell_index = _describe_interruption(nb, at, running, injected_at, source.name, stop_signal)
     wall_s = time.perf_counter() - started
     status = "interrupted" if interrupted else "ok" if error is None else "failed"
     nb.metadata["hmlib"] = {"parameters": dict(parameters), "status": status, "wall_s": round(wall_s, 3),
@@ -209,7 +251,23 @@ def execute_notebook(source: Path, parameters: Mapping[str, Any], out_dir: Path,
         export_error = f"HTML export of {source.name} failed: {type(err).__name__}: {err}"
         error = export_error if error is None else f"{error}\n{export_error}"
         status = "interrupted" if interrupted else "failed"
-    return NotebookRun(source.stem, status, wall_s, executed_path, html_path, error, cell_index)
+    return NotebookRun(source.stem, status, wall_s, executed_path, html_path, error, cell_index, stop_signal)
+
+
+def _sigterm_handler() -> Any:
+    try:
+        return signal.getsignal(signal.SIGTERM)
+    except (ValueError, AttributeError):  # no SIGTERM on this platform
+        return None
+
+
+def _restore_sigterm(handler: Any) -> None:
+    if handler is None:
+        return
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except (ValueError, TypeError):  # not the main thread: asyncio could not have changed it either
+        pass
 
 
 def run_notebooks(profile: str = "default", config_path: str | Path | None = None, *,
@@ -217,20 +275,29 @@ def run_notebooks(profile: str = "default", config_path: str | Path | None = Non
                   timeout: int | None = DEFAULT_CELL_TIMEOUT_S, notebooks_dir: str | Path | None = None,
                   progress: bool = True) -> list[NotebookRun]:
     """Execute the selected notebooks in order, stopping at the first failure; update reports/index.html."""
+    if timeout is not None and timeout < 0:
+        raise RunnerError(f"--timeout must be a positive number of seconds, or 0 for no timeout (got {timeout})")
+    timeout = timeout or None  # 0: no timeout
     if config_path is not None:
+        if not str(config_path).strip():
+            raise RunnerError("--config '' names no file; give the path of a JSON file or leave --config out")
         config_path = str(Path(config_path).expanduser().resolve())
     load_config(profile, config_path)  # fail fast, before any kernel starts, on a bad profile or file
+    if notebooks_dir is not None and not str(notebooks_dir).strip():
+        raise RunnerError("--notebooks '' names no folder; give the folder of the series or leave --notebooks out")
     series = discover_notebooks(notebooks_dir)
     if not series:
         raise RunnerError(f"no notebooks named NN_*.ipynb in {notebooks_dir or paths.notebooks_dir()}")
     selected = select_notebooks(series, only, start)
+    env = kernel_environment()  # HMLIB_HOME and HMLIB_DATA_DIR resolved once, here, for every kernel
+    check_writable(paths.home(), what="the artifact folder (HMLIB_HOME)")  # before hours of work, not after
     out_dir = paths.reports_dir()
     parameters = {"profile": profile, "config_path": config_path}
     runs: list[NotebookRun] = []
     _say(f"hmlib run: profile={profile!r} config={config_path!r}; {len(selected)} notebook(s) -> {out_dir}", progress)
     for position, source in enumerate(selected, 1):
         _say(f"[{position}/{len(selected)}] {source.name} ...", progress)
-        run = execute_notebook(source, parameters, out_dir, timeout=timeout, progress=progress)
+        run = execute_notebook(source, parameters, out_dir, timeout=timeout, progress=progress, env=env)
         runs.append(run)
         record = reports.NotebookRecord(
             name=run.name, title=_title(run.executed_path) or run.name, status=run.status,
@@ -269,16 +336,28 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--only", action="append", metavar="NB",
                         help="run only these notebooks ('01', '01_data' or 'data'; repeat or comma-separate)")
     parser.add_argument("--from", dest="start", metavar="NB", help="start the series at this notebook")
-    parser.add_argument("--timeout", type=int, default=DEFAULT_CELL_TIMEOUT_S, metavar="S",
-                        help="per-cell timeout in seconds; 0 for none (default: %(default)s)")
+    parser.add_argument("--timeout", type=_timeout_value, default=DEFAULT_CELL_TIMEOUT_S, metavar="S",
+                        help="per-cell timeout in whole seconds; 0 for none (default: %(default)s)")
     parser.add_argument("--notebooks", default=None, metavar="DIR",
                         help="folder holding the series (default: the repository's notebooks/)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
     parser.set_defaults(func=_run_command)
 
 
+def _timeout_value(text: str) -> int:
+    """``--timeout``: whole seconds, 0 for none; a negative value is refused (it would silently mean none)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (no timeout) or a positive number of seconds, got {value}")
+    return value
+
+
 def _run_command(args: argparse.Namespace) -> int:
-    """Handler of ``hmlib run``: 0 if every notebook ran, 1 if one failed, 130 if interrupted (errors: hmlib.cli)."""
+    """Handler of ``hmlib run``: 0 if every notebook ran, 1 if one failed, 130 / 143 if interrupted by SIGINT /
+    SIGTERM (errors: hmlib.cli)."""
     runs = run_notebooks(args.profile, args.config, only=args.only, start=args.start,
                          timeout=args.timeout or None, notebooks_dir=args.notebooks, progress=not args.quiet)
     total = sum(r.wall_s for r in runs)
@@ -289,7 +368,7 @@ def _run_command(args: argparse.Namespace) -> int:
         first = stopped[0].error.splitlines()[0] if stopped[0].error else f"interrupted in {stopped[0].name}"
         print(f"hmlib run: {first}; partial report: {stopped[0].html_path or stopped[0].executed_path}",
               file=sys.stderr)
-        return 130
+        return 128 + (stopped[0].stop_signal or signal.SIGINT)
     failed = [r for r in runs if r.status != "ok"]
     if failed:
         print(f"hmlib run: FAILED: {failed[0].error}\n(partial report: {failed[0].html_path or 'not written'}; "

@@ -7,7 +7,7 @@ with :func:`typing.get_type_hints` and checks, then coerces, the value:
 annotation                      accepted                                     stored as
 ==============================  ===========================================  ==============
 ``int``                         an integer, not a bool                       ``int``
-``float``                       an integer or a float, not a bool, not NaN   ``float``
+``float``                       a finite integer or float, not a bool        ``float``
 ``bool``                        ``True`` or ``False`` only                   ``bool``
 ``str``                         a string                                     ``str``
 ``X | None``                    ``None``, or what ``X`` accepts              as ``X``
@@ -39,6 +39,7 @@ import json
 import math
 import numbers
 import operator
+import re
 import types
 import typing
 from pathlib import Path
@@ -108,7 +109,15 @@ def check_value(value: Any, annotation: Any, rules: Mapping[str, Any], where: st
     try:
         return _coerce(value, annotation, rules, where)
     except _Mismatch as bad:
-        raise ConfigError(f"{where} must be {expected(annotation, rules)}, got {_show(value, bad.kind)}") from None
+        wanted = expected(annotation, rules)
+        if _non_finite(value):  # inf (a JSON 1e400) or nan: no rule can order it, so say what is wrong with it
+            wanted = re.sub(r"\ba number\b", "a finite number", wanted, count=1)
+        raise ConfigError(f"{where} must be {wanted}, got {_show(value, bad.kind)}") from None
+
+
+def _non_finite(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, numbers.Integral)) and \
+        not math.isfinite(value)
 
 
 def _is_union(origin: Any) -> bool:
@@ -173,7 +182,7 @@ def _coerce_scalar(value: Any, tp: type) -> Any:
         if not isinstance(value, numbers.Integral):
             raise _Mismatch(True)
         return int(value)
-    if not isinstance(value, numbers.Real) or math.isnan(value):
+    if not isinstance(value, numbers.Real) or not math.isfinite(value):  # inf from 1e400 would pass every bound
         raise _Mismatch(not isinstance(value, numbers.Real))
     return float(value)
 

@@ -57,6 +57,21 @@ class BrightnessClusterer:
         self.confidence_ = proba.max(axis=1)
         return self
 
+    def select_n_clusters(self, images: np.ndarray, candidates) -> int:
+        """K by the silhouette of the brightness bins, with scikit-learn's own limits (2..n-1 labels), like the real
+        estimator's."""
+        from sklearn.metrics import silhouette_score
+
+        brightness = images.reshape(len(images), -1).mean(axis=1, keepdims=True)
+        scores = {}
+        for k in candidates:
+            self.n_clusters = k
+            scores[k] = float(silhouette_score(brightness, self.fit(images).labels_))
+        self.k_scores_ = scores
+        self.n_clusters = max(scores, key=scores.get)
+        self.fit(images)
+        return self.n_clusters
+
     def describe(self) -> dict:
         return {"model": "brightness quantiles (test stand-in)", "n_clusters": self.n_clusters,
                 "num_steps": self.num_steps}

@@ -156,3 +156,18 @@ def test_hmlib_cluster_k_auto_end_to_end(ckpt, tmp_path, capsys):
     assert "expected an integer or 'auto'" in capsys.readouterr().err
     assert cli.main(["cluster", str(tmp_path / "photos"), "--k", "auto", "--k-max", "1", "--out", str(tmp_path / "o3")]) == 2
     assert "--k-max must be at least 2" in capsys.readouterr().err
+
+
+def test_fit_predict_on_no_images_is_one_clear_error(ckpt):
+    """Issue 19: zero images raised IndexError from deep inside the encoder."""
+    clusterer = HyperClusterer.from_checkpoint(ckpt[("zero_shot", 0)], n_clusters=3)
+    with pytest.raises(ClusterInputError, match="no images to cluster"):
+        clusterer.fit_predict(np.zeros((0, 28, 28), np.uint8))
+
+
+def test_select_n_clusters_leaves_out_k_equal_to_the_number_of_images(ckpt):
+    """Issue 19: a silhouette needs 2..n-1 clusters; K = n made scikit-learn refuse the whole selection."""
+    images = patterns(6)[0][::PER_CLASS][:5]  # five images, one per class: K = 5 would give each its own cluster
+    clusterer = HyperClusterer.from_checkpoint(ckpt[("zero_shot", 0)], n_clusters=2)
+    clusterer.select_n_clusters(images, candidates=range(2, 6))
+    assert sorted(clusterer.k_scores_) == [2, 3, 4]

@@ -74,7 +74,7 @@ def test_good_values_are_coerced():
     ({"ratio": "0.2"}, "inner.ratio must be a number > 0 and < 1, got '0.2' (a string)"),
     ({"ratio": 1}, "inner.ratio must be a number > 0 and < 1, got 1"),
     ({"ratio": 0.0}, "inner.ratio must be a number > 0 and < 1, got 0.0"),
-    ({"ratio": float("nan")}, "inner.ratio must be a number > 0 and < 1, got nan"),
+    ({"ratio": float("nan")}, "inner.ratio must be a finite number > 0 and < 1, got nan"),
     ({"ratio": False}, "inner.ratio must be a number > 0 and < 1, got false (a boolean)"),
     ({"ratio": [0.5]}, "inner.ratio must be a number > 0 and < 1, got [0.5] (a list)"),
     ({"unit": 1.5}, "inner.unit must be a number >= 0 and <= 1, got 1.5"),

@@ -1,8 +1,9 @@
 """``hmlib cluster PATH --k K``: cluster an unlabeled image collection with a trained model and write the results.
 
-Order of work: check the arguments and the output folder, resolve the checkpoint, decode the images, fit the
-estimator, then write ``assignments.csv``, ``clusters.html`` and ``summary.json``. Bad input stops with one line
-``hmlib cluster: error: ...`` on stderr (exit status 2) before anything is written.
+Order of work: check the arguments, claim the output folder (writable, empty unless ``--overwrite``, locked
+against a concurrent run: :func:`~hmlib.cluster.outputs.claim_out_dir`), resolve the checkpoint, decode the
+images, fit the estimator, then write ``assignments.csv``, ``clusters.html`` and ``summary.json``. Bad input
+stops with one line ``hmlib cluster: error: ...`` on stderr (exit status 2) before anything is written.
 """
 from __future__ import annotations
 
@@ -17,13 +18,15 @@ import numpy as np
 from hmlib.artifacts import ArtifactError
 from hmlib.cluster.decode import one_line
 from hmlib.cluster.images import ClusterInputError, ImageCollection, input_kind, load_images
-from hmlib.cluster.outputs import (ASSIGNMENTS, CONTACT_SHEET, SUMMARY, build_summary, check_out_dir,
+from hmlib.cluster.outputs import (ASSIGNMENTS, CONTACT_SHEET, SUMMARY, build_summary, claim_out_dir,
                                    default_out_dir, write_assignments, write_summary)
 from hmlib.cluster.sheet import write_contact_sheet
 from hmlib.config import TaskConfig
+from hmlib.errors import StorageError
 from hmlib.results import cluster_accuracy_note
 
 MAX_PRINTED = 20  # skipped files printed one per line; the rest are in summary.json
+DEFAULT_K_MAX = 10
 
 DESCRIPTION = """Cluster the images at PATH into K groups with a meta-trained model, without labels.
 PATH is a folder of image files (searched recursively; any format Pillow reads), a parquet folder in the
@@ -38,17 +41,19 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                                    description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", metavar="PATH", help="image folder, parquet folder / file, or hub id 'org/name'")
     parser.add_argument("--k", type=_k_value, required=True, metavar="K",
-                        help="number of clusters, or 'auto' to choose it without labels (the K in 2..--k-max whose "
-                             "clusters have the highest silhouette on the embedding); at least 2, at most the "
-                             "number of images; any K works (the "
+                        help="number of clusters, or 'auto' to choose it without labels (the K in 2..--k-max, and "
+                             "below the number of images, whose clusters have the highest silhouette on the "
+                             "embedding; needs at least 3 images); at least 2, at most the number of images; any K "
+                             "works (the "
                              f"prototypes come from the images), the default meta-training uses K = {TaskConfig().num_classes}; "
                              f"{cluster_accuracy_note()}".replace("%", "%%"))  # argparse expands % in help
-    parser.add_argument("--k-max", type=int, default=10, metavar="KMAX", help="largest K tried by --k auto (default 10)")
-    parser.add_argument("--checkpoint", type=Path, metavar="CKPT",
+    parser.add_argument("--k-max", type=int, default=None, metavar="KMAX",
+                        help=f"largest K tried by --k auto, at least 2 (default {DEFAULT_K_MAX})")
+    parser.add_argument("--checkpoint", metavar="CKPT",
                         help="model checkpoint (default: the pipeline's zero-shot checkpoint)")
     parser.add_argument("--steps", type=int, metavar="S",
                         help="adaptation steps at test time, 0 for none (default: the checkpoint's)")
-    parser.add_argument("--out", type=Path, metavar="DIR",
+    parser.add_argument("--out", metavar="DIR",
                         help="output folder (default: results/cluster/<name of PATH>/ under the artifact home)")
     parser.add_argument("--overwrite", action="store_true",
                         help=f"replace {ASSIGNMENTS}, {CONTACT_SHEET} and {SUMMARY} in an existing --out")
@@ -66,7 +71,7 @@ def run_cluster_command(args: argparse.Namespace) -> int:
     """Handler of ``hmlib cluster``: 0 on success, 2 with a one-line message on bad input."""
     try:
         return _cluster(args)
-    except ClusterInputError as err:
+    except (ClusterInputError, StorageError) as err:  # bad input, or an --out that cannot be written
         print(f"hmlib cluster: error: {err}", file=sys.stderr)
         return 2
 
@@ -82,9 +87,14 @@ def _k_value(text: str) -> int | str:
 
 
 def _check_arguments(args: argparse.Namespace) -> None:
+    if not str(args.path).strip():
+        raise ClusterInputError("PATH '' names nothing; give an image folder, a parquet folder / file or a hub id")
+    if args.k_max is not None and args.k_max < 2:
+        raise ClusterInputError(f"--k-max must be at least 2 (got {args.k_max})")
     if args.k == "auto":
-        if args.k_max < 2:
-            raise ClusterInputError(f"--k-max must be at least 2 (got {args.k_max})")
+        args.k_max = DEFAULT_K_MAX if args.k_max is None else args.k_max
+    elif args.k_max is not None:
+        raise ClusterInputError(f"--k-max applies to --k auto only; with --k {args.k} leave it out")
     elif args.k < 2:
         raise ClusterInputError(f"--k must be at least 2 (got {args.k})")
     if args.steps is not None and args.steps < 0:
@@ -93,6 +103,10 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise ClusterInputError(f"--limit must be at least 1 (got {args.limit})")
     if args.per_cluster < 1:
         raise ClusterInputError(f"--per-cluster must be at least 1 (got {args.per_cluster})")
+    if args.split is not None and not args.split.strip():
+        raise ClusterInputError("--split '' names no split; give one (e.g. --split test) or leave --split out")
+    if args.checkpoint is not None and not str(args.checkpoint).strip():
+        raise ClusterInputError("--checkpoint '' names no file; give a checkpoint or leave it out for the default")
 
 
 def _estimator_api() -> Any:
@@ -103,7 +117,7 @@ def _estimator_api() -> Any:
         raise ClusterInputError(f"the clustering model is not available ({one_line(err)})") from err
 
 
-def _checkpoint(api: Any, given: Path | None) -> Path:
+def _checkpoint(api: Any, given: str | Path | None) -> Path:
     if given is not None:
         path = Path(given).expanduser().resolve()
         if not path.is_file():
@@ -123,8 +137,8 @@ def _fit(api: Any, checkpoint: Path, k: int | str, steps: int | None, images: np
     except (FileNotFoundError, ArtifactError, ValueError) as err:
         raise ClusterInputError(f"cannot use checkpoint {checkpoint}: {one_line(err)}") from err
     try:
-        if k == "auto":
-            model.select_n_clusters(images, range(2, min(k_max, len(images)) + 1))
+        if k == "auto":  # a silhouette needs 2..n-1 clusters: K = n (one image each) cannot be scored
+            model.select_n_clusters(images, range(2, min(k_max, len(images) - 1) + 1))
         else:
             model.fit(images)
     except ValueError as err:
@@ -158,7 +172,12 @@ def _print_skipped(collection: ImageCollection) -> None:
 def _cluster(args: argparse.Namespace) -> int:
     _check_arguments(args)
     input_kind(args.path)  # a PATH that does not exist fails here, before any other check
-    out = check_out_dir(args.out if args.out is not None else default_out_dir(args.path), args.overwrite)
+    with claim_out_dir(args.out if args.out is not None else default_out_dir(args.path), args.overwrite) as out:
+        return _cluster_into(args, out)
+
+
+def _cluster_into(args: argparse.Namespace, out: Path) -> int:
+    """The run proper, writing into the claimed (checked, locked) folder ``out``."""
     api = _estimator_api()
     checkpoint = _checkpoint(api, args.checkpoint)
     collection = load_images(args.path, progress=not args.quiet, limit=args.limit, split=args.split)
@@ -166,8 +185,9 @@ def _cluster(args: argparse.Namespace) -> int:
     if args.k != "auto" and args.k > len(collection):
         raise ClusterInputError(f"--k {args.k} is larger than the number of images ({len(collection)}) at "
                                 f"{collection.location}")
-    if args.k == "auto" and len(collection) < 2:
-        raise ClusterInputError(f"--k auto needs at least 2 images; {collection.location} has {len(collection)}")
+    if args.k == "auto" and len(collection) < 3:
+        raise ClusterInputError(f"--k auto needs at least 3 images (a silhouette compares 2..n-1 clusters); "
+                                f"{collection.location} has {len(collection)}; pass --k instead")
     model = _fit(api, checkpoint, args.k, args.steps, collection.images, args.k_max)
     if args.k == "auto":
         args.k = int(model.n_clusters)

@@ -22,6 +22,7 @@ from sklearn.metrics import silhouette_score
 from hmlib import paths
 from hmlib.artifacts import ArtifactError, read_json
 from hmlib.backbone.embeddings import embed_images
+from hmlib.cluster.images import ClusterInputError
 from hmlib.config import IMAGE_SIZE
 from hmlib.data.preprocess import preprocess_images
 from hmlib.features import normalize_task_np
@@ -61,17 +62,19 @@ def default_checkpoint() -> Path:
 
 
 def as_images(images: Any) -> np.ndarray:
-    """uint8 (N, 28, 28) from uint8 arrays of any size (N, H, W) or a list of PIL images (hmlib's preprocessing)."""
-    if isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE):
-        return images
+    """uint8 (N, 28, 28) from uint8 arrays of any size (N, H, W) or a list of PIL images (hmlib's preprocessing);
+    no images at all is a ClusterInputError (a ValueError)."""
     if isinstance(images, np.ndarray):
         if images.ndim != 3 or images.dtype != np.uint8:
             raise ValueError(f"expected uint8 images (N, H, W) or a list of PIL images, got {images.dtype} "
                              f"{images.shape}")
+        if len(images) and images.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE):
+            return images
         images = [Image.fromarray(a, mode="L") for a in images]
-    if not len(images):
-        raise ValueError("no images to cluster")
-    return preprocess_images(list(images), progress=False, num_workers=1)
+    images = list(images)
+    if not images:
+        raise ClusterInputError("no images to cluster (got an empty set); pass at least n_clusters images")
+    return preprocess_images(images, progress=False, num_workers=1)
 
 
 class HyperClusterer:
@@ -164,11 +167,14 @@ class HyperClusterer:
 
     def select_n_clusters(self, images: Any, candidates: Sequence[int] = tuple(range(2, 11))) -> int:
         """Choose K without labels, then fit with it: the candidate whose clusters have the highest mean silhouette
-        on the set's standardised, L2-normalised embedding (``k_scores_`` keeps every candidate's score)."""
+        on the set's standardised, L2-normalised embedding (``k_scores_`` keeps every candidate's score).
+
+        A silhouette is defined for 2..N-1 clusters of N images, so larger candidates are dropped."""
         images = as_images(images)
-        candidates = sorted({int(k) for k in candidates if int(k) <= len(images)})
+        candidates = sorted({int(k) for k in candidates if int(k) < len(images)})
         if not candidates or candidates[0] < 2:
-            raise ValueError(f"candidates for K must be at least 2 and at most the number of images ({len(images)})")
+            raise ClusterInputError(f"candidates for K must be at least 2 and below the number of images "
+                                    f"({len(images)}): a silhouette needs 2..N-1 clusters")
         rows = self._rows(images)
         z = normalize_task_np(rows[1], l2=True)
         scores: dict[int, float] = {}

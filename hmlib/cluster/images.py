@@ -5,7 +5,9 @@ Every image goes through hmlib's own preprocessing (:func:`hmlib.data.preprocess
 streams in chunks (over worker processes for large inputs) and keeps only the uint8 arrays.
 
 Folder input: searched recursively in sorted order of relative path; hidden files and folders (a name starting
-with ``.``) are left out. Every file is offered to Pillow whatever its extension. A file Pillow does not
+with ``.``) are left out. Only regular files (or links to them) are read: a named pipe, socket or device
+(which would block or never end) and a broken link are *skipped* with their kind as the reason, never opened.
+Every regular file is offered to Pillow whatever its extension. A file Pillow does not
 recognise and whose extension is not an image format Pillow reads (``notes.txt``, ``labels.csv``) is *ignored*
 (counted and listed, not an error); an image that fails to decode (truncated, corrupt, unreadable, or a file
 with an image extension that is not an image) is *skipped* and listed with a one-line reason.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
@@ -105,8 +108,27 @@ def input_kind(path: str | Path) -> str:
 # ---------------------------------------------------------------------------------------------- folders
 
 
+NOT_REGULAR = ((stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _not_regular(path: Path) -> str | None:
+    """Why ``path`` is not read (a pipe, socket, device or broken link: opening one can block forever), else None."""
+    try:
+        mode = os.stat(path).st_mode  # follows links: a link to an image is read, a link to a pipe is not
+    except FileNotFoundError:
+        return "a broken symbolic link" if path.is_symlink() else "vanished while the folder was listed"
+    except OSError as err:
+        return one_line(err)
+    if stat.S_ISREG(mode):
+        return None
+    kind = next((name for test, name in NOT_REGULAR if test(mode)), "not a regular file")
+    return f"not a regular file ({kind}); not read"
+
+
 def list_files(folder: Path) -> tuple[list[str], list[tuple[str, str]]]:
-    """``(files, unreadable folders)``: relative posix paths of the non-hidden files under ``folder``, sorted."""
+    """``(files, skipped)``: relative posix paths of the non-hidden regular files under ``folder``, sorted, and
+    ``(path, reason)`` for unreadable folders and entries that are not regular files (pipes, sockets, devices)."""
     found: list[str] = []
     errors: list[tuple[str, str]] = []
 
@@ -117,8 +139,15 @@ def list_files(folder: Path) -> tuple[list[str], list[tuple[str, str]]]:
     for root, dirs, names in os.walk(folder, onerror=on_error):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
         base = Path(root).relative_to(folder)
-        found.extend((base / n).as_posix() for n in names if not n.startswith("."))
-    return sorted(found), errors
+        for name in names:
+            if name.startswith("."):
+                continue
+            reason = _not_regular(Path(root) / name)
+            if reason is None:
+                found.append((base / name).as_posix())
+            else:
+                errors.append(((base / name).as_posix(), reason))
+    return sorted(found), sorted(errors)
 
 
 def _from_folder(folder: Path, limit: int | None, cfg: DataConfig, progress: bool,
