@@ -115,6 +115,7 @@ class TransductiveConfig:
     """The transductive setting: the backbone adapted to a held-out dataset's unlabeled train split (SCAN-style
     neighbour agreement with a clustering head; ``epochs = 0``: normalisation statistics only) (notebook 03)."""
 
+    datasets: tuple[str, ...] | None = None  # held-out datasets adapted to and evaluated transductively; None: all
     epochs: int = checked(3, min=0)
     max_images: int = checked(20000, min=100)  # unlabeled train images used (an evenly spaced sample)
     neighbours: int = checked(20, min=1)  # nearest neighbours mined once in the starting embedding
@@ -150,9 +151,10 @@ class FilmConfig:
     tau: float = checked(10.0, min_exclusive=0.0)  # initial temperature of the cluster head's cosine logits
     adapt: str = checked("both", choices=("head", "film", "both"))  # what the inner loop updates
     adapt_blocks: int = checked(1, min=1)  # the last blocks whose FiLM the inner loop updates
-    inner_lr: float = checked(0.5, min_exclusive=0.0)  # initial step size of the FiLM parameters
-    head_lr: float = checked(0.1, min_exclusive=0.0)  # initial step size of the prototypes and temperature
+    inner_lr: float = checked(0.05, min_exclusive=0.0)  # initial step size of the FiLM parameters
+    head_lr: float = checked(0.05, min_exclusive=0.0)  # initial step size of the prototypes and temperature
     learn_inner_lr: bool = True  # Meta-SGD: per-parameter step sizes meta-learned in the outer loop
+    normalize_steps: bool = True  # steps along the gradient divided by its RMS per task (scale-free step sizes)
     cluster_iters: int = checked(10, min=0)  # Lloyd iterations computing the prototypes from the task
     cluster_inits: int = checked(10, min=1)  # k-means++ seedings per task (fixed generator); lowest inertia wins
 
@@ -185,7 +187,8 @@ class MetaConfig:
     """Meta-training (outer loop) and the protocol's datasets."""
 
     train_datasets: tuple[str, ...] = checked(("fashion_mnist", "hebrew_chars", "math_shapes"), min_len=1)
-    test_datasets: tuple[str, ...] = ("mnist",)  # held out; shifted variants by name, e.g. "mnist+rotate"
+    test_datasets: tuple[str, ...] = ("mnist", "mnist+shot_noise", "mnist+glass_blur", "mnist+scale", "mnist+rotate",
+                                      "mnist+fog")  # held out; shifted variants by name (dataset+corruption)
     iterations: int = checked(150, min=1)
     meta_batch_size: int = checked(8, min=1)
     min_classes: int = checked(2, min=2)  # K of each meta-batch drawn from min..max (capped by the dataset)
@@ -280,10 +283,10 @@ PROFILES: dict[str, dict[str, Any]] = {
         "hyper": {"embed_dim": 16, "num_seeds": 2, "num_heads": 2},
         "film": {"cluster_inits": 3},
         "meta": {"iterations": 10, "meta_batch_size": 2, "eval_every": 5, "eval_tasks": 4, "val_fraction": 0.2,
-                 "max_classes": 4, "task_images": 32},
+                 "max_classes": 4, "task_images": 32, "test_datasets": ("mnist", "mnist+rotate")},
         "eval": {"num_tasks": 10, "shapes": ((4, 64), (2, 32)), "kmeans_n_init": 2, "plain_steps": 3},
         "benchmark": {"corruptions": ("rotate", "shot_noise"), "shapes": ((4, 64),), "num_tasks": 6},
-        "transductive": {"epochs": 1, "max_images": 300, "batch_size": 64},
+        "transductive": {"epochs": 1, "max_images": 300, "batch_size": 64, "datasets": ("mnist",)},
         "ablation": {"step_grid": (0, 1, 2), "lr_grid": (2.0,), "num_tasks": 6, "shapes": ((4, 64),),
                      "meta_iterations": 5, "num_seeds": 1},
     },

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from hmlib import paths
-from hmlib.artifacts import ArtifactError, read_json, write_json
+from hmlib.artifacts import ArtifactError, atomic_path, read_json, write_json
 from hmlib.config import SETTINGS
 from hmlib.errors import HmlibError
 
@@ -26,19 +26,10 @@ class ResultsError(HmlibError):
     """The results record or the README cannot be brought in line."""
 
 
-def _pct(mean: float, ci: float | None) -> str:
-    return f"{100 * mean:.1f} ± {'n/a' if ci is None else f'{100 * ci:.1f}'}"
-
-
-def _signed(stat: Mapping[str, Any] | None) -> str:
-    if not stat:
-        return ""
-    half = "n/a" if stat.get("ci") is None else f"{100 * stat['ci']:.1f}"
-    return f"{100 * stat['mean']:+.1f} ± {half}" + (" *" if stat.get("excludes_zero") else "")
-
-
-def gather(home: Path | None = None) -> dict[str, Any]:
-    """The record from an artifact folder (``$HMLIB_HOME`` by default): evaluation rows, wall times, benchmarks."""
+def gather(home: Path | None = None, *, allow_other_profile: bool = False) -> dict[str, Any]:
+    """The record from an artifact folder (``$HMLIB_HOME`` by default): the evaluation summaries, wall times and
+    benchmarks. A run of another profile than ``default`` (a smoke run, a 2-task run) is refused unless
+    ``allow_other_profile``: the README's prose describes the default protocol."""
     home = Path(home) if home is not None else paths.home()
     record: dict[str, Any] = {"evaluation": {}, "pipeline": {}, "benchmarks": {}}
     for setting in SETTINGS:
@@ -46,11 +37,12 @@ def gather(home: Path | None = None) -> dict[str, Any]:
         if not path.is_file():
             raise ResultsError(f"{path} not found; run `make run` first")
         result = read_json(path)
-        record["evaluation"][setting] = {
-            "dataset": result["dataset"], "seeds": result["seeds"], "num_steps": result["num_steps"],
-            "sizes": {n: [{k: row.get(k) for k in ("method", "label", "accuracy", "ci", "seed_std", "num_seeds",
-                                                  "ms_per_task", "supervised", "gain", "vs")}
-                          for row in block["summary"]] for n, block in result["sizes"].items()}}
+        if result.get("profile") != "default" and not allow_other_profile:
+            raise ResultsError(f"{path} comes from a '{result.get('profile')}' run, not the default protocol the "
+                               "README describes; run `make run` (or pass --allow-other-profile and say so)")
+        record["evaluation"][setting] = {"profile": result.get("profile"), "seeds": result["seeds"],
+                                         "num_steps": result["num_steps"], "num_tasks": result["num_tasks"],
+                                         "setting_label": result["setting_label"], "summary": result["summary"]}
     runs = home / "reports" / "runs.json"
     if runs.is_file():
         log = read_json(runs).get("notebooks", {})
@@ -62,30 +54,13 @@ def gather(home: Path | None = None) -> dict[str, Any]:
 
 
 def _results_table(record: Mapping[str, Any]) -> str:
-    evaluation = record["evaluation"]
-    sizes = sorted({int(n) for s in evaluation.values() for n in s["sizes"]}, reverse=True)
-    lines = []
-    for n in sizes:
-        settings = [s for s in SETTINGS if str(n) in evaluation.get(s, {}).get("sizes", {})]
-        lines += [f"| N = {n} | " + " | ".join(s.replace("_", "-") for s in settings) + " |",
-                  "|---|" + "---:|" * len(settings)]
-        rows = {s: {r["method"]: r for r in evaluation[s]["sizes"][str(n)]} for s in settings}
-        for method in dict.fromkeys(m for s in settings for m in rows[s]):
-            label = next(rows[s][method]["label"] for s in settings if method in rows[s])
-            cells = []
-            for s in settings:
-                row = rows[s].get(method)
-                cells.append("" if row is None else _pct(row["accuracy"], row["ci"]) + (
-                    f" (sd {100 * row['seed_std']:.1f})" if row.get("seed_std") is not None else ""))
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        for key, title in (("gain", "test-time gain, paired"), ("kmeans_embedding", "vs k-means on the embedding, paired")):
-            cells = []
-            for s in settings:
-                row = rows[s].get("hypernet_adapted", {})
-                cells.append(_signed(row.get("gain") if key == "gain" else (row.get("vs") or {}).get(key)))
-            lines.append(f"| {title} | " + " | ".join(cells) + " |")
-        lines.append("")
-    return "\n".join(lines).rstrip() + "\n"
+    from hmlib.evaluation.tables import summary_markdown  # evaluation imports torch: only when rendering
+
+    parts = []
+    for setting, entry in record["evaluation"].items():
+        parts.append(f"**{entry['setting_label'].capitalize()}** ({entry['num_tasks']} tasks per condition, seeds "
+                     f"{entry['seeds']}, {entry['num_steps']} inner steps):\n\n{summary_markdown(entry)}\n")
+    return "\n".join(parts)
 
 
 def _pipeline_table(record: Mapping[str, Any]) -> str:
@@ -161,6 +136,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     group.add_argument("--write", action="store_true", help="gather from the artifact folder, write both files")
     group.add_argument("--check", action="store_true", help="fail if README and docs/results.json disagree")
     parser.add_argument("--home", type=Path, help="artifact folder of the run (default: $HMLIB_HOME or the repository)")
+    parser.add_argument("--allow-other-profile", action="store_true",
+                        help="write figures of a run that is not the default profile (the README will say which)")
     parser.set_defaults(func=run_results_command)
     return parser
 
@@ -168,9 +145,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 def run_results_command(args: argparse.Namespace) -> int:
     """Handler of ``hmlib results``."""
     if args.write:
-        record = gather(args.home)
+        record = gather(args.home, allow_other_profile=args.allow_other_profile)
         write_json(RESULTS_FILE, record)
-        README.write_text(render_readme(README.read_text(), record))
+        with atomic_path(README) as tmp:
+            tmp.write_text(render_readme(README.read_text(), record))
         print(f"wrote {RESULTS_FILE} and regenerated the results sections of {README}")
         return 0
     try:

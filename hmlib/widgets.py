@@ -1,13 +1,14 @@
 """Interactive exploration of test-time adaptation (notebook 04).
 
 :class:`AdaptationExplorer` holds the logic and is tested without a browser: set the dataset, the
-task, the number of inner steps, the inner learning rate or the inner loss, and read the new
-:class:`ExplorerState` (accuracy after every step, confusion matrix, predicted clusters, a 2-D
-projection of the task's features). :func:`explorer_widget` wraps it in ipywidgets controls that
-redraw :func:`hmlib.plots.ablations.plot_explorer_state` on every change.
+task, the number of inner steps, the step-size scale or the inner loss, and read the new
+:class:`ExplorerState` (accuracy after every step, confusion matrix, predicted clusters, and the task's
+*adapted representation* after that step, projected to 2-D on axes fixed by the starting embedding, so the
+points move as the representation adapts). :func:`explorer_widget` wraps it in ipywidgets controls that
+redraw :func:`hmlib.plots.ablations.plot_explorer_state` on every change, with the accuracy as text too.
 
-The adaptation always runs to ``max_steps`` once per (dataset, task, lr, loss) and is cached, so
-moving the steps slider only re-plots; a new lr, loss or task re-runs the inner loop
+The adaptation always runs to ``max_steps`` once per (dataset, task, scale, loss) and is cached, so
+moving the steps slider only re-plots; a new scale, loss or task re-runs the inner loop
 (``benchmarks/bench_widgets.py`` times it).
 """
 from __future__ import annotations
@@ -22,18 +23,18 @@ import ipywidgets as w
 import numpy as np
 import torch
 
-from hmlib.ablations.run import ablation_suite
+from hmlib.ablations.run import ablation_grid
 from hmlib.config import AdaptConfig, Config
-from hmlib.features import pca_2d
-from hmlib.hyper.adapt import predict_task
-from hmlib.hyper.hypernet import TaskInputs
+from hmlib.evaluation.conditions import suite_for
+from hmlib.hyper.adapt import adapt
+from hmlib.hyper.generators import TaskInputs
 from hmlib.hyper.inputs import TaskData, load_task_data
 from hmlib.hyper.losses import INNER_LOSSES, task_accuracy
 from hmlib.hyper.metatrain import meta_train
 from hmlib.metrics import best_matching, confusion
 from hmlib.plots.ablations import ExplorerFigure  # the widget's view
 
-LR_RANGE = (1e-3, 10.0)  # inner learning rates the explorer accepts
+LR_RANGE = (0.05, 20.0)  # step-size scales (adapt.lr_scale) the explorer accepts
 
 
 @dataclass
@@ -56,14 +57,14 @@ class ExplorerState:
     dataset: str
     task: int
     num_steps: int
-    inner_lr: float
+    inner_lr: float  # the step-size scale (adapt.lr_scale)
     inner_loss: str
     accuracy: np.ndarray  # (max_steps+1,) clustering accuracy after 0..max_steps inner steps
     labels: np.ndarray  # (N,) true classes 0..K-1 (used for scoring and display only)
     classes: np.ndarray  # (K,) original class ids of the task
     pred: np.ndarray  # (N,) predicted clusters after num_steps, relabelled by the best matching to classes
     confusion: np.ndarray  # (K, K) rows matched predicted cluster, columns true class
-    embedding: np.ndarray  # (N, 2) PCA projection of the task's features
+    embedding: np.ndarray  # (N, 2) the task's representation after num_steps, on the starting embedding's PCA axes
     seconds: float  # time of the adaptation run behind this state (0 when served from the cache)
 
     @property
@@ -88,9 +89,9 @@ class AdaptationExplorer:
         self.dataset = next(iter(self.sources))
         self.task = 0
         self.num_steps = min(adapt.num_inner_steps, self.max_steps)
-        self.inner_lr = float(adapt.inner_lr)
+        self.inner_lr = float(adapt.lr_scale)
         self.inner_loss = adapt.inner_loss
-        self._cache: OrderedDict[tuple, tuple[np.ndarray, np.ndarray, float]] = OrderedDict()
+        self._cache: OrderedDict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray, float]] = OrderedDict()
         self._cache_size = cache_size
 
     @property
@@ -117,7 +118,7 @@ class AdaptationExplorer:
             raise ValueError(f"num_steps must be in 0..{self.max_steps}, got {new_steps}")
         new_lr = self.inner_lr if inner_lr is None else float(inner_lr)
         if not LR_RANGE[0] <= new_lr <= LR_RANGE[1]:
-            raise ValueError(f"inner_lr must be in [{LR_RANGE[0]:g}, {LR_RANGE[1]:g}], got {new_lr:g}")
+            raise ValueError(f"the step-size scale must be in [{LR_RANGE[0]:g}, {LR_RANGE[1]:g}], got {new_lr:g}")
         new_loss = self.inner_loss if inner_loss is None else inner_loss
         if new_loss not in INNER_LOSSES:
             raise ValueError(f"inner_loss must be one of {', '.join(INNER_LOSSES)}, got {new_loss!r}")
@@ -128,31 +129,37 @@ class AdaptationExplorer:
     @property
     def adapt_config(self) -> AdaptConfig:
         """The AdaptConfig of the current settings (run to max_steps)."""
-        return dataclasses.replace(self.base_adapt, inner_lr=self.inner_lr, inner_loss=self.inner_loss,
+        return dataclasses.replace(self.base_adapt, lr_scale=self.inner_lr, inner_loss=self.inner_loss,
                                    num_inner_steps=self.max_steps)
 
     def _task_inputs(self, dataset: str, task: int) -> TaskInputs:
         source = self.sources[dataset]
         return source.task_data.task_inputs(np.asarray(source.suite.indices)[task:task + 1])
 
-    def _run(self) -> tuple[np.ndarray, np.ndarray, float]:
-        """(predictions (S+1, N), accuracy (S+1,), seconds) for the current dataset/task/lr/loss; cached."""
+    def _run(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+        """(predictions (S+1, N), accuracy (S+1,), 2-D representation (S+1, N, 2), seconds) for the current
+        dataset/task/scale/loss; cached."""
         key = (self.dataset, self.task, self.inner_lr, self.inner_loss)
         if key in self._cache:
             self._cache.move_to_end(key)
-            pred, acc, _ = self._cache[key]
-            return pred, acc, 0.0
-        labels = np.asarray(self.sources[self.dataset].suite.labels)[self.task]
+            pred, acc, points, _ = self._cache[key]
+            return pred, acc, points, 0.0
+        source = self.sources[self.dataset]
+        labels = np.asarray(source.suite.labels)[self.task]
         start = time.perf_counter()
         with torch.no_grad():
-            logits = predict_task(self.hypernet, self._task_inputs(self.dataset, self.task), self.adapt_config)
+            result = adapt(self.hypernet, self._task_inputs(self.dataset, self.task), self.adapt_config,
+                           num_classes=len(np.asarray(source.suite.classes)[self.task]), trajectory=True)
+            views = [representation(self.hypernet, params, result.state)[0].numpy() for params in result.trajectory]
         seconds = time.perf_counter() - start
+        logits = torch.stack(result.logits)  # (S+1, 1, N, K)
         pred = logits[:, 0].argmax(-1).numpy()  # (S+1, N)
         acc = np.array([task_accuracy(step, labels[None])[0] for step in logits])
-        self._cache[key] = (pred, acc, seconds)
+        points = project_along(views)
+        self._cache[key] = (pred, acc, points, seconds)
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
-        return pred, acc, seconds
+        return pred, acc, points, seconds
 
     def state_at(self, num_steps: int) -> ExplorerState:
         """The state of the current task after ``num_steps`` inner steps (the other settings unchanged)."""
@@ -162,14 +169,13 @@ class AdaptationExplorer:
         labels = np.asarray(source.suite.labels)[self.task]
         classes = np.asarray(source.suite.classes)[self.task]
         num_classes = len(classes)
-        pred_all, acc, seconds = self._run()
+        pred_all, acc, points, seconds = self._run()
         raw = pred_all[num_steps]
         matched = best_matching(raw, labels, num_classes)[raw]  # cluster -> the class it is matched to
-        idx = np.asarray(source.suite.indices)[self.task]
         return ExplorerState(dataset=self.dataset, task=self.task, num_steps=num_steps, inner_lr=self.inner_lr,
                              inner_loss=self.inner_loss, accuracy=acc, labels=labels, classes=classes,
                              pred=matched, confusion=confusion(matched, labels, num_classes),
-                             embedding=pca_2d(source.task_data.features[idx]), seconds=seconds)
+                             embedding=points[num_steps], seconds=seconds)
 
     @property
     def state(self) -> ExplorerState:
@@ -187,7 +193,7 @@ class AdaptationExplorer:
         try:
             for lr in inner_lrs:
                 self.set(inner_lr=lr)
-                out[f"lr={lr:g}"] = self._run()[1]
+                out[f"step sizes x {lr:g}"] = self._run()[1]
             self.set(inner_lr=saved[0])
             for loss in inner_losses:
                 self.set(inner_loss=loss)
@@ -197,17 +203,41 @@ class AdaptationExplorer:
         return out
 
     @classmethod
-    def from_config(cls, cfg: Config, *, setting: str | None = None, datasets: Sequence[str] | None = None,
-                    seed: int | None = None, progress: bool = False) -> "AdaptationExplorer":
+    def from_config(cls, cfg: Config, *, datasets: Sequence[str] | None = None, seed: int | None = None,
+                    progress: bool = False) -> "AdaptationExplorer":
         """Explorer over the protocol's hypernetwork (notebook 03, replicate ``seed``) and the ablation suite of
-        each dataset; loads only, never trains."""
-        setting = setting or cfg.ablation.setting
+        each dataset (its first ablation shape); loads only, never trains."""
         seed = cfg.seeds[0] if seed is None else seed
-        hypernet = meta_train(cfg, setting, seed, train=False, progress=progress).hypernet
-        sources = {dataset: TaskSource(load_task_data(cfg, dataset, "test", setting, seed, train=False,
-                                                      progress=progress), ablation_suite(cfg, dataset))
-                   for dataset in datasets or cfg.meta.test_datasets}
+        hypernet = meta_train(cfg, seed, train=False, progress=progress).hypernet
+        conditions = {c.dataset: c for c in reversed(ablation_grid(cfg))}  # the first shape of each dataset
+        sources = {}
+        for dataset in datasets or cfg.meta.test_datasets:
+            task_data = load_task_data(cfg, dataset, "test", seed, train=False, progress=progress)
+            condition = conditions.get(dataset) or next(iter(conditions.values()))
+            condition = dataclasses.replace(condition, dataset=dataset)
+            sources[dataset] = TaskSource(task_data, suite_for(cfg, condition, task_data.labels,
+                                                               cfg.ablation.num_tasks))
         return cls(hypernet, sources, cfg.adapt, max_steps=max(cfg.ablation.step_grid))
+
+
+def representation(hypernet: torch.nn.Module, params: dict, state: Any) -> torch.Tensor:
+    """What the task's clusters are formed in under ``params``: the modulated embedding (generator 'film') or the
+    generated network's outputs (other generators), (T, N, F)."""
+    generator = hypernet.generator
+    if hasattr(generator, "embedding"):
+        return generator.embedding(params, state)
+    return generator.logits(params, state)
+
+
+def project_along(views: Sequence[np.ndarray]) -> np.ndarray:
+    """2-D projections (S, N, 2) of a sequence of representations of the same points, all on the principal axes
+    of the first one (fixed axes: movement between steps is the representation adapting, not the projection)."""
+    first = np.asarray(views[0], dtype=np.float64)
+    mean = first.mean(0)
+    _, _, vh = np.linalg.svd(first - mean, full_matrices=False)
+    axes = vh[:2].T
+    axes = axes * np.sign(axes[np.abs(axes).argmax(0), range(axes.shape[1])])  # a fixed orientation
+    return np.stack([(np.asarray(v, dtype=np.float64) - mean) @ axes for v in views])
 
 
 def explorer_widget(explorer: AdaptationExplorer, *, figsize: tuple[float, float] = (12.0, 3.6)) -> Any:
@@ -219,9 +249,11 @@ def explorer_widget(explorer: AdaptationExplorer, *, figsize: tuple[float, float
     steps = w.IntSlider(value=explorer.num_steps, min=0, max=explorer.max_steps, description="inner steps",
                         continuous_update=False, style=style)
     lr = w.FloatLogSlider(value=explorer.inner_lr, base=10, min=np.log10(LR_RANGE[0]), max=np.log10(LR_RANGE[1]),
-                          step=0.1, description="inner lr", continuous_update=False, readout_format=".3g", style=style)
+                          step=0.1, description="step sizes x", continuous_update=False, readout_format=".3g",
+                          style=style)
     loss = w.Dropdown(options=list(INNER_LOSSES), value=explorer.inner_loss, description="inner loss", style=style)
     view = w.Image(format="png")  # the figure as a PNG: works in JupyterLab and is inspectable in tests
+    readout = w.Label()  # the accuracy as text, beside the figure (screen readers, tests)
     canvas: list[ExplorerFigure] = []  # built on the first draw, then updated in place
 
     def redraw(change: Any = None) -> None:
@@ -233,8 +265,9 @@ def explorer_widget(explorer: AdaptationExplorer, *, figsize: tuple[float, float
             canvas[:] = [ExplorerFigure(state, figsize=figsize)]
         canvas[0].update(state)
         view.value = canvas[0].png()
+        readout.value = f"accuracy {100 * state.current_accuracy:.1f}% after {state.num_steps} inner steps"
 
     for control in (dataset, task, steps, lr, loss):
         control.observe(redraw, names="value")
     redraw()
-    return w.VBox([w.HBox([dataset, task, loss]), w.HBox([steps, lr]), view])
+    return w.VBox([w.HBox([dataset, task, loss]), w.HBox([steps, lr]), readout, view])

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from hmlib.ablations.report import AblationResult
 from hmlib.ablations.spec import Ablation, Variant, define_ablations
 from hmlib.artifacts import ArtifactError, file_sha256, fingerprint, read_json, write_json
+from hmlib.backbone.transductive import get_transductive_backbone
 from hmlib.config import Config, ConfigError, config_to_dict, with_overrides
 from hmlib.evaluation.conditions import Condition, grid, suite_fingerprint, suite_for, suite_seed
 from hmlib.evaluation.inputs import SeedInputs, seed_inputs
@@ -45,12 +46,15 @@ def ablation_seeds(cfg: Config) -> tuple[int, ...]:
     return tuple(cfg.seeds[: cfg.ablation.num_seeds])
 
 
-def ablation_grid(cfg: Config) -> list[Condition]:
-    """The conditions every ablation is scored on."""
+def ablation_grid(cfg: Config, ablation: Ablation | None = None) -> list[Condition]:
+    """The conditions an ablation is scored on (the transductive one: those of ``transductive.datasets``)."""
     if cfg.ablation.num_tasks > cfg.eval.num_tasks:
         raise ConfigError(f"ablation.num_tasks = {cfg.ablation.num_tasks} exceeds eval.num_tasks = "
                           f"{cfg.eval.num_tasks}: the ablations use the first tasks of the evaluation suites")
-    return grid(cfg, cfg.ablation.datasets or cfg.meta.test_datasets, cfg.ablation.shapes, verbose=False)
+    datasets = list(cfg.ablation.datasets or cfg.meta.test_datasets)
+    if ablation is not None and ablation.transductive_only:
+        datasets = [d for d in datasets if d in (cfg.transductive.datasets or cfg.meta.test_datasets)]
+    return grid(cfg, datasets, cfg.ablation.shapes, verbose=False)
 
 
 def training_config(cfg: Config, variant: Variant) -> Config:
@@ -73,10 +77,18 @@ def _checkpoint(cfg: Config, variant: Variant, seed: int, memo: dict, progress: 
     return memo[key]
 
 
-def _inputs(cfg: Config, path: Path, dataset: str, memo: dict) -> SeedInputs:
-    key = ("inputs", str(path), dataset)
+def _inputs(cfg: Config, path: Path, dataset: str, memo: dict, backbone: str = "setting") -> SeedInputs:
+    """What a checkpoint's models read of a held-out dataset, with the backbone a variant asks for."""
+    key = ("inputs", str(path), dataset, backbone)
     if key not in memo:
-        memo[key] = seed_inputs(load_bundle(path), cfg, dataset, cfg.ablation.setting, with_train=False)
+        setting = cfg.ablation.setting if backbone == "setting" else backbone
+        if setting == "statistics":  # the transductive stage with no epoch: statistics only (trained here: cheap)
+            stats_cfg = with_overrides(cfg, {"transductive": {"epochs": 0}})
+            bundle = load_bundle(path)
+            get_transductive_backbone(stats_cfg, bundle.backbone, bundle.backbone_meta, dataset, progress=False)
+            memo[key] = seed_inputs(bundle, stats_cfg, dataset, "transductive", with_train=False)
+        else:
+            memo[key] = seed_inputs(load_bundle(path), cfg, dataset, setting, with_train=False)
     return memo[key]
 
 
@@ -129,7 +141,7 @@ def variant_curves(cfg: Config, variant: Variant, condition: Condition, seed: in
     """(T, S+1) accuracy of every ablation task of a condition after 0..S inner steps of the variant (one seed);
     a baseline variant repeats its one accuracy over the steps."""
     main_path = _checkpoint(cfg, Variant("main"), seed, memo, progress)
-    inputs = _inputs(cfg, main_path, condition.dataset, memo)
+    inputs = _inputs(cfg, main_path, condition.dataset, memo, variant.backbone)
     suite = suite_for(cfg, condition, inputs.test.labels, cfg.ablation.num_tasks)
     steps = cfg.adapt.num_inner_steps if variant.num_steps is None else variant.num_steps
     if variant.baseline is not None:
@@ -139,7 +151,8 @@ def variant_curves(cfg: Config, variant: Variant, condition: Condition, seed: in
             memo[key] = score(METHODS[variant.baseline], ctx)[0]
         return np.repeat(memo[key][:, None], steps + 1, axis=1)
     if variant.retrained:
-        inputs = _inputs(cfg, _checkpoint(cfg, variant, seed, memo, progress), condition.dataset, memo)
+        inputs = _inputs(cfg, _checkpoint(cfg, variant, seed, memo, progress), condition.dataset, memo,
+                         variant.backbone)
     hypernet = variant_hypernet(variant, inputs, seed, memo)
     adapt_cfg = with_overrides(cfg, {"adapt": dict(variant.adapt_overrides)}).adapt
     indices, labels = np.asarray(suite.indices), np.asarray(suite.labels)
@@ -179,7 +192,7 @@ def run_ablation(cfg: Config, ablation: Ablation, *, recompute: bool = False, pr
                  memo: dict | None = None) -> AblationResult:
     """Scores of every variant and seed on identical tasks; loaded from JSON when made by the same inputs."""
     memo = {} if memo is None else memo
-    conditions = ablation_grid(cfg)
+    conditions = ablation_grid(cfg, ablation)
     identity = _cache_identity(cfg, ablation, conditions)
     started = time.perf_counter()
     checkpoints = {}

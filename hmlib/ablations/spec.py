@@ -31,6 +31,8 @@ class Variant:
     fixed: Mapping[str, float] = field(default_factory=dict)  # generated tensors replaced by constants
     untrained: bool = False  # the hypernetwork at its initialisation (no meta-training)
     baseline: str | None = None  # a registered baseline scored instead of a hypernetwork (no meta-learning)
+    backbone: str = "setting"  # "setting" (ablation.setting's), "zero_shot", "statistics" (the held-out dataset's
+    # normalisation statistics only) or "transductive" (adapted to its unlabeled train split)
 
     @property
     def retrained(self) -> bool:
@@ -46,6 +48,7 @@ class Ablation:
     question: str  # what the comparison answers, in one sentence
     variants: tuple[Variant, ...]
     reference: str | None  # label of the reference variant; None: compare with 0 steps only
+    transductive_only: bool = False  # scored on the conditions of transductive.datasets only
 
     def variant(self, label: str) -> Variant:
         """The variant with this label."""
@@ -98,6 +101,14 @@ def define_ablations(cfg: Config) -> list[Ablation]:
                         if which != cfg.film.adapt)),
                      reference="head and FiLM (main)" if cfg.film.adapt == "both" else main.label),
         ]
+        ablations.append(
+            Ablation("transductive", "Adapting the backbone to the held-out dataset (transductive)",
+                     "What do the held-out dataset's unlabeled train images buy: their normalisation statistics, "
+                     "or the full self-supervised adaptation?",
+                     (Variant("zero-shot backbone", backbone="zero_shot"),
+                      Variant("normalisation statistics only", backbone="statistics"),
+                      Variant(f"full adaptation ({cfg.transductive.epochs} epochs)", backbone="transductive")),
+                     reference="zero-shot backbone", transductive_only=True))
     ablations.append(
         Ablation("inner_loss", "Inner (unsupervised) loss at test time",
                  "Which label-free objective should the test-time update minimise (the hypernetwork as meta-trained)?",

@@ -3,11 +3,11 @@
     clusterer = hmlib.HyperClusterer.from_checkpoint(path, n_clusters=5)
     labels = clusterer.fit_predict(images)      # uint8 (N, H, W) arrays or a list of PIL images
 
-The checkpoint's bundled VAE reads the set's VAE distribution (the conditioning) and its bundled backbone embeds
-every image; the hypernetwork generates the set's classifier and the inner loop adapts it, exactly as on a task.
+The checkpoint's bundled VAE reads the set's VAE distribution (the conditioning); the hypernetwork generates the
+set's adaptation of the backbone (and its cluster head) and the inner loop improves it, exactly as on a task.
 Sets larger than ``max_fit_images`` are fitted on an evenly spaced sample of that many images (conditioning,
-kNN graph, prototypes and adaptation), and every image is then assigned in batches against the fitted classifier
-(:meth:`HyperNet.extend`): memory stays bounded by the sample, not the set.
+normalisation statistics, prototypes and adaptation), and every image is then assigned in batches by the fitted,
+adapted network (:meth:`HyperNet.extend`): memory stays bounded by the sample, not the set.
 """
 from __future__ import annotations
 
@@ -29,7 +29,9 @@ from hmlib.features import normalize_task_np
 from hmlib.evaluation.evaluate import default_results_path
 from hmlib.hyper.adapt import adapt
 from hmlib.hyper.bundle import Bundle, load_bundle
-from hmlib.hyper.hypernet import TaskInputs
+from hmlib.hyper.generators import TaskInputs
+from hmlib.hyper.inputs import reads_images
+from hmlib.hyper.metatrain import pipeline_checkpoints
 from hmlib.vae.train import encode_images
 
 MAX_FIT_IMAGES = 2048
@@ -38,25 +40,28 @@ SILHOUETTE_SAMPLE = 2000  # images the silhouette of a candidate K is computed o
 
 
 def default_checkpoint() -> Path:
-    """The pipeline's zero-shot checkpoint: the first replicate that notebook 03 evaluated.
+    """The pipeline's checkpoint of the first replicate (never one of notebook 04's re-trained variants).
 
-    ``results/eval_zero_shot.json`` names the checkpoints of the pipeline's own evaluation; notebook 04's re-trained
-    ablation variants sit beside them in ``models/`` and must never be taken for it. Without that record (a
-    checkpoint copied to a fresh home), the newest zero-shot checkpoint, seed 0 first.
+    In order: the checkpoints ``results/eval_zero_shot.json`` evaluated; the manifest meta-training keeps of the
+    pipeline's own checkpoints (``models/pipeline.json``: found without ``results/``, e.g. models copied to another
+    machine); the newest ``models/hypernet_seed<s>-*.pt``, seed 0 first (variants live in ``models/ablations/``
+    under another name, so they are never taken for it).
     """
     record = default_results_path("zero_shot")
+    candidates: list[Path] = []
     if record.is_file():
         try:
-            evaluated = [paths.models_dir() / Path(c["path"]).name for c in read_json(record).get("checkpoints", [])]
+            candidates += [paths.models_dir() / Path(c["path"]).name for c in read_json(record).get("checkpoints", [])]
         except (ArtifactError, AttributeError, KeyError, TypeError):
-            evaluated = []
-        for path in evaluated:
-            if path.is_file():
-                return path
-    found = sorted(paths.models_dir().glob("hypernet_zero_shot_seed0-*.pt"), key=lambda p: p.stat().st_mtime) or \
-        sorted(paths.models_dir().glob("hypernet_zero_shot_seed*-*.pt"), key=lambda p: p.stat().st_mtime)
+            pass
+    candidates += pipeline_checkpoints()
+    for path in candidates:
+        if path.is_file():
+            return path
+    found = sorted(paths.models_dir().glob("hypernet_seed0-*.pt"), key=lambda p: p.stat().st_mtime) or \
+        sorted(paths.models_dir().glob("hypernet_seed*-*.pt"), key=lambda p: p.stat().st_mtime)
     if not found:
-        raise ArtifactError(f"no zero-shot hypernetwork checkpoint in {paths.models_dir()}; train one with `make run` "
+        raise ArtifactError(f"no hypernetwork checkpoint in {paths.models_dir()}; train one with `make run` "
                             "or pass --checkpoint")
     return found[-1]
 
@@ -82,10 +87,7 @@ class HyperClusterer:
 
     def __init__(self, bundle: Bundle, n_clusters: int, *, num_steps: int | None = None,
                  max_fit_images: int = MAX_FIT_IMAGES) -> None:
-        if bundle.setting != "zero_shot" or bundle.vae is None:
-            raise ValueError(f"{bundle.path.name} is a {bundle.setting} checkpoint; clustering a new image set needs "
-                             "a zero-shot one (it carries its VAE)")
-        if bundle.cfg.hyper.target_input == "embedding" and bundle.backbone is None:
+        if reads_images(bundle.cfg) and bundle.backbone is None:
             raise ValueError(f"{bundle.path.name} carries no backbone; re-run meta-training to rewrite it")
         if int(n_clusters) < 2:
             raise ValueError(f"n_clusters must be at least 2, got {n_clusters}")
@@ -112,8 +114,7 @@ class HyperClusterer:
 
     def describe(self) -> dict[str, Any]:
         """Settings for a run summary."""
-        return {"checkpoint": str(self.bundle.path), "sha256": self.bundle.sha256, "setting": self.bundle.setting,
-                "seed": self.bundle.meta["seed"], "trained_num_classes": self.bundle.meta["num_classes"],
+        return {"checkpoint": str(self.bundle.path), "sha256": self.bundle.sha256, "seed": self.bundle.meta["seed"], "trained_num_classes": self.bundle.meta["num_classes"],
                 "n_clusters": self.n_clusters, "num_steps": self.num_steps, "max_fit_images": self.max_fit_images,
                 "inner_loss": self.bundle.cfg.adapt.inner_loss, "generation": self.bundle.cfg.hyper.generation,
                 **({"k_selection": {"criterion": "silhouette on the standardised embedding",
@@ -121,43 +122,46 @@ class HyperClusterer:
                    if hasattr(self, "k_scores_") else {})}
 
     # ----------------------------------------------------------------------------------- internals
-    def _rows(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(conditioning rows, features) of preprocessed images."""
+    def _rows(self, images: np.ndarray) -> np.ndarray:
+        """Conditioning rows (the VAE distribution) of preprocessed images, (N, 2d)."""
         mu, logvar = encode_images(self.bundle.vae, images)
-        context = np.concatenate([mu, logvar], axis=1)
-        cfg = self.bundle.cfg.hyper
-        embeddings = embed_images(self.bundle.backbone, images) if self.bundle.backbone is not None else None
-        features = embeddings if cfg.target_input == "embedding" else context
-        if cfg.conditioning_input == "embedding":
-            context = embeddings
-        return context, features
+        return np.concatenate([mu, logvar], axis=1)
+
+    def _inputs(self, context: np.ndarray, images: np.ndarray) -> TaskInputs:
+        """One task of these rows and images, as the checkpoint's generator reads it."""
+        context = torch.as_tensor(context[None])
+        if reads_images(self.bundle.cfg):
+            return TaskInputs(context, torch.as_tensor(images[None]))
+        return TaskInputs(context, features=context)
 
     def transform(self, images: Any) -> np.ndarray:
-        """The features the classifier acts on (backbone embeddings), (N, D) float32."""
-        return self._rows(as_images(images))[1]
+        """The backbone embeddings of the images (as trained), (N, D) float32; the VAE rows without a backbone."""
+        images = as_images(images)
+        if self.bundle.backbone is None:
+            return self._rows(images)
+        return embed_images(self.bundle.backbone, images)
 
     @torch.no_grad()
-    def _logits(self, images: np.ndarray, fit: bool, rows: tuple[np.ndarray, np.ndarray] | None = None
-                ) -> np.ndarray:
-        context, features = rows if rows is not None else self._rows(images)
+    def _logits(self, images: np.ndarray, fit: bool, rows: np.ndarray | None = None) -> np.ndarray:
+        context = rows if rows is not None else self._rows(images)
         if fit:
             sample = np.linspace(0, len(images) - 1, min(len(images), self.max_fit_images)).astype(np.int64)
             if len(sample) < self.n_clusters:
                 raise ValueError(f"{len(images)} images cannot form {self.n_clusters} clusters")
-            task = TaskInputs.from_arrays(context[sample][None], features[sample][None])
-            result = adapt(self.bundle.hypernet, task, self.bundle.cfg.adapt, num_steps=self.num_steps,
-                           num_classes=self.n_clusters)
+            result = adapt(self.bundle.hypernet, self._inputs(context[sample], images[sample]), self.bundle.cfg.adapt,
+                           num_steps=self.num_steps, num_classes=self.n_clusters)
             self._params = {k: v.detach() for k, v in result.params.items()}
-            self._state = self.bundle.hypernet.prepare(task.features)
+            self._state = result.state
         if not hasattr(self, "_params"):
             raise ValueError("call fit (or fit_predict) before predict / predict_proba")
         out = [self.bundle.hypernet.extend(self._params, self._state,
-                                           torch.as_tensor(features[i:i + ASSIGN_BATCH][None])).numpy()[0]
-               for i in range(0, len(features), ASSIGN_BATCH)]
+                                           self._inputs(context[i:i + ASSIGN_BATCH], images[i:i + ASSIGN_BATCH])
+                                           ).numpy()[0]
+               for i in range(0, len(images), ASSIGN_BATCH)]
         return np.concatenate(out)
 
     # ------------------------------------------------------------------------------------ public API
-    def fit(self, images: Any, *, _rows: tuple[np.ndarray, np.ndarray] | None = None) -> "HyperClusterer":
+    def fit(self, images: Any, *, _rows: np.ndarray | None = None) -> "HyperClusterer":
         """Generate and adapt the set's classifier, then assign every image (``labels_``, ``confidence_``)."""
         logits = self._logits(as_images(images), fit=True, rows=_rows)
         probs = _softmax(logits)
@@ -176,7 +180,7 @@ class HyperClusterer:
             raise ClusterInputError(f"candidates for K must be at least 2 and below the number of images "
                                     f"({len(images)}): a silhouette needs 2..N-1 clusters")
         rows = self._rows(images)
-        z = normalize_task_np(rows[1], l2=True)
+        z = normalize_task_np(self.transform(images), l2=True)
         scores: dict[int, float] = {}
         best: tuple | None = None  # the fitted state of the best candidate so far (kept, not refitted)
         for k in candidates:

@@ -1,9 +1,12 @@
-"""``hmlib eval``: score checkpoints and every baseline on a held-out dataset's fixed task suite.
+"""``hmlib eval``: score checkpoints and every baseline on the grid of held-out conditions.
 
 Model settings come from the checkpoints; data and evaluation settings from ``--profile``/``--config``
 (default: the checkpoint's own), and a ``--config`` that changes the test-time adaptation is honoured and
-recorded. The checkpoint bundles the VAE and backbone it reads through, so a zero-shot checkpoint copied
-to a fresh machine evaluates as it is; nothing is ever trained here.
+recorded. The checkpoint bundles the VAE and backbone it reads through, so a checkpoint copied to a fresh
+machine evaluates zero-shot as it is; nothing is ever trained here. Results are keyed by what made them: the
+default file name carries a hash of the checkpoints, conditions, task count and settings, so an evaluation with
+other settings never replaces another (``--json`` names a file: one made by other inputs is refused unless
+``--overwrite``).
 """
 from __future__ import annotations
 
@@ -12,16 +15,28 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from hmlib.artifacts import ArtifactError, load_checkpoint, read_json, refuse_overwrite
-from hmlib.data.registry import check_name
-from hmlib.config import Config, ConfigError, load_config, registered_datasets, with_overrides
-from hmlib.evaluation.evaluate import EvalError, evaluate_setting, load_bundles
-from hmlib.evaluation.tables import markdown_table
+from hmlib.artifacts import (ArtifactError, check_writable, file_sha256, fingerprint, load_checkpoint, read_json,
+                             refuse_overwrite)
+from hmlib.data.registry import check_name, parse_shifted
+from hmlib.config import Config, ConfigError, config_to_dict, load_config, registered_datasets, with_overrides
+from hmlib.evaluation.evaluate import EvalError, evaluate_setting
+from hmlib.evaluation.tables import summary_markdown
 from hmlib.paths import results_dir
 from hmlib.validation import read_config_file
 
-MODEL_SECTIONS = ("task", "vae", "backbone", "hyper", "meta")  # what made the checkpoint (not cfg.seeds: a
+MODEL_SECTIONS = ("task", "vae", "backbone", "hyper", "film", "full", "meta")  # what made the checkpoint (not cfg.seeds: a
 # checkpoint is one replicate, its seed is in its meta; the profile's seeds keep ablation.num_seeds valid)
+
+
+def _shape(text: str) -> tuple[int, int]:
+    """'4x256' -> (4, 256): K classes by N images."""
+    try:
+        K, N = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a task shape KxN such as 4x256, got {text!r}") from None
+    if K < 2 or N < 2 * K:
+        raise argparse.ArgumentTypeError(f"a task shape KxN needs K >= 2 and N >= 2K, got {text!r}")
+    return K, N
 
 
 def _at_least(minimum: int):
@@ -39,27 +54,33 @@ def _at_least(minimum: int):
 def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register ``hmlib eval``; its handler is ``args.func(args)``."""
     parser = subparsers.add_parser(
-        "eval", help="score checkpoints and the baselines on a held-out dataset's task suite",
-        description="Run the fixed evaluation suite (random K-class tasks from the test split) for hypernetwork "
-                    "checkpoints (one per replicate seed, aggregated) on a registered dataset or a local mirror "
-                    "folder, against k-means / GMM / spectral clustering on the backbone embedding, k-means / GMM "
-                    "on the VAE means, k-means on pixels and supervised ceilings. Prints a markdown table and "
-                    "writes JSON + .md. Never trains.")
+        "eval", help="score checkpoints and the baselines on the grid of held-out conditions",
+        description="Run the evaluation grid (held-out datasets, clean or shifted such as mnist+rotate, at task "
+                    "shapes KxN; seeded random tasks from each test split) for hypernetwork checkpoints (one per "
+                    "replicate seed, aggregated), against k-means / GMM / spectral clustering on the backbone "
+                    "embedding, per-task normalisation statistics, plain test-time adaptation (no meta-learning), "
+                    "k-means / GMM on the VAE means, k-means on pixels and a supervised ceiling. Prints the tables "
+                    "and writes JSON + .md. Never trains.")
     parser.add_argument("--checkpoint", required=True, nargs="+", type=Path, metavar="PATH",
-                        help="hypernetwork checkpoint(s) models/hypernet_<setting>_seed<s>-<hash>.pt, one per seed")
-    parser.add_argument("--dataset", required=True, metavar="NAME", help="dataset to evaluate on (its test split)")
+                        help="hypernetwork checkpoint(s) models/hypernet_seed<s>-<hash>.pt, one per replicate seed")
+    parser.add_argument("--dataset", nargs="+", metavar="NAME",
+                        help="held-out dataset(s), e.g. mnist mnist+rotate (default: the checkpoint's test datasets)")
+    parser.add_argument("--setting", default="zero_shot", choices=("zero_shot", "transductive"),
+                        help="zero_shot (default) or transductive (the backbone adapted to each dataset's unlabeled "
+                             "train split; made by notebook 03)")
     parser.add_argument("--data-dir", type=Path, metavar="DIR",
                         help="local mirror holding DIR/NAME/{train,test}.parquet (a dataset never seen before is fine)")
-    parser.add_argument("--tasks", type=_at_least(2), metavar="T", help="number of tasks, >= 2 (default: eval.num_tasks)")
-    parser.add_argument("--n", type=_at_least(4), nargs="+", metavar="N", help="images per task (default: eval.task_sizes)")
+    parser.add_argument("--shapes", type=_shape, nargs="+", metavar="KxN",
+                        help="task shapes, e.g. 4x256 10x500 (default: eval.shapes)")
+    parser.add_argument("--tasks", type=_at_least(2), metavar="T", help="tasks per condition, >= 2 (default: eval.num_tasks)")
     parser.add_argument("--steps", type=_at_least(0), metavar="S", help="inner steps at test time (default: the checkpoint's)")
     parser.add_argument("--json", type=Path, metavar="OUT",
-                        help="result JSON (default: results/eval_<setting>_<dataset>_<checkpoint>.json); .md beside it")
-    parser.add_argument("--overwrite", action="store_true", help="replace --json if it exists and was not made by hmlib eval")
+                        help="result JSON (default: results/eval/<setting>-<hash of what made it>.json); .md beside it")
+    parser.add_argument("--overwrite", action="store_true", help="replace --json if it was made by other inputs")
     parser.add_argument("--profile", default=None, help="config profile for data/eval settings (default: the checkpoint's)")
     parser.add_argument("--config", type=Path, default=None, metavar="FILE",
                         help="JSON overrides (data, eval, and test-time adapt settings); model settings are the checkpoint's")
-    parser.add_argument("--recompute", action="store_true", help="ignore a matching cached result")
+    parser.add_argument("--recompute", action="store_true", help="ignore matching cached results")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(func=run_eval_command)
     return parser
@@ -94,74 +115,82 @@ def _deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, 
     return out
 
 
-def _dataset_overrides(args: argparse.Namespace, custom: Mapping[str, str]) -> dict[str, Any]:
+def _dataset_overrides(args: argparse.Namespace, names: Sequence[str], custom: Mapping[str, str]) -> dict[str, Any]:
     """data.* overrides for --dataset/--data-dir, refusing names that could point outside the artifact folder."""
-    dataset = check_name(args.dataset, "--dataset name")
     out: dict[str, Any] = {}
     known = set(registered_datasets()) | set(custom)
+    data_dir = None
     if args.data_dir is not None:
         data_dir = Path(args.data_dir).expanduser().resolve()
         if not data_dir.is_dir():
             raise EvalError(f"--data-dir {args.data_dir} is not a folder")
         out["data_dir"] = str(data_dir)
-        if dataset not in registered_datasets():
-            folder = data_dir / dataset
+    for name in names:
+        base, _ = parse_shifted(check_name(name, "--dataset name"))
+        if data_dir is not None and base not in registered_datasets():
+            folder = data_dir / base
             if not (folder / "test.parquet").is_file() and not (folder / "train.parquet").is_file():
                 raise EvalError(f"{folder} holds no train.parquet / test.parquet")
-            out["custom_datasets"] = {**custom, dataset: str(folder)}
-            known.add(dataset)
-    if dataset not in known:
-        raise EvalError(f"unknown dataset '{dataset}'; registered: {', '.join(sorted(known))}. For a local mirror "
-                        "folder pass --data-dir DIR with DIR/NAME/{train,test}.parquet")
+            out["custom_datasets"] = {**custom, **out.get("custom_datasets", {}), base: str(folder)}
+            known.add(base)
+        if base not in known:
+            raise EvalError(f"unknown dataset '{base}'; registered: {', '.join(sorted(known))}. For a local mirror "
+                            "folder pass --data-dir DIR with DIR/NAME/{train,test}.parquet")
     return out
 
 
 def run_eval_command(args: argparse.Namespace) -> int:
-    """Handler of ``hmlib eval``: validate, evaluate, print the markdown table; returns 0."""
+    """Handler of ``hmlib eval``: validate, evaluate, print the tables; returns 0."""
     if args.config is not None:
         read_config_file(args.config)  # a bad file fails before any checkpoint is read
     for path in args.checkpoint:
         if not Path(path).is_file():
             raise EvalError(f"checkpoint not found: {path}")
     meta = load_checkpoint(args.checkpoint[0])[1]  # settings first: bad arguments fail before models load
-    custom = dict(((meta.get("config") or {}).get("data") or {}).get("custom_datasets") or {})
-    overrides: dict[str, Any] = {"data": _dataset_overrides(args, custom), "eval": {}}
+    recorded = meta.get("config") or {}
+    custom = dict((recorded.get("data") or {}).get("custom_datasets") or {})
+    datasets = list(args.dataset or (recorded.get("meta") or {}).get("test_datasets") or [])
+    if not datasets:
+        raise EvalError("no dataset to evaluate: pass --dataset NAME")
+    overrides: dict[str, Any] = {"data": _dataset_overrides(args, datasets, custom), "eval": {}}
     if args.tasks is not None:
         overrides["eval"]["num_tasks"] = args.tasks
-    if args.n is not None:
-        overrides["eval"]["task_sizes"] = list(args.n)
+    if args.shapes is not None:
+        overrides["eval"]["shapes"] = [list(s) for s in args.shapes]
     try:
         cfg = config_for_checkpoint(meta, profile=args.profile, config_path=args.config,
                                     overrides={k: v for k, v in overrides.items() if v})
     except ConfigError as err:
         raise EvalError(str(err)) from None
-    bundles = load_bundles(args.checkpoint)
-    setting = bundles[0].setting
-    if args.dataset in cfg.meta.train_datasets:
-        print(f"note: {args.dataset} is a meta-training dataset of these checkpoints; this is not a held-out "
-              "evaluation", file=sys.stderr)
-    out = args.json or results_dir() / f"eval_{setting}_{args.dataset}_{Path(args.checkpoint[0]).stem}.json"
-    if args.json is not None and not _made_by_eval(out):
-        refuse_overwrite(out, args.overwrite, "--json")
-    if args.json is not None and not (Path(out).is_file() and _made_by_eval(out)):  # not the table of a result
+    trained_on = [d for d in datasets if parse_shifted(d)[0] in {parse_shifted(t)[0] for t in cfg.meta.train_datasets}]
+    if trained_on:
+        print(f"note: {', '.join(trained_on)} derive from meta-training datasets of these checkpoints; this is not a "
+              "held-out evaluation", file=sys.stderr)
+    key = {"checkpoints": sorted(file_sha256(p) for p in args.checkpoint), "datasets": datasets,
+           "setting": args.setting, "eval": config_to_dict(cfg.eval), "adapt": config_to_dict(cfg.adapt),
+           "steps": args.steps}
+    out = args.json or results_dir() / "eval" / f"{args.setting}-{fingerprint(key)[:10]}.json"
+    if args.json is not None and out.exists() and not args.overwrite and not _same_evaluation(out, key):
+        raise EvalError(f"--json {out} holds another evaluation (other checkpoints, conditions or settings); choose "
+                        "another path or pass --overwrite to replace it")
+    if args.json is not None and not out.exists():
         refuse_overwrite(Path(out).with_suffix(".md"), args.overwrite, "the table beside --json")
-    result = evaluate_setting(cfg, [b.path for b in bundles], dataset=args.dataset, num_steps=args.steps, path=out,
-                              recompute=args.recompute, progress=not args.quiet)
+    check_writable(Path(out).parent, what="the results folder", elsewhere="choose another --json")
+    result = evaluate_setting(cfg, args.checkpoint, args.setting, datasets=datasets, num_steps=args.steps, path=out,
+                              recompute=args.recompute, progress=not args.quiet, key=key)
     print(f"\n{result['setting_label']}\n")
-    print(markdown_table(result))
-    print(f"\nwrote {out} and {Path(out).with_suffix('.md')}")
+    print(summary_markdown(result))
+    print(f"\nwrote {out} and {Path(out).with_suffix('.md')} (every condition's full table)")
     return 0
 
 
-def _made_by_eval(path: Path) -> bool:
-    """Whether ``path`` is an evaluation result (which a new evaluation may replace)."""
-    if not path.is_file():
-        return True
+def _same_evaluation(path: Path, key: Mapping[str, Any]) -> bool:
+    """Whether ``path`` is an evaluation result made by the same inputs (which a recomputation may replace)."""
     try:
         data = read_json(path)
     except ArtifactError:
         return False
-    return isinstance(data, dict) and str(data.get("schema", "")).startswith("hmlib-eval/")
+    return isinstance(data, dict) and fingerprint(data.get("key")) == fingerprint(dict(key))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

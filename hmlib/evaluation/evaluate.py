@@ -129,8 +129,9 @@ def available(method: registry.Method, inputs: SeedInputs) -> bool:
 def evaluate_setting(cfg: Config, checkpoints: Sequence[str | Path], setting: str = "zero_shot", *,
                      datasets: Sequence[str] | None = None, shapes: Sequence[Sequence[int]] | None = None,
                      num_steps: int | None = None, path: str | Path | None = None, recompute: bool = False,
-                     progress: bool = True) -> dict[str, Any]:
-    """Score the checkpoints (one per replicate seed) and every baseline on every condition of the grid."""
+                     progress: bool = True, key: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Score the checkpoints (one per replicate seed) and every baseline on every condition of the grid (``key``:
+    what made this result, recorded in it)."""
     check_setting(setting)
     bundles = load_bundles(checkpoints)
     path = Path(path) if path is not None else default_results_path(setting)
@@ -151,7 +152,7 @@ def evaluate_setting(cfg: Config, checkpoints: Sequence[str | Path], setting: st
               "seeds": [b.seed for b in bundles],
               "checkpoints": [{"path": str(b.path), "sha256": b.sha256, "seed": b.seed} for b in bundles],
               "num_steps": cfg.adapt.num_inner_steps if num_steps is None else int(num_steps),
-              "num_tasks": cfg.eval.num_tasks, "conditions": blocks}
+              "num_tasks": cfg.eval.num_tasks, "profile": cfg.profile, "key": dict(key or {}), "conditions": blocks}
     result["summary"] = grid_summary(result)
     write_results(result, path)
     return result

@@ -138,7 +138,8 @@ def _acc(row: Mapping[str, Any]) -> str:
 
 
 def summary_markdown(result: Mapping[str, Any]) -> str:
-    """The grid in one table (a row per condition), then the means over conditions."""
+    """The grid in one table (a row per condition), then the means over conditions (``result``: an evaluation
+    result, or any mapping with its ``summary``)."""
     summary = result["summary"]
     lines = ["| condition | hypernetwork + adaptation | k-means on the embedding | plain adaptation (choice) | "
              "strongest label-free baseline | vs strongest | vs plain | test-time gain |",

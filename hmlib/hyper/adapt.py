@@ -78,7 +78,8 @@ def adapt(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, *, num_steps
             loss = loss_spec.fn(InnerView(out, state.reference, augmented), cfg)
             grads = torch.autograd.grad(loss.sum(), [params[k] for k in names], create_graph=create_graph)
             losses.append(loss.mean().detach())
-            updated = {name: params[name] - lrs[name] * grad for name, grad in zip(names, grads)}
+            step = hypernet.generator.direction
+            updated = {name: params[name] - lrs[name] * step(name, grad) for name, grad in zip(names, grads)}
             if not create_graph:
                 updated = {k: v.detach().requires_grad_() for k, v in updated.items()}
             params = {**params, **updated}

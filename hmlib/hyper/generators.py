@@ -120,6 +120,10 @@ class Generator(nn.Module):
         """Step size of each adaptable parameter (a tensor broadcastable to it, or a number)."""
         return {name: default for name in names}
 
+    def direction(self, name: str, grad: Tensor) -> Tensor:
+        """The direction an inner step takes for a parameter's gradient (plain gradient descent by default)."""
+        return grad
+
     def extend(self, params: Params, state: TaskState, inputs: TaskInputs) -> Tensor:
         raise NotImplementedError
 
@@ -229,6 +233,15 @@ class FilmGenerator(Generator):
 
     def inner_lrs(self, names: list[str], default: float) -> dict[str, Tensor | float]:
         return {name: self.log_lrs[name.replace(".", "_")].exp() for name in names}
+
+    def direction(self, name: str, grad: Tensor) -> Tensor:
+        """With ``film.normalize_steps``: the gradient divided by its root mean square over each task's tensor, so
+        a step's size is its step size whatever the scale of the loss (as Adam's first step; Meta-SGD then learns
+        a size per parameter)."""
+        if not self.film.normalize_steps:
+            return grad
+        rms = grad.pow(2).mean(dim=tuple(range(1, grad.dim())), keepdim=True).sqrt()
+        return grad / (rms + 1e-8)
 
     def extend(self, params: Params, state: TaskState, inputs: TaskInputs) -> Tensor:
         """Logits (T, M, K) of images outside the task, read as the task's adapted network reads its own images:

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from hmlib import data, paths
-from hmlib.artifacts import ArtifactError, MissingArtifactError, load_checkpoint, named_path, save_checkpoint
+from hmlib.artifacts import (ArtifactError, MissingArtifactError, load_checkpoint, named_path, read_json,
+                             save_checkpoint, write_json)
 from hmlib.backbone.model import ConvBackbone
 from hmlib.config import Config, config_to_dict
 from hmlib.hyper.adapt import AdaptResult, adapt, predict_task
@@ -241,6 +242,31 @@ def _check_parts(parts: Sequence[TaskData], held: Sequence[TaskData], cfg: Confi
                                     "images); raise meta.val_fraction")
 
 
+PIPELINE_MANIFEST = "pipeline.json"  # models/pipeline.json: the pipeline's own checkpoint of every replicate seed
+
+
+def record_pipeline_checkpoint(path: Path, seed: int) -> None:
+    """Note a pipeline checkpoint (not an ablation variant) in ``models/pipeline.json``, newest per seed."""
+    manifest = paths.models_dir() / PIPELINE_MANIFEST
+    try:
+        entries = read_json(manifest) if manifest.is_file() else {}
+    except ArtifactError:
+        entries = {}
+    entries = entries if isinstance(entries, dict) else {}
+    entries[str(int(seed))] = path.name
+    write_json(manifest, dict(sorted(entries.items(), key=lambda kv: int(kv[0]))))
+
+
+def pipeline_checkpoints() -> list[Path]:
+    """The pipeline's checkpoints recorded in ``models/pipeline.json``, by seed (none if it is missing or corrupt)."""
+    manifest = paths.models_dir() / PIPELINE_MANIFEST
+    try:
+        entries = read_json(manifest) if manifest.is_file() else {}
+        return [paths.models_dir() / Path(entries[k]).name for k in sorted(entries, key=int)]
+    except (ArtifactError, AttributeError, KeyError, TypeError, ValueError):
+        return []
+
+
 def meta_train(cfg: Config, seed: int, *, train: bool = True, progress: bool = True,
                folder: str | None = None) -> MetaResult:
     """Meta-train (or reuse / resume) the hypernetwork of a replicate seed on the protocol's datasets; ``folder``
@@ -256,5 +282,8 @@ def meta_train(cfg: Config, seed: int, *, train: bool = True, progress: bool = T
     where = paths.models_dir() / folder if folder else paths.models_dir()
     stem = f"{'variant' if folder else 'hypernet'}_seed{seed}"
     path = named_path(where, stem, {"training": training_settings(cfg), "upstream": upstream, "seed": seed})
-    return fit_hypernet(cfg, train_sets, vae=models["vae"], backbone=models.get("backbone"), seed=seed, path=path,
-                        upstream=upstream, bundle=bundle, train=train, progress=progress)
+    result = fit_hypernet(cfg, train_sets, vae=models["vae"], backbone=models.get("backbone"), seed=seed, path=path,
+                          upstream=upstream, bundle=bundle, train=train, progress=progress)
+    if not folder and train:
+        record_pipeline_checkpoint(path, seed)
+    return result

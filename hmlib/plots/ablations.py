@@ -37,18 +37,13 @@ def plot_step_curve(result: "AblationResult", steps: Sequence[int], *, label: st
     k_mean, k_half = mean_ci(result.kmeans.mean(axis=0) * 100)
     ax.axhline(k_mean, color=method_color("kmeans_embedding"), ls="--", label=method_label("kmeans_embedding"))
     ax.axhspan(k_mean - (k_half or 0), k_mean + (k_half or 0), color=method_color("kmeans_embedding"), alpha=0.15)
-    ax.axhline(100 / _num_classes(result), color=method_color("chance"), ls=":", label="1/K")
     ax.set_xticks(positions, [str(s) for s in steps])
     ax.set_xlabel("test-time inner steps")
     ax.set_ylabel("clustering accuracy (%)")
-    ax.set_title(f"{result.dataset} ({result.setting.replace('_', '-')}), {acc.shape[0]} tasks, N = {result.task_size}, "
-                 f"{len(result.seeds)} seed(s)")
+    ax.set_title(f"{len(result.conditions)} held-out condition(s) ({result.setting.replace('_', '-')}), "
+                 f"{acc.shape[0]} tasks, {len(result.seeds)} seed(s)")
     ax.legend(loc="best")
     return fig
-
-
-def _num_classes(result: "AblationResult") -> int:
-    return int(result.meta.get("config", {}).get("task", {}).get("num_classes", 4))
 
 
 def plot_comparison(result: "AblationResult") -> Figure:
@@ -89,7 +84,7 @@ def plot_comparison(result: "AblationResult") -> Figure:
 
 
 def _scatter_clusters(ax: plt.Axes, state: "ExplorerState", legend: bool = False) -> None:
-    """Latents (2-D PCA) coloured by matched cluster; mismatched images ringed in black."""
+    """The representation (2-D projection) coloured by matched cluster; mismatched images ringed in black."""
     colors = np.array(PALETTE)[state.pred % len(PALETTE)]
     ax.scatter(state.embedding[:, 0], state.embedding[:, 1], c=colors, s=9, linewidths=0)
     wrong = state.pred != state.labels
@@ -117,10 +112,10 @@ def plot_explorer_state(state: "ExplorerState", *, figsize: tuple[float, float] 
     ax_curve.set_ylabel("clustering accuracy (%)")
     ax_curve.set_ylim(0, 100)
     ax_curve.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax_curve.set_title(f"{state.inner_loss}, lr {state.inner_lr:.3g}")
+    ax_curve.set_title(f"{state.inner_loss}, step sizes x {state.inner_lr:.3g}")
     _confusion(ax_cm, state)
     _scatter_clusters(ax_lat, state, legend=True)
-    ax_lat.set_title("latents (PCA), colour = cluster")
+    ax_lat.set_title("adapted representation (fixed PCA axes), colour = cluster")
     ax_lat.set_xlabel("black ring: mismatched")
     fig.suptitle(f"{state.dataset} task {state.task} (classes {', '.join(map(str, state.classes))}): "
                  f"{100 * state.current_accuracy:.1f}% after {_steps_text(state.num_steps)}")
@@ -154,7 +149,7 @@ def plot_step_multiples(states: Sequence["ExplorerState"]) -> Figure:
         if col:
             axes[1, col].set_ylabel("")
     first = states[0]
-    fig.suptitle(f"{first.dataset} task {first.task}: {first.inner_loss}, inner lr {first.inner_lr:.3g}")
+    fig.suptitle(f"{first.dataset} task {first.task}: {first.inner_loss}, step sizes x {first.inner_lr:.3g}")
     return fig
 
 
@@ -200,7 +195,7 @@ class ExplorerFigure:
         self.curve.set_data(steps, 100 * state.accuracy)
         self.marker.set_data([state.num_steps], [100 * state.current_accuracy])
         self.ax_curve.set_xlim(-0.5, max(len(steps) - 0.5, 0.5))
-        self.ax_curve.set_title(f"{state.inner_loss}, lr {state.inner_lr:.3g}")
+        self.ax_curve.set_title(f"{state.inner_loss}, step sizes x {state.inner_lr:.3g}")
         self.image.set_data(state.confusion)
         self.image.set_clim(0, max(int(state.confusion.max()), 1))
         top = state.confusion.max()

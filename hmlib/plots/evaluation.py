@@ -7,18 +7,24 @@ import matplotlib.pyplot as plt
 import numpy as np
 from matplotlib.figure import Figure
 
+from hmlib.evaluation.methods import METHODS
+from hmlib.evaluation.tables import heatmap_data
 from hmlib.plots import method_color
 from hmlib.stats import pct, signed
 
 
-def evaluation_table(rows: Sequence[Mapping[str, Any]], title: str | None = None) -> Figure:
-    """The evaluation table (summary rows of hmlib.evaluation) drawn as a figure, for reports."""
-    header = ["setting", "N", "method", "accuracy % (95% CI)", "ms / task", "vs k-means on embedding", "test-time gain"]
-    cells = [[row["setting"], str(row["num_images"]), row["label"], pct({"mean": row["accuracy"], "ci": row["ci"]}),
-              "" if row.get("ms_per_task") is None else f"{row['ms_per_task']:.1f}",
-              signed(row["vs"].get("kmeans_embedding")) if "vs" in row else "",
-              signed(row["gain"]) if "gain" in row else ""] for row in rows]
-    fig, ax = plt.subplots(figsize=(12, 0.45 * (len(cells) + 2)))
+def evaluation_table(result: Mapping[str, Any], title: str | None = None) -> Figure:
+    """The grid's summary (a row per condition: the method, k-means, plain adaptation, the paired differences and
+    the test-time gain) drawn as a figure, for reports."""
+    header = ["condition", "hypernet + adaptation", "k-means (embedding)", "plain adaptation", "vs strongest",
+              "vs plain", "gain"]
+    cells = []
+    for c in result["summary"]["conditions"]:
+        acc = c["accuracy"]
+        cells.append([c["label"], pct(acc.get("hypernet_adapted")), pct(acc.get("kmeans_embedding")),
+                      pct(acc.get("plain_choice")), signed(c["vs_strongest"]), signed(c.get("vs_plain")),
+                      signed(c["gain"])])
+    fig, ax = plt.subplots(figsize=(13, 0.45 * (len(cells) + 2)))
     ax.axis("off")
     table = ax.table(cellText=cells or [[""] * len(header)], colLabels=header, loc="center", cellLoc="left")
     table.auto_set_font_size(False)
@@ -29,6 +35,24 @@ def evaluation_table(rows: Sequence[Mapping[str, Any]], title: str | None = None
             cell.set_text_props(weight="bold")
     if title:
         ax.set_title(title)
+    return fig
+
+
+def difference_heatmap(result: Mapping[str, Any], title: str | None = None) -> Figure:
+    """Conditions x methods: each method's mean paired difference (points) with the condition's strongest
+    label-free baseline (0 = that baseline; green above, red below)."""
+    conditions, names, values = heatmap_data(result)
+    labels = [METHODS[n].label if n in METHODS else n for n in names]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.75 * len(names), 0.9 + 0.42 * len(conditions)))
+    limit = max(1.0, float(np.nanmax(np.abs(values))) if np.isfinite(values).any() else 1.0)
+    image = ax.imshow(values, cmap="RdYlGn", vmin=-limit, vmax=limit, aspect="auto")
+    for (i, j), v in np.ndenumerate(values):
+        if np.isfinite(v):
+            ax.text(j, i, f"{v:+.1f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(names)), labels, rotation=40, ha="right", fontsize=8)
+    ax.set_yticks(range(len(conditions)), conditions, fontsize=8)
+    fig.colorbar(image, ax=ax, label="paired difference vs the strongest label-free baseline, points")
+    ax.set_title(title or "Every method against each condition's strongest label-free baseline")
     return fig
 
 
@@ -52,27 +76,14 @@ def task_scatter(hyper_acc: np.ndarray, baseline_acc: np.ndarray, *, baseline_la
     return fig
 
 
-def accuracy_bars(rows: Sequence[Mapping[str, Any]], *, num_classes: int | None = None,
-                  title: str | None = None) -> Figure:
-    """Mean accuracy per method with 95% CI error bars, one group per (setting, N); 1/K dashed when given."""
-    groups = list(dict.fromkeys((row["setting"], row["num_images"]) for row in rows))
-    methods = list(dict.fromkeys(row["method"] for row in rows))
-    labels = {row["method"]: row["label"] for row in rows}
-    by_key = {(row["setting"], row["num_images"], row["method"]): row for row in rows}
-    width = 0.8 / max(len(methods), 1)
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(groups) + 3), 4.2))
-    for m, method in enumerate(methods):
-        xs, means, errs = [], [], []
-        for g, (setting, n) in enumerate(groups):
-            row = by_key.get((setting, n, method))
-            if row is not None:
-                xs.append(g - 0.4 + width * (m + 0.5))
-                means.append(100 * row["accuracy"])
-                errs.append(100 * (row["ci"] or 0.0))
-        ax.bar(xs, means, width=width * 0.95, yerr=errs, capsize=2, color=method_color(method), label=labels[method])
-    if num_classes:
-        ax.axhline(100 / num_classes, color="#9a9a9a", ls="--", lw=1, label=f"1/K = {100 / num_classes:.0f}%")
-    ax.set_xticks(range(len(groups)), [f"{s.replace('_', '-')}\nN = {n}" for s, n in groups])
-    ax.set(ylabel="clustering accuracy % (95% CI)", ylim=(0, 100), title=title or "Accuracy on the evaluation suite")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
+def plot_transductive_curves(curves: Mapping[str, Sequence[float]], *, title: str | None = None) -> Figure:
+    """Accuracy of k-means on test tasks (report only) after 0..E epochs of transductive adaptation, one line per
+    (dataset, seed); epoch 0 is the normalisation statistics alone."""
+    fig, ax = plt.subplots(figsize=(5.4, 3.6))
+    for label, values in curves.items():
+        values = 100 * np.asarray(values, dtype=np.float64)
+        ax.plot(range(len(values)), values, marker="o", label=label)
+    ax.set(xlabel="epochs of adaptation (0: statistics only)", ylabel="k-means accuracy on test tasks, %",
+           title=title or "Transductive adaptation of the backbone")
+    ax.legend(fontsize="small")
     return fig

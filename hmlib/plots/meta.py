@@ -25,8 +25,10 @@ def _smooth(values: Sequence[float], window: int) -> np.ndarray:
 
 def plot_training_curves(histories: Mapping[str, Mapping[str, list]], *, smooth: int = 25,
                          chance: float | None = None) -> Figure:
-    """Outer loss, inner loss before/after the inner steps, and validation accuracy before/after, per run."""
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.0))
+    """Outer loss, inner loss before/after the inner steps, validation accuracy before/after, and the mean
+    generated normalisation blend of every layer (where recorded), per run."""
+    blends = [h for h in histories.values() if h.get("blend") and h["blend"][0]]
+    fig, axes = plt.subplots(1, 4 if blends else 3, figsize=(20 if blends else 15, 4.0))
     for i, (label, history) in enumerate(histories.items()):
         color = PALETTE[i % len(PALETTE)]
         it = np.asarray(history["iteration"])
@@ -36,9 +38,18 @@ def plot_training_curves(histories: Mapping[str, Mapping[str, list]], *, smooth:
         ev = np.asarray(history["eval_iteration"])
         axes[2].plot(ev, history["val_acc_before"], color=color, ls=":", marker=".", label=f"{label}, before")
         axes[2].plot(ev, history["val_acc_after"], color=color, marker=".", label=f"{label}, after")
+        if blends and history.get("blend"):
+            layers = np.asarray(history["blend"], dtype=np.float64)  # (iterations, layers)
+            for layer, ls in zip(range(layers.shape[1]), ("-", "--", ":", "-.") * 4):
+                axes[3].plot(it, _smooth(layers[:, layer], smooth), color=color, ls=ls,
+                             label=f"{label}, block {layer + 1}" if i == 0 or layer == 0 else None)
     if chance is not None:
         axes[2].axhline(chance, color=method_color("chance"), lw=1, ls="-.", label="chance")
-    axes[0].set(title="outer loss (aligned CE)", xlabel="iteration", ylabel="loss")
+    if blends:
+        axes[3].set(title="generated blend per block (1 = task statistics)", xlabel="iteration", ylabel="blend",
+                    ylim=(0, 1))
+        axes[3].legend(fontsize="x-small")
+    axes[0].set(title="outer loss", xlabel="iteration", ylabel="loss")
     axes[1].set(title="inner loss (dotted: before steps)", xlabel="iteration", ylabel="loss")
     axes[2].set(title="validation accuracy (dotted: before)", xlabel="iteration",
                 ylabel="clustering accuracy")
