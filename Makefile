@@ -48,6 +48,7 @@ help:
 	@echo "make test-fast  set up, then the unit tests only (-m 'not slow')"
 	@echo "make setup-venv only (re)create .venv when it is missing or broken (no download)"
 	@echo "make bench      set up, then every benchmarks/bench_*.py (after make run: they time its checkpoints)"
+	@echo "make benchmark  set up, then the full held-out grid on the pipeline's checkpoints (after make run; resumable)"
 	@echo "make results    docs/results.json and the README tables from the last make run + make bench"
 	@echo "variables: PROFILE=smoke|default|seed CONFIG=path.json HMLIB_DATA_DIR=... TORCH_INDEX=... VENV=.venv"
 
@@ -80,6 +81,9 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	@set -e; for script in benchmarks/bench_*.py; do echo "== $$script"; $(BIN)/python $$script; done
+
+benchmark: $(STAMP)
+	$(BIN)/hmlib benchmark --profile $(PROFILE) $(if $(CONFIG),--config $(CONFIG),)
 
 results: $(STAMP)
 	$(BIN)/hmlib results --write

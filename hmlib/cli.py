@@ -1,7 +1,8 @@
 """The ``hmlib`` command: subcommands come from modules that expose ``add_cli(subparsers)``.
 
 Each module registers its parser and sets ``func`` (``args -> exit code``): ``hmlib.runner``
-gives ``hmlib run``, ``hmlib.evaluation.cli`` gives ``hmlib eval``, ``hmlib.cluster.command`` gives
+gives ``hmlib run``, ``hmlib.evaluation.cli`` gives ``hmlib eval``, ``hmlib.evaluation.benchmark`` gives
+``hmlib benchmark``, ``hmlib.cluster.command`` gives
 ``hmlib cluster`` and ``hmlib.results`` gives ``hmlib results``.
 
 Errors the user can fix (an :class:`~hmlib.errors.HmlibError` such as a bad config value, a bad
@@ -27,7 +28,8 @@ from hmlib import __version__
 from hmlib.artifacts import storage_error
 from hmlib.errors import HmlibError, Terminated, raise_terminated
 
-SUBCOMMAND_MODULES: tuple[str, ...] = ("hmlib.runner", "hmlib.evaluation.cli", "hmlib.cluster.command", "hmlib.results")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("hmlib.runner", "hmlib.evaluation.cli", "hmlib.evaluation.benchmark",
+                                       "hmlib.cluster.command", "hmlib.results")
 USER_ERRORS: tuple[type[BaseException], ...] = (
     HmlibError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, UnicodeDecodeError)
 EXIT_ERROR, EXIT_BUG, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 1, 130, 143

@@ -98,7 +98,7 @@ class BackboneConfig:
     """The image representation under the hypernetwork: a conv net trained with labels on the meta-training
     datasets only (notebook 02)."""
 
-    channels: tuple[int, ...] = checked((32, 64, 128), min_len=1, min=1)  # stride-2 conv3x3-BN-ReLU blocks
+    channels: tuple[int, ...] = checked((16, 32, 64), min_len=1, min=1)  # stride-2 conv3x3-BN-ReLU blocks
     embed_dim: int = checked(128, min=2)
     epochs: int = checked(4, min=1)
     images_per_dataset: int = checked(10000, min=1)  # per epoch, from each meta-training dataset (small ones repeated)
@@ -152,7 +152,7 @@ class FilmConfig:
     adapt: str = checked("both", choices=("head", "film", "both"))  # what the inner loop updates
     adapt_blocks: int = checked(1, min=1)  # the last blocks whose FiLM the inner loop updates
     inner_lr: float = checked(0.05, min_exclusive=0.0)  # initial step size of the FiLM parameters
-    head_lr: float = checked(0.05, min_exclusive=0.0)  # initial step size of the prototypes and temperature
+    head_lr: float = checked(0.01, min_exclusive=0.0)  # initial step size of the prototypes and temperature
     learn_inner_lr: bool = True  # Meta-SGD: per-parameter step sizes meta-learned in the outer loop
     normalize_steps: bool = True  # steps along the gradient divided by its RMS per task (scale-free step sizes)
     cluster_iters: int = checked(10, min=0)  # Lloyd iterations computing the prototypes from the task
@@ -202,7 +202,7 @@ class MetaConfig:
     grad_clip: float = checked(1.0, min_exclusive=0.0)
     val_fraction: float = checked(0.1, min_exclusive=0.0, max_exclusive=1.0)  # of each meta-training dataset's train split, for selection
     eval_every: int = checked(25, min=1)
-    eval_tasks: int = checked(24, min=1)
+    eval_tasks: int = checked(64, min=1)
     use_inner_loop: bool = True  # False: meta-train without adaptation (MT3 ablation)
     retrain: str = checked("auto", choices=("auto", "never", "always"))
 
@@ -212,8 +212,9 @@ class EvalConfig:
     """The evaluation grid: every held-out dataset (``meta.test_datasets``) at every task shape (K, N), each a
     fixed, seeded suite of tasks from the dataset's test split, identical for every method (notebook 03)."""
 
-    num_tasks: int = checked(200, min=2)
+    num_tasks: int = checked(100, min=2)
     shapes: tuple[tuple[int, int], ...] = ((4, 256), (10, 500))  # (K classes, N images) of a task
+    shifted_shapes: tuple[tuple[int, int], ...] | None = ((4, 256),)  # of the shifted datasets; None: ``shapes``
     seed: int = checked(1234, min=0)
     kmeans_n_init: int = checked(10, min=1)
     logreg_train_per_class: int = checked(100, min=1)  # train-split images per class for the supervised ceiling
@@ -236,7 +237,7 @@ class AblationConfig:
 
     step_grid: tuple[int, ...] = checked((0, 1, 2, 4, 8, 16, 32), min_len=1, min=0)
     lr_grid: tuple[float, ...] = checked((0.25, 0.5, 2.0, 4.0), min_exclusive=0.0)  # step-size scales (adapt.lr_scale)
-    num_tasks: int = checked(50, min=2)  # the first tasks of each condition's evaluation suite
+    num_tasks: int = checked(40, min=2)  # the first tasks of each condition's evaluation suite
     datasets: tuple[str, ...] | None = None  # held-out datasets of the ablation grid; None = meta.test_datasets
     shapes: tuple[tuple[int, int], ...] = ((4, 256),)  # task shapes (K, N) of the ablation grid
     meta_iterations: int | None = checked(None, min=1)  # re-trained variants; None = meta.iterations
@@ -362,7 +363,8 @@ def validate(cfg: Config) -> Config:
     if cfg.meta.task_images < 2 * cfg.meta.max_classes:
         raise ConfigError(f"meta.task_images = {cfg.meta.task_images} is too small for {cfg.meta.max_classes}-class "
                           "tasks (at least 2 images per class)")
-    for where, shapes in (("eval.shapes", cfg.eval.shapes), ("benchmark.shapes", cfg.benchmark.shapes)):
+    for where, shapes in (("eval.shapes", cfg.eval.shapes), ("eval.shifted_shapes", cfg.eval.shifted_shapes or ((2, 4),)),
+                          ("benchmark.shapes", cfg.benchmark.shapes), ("ablation.shapes", cfg.ablation.shapes)):
         if not shapes:
             raise ConfigError(f"{where} is empty; give at least one [K, N] task shape")
         for K, N in shapes:

@@ -43,6 +43,12 @@ def gather(home: Path | None = None, *, allow_other_profile: bool = False) -> di
         record["evaluation"][setting] = {"profile": result.get("profile"), "seeds": result["seeds"],
                                          "num_steps": result["num_steps"], "num_tasks": result["num_tasks"],
                                          "setting_label": result["setting_label"], "summary": result["summary"]}
+    bench = home / "results" / "benchmark_zero_shot.json"
+    if bench.is_file():
+        result = read_json(bench)
+        record["benchmark"] = {"profile": result.get("profile"), "seeds": result["seeds"],
+                               "num_steps": result["num_steps"], "num_tasks": result["num_tasks"],
+                               "setting_label": result["setting_label"], "summary": result["summary"]}
     runs = home / "reports" / "runs.json"
     if runs.is_file():
         log = read_json(runs).get("notebooks", {})
@@ -57,9 +63,15 @@ def _results_table(record: Mapping[str, Any]) -> str:
     from hmlib.evaluation.tables import summary_markdown  # evaluation imports torch: only when rendering
 
     parts = []
-    for setting, entry in record["evaluation"].items():
+    evaluation = record["evaluation"]
+    for setting in sorted(evaluation, key=lambda s: list(SETTINGS).index(s) if s in SETTINGS else len(SETTINGS)):
+        entry = evaluation[setting]  # in SETTINGS order: the file's keys are sorted, the README's order is fixed
+        if "summary" not in entry:
+            raise ResultsError(f"the results record holds a {setting} evaluation of an older format (no grid "
+                               "summary); regenerate it with `hmlib results --write` after `make run`")
+        profile = "" if entry.get("profile") in (None, "default") else f", profile `{entry['profile']}`"
         parts.append(f"**{entry['setting_label'].capitalize()}** ({entry['num_tasks']} tasks per condition, seeds "
-                     f"{entry['seeds']}, {entry['num_steps']} inner steps):\n\n{summary_markdown(entry)}\n")
+                     f"{entry['seeds']}, {entry['num_steps']} inner steps{profile}):\n\n{summary_markdown(entry)}\n")
     return "\n".join(parts)
 
 
@@ -85,8 +97,19 @@ def _bench_table(record: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _benchmark_table(record: Mapping[str, Any]) -> str:
+    from hmlib.evaluation.tables import summary_markdown
+
+    entry = record.get("benchmark")
+    if not entry:
+        return "_no `make benchmark` run recorded_\n"
+    return (f"{entry['num_tasks']} tasks per condition, seeds {entry['seeds']}, {entry['num_steps']} inner steps, "
+            f"zero-shot:\n\n{summary_markdown(entry)}\n")
+
+
 RENDERERS: dict[str, Callable[[Mapping[str, Any]], str]] = {
-    "results": _results_table, "pipeline": _pipeline_table, "benchmarks": _bench_table}
+    "results": _results_table, "benchmark": _benchmark_table, "pipeline": _pipeline_table,
+    "benchmarks": _bench_table}
 
 
 def render_readme(text: str, record: Mapping[str, Any]) -> str:

@@ -1,34 +1,43 @@
-"""Ablations: the specs, summaries and generated conclusions, the JSON cache, and every variant of a tiny trained
-protocol scored on identical tasks."""
+"""Ablations: the specs, summaries (pooled and per condition) and generated conclusions, the JSON cache, and every
+variant of a tiny trained protocol scored on identical tasks of the ablation grid (clean and shifted mnist)."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import shutil
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pytest
+import torch
 from matplotlib.figure import Figure
 
 from datafactory import balanced_labels, class_patterns, to_pil, write_parquet_split
-from hmlib.ablations import (AblationResult, Variant, ablation_seeds, ablation_suite, conclusions, define_ablations,
+from hmlib import paths
+from hmlib.ablations import (AblationResult, Variant, ablation_grid, ablation_seeds, conclusions, define_ablations,
                              describe, headline_rows, run_ablation, run_all, step_table, step_table_rows, table_rows)
 from hmlib.ablations import run as ablation_run
-from hmlib.ablations.run import load_cached, result_path, training_config, variant_curves
+from hmlib.ablations.run import (_context, initial_hypernet, load_cached, result_path, training_config,
+                                 variant_curves)
 from hmlib.artifacts import fingerprint, load_checkpoint, save_checkpoint, write_json
+from hmlib.cluster.estimator import default_checkpoint
 from hmlib.config import ConfigError, config_to_dict, load_config
-from hmlib.evaluation.suite import suite_fingerprint
+from hmlib.evaluation.conditions import Condition, build_suite, suite_seed
+from hmlib.evaluation.inputs import seed_inputs
+from hmlib.evaluation.methods import METHODS, MethodContext, score
 from hmlib.hyper import losses
 from hmlib.hyper.adapt import predict_task
-from hmlib.hyper.inputs import load_task_data
-from hmlib.hyper.losses import task_accuracy
-from hmlib.hyper.metatrain import meta_train
+from hmlib.hyper.bundle import load_bundle
+from hmlib.hyper.losses import InnerLoss, task_accuracy
 from hmlib.plots.ablations import plot_comparison, plot_step_curve
 from hmlib.reports import record_headline
-from tinyprotocol import K, train_home, use_home
+from tinyprotocol import K, N, train_home, use_home
 
 TASKS, STEPS, SEEDS = 40, 4, 2
+CONDITIONS, PER_CONDITION = ["mnist_K3_N18", "mnist+rotate_K3_N18"], [24, 16]
 LABEL_NOISE = 0.3  # share of the held-out test images whose label is another class's (accuracies below 100%)
+FILM_ABLATIONS = ["steps", "step_size", "meta_learning", "conditioning", "statistics", "adapted", "transductive",
+                  "inner_loss"]
 
 
 def fake_curves(seed: int, shift: float, noise: float = 0.02, rising: bool = False) -> np.ndarray:
@@ -43,8 +52,9 @@ def make_result(reference: str | None = "ref", **curves: np.ndarray) -> Ablation
     curves = curves or {"ref": fake_curves(1, 0.0), "better": fake_curves(2, 0.1), "same": fake_curves(3, 0.0)}
     return AblationResult(key="toy", title="Toy ablation", question="Does it work?", reference=reference,
                           variants=[config_to_dict(Variant(label)) for label in curves], acc=dict(curves),
-                          kmeans=fake_curves(9, 0.05)[:, :, 0], dataset="mnist", setting="zero_shot", task_size=18,
-                          seeds=list(range(SEEDS)), meta={"config": {"task": {"num_classes": K}}})
+                          kmeans=fake_curves(9, 0.05)[:, :, 0], conditions=list(CONDITIONS),
+                          condition_tasks=list(PER_CONDITION), setting="zero_shot", seeds=list(range(SEEDS)),
+                          meta={"config": {"task": {"num_classes": K}}})
 
 
 def write_noisy_mirror(root, source) -> None:
@@ -60,10 +70,11 @@ def write_noisy_mirror(root, source) -> None:
 
 @pytest.fixture(scope="module")
 def trained(_tiny_mirror_root, tmp_path_factory):
-    """The tiny protocol (zero-shot, seed 0) on a mirror with a noisy held-out test split, and every ablation run."""
+    """The tiny protocol (seed 0, its backbone also adapted to mnist) on a mirror with a noisy held-out test split,
+    and every ablation run."""
     mirror = tmp_path_factory.mktemp("noisy") / "mirror"
     write_noisy_mirror(mirror, _tiny_mirror_root)
-    trained = train_home(tmp_path_factory.mktemp("trained"), mirror, [("zero_shot", 0)])
+    trained = train_home(tmp_path_factory.mktemp("trained"), mirror, [("zero_shot", 0), ("transductive", 0)])
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HMLIB_HOME", str(trained.home))
         patch.setenv("HMLIB_DATA_DIR", str(mirror))
@@ -96,6 +107,26 @@ def test_summary_rows_and_table():
     assert [r["variant"] for r in table] == ["ref", "better", "same"]
     assert table[1]["vs ref (pts)"].startswith("+") and table[1]["vs ref (pts)"].endswith("*")
     assert table[0]["vs ref (pts)"] == "–"
+
+
+def test_by_condition_slices_the_pooled_tasks():
+    """Pooled tasks are kept per condition: a variant that helps on one condition only says so per condition."""
+    ref = fake_curves(1, 0.0)
+    shifted_only = ref.copy()
+    shifted_only[:, PER_CONDITION[0]:, :] += 0.1  # better on the rotated condition's tasks only
+    result = make_result(ref=ref, shifted_only=shifted_only)
+    slices = result.condition_slices()
+    assert slices == {CONDITIONS[0]: slice(0, 24), CONDITIONS[1]: slice(24, 40)}
+    parts = result.by_condition("shifted_only")
+    assert list(parts) == CONDITIONS
+    clean, rotated = parts[CONDITIONS[0]], parts[CONDITIONS[1]]
+    assert clean["after"]["n"] == 24 and rotated["after"]["n"] == 16
+    assert clean["after"]["mean"] == pytest.approx(result.after("shifted_only")[:24].mean())
+    assert clean["vs_reference"]["mean"] == pytest.approx(0.0) and not clean["vs_reference"]["excludes_zero"]
+    assert rotated["vs_reference"]["mean"] == pytest.approx(0.1) and rotated["vs_reference"]["excludes_zero"]
+    assert rotated["vs_kmeans"]["mean"] == pytest.approx((result.after("shifted_only")[24:]
+                                                          - result.kmeans.mean(0)[24:]).mean())
+    assert "vs_reference" not in result.by_condition("ref")[CONDITIONS[0]]
 
 
 def test_step_table():
@@ -153,6 +184,7 @@ def test_ablation_figures():
     figures = [plot_step_curve(make_result(reference=None, main=fake_curves(1, 0.0, rising=True)), [0, 1, STEPS]),
                plot_comparison(make_result())]
     assert all(isinstance(fig, Figure) for fig in figures) and len(figures[1].axes) == 2
+    assert "2 held-out condition(s)" in figures[0].axes[0].get_title()
     assert len(plot_comparison(make_result(reference=None, main=fake_curves(1, 0.0))).axes) == 1
     plt.close("all")
 
@@ -167,6 +199,8 @@ def test_cache_round_trip_and_staleness(capsys):
     assert path.parent.name == "ablations" and path.parent.parent.name == "results"
     loaded = load_cached("toy", {"config": {"a": 1}})
     assert loaded is not None and loaded.summary() == result.summary()
+    assert loaded.conditions == CONDITIONS and loaded.condition_tasks == PER_CONDITION
+    assert loaded.by_condition("better") == result.by_condition("better")
     np.testing.assert_array_equal(loaded.acc["better"], result.acc["better"])
     np.testing.assert_array_equal(loaded.kmeans, result.kmeans)
     assert load_cached("toy", {"config": {"a": 2}}) is None  # other settings: stale, and it says so
@@ -183,32 +217,49 @@ def test_define_ablations_covers_the_notebook_with_paired_references():
     the registry; re-trained variants get their overrides and ablation.meta_iterations."""
     cfg = load_config("default", overrides={"ablation": {"meta_iterations": 50}})
     specs = {a.key: a for a in define_ablations(cfg)}
-    assert list(specs) == ["steps", "inner_lr", "meta_learning", "conditioning", "representation", "inner_loss"]
+    assert list(specs) == FILM_ABLATIONS
     for spec in specs.values():
         labels = [v.label for v in spec.variants]
         assert len(set(labels)) == len(labels)
         assert spec.reference is None or spec.reference in labels
     assert specs["steps"].reference is None and specs["steps"].variants[0].num_steps == max(cfg.ablation.step_grid)
-    assert {v.adapt_overrides.get("inner_lr") for v in specs["inner_lr"].variants[1:]} == \
-        set(cfg.ablation.lr_grid) - {cfg.adapt.inner_lr}
+    assert [v.adapt_overrides.get("lr_scale") for v in specs["step_size"].variants] == \
+        [None, *(float(s) for s in cfg.ablation.lr_grid if s != 1.0)]
     assert [v.label for v in specs["inner_loss"].variants] == [f"{cfg.adapt.inner_loss} (main)",
-                                                              *(n for n in losses.INNER_LOSSES if n != "infomax")]
-    assert {v.context for v in specs["conditioning"].variants} == {"task", "noise"}
-    no_inner = specs["meta_learning"].variant("meta-trained without inner loop")
+                                                              *(n for n in losses.INNER_LOSSES if n != "neighbours")]
+    meta = specs["meta_learning"]
+    no_inner = meta.variant("meta-trained without inner loop")
     train_cfg = training_config(cfg, no_inner)
     assert train_cfg.meta.use_inner_loop is False and train_cfg.meta.iterations == 50
-    assert specs["meta_learning"].variant("not meta-trained (initialisation)").untrained
-    main = specs["meta_learning"].variant("main")
+    assert meta.variant("not meta-trained (initialisation)").untrained
+    plain = [v for v in meta.variants if v.baseline is not None]
+    assert [v.baseline for v in plain] == ["plain_choice"] and not plain[0].retrained  # no hypernetwork at all
+    main = meta.variant("main")
     assert not main.retrained and training_config(cfg, main) is cfg  # the protocol's own checkpoint
-    latent = specs["representation"].variant("VAE latents only (no backbone)")
-    assert training_config(cfg, latent).hyper.target_input == "latent"
+    assert [v.context for v in specs["conditioning"].variants] == ["task", "noise", "constant"]
+    assert [dict(v.fixed) for v in specs["statistics"].variants] == [{}, {"blend": 0.0}, {"blend": 1.0}]
+    adapted = specs["adapted"]
+    assert adapted.reference == "head and FiLM (main)" and cfg.film.adapt == "both"
+    assert [dict(v.film_overrides) for v in adapted.variants] == [{}, {"adapt": "head"}, {"adapt": "film"}]
+    assert [v.backbone for v in specs["transductive"].variants] == ["zero_shot", "statistics", "transductive"]
+    assert specs["transductive"].transductive_only
     names = {fingerprint(config_to_dict(training_config(cfg, v))) for s in specs.values() for v in s.variants}
     assert len(names) == 1 + sum(v.retrained for s in specs.values() for v in s.variants)  # one training each
 
 
+def test_the_full_generator_has_no_film_ablations():
+    """The prototype's generator (seed profile) has no normalisation layers to ablate and no plain baseline arm."""
+    cfg = load_config("seed")
+    specs = {a.key: a for a in define_ablations(cfg)}
+    assert list(specs) == ["steps", "step_size", "meta_learning", "conditioning", "inner_loss"]
+    assert all(v.baseline is None for v in specs["meta_learning"].variants)
+    assert "augmentation" not in [v.label for v in specs["inner_loss"].variants]
+
+
 def test_a_registered_inner_loss_becomes_an_ablation_variant(monkeypatch):
     """Adding an inner loss to INNER_LOSSES adds its arm to the inner-loss ablation (and the explorer's choices)."""
-    monkeypatch.setitem(losses.INNER_LOSSES, "neg_max", lambda logits, reference, cfg: -logits.max(-1).values.mean(-1))
+    monkeypatch.setitem(losses.INNER_LOSSES, "neg_max",
+                        InnerLoss(lambda view, cfg: -view.logits.max(-1).values.mean(-1), "negative max logit"))
     spec = next(a for a in define_ablations(load_config("default")) if a.key == "inner_loss")
     variant = spec.variant("neg_max")
     assert variant.adapt_overrides == {"inner_loss": "neg_max"} and not variant.retrained  # a test-time arm
@@ -226,18 +277,32 @@ def test_bad_specs_raise_clear_errors(tiny_mirror):
         load_config("default", overrides={"ablation": {"setting": "few_shot"}})
     with pytest.raises(ConfigError, match="unknown config key"):
         training_config(cfg, Variant("x", train_overrides={"meta": {"iterationz": 3}}))
-    long = load_config("smoke", overrides={"data": {"use_hub": False}, "task": {"num_classes": K},
-                                           "ablation": {"num_tasks": 20}})
+    long = load_config("smoke", overrides={"data": {"use_hub": False}, "ablation": {"num_tasks": 20}})
     with pytest.raises(ConfigError, match="exceeds eval.num_tasks"):
-        ablation_suite(long, "mnist")
+        ablation_grid(long)
+
+
+def test_the_ablation_grid_comes_from_the_config(tiny_mirror):
+    """ablation.datasets (default: the held-out datasets) x ablation.shapes; the transductive ablation keeps the
+    datasets of transductive.datasets."""
+    from tinyprotocol import tiny_config
+
+    cfg = tiny_config()
+    assert [c.key for c in ablation_grid(cfg)] == CONDITIONS
+    transductive = next(a for a in define_ablations(cfg) if a.key == "transductive")
+    assert [c.key for c in ablation_grid(cfg, transductive)] == ["mnist_K3_N18"]
+    other = tiny_config(ablation={"datasets": ["mnist+rotate"], "shapes": [[2, 12], [K, N]]})
+    assert [c.key for c in ablation_grid(other)] == ["mnist+rotate_K2_N12", "mnist+rotate_K3_N18"]
+    assert ablation_grid(other, transductive) == []
 
 
 def test_describe_states_the_protocol():
-    """The paragraph above the tables names the suite, the setting, the seeds and the re-training."""
+    """The paragraph above the tables names the conditions, the setting, the seeds and the re-training."""
     cfg = load_config("default", overrides={"ablation": {"meta_iterations": 50, "num_tasks": 7, "num_seeds": 3}})
-    text = describe(cfg)
-    assert "first 7 tasks" in text and "**mnist**" in text and "50 iterations" in text
-    assert "**zero-shot**" in text and "[0, 1, 2]" in text
+    text = describe(cfg, CONDITIONS)
+    assert "first 7 tasks" in text and "of 2 held-out conditions" in text and "`mnist+rotate_K3_N18`" in text
+    assert "**zero-shot**" in text and "[0, 1, 2]" in text and "50 iterations" in text
+    assert "`models/ablations/`" in text
     assert ablation_seeds(cfg) == (0, 1, 2)
     assert ablation_seeds(load_config("default", overrides={"ablation": {"num_seeds": 2}})) == (0, 1)
 
@@ -245,18 +310,23 @@ def test_describe_states_the_protocol():
 # ------------------------------------------------------------------------------ the tiny trained protocol
 
 def test_run_all_scores_every_ablation_of_the_tiny_protocol(trained, home):
-    """Every ablation has a cached result; every variant has (seeds, tasks, steps+1) accuracies on the suite."""
+    """Every ablation has a cached result; every variant has (seeds, pooled tasks, steps+1) accuracies; the pooled
+    tasks are the first ablation.num_tasks of each condition's suite, condition by condition."""
     cfg, results = trained.cfg, trained.results
-    assert list(results) == [a.key for a in define_ablations(cfg)]
-    suite = ablation_suite(cfg, "mnist")
+    assert list(results) == [a.key for a in define_ablations(cfg)] == FILM_ABLATIONS
     tasks = cfg.ablation.num_tasks
     for key, result in results.items():
-        assert result_path(key).is_file() and result.meta["suite"] == suite_fingerprint(suite)
-        assert result.kmeans.shape == (1, tasks) and result.seeds == [0]
+        spec = next(a for a in define_ablations(cfg) if a.key == key)
+        conditions = [c.key for c in ablation_grid(cfg, spec)]
+        assert result_path(key).is_file() and result.conditions == conditions
+        assert result.condition_tasks == [tasks] * len(conditions) and result.seeds == [0]
+        assert result.kmeans.shape == (1, tasks * len(conditions))
         for label, acc in result.acc.items():
-            variant = next(a for a in define_ablations(cfg) if a.key == key).variant(label)
+            variant = spec.variant(label)
             steps = cfg.adapt.num_inner_steps if variant.num_steps is None else variant.num_steps
-            assert acc.shape == (1, tasks, steps + 1) and np.all((acc >= 0) & (acc <= 1))
+            assert acc.shape == (1, tasks * len(conditions), steps + 1) and np.all((acc >= 0) & (acc <= 1))
+            assert list(result.by_condition(label)) == conditions
+    assert results["transductive"].conditions == ["mnist_K3_N18"]
     assert results["steps"].acc["main"].shape[2] == max(cfg.ablation.step_grid) + 1
     accuracies = np.concatenate([a.ravel() for r in results.values() for a in r.acc.values()])
     assert accuracies.min() < 1.0  # the noisy labels make the numbers informative
@@ -264,65 +334,114 @@ def test_run_all_scores_every_ablation_of_the_tiny_protocol(trained, home):
     assert len(lines) == len(results) and all(line.startswith("**") for line in lines)
 
 
-def test_every_variant_is_scored_on_identical_tasks(trained, home, monkeypatch):
-    """Every variant and the k-means reference see the same suite; variants that differ only at test time share
-    the checkpoint and agree before the first inner step."""
-    cfg, seen = trained.cfg, []
-
-    def spy(function):
-        def record(*args, **kwargs):
-            suite = next(a for a in args if hasattr(a, "indices"))
-            seen.append((function.__name__, suite_fingerprint(suite)))
-            return function(*args, **kwargs)
-        return record
-
-    monkeypatch.setattr(ablation_run, "variant_curves", spy(variant_curves))
-    monkeypatch.setattr(ablation_run, "kmeans_reference", spy(ablation_run.kmeans_reference))
-    specs = {a.key: a for a in define_ablations(cfg)}
-    for key in ("inner_lr", "conditioning", "meta_learning"):
-        run_ablation(cfg, specs[key], recompute=True, progress=False)
-    expected = suite_fingerprint(ablation_suite(cfg, "mnist"))
-    assert [name for name, _ in seen].count("variant_curves") == 3 * 3  # three variants in each of three ablations
-    assert [name for name, _ in seen].count("kmeans_reference") == 3
-    assert {fp for _, fp in seen} == {expected}
-    lr = trained.results["inner_lr"]
-    for label in lr.acc:
-        np.testing.assert_array_equal(lr.acc[label][:, :, 0], lr.acc[lr.reference][:, :, 0])
-    conditioning = trained.results["conditioning"]
-    checkpoints = conditioning.meta["checkpoints"]
-    assert checkpoints["pixel-noise context"] == checkpoints["main"]
-    assert checkpoints["conditioned on the backbone embedding"] != checkpoints["main"]
-    assert trained.results["meta_learning"].meta["checkpoints"]["not meta-trained (initialisation)"] == [None]
-    for result in trained.results.values():
-        np.testing.assert_array_equal(result.kmeans, trained.results["inner_lr"].kmeans)
+def test_retrained_variants_live_apart_from_the_pipelines_checkpoints(trained, home):
+    """The variant meta-trained without inner loop is saved as models/ablations/variant_seed0-*.pt; the pipeline's
+    own checkpoint stays the only models/hypernet_seed0-*.pt, and it is what `hmlib cluster` takes by default."""
+    models = paths.models_dir()
+    pipeline = home[("zero_shot", 0)]
+    (variant,) = (models / "ablations").glob("variant_seed0-*.pt")
+    assert [p.name for p in models.glob("hypernet_seed*-*.pt")] == [pipeline.name]
+    assert load_checkpoint(variant)[1]["config"]["meta"]["use_inner_loop"] is False
+    checkpoints = trained.results["meta_learning"].meta["checkpoints"]
+    assert checkpoints["meta-trained without inner loop"] != checkpoints["main"]
+    assert checkpoints["not meta-trained (initialisation)"] == checkpoints["main"]
+    os.utime(variant, (pipeline.stat().st_mtime + 60,) * 2)  # the newest checkpoint anywhere
+    assert not (paths.results_dir() / "eval_zero_shot.json").exists()
+    assert default_checkpoint() == pipeline
+    (models / "pipeline.json").unlink()
+    assert default_checkpoint() == pipeline
 
 
-def test_variant_curves_match_a_direct_run(trained, home, monkeypatch):
-    """A variant's curve is the accuracy of predict_task on each suite task, however the tasks are batched."""
+def test_variants_are_scored_on_identical_tasks(trained, home):
+    """Variants that differ only at test time agree before the first inner step; every ablation's k-means
+    reference is the same (the same tasks, seed and backbone) condition by condition."""
+    results = trained.results
+    step_size = results["step_size"]
+    for label in step_size.acc:
+        np.testing.assert_array_equal(step_size.acc[label][:, :, 0], step_size.acc[step_size.reference][:, :, 0])
+    inner = results["inner_loss"]
+    for label in inner.acc:
+        np.testing.assert_array_equal(inner.acc[label][:, :, 0], inner.acc[inner.reference][:, :, 0])
+    reference = results["step_size"].kmeans
+    for key, result in results.items():
+        tasks = sum(result.condition_tasks)  # the transductive ablation: the mnist condition only
+        np.testing.assert_array_equal(result.kmeans, reference[:, :tasks])
+    np.testing.assert_array_equal(results["meta_learning"].acc["main"], results["conditioning"].acc["main"])
+
+
+def test_variant_curves_match_a_direct_run(trained, home):
+    """A variant's curve on a condition is the accuracy of predict_task on the first ablation.num_tasks tasks of
+    that condition's evaluation suite, however the tasks are batched."""
     cfg = trained.cfg
-    suite = ablation_suite(cfg, "mnist")
-    curves = variant_curves(cfg, Variant("main"), "mnist", "zero_shot", 0, suite, {})
-    assert curves.shape == (cfg.ablation.num_tasks, cfg.adapt.num_inner_steps + 1)
-    hypernet = meta_train(cfg, "zero_shot", 0, train=False, progress=False).hypernet
-    task_data = load_task_data(cfg, "mnist", "test", "zero_shot", 0, train=False, progress=False)
-    for t in range(len(suite)):
-        logits = predict_task(hypernet, task_data.task_inputs(suite.indices[t:t + 1]), cfg.adapt)
-        np.testing.assert_array_equal(curves[t], [task_accuracy(step, suite.labels[t:t + 1])[0] for step in logits])
-    monkeypatch.setattr(ablation_run, "BATCH_TASKS", 2)
-    np.testing.assert_array_equal(variant_curves(cfg, Variant("main"), "mnist", "zero_shot", 0, suite, {}), curves)
-    np.testing.assert_array_equal(trained.results["inner_lr"].acc[f"lr={cfg.adapt.inner_lr:g} (main)"][0], curves)
-    slow = variant_curves(cfg, Variant("x", adapt_overrides={"inner_lr": 1e-9}), "mnist", "zero_shot", 0, suite, {})
-    np.testing.assert_array_equal(slow, np.repeat(curves[:, :1], curves.shape[1], axis=1))  # lr ~0: nothing moves
+    bundle = load_bundle(home[("zero_shot", 0)])
+    pooled = []
+    for condition in ablation_grid(cfg):
+        curves = variant_curves(cfg, Variant("main"), condition, 0, {})
+        assert curves.shape == (cfg.ablation.num_tasks, cfg.adapt.num_inner_steps + 1)
+        suite = build_suite(cfg, condition, cfg.ablation.num_tasks)
+        inputs = seed_inputs(bundle, cfg, condition.dataset, "zero_shot", with_train=False)
+        for t in range(len(suite)):
+            logits = predict_task(bundle.hypernet, inputs.test.task_inputs(suite.indices[t:t + 1]), cfg.adapt)
+            np.testing.assert_array_equal(curves[t], [task_accuracy(step, suite.labels[t:t + 1])[0]
+                                                      for step in logits])
+        still = variant_curves(cfg, Variant("x", adapt_overrides={"lr_scale": 1e-9}), condition, 0, {})
+        np.testing.assert_array_equal(still, np.repeat(curves[:, :1], curves.shape[1], axis=1))  # nothing moves
+        pooled.append(curves)
+    np.testing.assert_array_equal(trained.results["step_size"].acc["step sizes x 1 (main)"][0],
+                                  np.concatenate(pooled))
+
+
+def test_the_plain_baseline_arm_is_the_registered_method_on_the_same_tasks(trained, home):
+    """'no hypernetwork: plain adaptation' scores METHODS['plain_choice'] on each condition's ablation tasks with
+    the evaluation's seed, and repeats that one accuracy over the steps."""
+    cfg, result = trained.cfg, trained.results["meta_learning"]
+    label = next(v["label"] for v in result.variants if v["baseline"] == "plain_choice")
+    acc = result.acc[label][0]
+    assert acc.shape[1] == cfg.adapt.num_inner_steps + 1 and np.all(acc == acc[:, :1])
+    bundle = load_bundle(home[("zero_shot", 0)])
+    expected = []
+    for condition in ablation_grid(cfg):
+        inputs = seed_inputs(bundle, cfg, condition.dataset, "zero_shot", with_train=False)
+        ctx = MethodContext(cfg, inputs, build_suite(cfg, condition, cfg.ablation.num_tasks),
+                            suite_seed(cfg.eval.seed, condition))
+        expected.append(score(METHODS["plain_choice"], ctx)[0])
+    np.testing.assert_array_equal(acc[:, 0], np.concatenate(expected))
+
+
+def test_conditioning_replacements_and_the_untrained_hypernetwork(trained, home):
+    """The pixel-noise context is the VAE distribution of seeded noise images; the constant code is the
+    conditioning's mean row; the untrained arm is the architecture re-initialised from the seed."""
+    cfg = trained.cfg
+    bundle = load_bundle(home[("zero_shot", 0)])
+    inputs = seed_inputs(bundle, cfg, "mnist", "zero_shot", with_train=False)
+    indices = build_suite(cfg, ablation_grid(cfg)[0], 2).indices
+    assert _context(Variant("main"), inputs, bundle.vae, indices, 0) is None
+    noise = _context(Variant("n", context="noise"), inputs, bundle.vae, indices, 0)
+    assert noise.shape == (2, N, 2 * cfg.vae.latent_dim)
+    torch.testing.assert_close(noise, _context(Variant("n", context="noise"), inputs, bundle.vae, indices, 0))
+    assert not torch.allclose(noise, torch.as_tensor(inputs.test.context[indices]))
+    constant = _context(Variant("c", context="constant"), inputs, bundle.vae, indices, 0)
+    torch.testing.assert_close(constant, bundle.hypernet.context_mean.expand(2, N, -1))
+    fresh, again = initial_hypernet(inputs, 0), initial_hypernet(inputs, 0)
+    fresh_state = fresh.state_dict()
+    assert all(torch.equal(fresh_state[k], again.state_dict()[k]) for k in fresh_state)
+    state, meta = load_checkpoint(home[("zero_shot", 0)])
+    last = state["model"]  # after the last outer step: moved away from the initialisation
+    assert fresh_state.keys() == last.keys()
+    assert any(not torch.equal(fresh_state[k], last[k]) for k in fresh_state if k.startswith("encoder"))
+    same = all(torch.equal(fresh_state[k], state["best_model"][k]) for k in fresh_state if k.startswith("encoder"))
+    assert same == (meta["best"]["iteration"] == 0)  # kept weights validated before any outer step: the start
+    torch.testing.assert_close(fresh.context_mean, bundle.hypernet.context_mean)
 
 
 def test_a_cached_result_is_reused_then_recomputed_when_a_checkpoint_changes(trained, home, capsys):
-    """The cache is keyed by every checkpoint's hash, the tasks and the settings."""
+    """The cache is keyed by every checkpoint's hash, the conditions and the settings."""
     cfg = trained.cfg
-    spec = next(a for a in define_ablations(cfg) if a.key == "inner_lr")
+    spec = next(a for a in define_ablations(cfg) if a.key == "step_size")
     capsys.readouterr()
     reused = run_ablation(cfg, spec, progress=False)
-    assert "Loaded inner_lr" in capsys.readouterr().out
-    for label, acc in trained.results["inner_lr"].acc.items():
+    assert "Loaded step_size" in capsys.readouterr().out
+    for label, acc in trained.results["step_size"].acc.items():
         np.testing.assert_array_equal(reused.acc[label], acc)
 
     checkpoint = home[("zero_shot", 0)]
@@ -330,11 +449,14 @@ def test_a_cached_result_is_reused_then_recomputed_when_a_checkpoint_changes(tra
     state["best_model"] = {k: v * 0.5 if v.dtype.is_floating_point else v for k, v in state["best_model"].items()}
     save_checkpoint(checkpoint, state, meta)  # the same settings, other weights
     recomputed = run_ablation(cfg, spec, progress=False)
-    assert "Recomputing inner_lr" in capsys.readouterr().out
-    assert recomputed.meta["checkpoints"] != trained.results["inner_lr"].meta["checkpoints"]
+    assert "Recomputing step_size" in capsys.readouterr().out
+    assert recomputed.meta["checkpoints"] != trained.results["step_size"].meta["checkpoints"]
     run_ablation(cfg, spec, progress=False)
-    assert "Loaded inner_lr" in capsys.readouterr().out
+    assert "Loaded step_size" in capsys.readouterr().out
 
     other = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, kmeans_n_init=2))
     run_ablation(other, spec, progress=False)
-    assert "Recomputing inner_lr" in capsys.readouterr().out
+    assert "Recomputing step_size" in capsys.readouterr().out
+    fewer = dataclasses.replace(cfg, ablation=dataclasses.replace(cfg.ablation, datasets=("mnist",)))
+    assert run_ablation(fewer, spec, progress=False).conditions == ["mnist_K3_N18"]
+    assert "Recomputing step_size" in capsys.readouterr().out

@@ -1,4 +1,5 @@
-"""The backbone stage: model, augmentation, training, checkpoints, normalisation statistics, embedding cache."""
+"""The backbone stage: model, augmentation, training, checkpoints, normalisation statistics, embedding cache
+(its per-task modulation: tests/test_modulation.py; its transductive adaptation: tests/test_transductive.py)."""
 from __future__ import annotations
 
 import copy
@@ -16,13 +17,12 @@ import hmlib.data
 from datafactory import balanced_labels, class_patterns
 from fakes import FakeData, install_fake_data
 from hmlib.artifacts import ArtifactError, MissingArtifactError, StaleArtifactError, read_json, save_checkpoint
-from hmlib.backbone import (ConvBackbone, EmbeddingSet, adapt_batchnorm, augment, batch_statistics,
+from hmlib.backbone import (ConvBackbone, EmbeddingSet, adapt_batchnorm, augment, batch_statistics, blocks,
                             embed_images, embed_split, get_all_backbones, get_backbone, get_embeddings,
-                            load_backbone, setting_backbone, train_backbone)
-from hmlib.backbone.embeddings import embed_tasks_with_task_statistics
+                            load_backbone, train_backbone)
 from hmlib.backbone.model import batchnorm_layers
-from hmlib.backbone.train import BackboneTrainingError, bn_sample
-from hmlib.config import ConfigError, load_config
+from hmlib.backbone.train import BackboneTrainingError
+from hmlib.config import load_config
 from hmlib.data import ImageSet
 from hmlib.features import cache_path, images_to_tensor, read_features
 from hmlib.protocol import train_val_indices
@@ -95,12 +95,15 @@ def _images(num: int, seed: int = 0) -> np.ndarray:
 
 @pytest.mark.parametrize("channels", [(4,), (4, 8, 8)])
 def test_shapes(channels):
-    """embed gives (B, embed_dim), forward the training head's (B, num_classes) logits."""
+    """embed gives (B, embed_dim), forward the training head's (B, num_classes) logits; one block per width."""
     model = ConvBackbone(channels, EMBED_DIM, 5)
     x = torch.rand(BATCH, 1, 28, 28)
     assert model.embed(x).shape == (BATCH, EMBED_DIM)
     assert model(x).shape == (BATCH, 5)
     assert len(batchnorm_layers(model)) == len(channels)
+    pairs = blocks(model)  # (convolution, normalisation) of every block, in order
+    assert [(conv.out_channels, bn.num_features) for conv, bn in pairs] == [(c, c) for c in channels]
+    assert [bn for _, bn in pairs] == batchnorm_layers(model)
     assert (model.channels, model.embed_dim, model.num_classes) == (tuple(channels), EMBED_DIM, 5)
 
 
@@ -176,26 +179,6 @@ def test_batch_statistics_restores_the_model_after_an_error():
     assert all(not m.training and m.momentum == 0.1 for m in batchnorm_layers(model))
 
 
-def test_task_statistics_embed_each_task_on_its_own():
-    """Each task is embedded with its own batch statistics: as if alone, independent of the other tasks."""
-    model = _odd_statistics(ConvBackbone(CHANNELS, EMBED_DIM, 3))
-    before = {k: v for k, v in _state(model).items() if "running" in k}
-    tasks = np.stack([_images(12, seed) for seed in range(3)])  # (T, N, 28, 28)
-    out = embed_tasks_with_task_statistics(model, tasks)
-    assert out.shape == (3, 12, EMBED_DIM) and out.dtype == np.float32
-    with torch.no_grad(), batch_statistics(model):
-        alone = model.embed(images_to_tensor(tasks[0])).numpy()
-    np.testing.assert_allclose(out[0], alone, atol=1e-6)
-    changed = tasks.copy()
-    changed[1] = 255 - changed[1]
-    other = embed_tasks_with_task_statistics(model, changed)
-    np.testing.assert_array_equal(other[0], out[0])
-    np.testing.assert_array_equal(other[2], out[2])
-    assert not np.allclose(other[1], out[1])
-    assert not np.allclose(out[0], embed_images(model, tasks[0]), atol=1e-3)  # not the stored statistics
-    _assert_same_state(before, {k: v for k, v in _state(model).items() if "running" in k})
-
-
 def test_adapt_batchnorm_estimates_the_data_statistics_on_a_copy():
     """adapt_batchnorm returns a copy whose running statistics are those of the images; the original is unchanged."""
     model = _odd_statistics(ConvBackbone(CHANNELS, EMBED_DIM, 3))
@@ -224,15 +207,6 @@ def test_adapt_batchnorm_averages_equal_batches():
     assert torch.allclose(first_whole.running_mean, first_quarters.running_mean, atol=1e-5)
     assert int(first_quarters.num_batches_tracked) == 4
     assert not torch.allclose(first_quarters.running_mean, torch.full_like(first_quarters.running_mean, 5.0))
-
-
-def test_bn_sample_is_deterministic_and_bounded():
-    """At most ``limit`` images, evenly spaced, the same every time; small sets are kept whole."""
-    images = np.arange(100, dtype=np.uint8)[:, None, None] * np.ones((1, 28, 28), np.uint8)
-    assert bn_sample(images, limit=200) is images
-    sample = bn_sample(images, limit=10)
-    assert len(sample) == 10 and sample[0, 0, 0] == 0 and sample[-1, 0, 0] == 99
-    np.testing.assert_array_equal(sample, bn_sample(images, limit=10))
 
 
 # ------------------------------------------------------------------------------------ training
@@ -364,35 +338,12 @@ def test_get_all_backbones_trains_one_per_seed(fake_data):
     assert list(get_all_backbones(cfg, train=False, progress=False)) == [0, 1]
 
 
-# ------------------------------------------------------------------------------------ settings and embeddings
-
-def test_transductive_backbone_reads_the_datasets_statistics(fake_data):
-    """Transductive: the same weights with the dataset's own statistics, another backbone_id; zero-shot: as trained."""
-    cfg = tiny_cfg()
-    zero_shot, zs_meta = setting_backbone(cfg, "mnist", "zero_shot", 0, progress=False)
-    assert ("mnist", "train") not in fake_data.loaded
-    _, trained = get_backbone(cfg, 0, progress=False)
-    assert zs_meta["backbone_id"] == trained["backbone_id"] and zs_meta["name"] == trained["name"]
-    transductive, td_meta = setting_backbone(cfg, "mnist", "transductive", 0, progress=False)
-    assert ("mnist", "train") in fake_data.loaded
-    assert td_meta["backbone_id"] != zs_meta["backbone_id"] and td_meta["name"] == f"{zs_meta['name']}_bn-mnist"
-    params = dict(zero_shot.named_parameters())
-    assert all(torch.equal(v, params[k]) for k, v in transductive.named_parameters())
-    mnist_train = hmlib.data.load_split("mnist", "train", cfg.data)
-    expected = adapt_batchnorm(zero_shot, bn_sample(mnist_train.images))
-    for got, want in zip(batchnorm_layers(transductive), batchnorm_layers(expected)):
-        assert torch.equal(got.running_mean, want.running_mean) and torch.equal(got.running_var, want.running_var)
-    assert not torch.equal(batchnorm_layers(transductive)[0].running_mean, batchnorm_layers(zero_shot)[0].running_mean)
-    _, td_again = setting_backbone(cfg, "mnist", "transductive", 0, progress=False)
-    assert td_again["backbone_id"] == td_meta["backbone_id"]
-    with pytest.raises(ConfigError, match="zero_shot"):
-        setting_backbone(cfg, "mnist", "few_shot", 0, progress=False)
-
+# ------------------------------------------------------------------------------------ embeddings
 
 def test_get_embeddings_matches_contract_and_is_cached(fake_data, monkeypatch):
     """Embeddings are float32 (n, D) with int64 labels, written once and then read from the cache."""
     cfg = tiny_cfg()
-    out = get_embeddings(cfg, "mnist", "test", "zero_shot", 0, progress=False)
+    out = get_embeddings(cfg, "mnist", "test", 0, progress=False)
     _, meta = get_backbone(cfg, 0, progress=False, verbose=False)
     assert isinstance(out, EmbeddingSet) and (out.name, out.split, out.backbone_id) == ("mnist", "test",
                                                                                           meta["backbone_id"])
@@ -405,20 +356,8 @@ def test_get_embeddings_matches_contract_and_is_cached(fake_data, monkeypatch):
         raise AssertionError("a fresh cache must be read, not re-embedded")
 
     monkeypatch.setattr(embeddings_mod, "embed_images", must_not_embed)
-    cached = get_embeddings(cfg, "mnist", "test", "zero_shot", 0, progress=False)
+    cached = get_embeddings(cfg, "mnist", "test", 0, progress=False)
     np.testing.assert_array_equal(cached.embeddings, out.embeddings)
-
-
-def test_settings_embed_through_their_backbone(fake_data):
-    """Transductive embeddings come from the backbone with the dataset's statistics, in their own cache."""
-    cfg = tiny_cfg()
-    zero_shot = get_embeddings(cfg, "mnist", "test", "zero_shot", 0, progress=False)
-    transductive = get_embeddings(cfg, "mnist", "test", "transductive", 0, progress=False)
-    assert transductive.backbone_id != zero_shot.backbone_id
-    assert not np.allclose(transductive.embeddings, zero_shot.embeddings)
-    _, meta = get_backbone(cfg, 0, progress=False, verbose=False)
-    assert cache_path("embeddings", f"{meta['name']}_bn-mnist", "mnist", "test").is_file()
-    assert zero_shot.backbone_id == meta["backbone_id"]
 
 
 def test_embeddings_are_reencoded_when_the_backbone_changes(fake_data, capsys):

@@ -36,9 +36,8 @@ def notebooks(tmp_path):
 
 @pytest.fixture()
 def checkpoint(tmp_path):
-    """A minimal checkpoint carrying what `hmlib eval` reads before evaluating: its setting and config."""
-    return save_checkpoint(tmp_path / "hyper.pt", {}, {"setting": "zero_shot",
-                                                       "config": config_to_dict(load_config("smoke"))})
+    """A minimal checkpoint carrying what `hmlib eval` reads before evaluating: its config (no weights)."""
+    return save_checkpoint(tmp_path / "hyper.pt", {}, {"config": config_to_dict(load_config("smoke"))})
 
 
 def _write(tmp_path, content, name="cfg.json"):
@@ -71,7 +70,7 @@ def _write(tmp_path, content, name="cfg.json"):
     (lambda tmp, nbs: ["run", "--timeout", "soon"],
      "hmlib: error: argument --timeout: invalid int value: 'soon' (see: hmlib run --help)"),
     (lambda tmp, nbs: ["frobnicate"],
-     "hmlib: error: argument COMMAND: invalid choice: 'frobnicate' (choose from 'run', 'eval', 'cluster', 'results') (see: hmlib --help)"),
+     "hmlib: error: argument COMMAND: invalid choice: 'frobnicate' (choose from 'run', 'eval', 'benchmark', 'cluster', 'results') (see: hmlib --help)"),
 ])
 def test_run_and_usage_errors_are_one_line_with_status_2(tmp_path, notebooks, capsys, args_of, expected):
     args = [str(a) for a in args_of(tmp_path, notebooks)]
@@ -102,6 +101,33 @@ def test_eval_errors_are_one_line_with_status_2(tmp_path, checkpoint, capsys):
 
     assert cli.main(["eval", "--checkpoint", str(checkpoint), "--dataset", "emnist"]) == 2
     assert "unknown dataset 'emnist'" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--shapes", "4by64"], "argument --shapes: expected a task shape KxN such as 4x256, got '4by64' "
+                            "(see: hmlib eval --help)"),
+    (["--shapes", "4x256", "1x8"], "argument --shapes: a task shape KxN needs K >= 2 and N >= 2K, got '1x8' "
+                                   "(see: hmlib eval --help)"),
+    (["--shapes", "4x6"], "argument --shapes: a task shape KxN needs K >= 2 and N >= 2K, got '4x6' "
+                          "(see: hmlib eval --help)"),
+    (["--steps", "-1"], "argument --steps: expected an integer >= 0, got -1 (see: hmlib eval --help)"),
+    (["--setting", "few_shot"], "argument --setting: invalid choice: 'few_shot' (choose from 'zero_shot', "
+                                "'transductive') (see: hmlib eval --help)"),
+    (["--dataset", "mnist", "emnist+rotate"], "unknown dataset 'emnist'; registered: fashion_mnist, hebrew_chars, "
+                                              "kmnist, math_shapes, mnist. For a local mirror folder pass --data-dir "
+                                              "DIR with DIR/NAME/{train,test}.parquet"),
+])
+def test_eval_grid_arguments_are_checked_before_any_model_loads(checkpoint, capsys, args, expected):
+    """Task shapes, step counts, settings and shifted dataset names are refused in one line (the checkpoint here
+    holds no weights: nothing past the arguments may run)."""
+    assert cli.main(["eval", "--checkpoint", str(checkpoint), *args]) == 2
+    assert _one_error_line(capsys) == f"hmlib: error: {expected}"
+
+
+def test_an_unknown_corruption_names_the_registered_ones(checkpoint, capsys):
+    assert cli.main(["eval", "--checkpoint", str(checkpoint), "--dataset", "mnist+nope"]) == 2
+    line = _one_error_line(capsys)
+    assert "unknown corruption 'nope'" in line and "rotate" in line and "shot_noise" in line
 
 
 def test_debug_reraises_with_the_traceback(notebooks):

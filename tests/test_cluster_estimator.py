@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 import shutil
@@ -13,10 +14,11 @@ from sklearn.metrics import silhouette_score
 
 from datafactory import class_patterns
 from hmlib import HyperClusterer, cli, paths
-from hmlib.artifacts import write_json
+from hmlib.artifacts import ArtifactError, write_json
 from hmlib.cluster.estimator import as_images, default_checkpoint
 from hmlib.cluster.images import ClusterInputError, export_image_folder
 from hmlib.features import normalize_task_np
+from hmlib.hyper.bundle import load_bundle
 from hmlib.metrics import clustering_accuracy
 from tinyprotocol import K, train_home, use_home
 
@@ -25,8 +27,8 @@ NUM_IMAGES, PER_CLASS = 60, 10  # six classes of ten pattern images
 
 @pytest.fixture(scope="module")
 def trained(_tiny_mirror_root, tmp_path_factory):
-    """A zero-shot and a transductive checkpoint of seed 0, trained once for the module."""
-    return train_home(tmp_path_factory.mktemp("trained"), _tiny_mirror_root, [("zero_shot", 0), ("transductive", 0)])
+    """The checkpoint of seed 0 (with models/pipeline.json naming it), trained once for the module."""
+    return train_home(tmp_path_factory.mktemp("trained"), _tiny_mirror_root, [0])
 
 
 @pytest.fixture
@@ -65,8 +67,9 @@ def test_any_k_and_pil_input_and_a_sample_for_large_sets(ckpt):
 
 
 def test_bad_inputs_are_clear_errors(ckpt, tmp_path):
-    with pytest.raises(ValueError, match="zero-shot one"):
-        HyperClusterer.from_checkpoint(ckpt[("transductive", 0)], n_clusters=3)
+    without_backbone = dataclasses.replace(load_bundle(ckpt[("zero_shot", 0)]), backbone=None)
+    with pytest.raises(ValueError, match="carries no backbone"):
+        HyperClusterer(without_backbone, n_clusters=3)
     with pytest.raises(ValueError, match="at least 2"):
         HyperClusterer.from_checkpoint(ckpt[("zero_shot", 0)], n_clusters=1)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
@@ -80,20 +83,48 @@ def test_bad_inputs_are_clear_errors(ckpt, tmp_path):
         clusterer.fit(patterns(1, per_class=2)[0])
 
 
-def test_default_checkpoint_is_the_newest_zero_shot_one_without_an_evaluation(ckpt):
-    assert default_checkpoint() == ckpt[("zero_shot", 0)]
+def variant_of(pipeline, name: str, newer_by: float = 60.0):
+    """A copy of the pipeline's checkpoint at ``name`` (under models/), newer than it."""
+    path = pipeline.parent / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(pipeline, path)
+    os.utime(path, (pipeline.stat().st_mtime + newer_by,) * 2)
+    return path
 
 
-def test_default_checkpoint_is_the_evaluated_one_not_a_newer_ablation_variant(ckpt):
-    """Notebook 04's re-trained variants are newer files of the same stem; the pipeline's evaluation names its own."""
+def test_default_checkpoint_is_the_pipelines_never_a_newer_ablation_variant(ckpt):
+    """Without results/ (models copied elsewhere), models/pipeline.json names the pipeline's checkpoint; notebook
+    04's re-trained variants (models/ablations/variant_seed<s>-*.pt, newer) and a newer stray hypernet file are
+    never taken for it."""
     pipeline = ckpt[("zero_shot", 0)]
-    variant = pipeline.with_name("hypernet_zero_shot_seed0-abcdef12.pt")
-    shutil.copyfile(pipeline, variant)
-    os.utime(variant, (pipeline.stat().st_mtime + 60,) * 2)
-    assert default_checkpoint() == variant  # no evaluation record: the newest
-    write_json(paths.results_dir() / "eval_zero_shot.json",
-               {"checkpoints": [{"path": f"/elsewhere/models/{pipeline.name}", "seed": 0}]})
+    assert not paths.results_dir().exists() and (paths.models_dir() / "pipeline.json").is_file()
+    variant_of(pipeline, "ablations/variant_seed0-abcdef12.pt")
+    stray = variant_of(pipeline, "hypernet_seed0-abcdef12.pt", newer_by=120)
     assert default_checkpoint() == pipeline
+    (paths.models_dir() / "pipeline.json").unlink()  # no manifest: the newest models/hypernet_seed<s>-*.pt
+    assert default_checkpoint() == stray
+    stray.unlink()
+    assert default_checkpoint() == pipeline  # the variant under models/ablations/ is still never chosen
+
+
+def test_default_checkpoint_prefers_the_evaluated_one_then_the_manifest(ckpt):
+    pipeline = ckpt[("zero_shot", 0)]
+    evaluated = variant_of(pipeline, "hypernet_seed0-0123abcd.pt", newer_by=-60)  # older than the manifest's
+    write_json(paths.results_dir() / "eval_zero_shot.json",
+               {"checkpoints": [{"path": f"/elsewhere/models/{evaluated.name}", "seed": 0}]})
+    assert default_checkpoint() == evaluated
+    evaluated.unlink()  # the record names a file that is gone: the manifest's
+    assert default_checkpoint() == pipeline
+    (paths.results_dir() / "eval_zero_shot.json").write_text("{torn")
+    (paths.models_dir() / "pipeline.json").write_text("[not, a, mapping")
+    assert default_checkpoint() == pipeline  # both records unreadable: the newest hypernet file
+    seed1 = variant_of(pipeline, "hypernet_seed1-0123abcd.pt")
+    assert default_checkpoint() == pipeline and seed1.is_file()  # seed 0 first, even when seed 1 is newer
+    pipeline.unlink()
+    assert default_checkpoint() == seed1
+    seed1.unlink()
+    with pytest.raises(ArtifactError, match="no hypernetwork checkpoint"):
+        default_checkpoint()
 
 
 def test_hmlib_cluster_end_to_end_on_a_folder(ckpt, tmp_path, capsys):

@@ -13,7 +13,8 @@ from hmlib.config import (IMAGE_SIZE, PROFILES, Config, ConfigError, config_from
 from hmlib.data import HUB_IDS
 from hmlib.errors import HmlibError
 
-SECTIONS = ("data", "task", "vae", "backbone", "hyper", "adapt", "meta", "eval", "ablation")
+SECTIONS = ("data", "task", "vae", "backbone", "transductive", "hyper", "film", "full", "adapt", "meta", "eval", "benchmark",
+            "ablation")
 
 
 def _write(tmp_path, data, name="cfg.json"):
@@ -46,8 +47,9 @@ def test_default_protocol_uses_offline_datasets_only():
     cfg = load_config()
     assert cfg.profile == "default"
     assert cfg.meta.train_datasets == ("fashion_mnist", "hebrew_chars", "math_shapes")
-    assert cfg.meta.test_datasets == ("mnist",)
-    assert cfg.datasets == ("fashion_mnist", "hebrew_chars", "math_shapes", "mnist")
+    assert cfg.meta.test_datasets[0] == "mnist"
+    assert all(d.startswith("mnist+") for d in cfg.meta.test_datasets[1:]) and len(cfg.meta.test_datasets) >= 6
+    assert cfg.datasets[:4] == ("fashion_mnist", "hebrew_chars", "math_shapes", "mnist")
     assert "kmnist" not in cfg.datasets
     assert cfg.data.image_size == IMAGE_SIZE == 28
 
@@ -57,7 +59,8 @@ def test_seed_profile_is_the_prototype_protocol():
     cfg = load_config("seed")
     assert cfg.meta.train_datasets == ("kmnist", "fashion_mnist") and cfg.meta.test_datasets == ("mnist",)
     assert (cfg.vae.variant, cfg.vae.latent_dim, cfg.vae.likelihood) == ("prototype", 128, "mse_ssim")
-    assert (cfg.hyper.target_input, cfg.hyper.generation, cfg.hyper.target_hidden) == ("latent", "full", (400, 200))
+    assert (cfg.hyper.generation, cfg.full.target_hidden, cfg.task.mode) == ("full", (400, 200), "consecutive")
+    assert (cfg.meta.min_classes, cfg.meta.max_classes, cfg.meta.outer_loss) == (4, 4, "aligned")
     assert (cfg.adapt.inner_loss, cfg.adapt.num_inner_steps, cfg.adapt.inner_lr) == ("geometry", 3, 5e-3)
 
 
@@ -97,10 +100,10 @@ def test_config_error_is_an_hmlib_value_error():
 
 def test_json_file_overrides_nested_fields_and_lists_become_tuples(tmp_path):
     """A JSON file overrides nested fields on top of the profile; lists become tuples."""
-    path = _write(tmp_path, {"task": {"num_images": 32}, "eval": {"task_sizes": [16, 32]}, "device": "cpu",
+    path = _write(tmp_path, {"task": {"num_images": 32}, "eval": {"shapes": [[2, 16], [4, 32]]}, "device": "cpu",
                              "seeds": [3, 4], "backbone": {"channels": [4, 8]}})
     cfg = load_config("smoke", path)
-    assert cfg.task.num_images == 32 and cfg.eval.task_sizes == (16, 32) and cfg.device == "cpu"
+    assert cfg.task.num_images == 32 and cfg.eval.shapes == ((2, 16), (4, 32)) and cfg.device == "cpu"
     assert cfg.seeds == (3, 4) and cfg.backbone.channels == (4, 8)
     assert cfg.vae.epochs == load_config("smoke").vae.epochs  # the profile still applies underneath
 
@@ -172,13 +175,18 @@ def test_missing_or_invalid_config_file(tmp_path):
     ({"seeds": [0, -1]}, "seeds[1]", ">= 0"),
     ({"seeds": []}, "seeds", "non-empty"),
     ({"ablation": {"lr_grid": [0.1, 0]}}, "ablation.lr_grid[1]", "> 0"),
-    ({"eval": {"task_sizes": [2]}}, "eval.task_sizes[0]", ">= 4"),
+    ({"eval": {"shapes": [[1, 8]]}}, "eval.shapes", "K >= 2 and N >= 2K"),
+    ({"eval": {"shapes": [[4, 6]]}}, "eval.shapes", "K >= 2 and N >= 2K"),
+    ({"eval": {"shapes": []}}, "eval.shapes", "is empty"),
+    ({"meta": {"min_classes": 5, "max_classes": 3}}, "meta.min_classes", "exceeds meta.max_classes"),
+    ({"meta": {"shifts": ["rotate"]}}, "meta.shifts", "must be one of"),
+    ({"film": {"adapt": "everything"}}, "film.adapt", "must be one of"),
+    ({"meta": {"outer_loss": "mse"}}, "meta.outer_loss", "must be one of"),
     ({"meta": {"use_inner_loop": "yes"}}, "meta.use_inner_loop", "true or false"),
     ({"task": {"mode": "sequential"}}, "task.mode", "must be one of"),
     ({"adapt": {"inner_loss": "mse"}}, "adapt.inner_loss", "must be one of"),
     ({"hyper": {"conditioning": "lstm"}}, "hyper.conditioning", "must be one of"),
     ({"hyper": {"generation": "compact"}}, "hyper.generation", "must be one of"),
-    ({"hyper": {"target_input": "latent+pixels"}}, "hyper.target_input", "must be one of"),
     ({"vae": {"retrain": "maybe"}}, "vae.retrain", "must be one of"),
     ({"backbone": {"retrain": "sometimes"}}, "backbone.retrain", "must be one of"),
     ({"ablation": {"setting": "few_shot"}}, "ablation.setting", "must be one of"),
@@ -248,11 +256,15 @@ def test_embed_dim_must_be_divisible_by_num_heads():
     assert load_config(overrides={"hyper": {"embed_dim": 12, "num_heads": 4}}).hyper.embed_dim == 12
 
 
-def test_task_batchnorm_needs_embedding_targets():
-    """Per-task backbone normalisation is refused when the classifier reads latents, not embeddings."""
-    with pytest.raises(ConfigError, match="task_batchnorm.*target_input = 'latent'"):
-        load_config(overrides={"hyper": {"target_input": "latent", "task_batchnorm": True}})
-    assert load_config(overrides={"hyper": {"task_batchnorm": True}}).hyper.task_batchnorm is True
+def test_the_full_generator_needs_a_fixed_k_and_the_aligned_outer_loss():
+    """The prototype's generator emits a fixed number of outputs and has no representation for class centroids."""
+    with pytest.raises(ConfigError, match="meta.outer_loss = 'aligned'"):
+        load_config(overrides={"hyper": {"generation": "full"}})
+    with pytest.raises(ConfigError, match="min_classes = meta.max_classes"):
+        load_config(overrides={"hyper": {"generation": "full"}, "meta": {"outer_loss": "aligned"}})
+    cfg = load_config(overrides={"hyper": {"generation": "full"},
+                                 "meta": {"outer_loss": "aligned", "min_classes": 4, "max_classes": 4}})
+    assert cfg.hyper.generation == "full"
 
 
 def test_dataset_rules():

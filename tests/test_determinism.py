@@ -6,22 +6,34 @@ import pytest
 import torch
 
 import hmlib.data
+from datafactory import balanced_labels, class_patterns
 from fakes import FakeData
-from hmlib.backbone import get_backbone
-from hmlib.config import load_config
+from hmlib.backbone import get_backbone, get_transductive_backbone
+from hmlib.backbone.model import ConvBackbone
+from hmlib.config import VAEConfig, load_config
 from hmlib.hyper.inputs import TaskData
 from hmlib.hyper.metatrain import fit_hypernet
+from hmlib.reproducibility import seeded
 from hmlib.vae import get_vae
+from hmlib.vae.model import build_vae
+from hmlib.vae.train import encode_images
 
 # Tiny sizes
 NUM_IMAGES = 40  # per fake dataset split
 TINY_VAE = {"latent_dim": 4, "epochs": 2, "batch_size": 16, "max_train_images": 64}
 TINY_BACKBONE = {"channels": [4, 8], "embed_dim": 8, "epochs": 2, "images_per_dataset": 32, "batch_size": 16}
-CONTEXT_DIM, FEATURE_DIM, NUM_CLASSES, PER_CLASS = 6, 5, 3, 30
+TINY_TRANSDUCTIVE = {"epochs": 2, "max_images": 100, "neighbours": 3, "clusters": 4, "batch_size": 16, "lr": 1e-3}
+LATENT_DIM, NUM_CLASSES, PER_CLASS = 2, 3, 30
 TINY_META = {"task": {"num_classes": NUM_CLASSES, "num_images": 24},
-             "hyper": {"embed_dim": 8, "head_hidden": 8, "num_seeds": 2, "num_heads": 2, "num_context": 24},
-             "adapt": {"num_inner_steps": 2},
-             "meta": {"iterations": 4, "eval_every": 2, "eval_tasks": 2, "meta_batch_size": 2, "val_fraction": 0.3}}
+             "backbone": {"channels": [4, 8], "embed_dim": 8},
+             "hyper": {"embed_dim": 8, "num_seeds": 2, "num_heads": 2, "num_context": 24},
+             "film": {"cluster_inits": 2},
+             "adapt": {"num_inner_steps": 2, "neighbours": 3},
+             "meta": {"iterations": 4, "eval_every": 2, "eval_tasks": 2, "meta_batch_size": 2, "val_fraction": 0.3,
+                      "max_classes": NUM_CLASSES, "task_images": 18, "shift_prob": 0.5}}
+with seeded(0):  # the models meta-training reads through: the same for every run
+    VAE = build_vae(VAEConfig(latent_dim=LATENT_DIM)).eval()
+    BACKBONE = ConvBackbone((4, 8), 8, 3).eval()
 
 
 @pytest.fixture
@@ -60,19 +72,18 @@ def _trained_twice(monkeypatch, tmp_path, train) -> list[dict]:
     return states
 
 
-def blobs(name: str, seed: int) -> TaskData:
-    """A TaskData of NUM_CLASSES Gaussian blobs: conditioning rows and features drawn around class means."""
-    rng = np.random.default_rng(seed)
-    labels = np.repeat(np.arange(NUM_CLASSES), PER_CLASS)
-    context = rng.normal(size=(NUM_CLASSES, CONTEXT_DIM))[labels] * 3 + rng.normal(size=(len(labels), CONTEXT_DIM))
-    features = rng.normal(size=(NUM_CLASSES, FEATURE_DIM))[labels] * 3 + rng.normal(size=(len(labels), FEATURE_DIM))
-    return TaskData(name, "train", context.astype(np.float32), features.astype(np.float32), labels.astype(np.int64),
-                    {"vae_id": f"vae-{seed}"})
+def patterns(name: str, seed: int) -> TaskData:
+    """A TaskData of NUM_CLASSES bar patterns: images and their VAE distribution as conditioning rows."""
+    labels = balanced_labels(NUM_CLASSES * PER_CLASS, NUM_CLASSES, seed)
+    images = class_patterns(labels, NUM_CLASSES, seed=seed)
+    context = np.concatenate(encode_images(VAE, images), axis=1)
+    return TaskData(name, "train", context, labels, images=images, identity={"vae_id": "v1"})
 
 
 def _fit(cfg, path, seed: int = 0):
-    sets = {"a": blobs("a", 0), "b": blobs("b", 1)}
-    return fit_hypernet(cfg, sets, seed=seed, path=path, upstream={"ids": {"a": "v1", "b": "v1"}}, progress=False)
+    sets = {"a": patterns("a", 0), "b": patterns("b", 1)}
+    return fit_hypernet(cfg, sets, vae=VAE, backbone=BACKBONE, seed=seed, path=path,
+                        upstream={"ids": {"a": "v1", "b": "v1"}}, progress=False)
 
 
 def test_vae_trains_to_bit_identical_weights(fake_data, tmp_path, monkeypatch):
@@ -120,8 +131,24 @@ def test_backbone_seed_changes_the_weights(fake_data):
     assert first_meta["backbone_id"] != second_meta["backbone_id"]
 
 
+def test_transductive_backbone_trains_to_bit_identical_weights(fake_data, tmp_path, monkeypatch):
+    """The backbone adapted to a held-out dataset twice from the same backbone has identical weights and identity."""
+    cfg = load_config("smoke", overrides={"backbone": TINY_BACKBONE, "transductive": TINY_TRANSDUCTIVE})
+    monkeypatch.setenv("HMLIB_HOME", str(tmp_path / "upstream"))
+    backbone, meta = get_backbone(cfg, 0, progress=False)
+    ids = []
+
+    def train():
+        model, adapted = get_transductive_backbone(cfg, backbone, meta, "mnist", progress=False)
+        ids.append(adapted["backbone_id"])
+        return model, adapted
+
+    _assert_identical(*_trained_twice(monkeypatch, tmp_path, train))
+    assert ids[0] == ids[1] != meta["backbone_id"]
+
+
 def test_hypernetwork_trains_to_bit_identical_weights(tmp_path):
-    """Meta-training twice from the same seed gives identical hypernetwork weights and history."""
+    """Meta-training twice from the same seed (random tasks, shifts, K) gives identical weights and history."""
     cfg = load_config("smoke", overrides=TINY_META)
     results = []
     for run in range(2):

@@ -1,121 +1,198 @@
-"""The hypernetwork stage: set encoders, generators (cluster head, full MLP), the inner loop, inner and outer losses."""
+"""The hypernetwork: set encoders, generators (film: the modulated backbone and its cluster head; full: the
+prototype's generated MLP), the hypernetwork's context normalisation, and the one inner loop (adapt, predict_task).
+Inner losses: tests/test_losses.py; k-means and neighbours: tests/test_cluster_ops.py."""
 from __future__ import annotations
-
-import dataclasses
-import itertools
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from hmlib.config import AdaptConfig, ConfigError, HyperConfig, load_config
-from hmlib.features import normalize_task
-from hmlib.hyper import encoders, losses
+from datafactory import balanced_labels, class_patterns
+from hmlib.backbone.model import ConvBackbone, batch_statistics, batchnorm_layers
+from hmlib.config import ConfigError, load_config
+from hmlib.features import images_to_tensor, normalize_task, standardize
+from hmlib.hyper import encoders, generators
 from hmlib.hyper.adapt import adapt, predict_clusters, predict_task
+from hmlib.hyper.cluster_ops import cosine_logits, kmeans_prototypes
 from hmlib.hyper.encoders import ENCODERS
-from hmlib.hyper.generators import GENERATORS, ClusterGenerator, TaskState, diffuse, kmeans_prototypes, knn_graph
-from hmlib.hyper.hypernet import HyperNet, TaskInputs
+from hmlib.hyper.generators import GENERATORS, Generator, TaskInputs, TaskState, fix
+from hmlib.hyper.hypernet import CONTEXT_EPS, HyperNet
 from hmlib.hyper.inputs import TaskData
-from hmlib.hyper.losses import (INNER_LOSSES, aligned_cross_entropy, best_alignment, entropy_loss, geometry_loss,
-                                infomax_loss, inner_loss, task_accuracy)
-from hmlib.metrics import clustering_accuracy
+from hmlib.hyper.losses import INNER_LOSSES, InnerView, aligned_cross_entropy
+from hmlib.reproducibility import seeded
 
-CONTEXT_DIM, FEATURE_DIM, K, N, T, STEPS = 6, 5, 3, 24, 2, 3
-NEIGHBORS = 4
-HYPER = HyperConfig(embed_dim=8, head_hidden=16, target_hidden=(8,), num_seeds=2, num_heads=2, num_context=64,
-                    cluster_inits=3, graph_neighbors=NEIGHBORS,
-                    diffusion_steps=2)
-ADAPT = AdaptConfig(inner_loss="infomax", num_inner_steps=STEPS, inner_lr=0.5)
+# Tiny sizes
+CONTEXT_DIM, FEATURE_DIM, K, N, T, STEPS = 6, 5, 3, 24, 2, 2
+CHANNELS, EMBED_DIM = (4, 8), 8
+BASE = {"backbone": {"channels": list(CHANNELS), "embed_dim": EMBED_DIM},
+        "hyper": {"embed_dim": 8, "num_seeds": 2, "num_heads": 2, "num_context": 64},
+        "film": {"cluster_inits": 2},
+        "full": {"head_hidden": 16, "target_hidden": [8]},
+        "adapt": {"inner_loss": "neighbours", "num_inner_steps": STEPS, "neighbours": 3}}
 HYPERNET_LR = 0.05  # inner lr when the inner loop updates every weight of the hypernetwork
 
 
-def hyper_cfg(**changes) -> HyperConfig:
-    return dataclasses.replace(HYPER, **changes)
+def config(generation: str = "film", **sections):
+    """The smoke profile at the tiny sizes above, ``hyper.generation`` set, with per-section overrides."""
+    overrides = {key: dict(value) for key, value in BASE.items()}
+    overrides["hyper"]["generation"] = generation
+    if generation == "full":  # a fixed K and the aligned outer loss, as the seed profile
+        overrides["meta"] = {"outer_loss": "aligned", "min_classes": K, "max_classes": K}
+    for key, value in sections.items():
+        overrides[key] = {**overrides.get(key, {}), **value}
+    return load_config("smoke", overrides=overrides)
 
 
-def make_hypernet(seed: int = 0, **changes) -> HyperNet:
-    torch.manual_seed(seed)
-    return HyperNet(hyper_cfg(**changes), CONTEXT_DIM, FEATURE_DIM, K)
+def backbone(seed: int = 0) -> ConvBackbone:
+    """A backbone in eval mode whose stored statistics and affine transforms are far from the defaults."""
+    with seeded(seed):
+        model = ConvBackbone(CHANNELS, EMBED_DIM, 3)
+        for layer in batchnorm_layers(model):
+            layer.running_mean.uniform_(-0.5, 0.5)
+            layer.running_var.uniform_(0.5, 2.0)
+            layer.weight.data.uniform_(0.5, 1.5)
+            layer.bias.data.uniform_(-0.5, 0.5)
+    return model.eval()
 
 
-def random_inputs(*lead: int, seed: int = 1) -> TaskInputs:
-    """Gaussian context rows and features, with or without a leading task dimension."""
+def make_hypernet(generation: str = "film", seed: int = 0, cfg=None, **sections) -> HyperNet:
+    cfg = cfg or config(generation, **sections)
+    with seeded(seed):
+        if cfg.hyper.generation == "film":
+            return HyperNet(cfg, CONTEXT_DIM, K, backbone=backbone(seed))
+        return HyperNet(cfg, CONTEXT_DIM, K, feature_dim=FEATURE_DIM)
+
+
+def task_inputs(generation: str = "film", num_tasks: int | None = T, seed: int = 1) -> tuple[TaskInputs, torch.Tensor]:
+    """K-class tasks and their labels (T, N): class-pattern images ('film') or Gaussian blobs ('full'), with Gaussian
+    context rows; ``num_tasks=None`` gives one task without a task dimension."""
+    lead = 1 if num_tasks is None else num_tasks
     gen = torch.Generator().manual_seed(seed)
-    return TaskInputs(torch.randn(*lead, N, CONTEXT_DIM, generator=gen),
-                      torch.randn(*lead, N, FEATURE_DIM, generator=gen))
+    labels = torch.stack([torch.as_tensor(balanced_labels(N, K, seed + t)) for t in range(lead)])
+    context = torch.randn(lead, N, CONTEXT_DIM, generator=gen)
+    if generation == "film":
+        images = torch.stack([torch.as_tensor(class_patterns(labels[t].numpy(), K, seed=seed + t))
+                              for t in range(lead)])
+        inputs = TaskInputs(context, images)
+    else:
+        centres = 4.0 * torch.randn(lead, K, FEATURE_DIM, generator=gen)
+        features = torch.gather(centres, 1, labels[..., None].expand(lead, N, FEATURE_DIM))
+        inputs = TaskInputs(context, features=features + 0.3 * torch.randn(lead, N, FEATURE_DIM, generator=gen))
+    if num_tasks is None:
+        return TaskInputs(inputs.context[0], None if inputs.images is None else inputs.images[0],
+                          None if inputs.features is None else inputs.features[0]), labels[0]
+    return inputs, labels
 
 
-def blob_inputs(num_tasks: int, seed: int = 0, spread: float = 0.1) -> tuple[TaskInputs, torch.Tensor]:
-    """K well-separated Gaussian blobs per task (features and context), labels interleaved."""
-    gen = torch.Generator().manual_seed(seed)
-    labels = torch.arange(N) % K
-    centres = 4.0 * torch.randn(num_tasks, K, FEATURE_DIM, generator=gen)
-    features = centres[:, labels] + spread * torch.randn(num_tasks, N, FEATURE_DIM, generator=gen)
-    context = torch.cat([features, -2.0 + 0.01 * torch.randn(num_tasks, N, 1, generator=gen)], -1)
-    return TaskInputs(context, features), labels.expand(num_tasks, N)
+def generated(hypernet: HyperNet, inputs: TaskInputs, **kwargs) -> tuple[dict, TaskState, torch.Tensor]:
+    """(parameters, state, logits) of the generated networks, from the hypernetwork's parts."""
+    batch = hypernet.check(inputs)
+    state = hypernet.prepare(batch)
+    params = hypernet(batch.context, state, **kwargs)
+    return params, state, hypernet.logits(params, state)
 
 
-def generated_logits(hypernet: HyperNet, inputs: TaskInputs) -> torch.Tensor:
-    """(T, N, K) logits of the generated classifier, computed directly from the hypernetwork's parts."""
-    batch = inputs.as_batch()
-    with torch.no_grad():
-        state = hypernet.prepare(batch.features)
-        return hypernet.logits(hypernet(batch.context, state), state)
+def final_inner_loss(hypernet: HyperNet, result, cfg) -> torch.Tensor:
+    """The inner loss (T,) of the adapted parameters (result.inner_losses holds it before each step only)."""
+    spec = INNER_LOSSES[cfg.inner_loss]
+    augmented = hypernet.logits(result.params, result.state, augmented=True) if spec.augmented else None
+    return spec.fn(InnerView(result.logits[-1], result.state.reference, augmented), cfg)
 
 
-# ---------------------------------------------------------------------------------------- hypernetwork
+GENERATED_SHAPES = {
+    "film": {"scale.0": (T, 4), "shift.0": (T, 4), "blend.0": (T,), "scale.1": (T, 8), "shift.1": (T, 8),
+             "blend.1": (T,), "log_tau": (T, 1), "prototypes": (T, K, EMBED_DIM)},
+    "full": {"layers.0.weight": (T, 8, FEATURE_DIM), "layers.0.bias": (T, 8), "layers.1.weight": (T, K, 8),
+             "layers.1.bias": (T, K)},
+}
+
+
+# ---------------------------------------------------------------------------------------- shapes and batching
 
 @pytest.mark.parametrize("conditioning", list(ENCODERS))
 @pytest.mark.parametrize("generation", list(GENERATORS))
 def test_shapes_with_and_without_a_task_dimension(conditioning, generation):
     """Generated parameters, logits and predictions have the documented shapes, batched or not."""
-    hypernet = make_hypernet(conditioning=conditioning, generation=generation)
-    batch = random_inputs(T)
-    state = hypernet.prepare(batch.features)
-    params = hypernet(batch.context, state)
-    if generation == "cluster":
-        assert {k: tuple(v.shape) for k, v in params.items()} == {
-            "log_tau": (T, 1), "alpha_logit": (T, 1), "prototypes": (T, K, FEATURE_DIM)}
-    else:
-        assert {k: tuple(v.shape) for k, v in params.items()} == {
-            "layers.0.weight": (T, 8, FEATURE_DIM), "layers.0.bias": (T, 8),
-            "layers.1.weight": (T, K, 8), "layers.1.bias": (T, K)}
-    assert hypernet.logits(params, state).shape == (T, N, K)
-    assert predict_task(hypernet, batch, ADAPT).shape == (STEPS + 1, T, N, K)
-    single = predict_task(hypernet, random_inputs(), ADAPT)
-    assert single.shape == (STEPS + 1, N, K) and torch.isfinite(single).all()
-    assert predict_task(hypernet, random_inputs(), ADAPT, num_steps=0).shape == (1, N, K)
+    hypernet = make_hypernet(generation, hyper={"conditioning": conditioning})
+    inputs, _ = task_inputs(generation)
+    params, _, logits = generated(hypernet, inputs)
+    assert {k: tuple(v.shape) for k, v in params.items()} == GENERATED_SHAPES[generation]
+    assert logits.shape == (T, N, K)
+    cfg = hypernet.full_cfg.adapt
+    assert predict_task(hypernet, inputs, cfg).shape == (STEPS + 1, T, N, K)
+    single, _ = task_inputs(generation, None)
+    out = predict_task(hypernet, single, cfg)
+    assert out.shape == (STEPS + 1, N, K) and torch.isfinite(out).all()
+    assert predict_task(hypernet, single, cfg, num_steps=0).shape == (1, N, K)
+
+
+def test_the_film_generator_clusters_into_any_k_and_the_full_one_into_its_own():
+    """The film cluster head is computed (k-means), so a checkpoint clusters into any K; the full generator's output
+    layer has exactly K units and says so."""
+    film, full = make_hypernet("film"), make_hypernet("full")
+    for generation, hypernet in (("film", film), ("full", full)):
+        inputs, _ = task_inputs(generation)
+        cfg = hypernet.full_cfg.adapt
+        if generation == "film":
+            assert predict_task(hypernet, inputs, cfg, num_classes=5).shape == (STEPS + 1, T, N, 5)
+        else:
+            with pytest.raises(ValueError, match="exactly 3 outputs"):
+                predict_task(hypernet, inputs, cfg, num_classes=5)
 
 
 @pytest.mark.parametrize("conditioning", list(ENCODERS))
 @pytest.mark.parametrize("generation", list(GENERATORS))
 def test_batched_tasks_give_the_same_result_as_one_at_a_time(conditioning, generation):
-    """Tasks in a batch are independent: generation and adaptation per task, k-means seeded the same for each."""
-    hypernet = make_hypernet(conditioning=conditioning, generation=generation)
-    batch = random_inputs(T)
-    batched = predict_task(hypernet, batch, ADAPT)
+    """Tasks in a batch are independent: generation, statistics, k-means and adaptation per task."""
+    hypernet = make_hypernet(generation, hyper={"conditioning": conditioning})
+    inputs, _ = task_inputs(generation)
+    cfg = hypernet.full_cfg.adapt
+    batched = predict_task(hypernet, inputs, cfg)
     for t in range(T):
-        single = predict_task(hypernet, TaskInputs(batch.context[t], batch.features[t]), ADAPT)
-        torch.testing.assert_close(batched[:, t], single, atol=1e-4, rtol=1e-4)
+        single = TaskInputs(inputs.context[t], None if inputs.images is None else inputs.images[t],
+                            None if inputs.features is None else inputs.features[t])
+        torch.testing.assert_close(batched[:, t], predict_task(hypernet, single, cfg), atol=1e-4, rtol=1e-4)
 
+
+def test_predict_task_does_not_depend_on_the_chunk_size():
+    """Tasks are processed ``chunk`` at a time for memory; the logits are the same for any chunk."""
+    hypernet = make_hypernet()
+    inputs, _ = task_inputs(num_tasks=3)
+    cfg = hypernet.full_cfg.adapt
+    whole = predict_task(hypernet, inputs, cfg)
+    for chunk in (1, 2):
+        torch.testing.assert_close(predict_task(hypernet, inputs, cfg, chunk=chunk), whole, atol=1e-4, rtol=1e-4)
+
+
+def test_predict_clusters_is_the_argmax_after_every_step():
+    """Cluster ids (S+1, N) are the argmax of the logits after 0..S steps."""
+    hypernet = make_hypernet()
+    inputs, _ = task_inputs(num_tasks=None)
+    cfg = hypernet.full_cfg.adapt
+    clusters = predict_clusters(hypernet, inputs, cfg)
+    assert clusters.shape == (STEPS + 1, N) and clusters.dtype.kind == "i"
+    np.testing.assert_array_equal(clusters, predict_task(hypernet, inputs, cfg).argmax(-1).numpy())
+    assert clusters.min() >= 0 and clusters.max() < K
+
+
+# ---------------------------------------------------------------------------------------- set encoders and context
 
 @pytest.mark.parametrize("conditioning", list(ENCODERS))
 def test_set_encoders_pool_rows_in_any_order_and_depend_on_the_task(conditioning):
     """A task code is a function of the set of context rows: row order does not matter, the rows do."""
-    hypernet = make_hypernet(conditioning=conditioning)
-    context = random_inputs(T).context
+    hypernet = make_hypernet(hyper={"conditioning": conditioning})
+    context = task_inputs()[0].context
     code = hypernet.encode(context)
-    assert code.shape == (T, HYPER.embed_dim)
+    assert code.shape == (T, 8)
     torch.testing.assert_close(hypernet.encode(context[:, torch.randperm(N)]), code, atol=1e-5, rtol=1e-4)
-    other = random_inputs(T, seed=9).context
+    other = task_inputs(seed=9)[0].context
     assert not torch.allclose(hypernet.encode(other), code)
 
 
 def test_encoder_reads_at_most_num_context_rows():
     """Rows beyond hyper.num_context never reach the encoder."""
-    hypernet = make_hypernet(num_context=10)
-    context = random_inputs(T).context
+    hypernet = make_hypernet(hyper={"num_context": 10})
+    context = task_inputs()[0].context
     changed = context.clone()
     changed[:, 10:] = 100.0
     torch.testing.assert_close(hypernet.encode(changed), hypernet.encode(context))
@@ -123,49 +200,28 @@ def test_encoder_reads_at_most_num_context_rows():
     assert not torch.allclose(hypernet.encode(changed), hypernet.encode(context))
 
 
-def test_task_normalisation_gives_shift_and_scale_invariance():
-    """Context and features are standardised per task: an affine change of a task's columns changes nothing."""
+def test_context_is_normalised_with_fixed_statistics_not_per_task():
+    """set_context_statistics fixes the mean and std (+ eps) of a meta-training sample; every task's rows are
+    normalised with them (kept in the state dict), so where a task's distribution sits reaches its code."""
     hypernet = make_hypernet()
-    inputs = random_inputs(T)
-    moved = TaskInputs(inputs.context * 5.0 - 2.0, inputs.features * 3.0 + 7.0)
-    torch.testing.assert_close(hypernet.encode(moved.context), hypernet.encode(inputs.context), atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(hypernet.prepare(moved.features).z, hypernet.prepare(inputs.features).z,
-                               atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(predict_task(hypernet, moved, ADAPT), predict_task(hypernet, inputs, ADAPT),
-                               atol=1e-3, rtol=1e-3)
-    z = normalize_task(torch.randn(50, 4) * 3 + 7)
-    torch.testing.assert_close(z.mean(0), torch.zeros(4), atol=1e-5, rtol=0)
-
-
-def test_bad_inputs_raise_clear_errors():
-    """Mismatched ranks, task counts or widths, and an indivisible head count, are refused with a reason."""
-    hypernet = make_hypernet()
-    with pytest.raises(ValueError, match="must both be"):
-        TaskInputs(torch.randn(N, CONTEXT_DIM), torch.randn(T, N, FEATURE_DIM))
-    with pytest.raises(ValueError, match="different numbers of tasks"):
-        TaskInputs(torch.randn(T, N, CONTEXT_DIM), torch.randn(T + 1, N, FEATURE_DIM))
-    with pytest.raises(ValueError, match="reads context rows of width"):
-        predict_task(hypernet, TaskInputs(torch.randn(N, CONTEXT_DIM + 1), torch.randn(N, FEATURE_DIM)), ADAPT)
-    with pytest.raises(ValueError, match="divisible"):
-        make_hypernet(num_heads=3)
-    with pytest.raises(ValueError, match="num_steps"):
-        adapt(hypernet, random_inputs(), ADAPT, num_steps=-1)
-
-
-def test_task_inputs_from_arrays_and_task_data():
-    """TaskData gathers aligned rows of tasks as float32 TaskInputs; subsets keep rows aligned."""
-    rng = np.random.default_rng(0)
-    task_data = TaskData("toy", "test", rng.normal(size=(30, CONTEXT_DIM)), rng.normal(size=(30, FEATURE_DIM)),
-                         np.arange(30) % K)
-    indices = np.arange(2 * N).reshape(2, N) % 30
-    inputs = task_data.task_inputs(indices)
-    assert inputs.batched and inputs.context.dtype == inputs.features.dtype == torch.float32
-    assert inputs.context.shape == (2, N, CONTEXT_DIM) and inputs.features.shape == (2, N, FEATURE_DIM)
-    np.testing.assert_allclose(inputs.features[1].numpy(), task_data.features[indices[1]].astype(np.float32))
-    part = task_data.subset(np.array([4, 2]))
-    assert len(part) == 2 and part.labels.tolist() == [1, 2]
-    np.testing.assert_array_equal(part.context, task_data.context[[4, 2]])
-    assert not random_inputs().batched and random_inputs().as_batch().features.shape == (1, N, FEATURE_DIM)
+    gen = torch.Generator().manual_seed(3)
+    sample = 3.0 + 2.0 * torch.randn(500, CONTEXT_DIM, generator=gen)
+    hypernet.set_context_statistics(sample)
+    torch.testing.assert_close(hypernet.context_mean, sample.mean(0))
+    torch.testing.assert_close(hypernet.context_std, sample.std(0) + CONTEXT_EPS)
+    context = task_inputs()[0].context
+    torch.testing.assert_close(hypernet.encode(context),
+                               hypernet.encoder((context - sample.mean(0)) / (sample.std(0) + CONTEXT_EPS)))
+    moved = context.clone()
+    moved[1] = moved[1] * 2.0 + 1.0  # task 1 sits elsewhere: its code changes, task 0's does not
+    codes, moved_codes = hypernet.encode(context), hypernet.encode(moved)
+    torch.testing.assert_close(moved_codes[0], codes[0])
+    assert not torch.allclose(moved_codes[1], codes[1], atol=1e-3)
+    state = hypernet.state_dict()
+    assert torch.equal(state["context_mean"], hypernet.context_mean)
+    fresh = make_hypernet()
+    fresh.load_state_dict(state)
+    torch.testing.assert_close(fresh.encode(context), codes)
 
 
 def test_a_registered_encoder_is_a_valid_conditioning(monkeypatch):
@@ -180,154 +236,304 @@ def test_a_registered_encoder_is_a_valid_conditioning(monkeypatch):
             return self.proj(rows.mean(-2))
 
     with pytest.raises(ConfigError, match="conditioning"):
-        load_config("default", overrides={"hyper": {"conditioning": "mean"}})
+        config(hyper={"conditioning": "mean"})
     monkeypatch.setitem(encoders.ENCODERS, "mean", MeanPool)
-    assert load_config("default", overrides={"hyper": {"conditioning": "mean"}}).hyper.conditioning == "mean"
-    hypernet = make_hypernet(conditioning="mean")
+    hypernet = make_hypernet(hyper={"conditioning": "mean"})
     assert isinstance(hypernet.encoder, MeanPool)
-    assert predict_task(hypernet, random_inputs(T), ADAPT).shape == (STEPS + 1, T, N, K)
+    assert predict_task(hypernet, task_inputs()[0], hypernet.full_cfg.adapt).shape == (STEPS + 1, T, N, K)
 
 
-# ---------------------------------------------------------------------------------- cluster generator
+def test_a_registered_generator_is_a_valid_generation(monkeypatch):
+    """Adding a generator is one entry in GENERATORS: config validation accepts it and asks it to check the config;
+    HyperNet builds it and the inner loop runs it."""
 
-def test_knn_graph_rows_sum_to_one_and_are_symmetric_before_normalisation():
-    """The graph is the symmetrised kNN adjacency (by cosine, no self loops), each row divided by its sum."""
-    z = F.normalize(torch.randn(T, N, FEATURE_DIM, generator=torch.Generator().manual_seed(3)), dim=-1)
-    graph = knn_graph(z, NEIGHBORS)
-    assert graph.shape == (T, N, N)
-    torch.testing.assert_close(graph.sum(-1), torch.ones(T, N))
-    assert torch.all(graph.diagonal(dim1=-2, dim2=-1) == 0)
-    sim = z @ z.transpose(-1, -2)
-    sim.diagonal(dim1=-2, dim2=-1).fill_(-2.0)
-    directed = torch.zeros_like(sim).scatter_(-1, sim.topk(NEIGHBORS, dim=-1).indices, 1.0)
-    symmetric = (directed + directed.transpose(-1, -2)) / 2  # brute force, before normalisation
-    torch.testing.assert_close(graph * symmetric.sum(-1, keepdim=True), symmetric)
-    unnormalised = graph * symmetric.sum(-1, keepdim=True)
-    torch.testing.assert_close(unnormalised, unnormalised.transpose(-1, -2))
-    assert torch.all((graph > 0).sum(-1) >= NEIGHBORS)
+    class LinearHead(Generator):  # a linear classifier on the task's standardised features, weights from the code
+        def __init__(self, cfg, num_classes, *, backbone=None, feature_dim=None):
+            super().__init__()
+            self.num_classes, self.feature_dim = num_classes, feature_dim
+            self.head = torch.nn.Linear(cfg.hyper.embed_dim, num_classes * feature_dim)
 
+        @staticmethod
+        def check_config(cfg):
+            if cfg.adapt.inner_loss == "augmentation":
+                raise ConfigError("linear reads no images")
 
-def test_knn_graph_with_more_neighbours_than_rows_links_every_pair():
-    """neighbours >= N - 1: every other row is a neighbour, with equal weight."""
-    z = F.normalize(torch.randn(1, 5, FEATURE_DIM), dim=-1)
-    expected = (torch.ones(5, 5) - torch.eye(5)) / 4
-    torch.testing.assert_close(knn_graph(z, 50)[0], expected)
+        def prepare(self, inputs, *, augmented=False):
+            return TaskState(features=standardize(inputs.features)[0])
 
+        def forward(self, code, state, num_classes, fixed=None):
+            return fix({"weight": self.head(code).view(-1, self.num_classes, self.feature_dim)}, fixed)
 
-def test_diffuse_with_zero_steps_is_the_identity():
-    """0 steps (or no graph) return the rows unchanged; one step mixes each row with its neighbours' mean."""
-    z = F.normalize(torch.randn(T, N, FEATURE_DIM), dim=-1)
-    graph, alpha = knn_graph(z, NEIGHBORS), torch.full((T, 1), 0.8)
-    assert torch.equal(diffuse(z, graph, alpha, 0), z)
-    assert torch.equal(diffuse(z, None, alpha, 3), z)
-    one = diffuse(z, graph, alpha, 1)
-    torch.testing.assert_close(one, F.normalize(0.2 * z + 0.8 * graph @ z, dim=-1))
-    torch.testing.assert_close(one.norm(dim=-1), torch.ones(T, N))
-    torch.testing.assert_close(diffuse(z, graph, torch.zeros(T, 1), 4), z)  # alpha 0: nothing moves
+        def logits(self, params, state, *, augmented=False):
+            return state.features @ params["weight"].transpose(-1, -2)
 
+        def adaptable(self, params):
+            return ["weight"]
 
-def test_prototypes_are_the_means_of_their_clusters():
-    """Each k-means centroid is the mean of the rows nearest to it; separable blobs are recovered exactly."""
-    inputs, labels = blob_inputs(4, seed=1)
-    h = normalize_task(inputs.features, l2=True)
-    centres = kmeans_prototypes(h, K, iters=5, inits=4)
-    assert centres.shape == (4, K, FEATURE_DIM)
-    nearest = ((h.unsqueeze(-2) - centres.unsqueeze(-3)) ** 2).sum(-1).argmin(-1)
-    for t in range(4):
-        assert clustering_accuracy(nearest[t].numpy(), labels[t].numpy(), K) == 1.0
-        for k in range(K):
-            torch.testing.assert_close(centres[t, k], h[t][nearest[t] == k].mean(0), atol=1e-5, rtol=1e-5)
-
-
-def test_kmeans_prototypes_are_deterministic_and_differentiable():
-    """Seeded k-means++: the same rows give the same centroids, alone or in a batch; gradients reach the rows."""
-    h = torch.randn(3, N, FEATURE_DIM, requires_grad=True)
-    centres = kmeans_prototypes(h, K, iters=3, inits=2)
-    torch.testing.assert_close(kmeans_prototypes(h, K, iters=3, inits=2), centres)
-    torch.testing.assert_close(kmeans_prototypes(h[1:2], K, iters=3, inits=2)[0], centres[1])
-    centres.pow(2).sum().backward()
-    assert h.grad is not None and h.grad.abs().sum() > 0
-
-
-def test_cluster_logits_are_the_temperature_times_cosine_similarity():
-    """Logits (T, N, K) = exp(log_tau) * cos(diffused row, prototype); at initialisation tau and alpha are the
-    configured values whatever the task."""
-    hypernet = make_hypernet()
-    inputs = random_inputs(T)
-    state = hypernet.prepare(inputs.features)
-    params = hypernet(inputs.context, state)
-    torch.testing.assert_close(params["log_tau"].exp(), torch.full((T, 1), HYPER.cluster_tau))
-    torch.testing.assert_close(torch.sigmoid(params["alpha_logit"]), torch.full((T, 1), HYPER.diffusion_alpha))
-    logits = hypernet.logits(params, state)
-    h = diffuse(state.z, state.graph, torch.sigmoid(params["alpha_logit"]), HYPER.diffusion_steps)
-    cosine = h @ F.normalize(params["prototypes"], dim=-1).transpose(-1, -2)
-    assert logits.shape == (T, N, K)
-    torch.testing.assert_close(logits, HYPER.cluster_tau * cosine)
-    assert logits.abs().max() <= HYPER.cluster_tau + 1e-4
-
-
-def test_adaptable_names():
-    """The cluster head adapts tau, prototypes and (with a graph) the diffusion weight; the full MLP everything."""
-    inputs = random_inputs(T)
-    with_graph = make_hypernet()
-    state = with_graph.prepare(inputs.features)
-    assert state.graph is not None and state.graph.shape == (T, N, N)
-    assert with_graph.adaptable(with_graph(inputs.context, state)) == ["log_tau", "alpha_logit", "prototypes"]
-    for changes in ({"graph_neighbors": 0}, {"diffusion_steps": 0}):
-        plain = make_hypernet(**changes)
-        state = plain.prepare(inputs.features)
-        assert state.graph is None
-        assert plain.adaptable(plain(inputs.context, state)) == ["log_tau", "prototypes"]
-    full = make_hypernet(generation="full")
-    params = full(inputs.context, full.prepare(inputs.features))
-    assert full.adaptable(params) == list(params) and len(params) == 4
-    assert isinstance(make_hypernet().generator, ClusterGenerator)
-
-
-def test_the_inner_loop_updates_exactly_the_adaptable_parameters():
-    """Adapted prototypes and temperature move; a generated parameter that is not adaptable stays as generated."""
-    hypernet = make_hypernet(graph_neighbors=0)
-    inputs, _ = blob_inputs(T, seed=4, spread=2.0)
-    generated = hypernet(inputs.context, hypernet.prepare(inputs.features))
-    adapted = adapt(hypernet, inputs, ADAPT).params
-    assert set(adapted) == set(generated)
-    for name in ("log_tau", "prototypes"):
-        assert not torch.allclose(adapted[name], generated[name]), name
-    torch.testing.assert_close(adapted["alpha_logit"], generated["alpha_logit"].detach())
-
-
-def test_generation_and_conditioning_come_from_their_registries():
-    """hyper.generation and hyper.conditioning accept the registered names only."""
-    for name in GENERATORS:
-        assert load_config("default", overrides={"hyper": {"generation": name}}).hyper.generation == name
     with pytest.raises(ConfigError, match="generation"):
-        load_config("default", overrides={"hyper": {"generation": "compact"}})
-    with pytest.raises(ConfigError, match="conditioning"):
-        load_config("default", overrides={"hyper": {"conditioning": "stats"}})
+        config("linear")
+    monkeypatch.setitem(generators.GENERATORS, "linear", LinearHead)
+    with pytest.raises(ConfigError, match="linear reads no images"):
+        config("linear", adapt={"inner_loss": "augmentation"})
+    cfg = config("linear", adapt={"inner_loss": "infomax"})
+    hypernet = HyperNet(cfg, CONTEXT_DIM, K, feature_dim=FEATURE_DIM)
+    assert isinstance(hypernet.generator, LinearHead)
+    result = adapt(hypernet, task_inputs("full")[0], cfg.adapt)
+    assert len(result.logits) == STEPS + 1 and not torch.equal(result.logits[-1], result.logits[0])
 
 
-def test_zero_steps_is_nearest_prototype_on_separable_blobs():
-    """Untrained, the cluster head already clusters separable blobs: the argmax is the nearest k-means prototype."""
-    hypernet = make_hypernet(graph_neighbors=0)
-    inputs, labels = blob_inputs(4, seed=1)
-    logits = predict_task(hypernet, inputs, ADAPT, num_steps=0)[0]
-    assert np.all(task_accuracy(logits, labels) == 1.0)
-    z = normalize_task(inputs.features, l2=True)
-    centres = F.normalize(kmeans_prototypes(z, K, HYPER.cluster_iters, HYPER.cluster_inits), dim=-1)
-    assert torch.equal(logits.argmax(-1), (z @ centres.transpose(-1, -2)).argmax(-1))
+# ---------------------------------------------------------------------------------------- inputs
+
+def test_task_inputs_read_uint8_images_and_refuse_mismatches():
+    """uint8 images (T, N, 28, 28) become floats (T, N, 1, 28, 28) in [0, 1]; ranks, task counts and missing
+    inputs are refused with a reason."""
+    images = torch.randint(0, 256, (T, N, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    inputs = TaskInputs(torch.randn(T, N, CONTEXT_DIM), images)
+    assert inputs.images.shape == (T, N, 1, 28, 28) and inputs.images.dtype == torch.float32
+    torch.testing.assert_close(inputs.images[:, :, 0] * 255.0, images.float())
+    assert inputs.batched and inputs.num_tasks == T
+    single = TaskInputs(torch.randn(N, CONTEXT_DIM), images[0])
+    assert not single.batched and single.num_tasks == 1
+    assert single.as_batch().images.shape == (1, N, 1, 28, 28) and single.as_batch().context.shape == (1, N, 6)
+    with pytest.raises(ValueError, match="must both be"):
+        TaskInputs(torch.randn(N, CONTEXT_DIM), features=torch.randn(T, N, FEATURE_DIM))
+    with pytest.raises(ValueError, match="different numbers of tasks"):
+        TaskInputs(torch.randn(T, N, CONTEXT_DIM), features=torch.randn(T + 1, N, FEATURE_DIM))
+    with pytest.raises(ValueError, match="needs images or features"):
+        TaskInputs(torch.randn(T, N, CONTEXT_DIM))
 
 
-# ----------------------------------------------------------------------------------------- inner loop
+def test_task_inputs_from_task_data():
+    """TaskData gathers aligned rows of tasks (context, images, features) as TaskInputs; subsets keep rows aligned."""
+    rng = np.random.default_rng(0)
+    labels = np.arange(30) % K
+    task_data = TaskData("toy", "test", rng.normal(size=(30, CONTEXT_DIM)).astype(np.float32), labels,
+                         images=class_patterns(labels, K))
+    indices = np.arange(2 * N).reshape(2, N) % 30
+    inputs = task_data.task_inputs(indices)
+    assert inputs.batched and inputs.context.dtype == inputs.images.dtype == torch.float32
+    assert inputs.context.shape == (2, N, CONTEXT_DIM) and inputs.images.shape == (2, N, 1, 28, 28)
+    assert inputs.features is None
+    torch.testing.assert_close(inputs.images[1, :, 0], images_to_tensor(task_data.images[indices[1]])[:, 0])
+    np.testing.assert_array_equal(inputs.context[1].numpy(), task_data.context[indices[1]])
+    part = task_data.subset(np.array([4, 2]))
+    assert len(part) == 2 and part.labels.tolist() == [1, 2]
+    np.testing.assert_array_equal(part.context, task_data.context[[4, 2]])
+    np.testing.assert_array_equal(part.images, task_data.images[[4, 2]])
 
-@pytest.mark.parametrize("generation", list(GENERATORS))
-@pytest.mark.parametrize("adapt_params", ["generated", "hypernet"])
-def test_zero_step_adaptation_reproduces_the_generated_classifier(generation, adapt_params):
-    """Step 0 is the generated classifier itself; later steps move it; nothing keeps a graph at test time."""
-    hypernet = make_hypernet(generation=generation)
-    inputs = random_inputs()
-    cfg = dataclasses.replace(ADAPT, adapt_params=adapt_params,
-                              inner_lr=HYPERNET_LR if adapt_params == "hypernet" else ADAPT.inner_lr)
-    direct = generated_logits(hypernet, inputs)[0]
+
+def test_bad_inputs_and_configs_raise_clear_errors():
+    """Widths other than the hypernetwork's, a generator without what it reads, impossible settings: refused with a
+    reason."""
+    film, full = make_hypernet("film"), make_hypernet("full")
+    images = task_inputs()[0].images
+    with pytest.raises(ValueError, match="reads context rows of width"):
+        predict_task(film, TaskInputs(torch.randn(T, N, CONTEXT_DIM + 1), images), film.full_cfg.adapt)
+    with pytest.raises(ValueError, match="reads features of width"):
+        predict_task(full, TaskInputs(torch.randn(T, N, CONTEXT_DIM), features=torch.randn(T, N, FEATURE_DIM + 1)),
+                     full.full_cfg.adapt)
+    with pytest.raises(ValueError, match="reads the task's images"):
+        predict_task(film, task_inputs("full")[0], film.full_cfg.adapt)
+    with pytest.raises(ValueError, match=r"\[mu, logvar\] rows"):
+        predict_task(full, task_inputs("film")[0], full.full_cfg.adapt)
+    with pytest.raises(ValueError, match="num_steps"):
+        adapt(film, task_inputs()[0], film.full_cfg.adapt, num_steps=-1)
+    with pytest.raises(ValueError, match="pass backbone="):
+        HyperNet(config("film"), CONTEXT_DIM, K)
+    with pytest.raises(ValueError, match="pass feature_dim="):
+        HyperNet(config("full"), CONTEXT_DIM, K)
+    with pytest.raises(ConfigError, match="divisible"):
+        config(hyper={"num_heads": 3})
+    with pytest.raises(ConfigError, match="adapt_blocks"):
+        config(film={"adapt_blocks": 3})
+    with pytest.raises(ConfigError, match="augmentation"):
+        config("full", adapt={"inner_loss": "augmentation"})
+
+
+# ---------------------------------------------------------------------------------------- the film generator
+
+def test_film_heads_start_small_but_not_zero():
+    """At initialisation every task gets nearly the identity modulation (scale and shift near 0, blend near
+    film.blend_init, temperature near film.tau) from heads whose weights are small but not zero."""
+    hypernet = make_hypernet()
+    film = hypernet.full_cfg.film
+    params, _, _ = generated(hypernet, task_inputs()[0])
+    for l in range(len(CHANNELS)):
+        for kind in ("scale", "shift"):
+            assert 0 < params[f"{kind}.{l}"].abs().max() < 0.2, f"{kind}.{l}"
+        torch.testing.assert_close(params[f"blend.{l}"], torch.full((T,), film.blend_init), atol=0.05, rtol=0)
+    torch.testing.assert_close(params["log_tau"].exp(), torch.full((T, 1), film.tau), atol=0.5, rtol=0)
+    for head in [*hypernet.generator.heads, hypernet.generator.tau_head]:
+        assert 0.5 * film.init_std < head.weight.std() < 2 * film.init_std
+
+
+def _encoder_gradient(hypernet: HyperNet) -> float:
+    """Size of the gradient that one outer loss after the inner loop sends to the set encoder."""
+    inputs, labels = task_inputs()
+    result = adapt(hypernet, inputs, hypernet.full_cfg.adapt, create_graph=True)
+    hypernet.zero_grad()
+    aligned_cross_entropy(result.logits[-1], labels).backward()
+    return sum(float(p.grad.abs().sum()) for p in hypernet.encoder.parameters() if p.grad is not None)
+
+
+def test_gradients_reach_the_set_encoder_from_the_first_step():
+    """A freshly built hypernetwork already sends the outer loss's gradient to its set encoder (heads of zero weight
+    would cut it: the contrast shows the check can fail)."""
+    assert _encoder_gradient(make_hypernet()) > 1e-6
+    cut = make_hypernet()
+    with torch.no_grad():
+        for head in [*cut.generator.heads, cut.generator.tau_head]:
+            head.weight.zero_()
+    assert _encoder_gradient(cut) == 0.0
+
+
+def test_the_film_network_reads_the_backbone_through_the_generated_modulation():
+    """With FiLM fixed at zero, blend 0 gives the backbone's own embedding (eval statistics), blend 1 each task's
+    batch statistics; either way standardised over the task and L2-normalised, the cluster head's input."""
+    hypernet = make_hypernet()
+    model = hypernet.generator.backbone
+    inputs, _ = task_inputs()
+    zero_film = {"scale": 0.0, "shift": 0.0}
+    with torch.no_grad():
+        stored = model.embed(inputs.images.flatten(0, 1)).view(T, N, EMBED_DIM)
+        with batch_statistics(model):
+            own = torch.stack([model.embed(inputs.images[t]) for t in range(T)])
+        for blend, expected in ((0.0, stored), (1.0, own)):
+            params, state, _ = generated(hypernet, inputs, fixed={**zero_film, "blend": blend})
+            torch.testing.assert_close(state.reference, normalize_task(expected, l2=True), atol=1e-4, rtol=1e-4)
+            assert all(torch.equal(params[f"blend.{l}"], torch.full((T,), blend)) for l in range(len(CHANNELS)))
+
+
+def test_the_cluster_head_is_k_means_on_the_modulated_embedding_with_a_generated_temperature():
+    """Prototypes are k-means centroids of the task's starting embedding; logits are exp(log_tau) x cosine of the
+    embedding to the prototypes."""
+    hypernet = make_hypernet()
+    film = hypernet.full_cfg.film
+    params, state, logits = generated(hypernet, task_inputs()[0])
+    z = state.reference
+    torch.testing.assert_close(params["prototypes"], kmeans_prototypes(z, K, film.cluster_iters, film.cluster_inits))
+    torch.testing.assert_close(logits, cosine_logits(z, params["prototypes"], params["log_tau"]))
+    torch.testing.assert_close(hypernet.generator.embedding(params, state), z)
+
+
+def test_fix_replaces_generated_tensors_by_constants():
+    """fix() replaces every tensor whose name starts with a key; None or {} changes nothing."""
+    params = {"blend.0": torch.rand(T), "blend.1": torch.rand(T), "scale.0": torch.rand(T, 4)}
+    assert fix(params, None) is params and fix(params, {}) is params
+    fixed = fix(params, {"blend": 1.0})
+    assert torch.equal(fixed["blend.0"], torch.ones(T)) and torch.equal(fixed["blend.1"], torch.ones(T))
+    assert fixed["scale.0"] is params["scale.0"] and not torch.equal(params["blend.0"], torch.ones(T))
+
+
+@pytest.mark.parametrize("which,expected", [
+    ({}, ["scale.1", "shift.1", "prototypes", "log_tau"]),
+    ({"adapt": "head"}, ["prototypes", "log_tau"]),
+    ({"adapt": "film"}, ["scale.1", "shift.1"]),
+    ({"adapt_blocks": 2}, ["scale.0", "scale.1", "shift.0", "shift.1", "prototypes", "log_tau"]),
+])
+def test_adaptable_names(which, expected):
+    """film.adapt picks the FiLM of the last film.adapt_blocks blocks, the head or both; the full MLP adapts
+    everything it generates."""
+    hypernet = make_hypernet(film=which)
+    params, _, _ = generated(hypernet, task_inputs()[0])
+    assert hypernet.adaptable(params) == expected
+    full = make_hypernet("full")
+    params, _, _ = generated(full, task_inputs("full")[0])
+    assert full.adaptable(params) == list(params) and len(params) == 4
+
+
+@pytest.mark.parametrize("which", [{}, {"adapt": "head"}, {"adapt_blocks": 2}])
+def test_the_inner_loop_updates_exactly_the_adaptable_parameters(which):
+    """Adapted parameters move; every other generated tensor stays as generated."""
+    hypernet = make_hypernet(film=which)
+    inputs, _ = task_inputs()
+    params, _, _ = generated(hypernet, inputs)
+    names = hypernet.adaptable(params)
+    adapted = adapt(hypernet, inputs, hypernet.full_cfg.adapt).params
+    assert set(adapted) == set(params)
+    for name, value in params.items():
+        if name in names:
+            assert not torch.allclose(adapted[name], value), name
+        else:
+            torch.testing.assert_close(adapted[name], value.detach(), msg=name)
+
+
+def test_step_sizes_are_meta_learned_per_parameter():
+    """Meta-SGD: the step size of every adaptable tensor is exp of a learned parameter, starting at film.inner_lr
+    (FiLM) and film.head_lr (prototypes, temperature); film.learn_inner_lr = false freezes them."""
+    hypernet = make_hypernet(film={"inner_lr": 0.02, "head_lr": 0.3})
+    params, _, _ = generated(hypernet, task_inputs()[0])
+    lrs = hypernet.inner_lrs(hypernet.adaptable(params), default=123.0)
+    torch.testing.assert_close(lrs["scale.1"], torch.full((8,), 0.02))
+    torch.testing.assert_close(lrs["shift.1"], torch.full((8,), 0.02))
+    torch.testing.assert_close(lrs["prototypes"], torch.tensor(0.3))
+    torch.testing.assert_close(lrs["log_tau"], torch.tensor(0.3))
+    assert all(p.requires_grad for p in hypernet.generator.log_lrs.parameters())
+    frozen = make_hypernet(film={"learn_inner_lr": False})
+    assert not any(p.requires_grad for p in frozen.generator.log_lrs.parameters())
+    full = make_hypernet("full")
+    params, _, _ = generated(full, task_inputs("full")[0])
+    assert set(full.inner_lrs(full.adaptable(params), default=0.7).values()) == {0.7}  # adapt.inner_lr
+
+
+def _one_step(hypernet: HyperNet, inputs: TaskInputs, cfg) -> tuple[dict, dict, dict]:
+    """(generated parameters, their inner-loss gradients, the parameters after one inner step)."""
+    params, state, logits = generated(hypernet, inputs)
+    names = hypernet.adaptable(params)
+    loss = INNER_LOSSES[cfg.inner_loss].fn(InnerView(logits, state.reference), cfg).sum()
+    grads = dict(zip(names, torch.autograd.grad(loss, [params[k] for k in names])))
+    return params, grads, adapt(hypernet, inputs, cfg, num_steps=1).params
+
+
+def test_an_inner_step_is_the_step_size_times_the_gradient():
+    """Without step normalisation, one step moves each adaptable tensor by -(step size x lr_scale) x its inner-loss
+    gradient."""
+    hypernet = make_hypernet(film={"normalize_steps": False})
+    inputs, _ = task_inputs()
+    cfg = config(film={"normalize_steps": False}, adapt={"lr_scale": 0.5}).adapt
+    params, grads, stepped = _one_step(hypernet, inputs, cfg)
+    lrs = hypernet.inner_lrs(list(grads), cfg.inner_lr)
+    for name, grad in grads.items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(stepped[name], (params[name] - 0.5 * lrs[name] * grad).detach(),
+                                   atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_normalised_steps_have_the_step_size_as_their_size():
+    """With film.normalize_steps, the gradient is divided by its RMS over each task's tensor: a step's RMS is the
+    step size x lr_scale whatever the scale of the loss, and doubling lr_scale doubles it."""
+    hypernet = make_hypernet()
+    inputs, _ = task_inputs()
+    for lr_scale in (1.0, 2.0):
+        cfg = config(adapt={"lr_scale": lr_scale}).adapt
+        params, grads, stepped = _one_step(hypernet, inputs, cfg)
+        lrs = hypernet.inner_lrs(list(grads), cfg.inner_lr)
+        for name in grads:
+            change = (stepped[name] - params[name].detach()).flatten(1)  # (T, ...) per task
+            rms = change.pow(2).mean(1).sqrt()
+            expected = lr_scale * float(lrs[name].detach().flatten()[0])  # every entry starts at the same size
+            torch.testing.assert_close(rms, torch.full((T,), expected), atol=0, rtol=5e-3, msg=name)  # eps 1e-8
+    direction = hypernet.generator.direction("prototypes", 1e-3 * torch.randn(T, K, EMBED_DIM))
+    torch.testing.assert_close(direction.pow(2).mean(dim=(1, 2)).sqrt(), torch.ones(T), atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------- the inner loop
+
+ADAPT_MODES = [("film", "generated"), ("full", "generated"), ("full", "hypernet")]
+
+
+def _mode(generation: str, adapt_params: str):
+    lr = {"inner_lr": HYPERNET_LR} if adapt_params == "hypernet" else {}
+    return make_hypernet(generation), config(generation, adapt={"adapt_params": adapt_params, **lr}).adapt
+
+
+@pytest.mark.parametrize("generation,adapt_params", ADAPT_MODES)
+def test_zero_step_adaptation_reproduces_the_generated_network(generation, adapt_params):
+    """Step 0 is the generated network itself; later steps move it; nothing keeps a graph at test time."""
+    hypernet, cfg = _mode(generation, adapt_params)
+    inputs, _ = task_inputs(generation, None)
+    with torch.no_grad():
+        direct = generated(hypernet, inputs)[2][0]
     zero = predict_task(hypernet, inputs, cfg, num_steps=0)
     assert zero.shape == (1, N, K)
     torch.testing.assert_close(zero[0], direct)
@@ -337,198 +543,157 @@ def test_zero_step_adaptation_reproduces_the_generated_classifier(generation, ad
     assert not torch.allclose(logits[-1], direct)
 
 
-@pytest.mark.parametrize("generation", list(GENERATORS))
-@pytest.mark.parametrize("loss", list(INNER_LOSSES))
+@pytest.mark.parametrize("generation,loss", [("film", name) for name in INNER_LOSSES]
+                         + [("full", name) for name in INNER_LOSSES if name != "augmentation"])
 def test_inner_steps_lower_the_inner_loss(generation, loss):
-    """A few SGD steps on the generated parameters lower the configured unsupervised loss of every task."""
-    hypernet = make_hypernet(generation=generation)
-    inputs = random_inputs(T)
-    cfg = dataclasses.replace(ADAPT, inner_loss=loss, inner_lr=0.1)
-    result = adapt(hypernet, inputs, cfg, num_steps=5)
-    reference = hypernet.prepare(inputs.features).z
-    before, after = inner_loss(result.logits[0], reference, cfg), inner_loss(result.logits[-1], reference, cfg)
-    assert before.shape == (T,) and torch.all(after < before)
-    assert len(result.inner_losses) == 5
-    torch.testing.assert_close(result.inner_losses[0], before.mean())
+    """A few steps on the generated parameters lower the configured unsupervised loss of every task."""
+    hypernet = make_hypernet(generation)
+    inputs, _ = task_inputs(generation)
+    cfg = config(generation, adapt={"inner_loss": loss, "lr_scale": 0.2, "inner_lr": 0.1}).adapt
+    result = adapt(hypernet, inputs, cfg, num_steps=4)
+    assert len(result.inner_losses) == 4
+    view = InnerView(result.logits[0], result.state.reference,
+                     hypernet.logits(generated(hypernet, inputs)[0], result.state, augmented=True)
+                     if INNER_LOSSES[loss].augmented else None)
+    before, after = INNER_LOSSES[loss].fn(view, cfg), final_inner_loss(hypernet, result, cfg)
+    assert before.shape == (T,) and torch.all(after < before), (before, after)
+    torch.testing.assert_close(result.inner_losses[0], before.mean().detach())
 
 
-def test_test_time_adaptation_leaves_the_hypernet_unchanged():
-    """Even when the inner loop updates every hypernetwork weight, it works on copies."""
+def test_the_augmentation_loss_reads_fixed_augmented_copies():
+    """Asked for by the augmentation loss, the state carries augmented copies of the task's images, the same every
+    call (deterministic), and the inner loop reads their logits."""
     hypernet = make_hypernet()
+    inputs, _ = task_inputs()
+    first = hypernet.prepare(inputs.as_batch(), augmented=True)
+    second = hypernet.prepare(inputs.as_batch(), augmented=True)
+    assert first.augmented.shape == inputs.images.shape and torch.equal(first.augmented, second.augmented)
+    assert not torch.allclose(first.augmented, inputs.images) and hypernet.prepare(inputs).augmented is None
+    cfg = config(adapt={"inner_loss": "augmentation"}).adapt
+    result = adapt(hypernet, inputs, cfg)
+    assert result.state.augmented is not None and "pre_augmented" in result.state.cache
+    assert adapt(hypernet, inputs, cfg, num_steps=0).state.augmented is None  # no step: no copies made
+
+
+@pytest.mark.parametrize("generation,adapt_params", ADAPT_MODES)
+def test_test_time_adaptation_leaves_the_hypernet_unchanged_and_keeps_no_graph(generation, adapt_params):
+    """At test time the inner loop works on detached copies: the hypernetwork (backbone included) is unchanged, the
+    adapted parameters and logits are cut from it."""
+    hypernet, cfg = _mode(generation, adapt_params)
     before = {k: v.clone() for k, v in hypernet.state_dict().items()}
-    predict_task(hypernet, random_inputs(T), dataclasses.replace(ADAPT, adapt_params="hypernet", inner_lr=HYPERNET_LR))
-    predict_task(hypernet, random_inputs(T), ADAPT)
+    inputs, _ = task_inputs(generation)
+    result = adapt(hypernet, inputs, cfg, create_graph=False)
+    predict_task(hypernet, inputs, cfg)
     for key, value in hypernet.state_dict().items():
         assert torch.equal(value, before[key]), key
-
-
-def _update_size(hypernet: HyperNet, inputs: TaskInputs, create_graph: bool) -> torch.Tensor:
-    """Squared size of the inner update alone: adapted minus generated parameters."""
-    result = adapt(hypernet, inputs, ADAPT, create_graph=create_graph)
-    state = hypernet.prepare(inputs.as_batch().features)
-    generated = hypernet(inputs.as_batch().context, state)
-    return sum(((result.params[k] - generated[k]) ** 2).sum() for k in ("log_tau", "prototypes"))
+    assert all(v.grad_fn is None for v in result.params.values())
+    assert all(not logits.requires_grad for logits in result.logits)
+    total = sum(v.sum() for v in result.params.values())
+    if total.requires_grad:  # leaves of their own (the film inner loop's copies): nothing leads to the hypernet
+        grads = torch.autograd.grad(total, list(hypernet.parameters()), allow_unused=True)
+        assert all(g is None for g in grads)
 
 
 def test_gradients_reach_the_hypernet_through_the_inner_loop():
-    """With create_graph=True the inner steps stay in the graph: the update itself has a gradient w.r.t. the
-    hypernetwork (second order), and the outer loss reaches both generated heads and, through them, the encoder."""
+    """With create_graph=True the outer loss after the inner steps reaches the set encoder, the FiLM and temperature
+    heads and the step sizes of the adapted tensors (second order: only through the steps)."""
     hypernet = make_hypernet()
-    inputs, labels = blob_inputs(T, seed=2, spread=2.0)
-    update = _update_size(hypernet, inputs, create_graph=True)
-    grads = torch.autograd.grad(update, list(hypernet.parameters()), allow_unused=True)
-    assert any(g is not None and g.abs().sum() > 0 for g in grads)
-
-    with torch.no_grad():  # the heads start at zero weight (the configured tau and alpha): move them off zero
-        for head in (hypernet.generator.log_tau, hypernet.generator.alpha_logit):
-            head.weight.normal_(std=0.1)
-    result = adapt(hypernet, inputs, ADAPT, create_graph=True)
+    inputs, labels = task_inputs()
+    result = adapt(hypernet, inputs, hypernet.full_cfg.adapt, create_graph=True)
+    assert all(logits.requires_grad for logits in result.logits)
     aligned_cross_entropy(result.logits[-1], labels).backward()
     grads = {name: p.grad for name, p in hypernet.named_parameters()}
-    for prefix in ("encoder.", "generator.log_tau.", "generator.alpha_logit."):
-        total = sum(float(g.abs().sum()) for n, g in grads.items() if n.startswith(prefix) and g is not None)
-        assert total > 0, prefix
+
+    def size(prefix: str) -> float:
+        return sum(float(g.abs().sum()) for n, g in grads.items() if n.startswith(prefix) and g is not None)
+
+    for prefix in ("encoder.", "generator.heads.0.", "generator.heads.1.", "generator.tau_head.",
+                   "generator.log_lrs.scale_1", "generator.log_lrs.shift_1", "generator.log_lrs.prototypes",
+                   "generator.log_lrs.log_tau"):
+        assert size(prefix) > 0, prefix
+    assert size("generator.log_lrs.scale_0") == 0  # block 0 is not adapted (film.adapt_blocks = 1)
+    hypernet.zero_grad()
+    zero = adapt(hypernet, inputs, hypernet.full_cfg.adapt, create_graph=True, num_steps=0)
+    aligned_cross_entropy(zero.logits[-1], labels).backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in hypernet.generator.log_lrs.parameters())
 
 
-def test_no_graph_is_kept_at_test_time():
-    """create_graph=False: the adapted parameters and the logits are cut from the hypernetwork."""
-    hypernet = make_hypernet()
-    inputs, _ = blob_inputs(T, seed=2, spread=2.0)
-    result = adapt(hypernet, inputs, ADAPT, create_graph=False)
-    assert all(v.grad_fn is None for v in result.params.values())
-    assert all(not logits.requires_grad for logits in result.logits)
-    adapted = sum(v.sum() for v in result.params.values())
-    grads = torch.autograd.grad(adapted, list(hypernet.parameters()), allow_unused=True)
-    assert all(g is None for g in grads)
-
-
-def test_hypernet_mode_keeps_a_finite_second_order_graph():
-    """adapt_params='hypernet' (the prototype's): the outer loss has finite, non-zero gradients."""
-    hypernet = make_hypernet(generation="full")
-    inputs, labels = blob_inputs(T, seed=3, spread=2.0)
-    cfg = dataclasses.replace(ADAPT, adapt_params="hypernet", inner_lr=HYPERNET_LR)
-    result = adapt(hypernet, inputs, cfg, create_graph=True)
+def test_the_seed_profiles_hypernet_mode_meta_learns_through_the_inner_loop():
+    """The seed profile (attention encoder, full generator, geometry loss, SGD on every hypernetwork weight per task):
+    steps lower the geometry loss, and the outer loss has finite, non-zero second-order gradients."""
+    cfg = load_config("seed", overrides={"hyper": {"embed_dim": 8}, "full": {"head_hidden": 16, "target_hidden": [8]},
+                                         "adapt": {"inner_lr": HYPERNET_LR}})
+    assert (cfg.hyper.generation, cfg.adapt.adapt_params, cfg.hyper.conditioning) == ("full", "hypernet", "attention")
+    hypernet = make_hypernet(cfg=cfg)
+    inputs, labels = task_inputs("full")
+    result = adapt(hypernet, inputs, cfg.adapt, create_graph=True)
+    assert len(result.inner_losses) == cfg.adapt.num_inner_steps
+    before = INNER_LOSSES["geometry"].fn(InnerView(result.logits[0], result.state.reference), cfg.adapt)
+    torch.testing.assert_close(result.inner_losses[0], before.mean().detach())
+    assert torch.all(final_inner_loss(hypernet, result, cfg.adapt) < before)
     aligned_cross_entropy(result.logits[-1], labels).backward()
     grads = [p.grad for p in hypernet.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
     assert sum(float(g.abs().sum()) for g in grads) > 0
+    with pytest.raises(ValueError, match="checkpoint's K"):
+        adapt(hypernet, inputs, cfg.adapt, num_classes=K + 1)
 
 
-def test_predict_clusters_is_the_argmax_after_every_step():
-    """Cluster ids (S+1, N) are the argmax of the logits after 0..S steps."""
+def test_fixed_tensors_stay_fixed_through_the_inner_loop():
+    """``fixed`` replaces generated tensors (here every blend) by constants before the steps; they stay there."""
     hypernet = make_hypernet()
-    inputs = random_inputs()
-    clusters = predict_clusters(hypernet, inputs, ADAPT)
-    assert clusters.shape == (STEPS + 1, N) and clusters.dtype.kind == "i"
-    np.testing.assert_array_equal(clusters, predict_task(hypernet, inputs, ADAPT).argmax(-1).numpy())
-    assert clusters.min() >= 0 and clusters.max() < K
+    inputs, _ = task_inputs()
+    cfg = hypernet.full_cfg.adapt
+    result = adapt(hypernet, inputs, cfg, fixed={"blend": 1.0})
+    assert all(torch.equal(result.params[f"blend.{l}"], torch.ones(T)) for l in range(len(CHANNELS)))
+    free = adapt(hypernet, inputs, cfg)
+    assert not torch.allclose(result.logits[0], free.logits[0])
+    torch.testing.assert_close(predict_task(hypernet, inputs, cfg, fixed={"blend": 1.0}), torch.stack(result.logits))
 
 
-# ----------------------------------------------------------------------------------------- inner losses
-
-def _onehot_logits(assignments: list[int], scale: float = 20.0) -> torch.Tensor:
-    return scale * F.one_hot(torch.tensor(assignments), K).float()
-
-
-def test_entropy_of_uniform_logits_is_log_k_and_confidence_lowers_it():
-    """TENT's entropy: log K for uniform predictions, ~0 for confident ones, balanced or not."""
-    confident, collapsed, uniform = _onehot_logits([0, 1, 2] * 4), _onehot_logits([0] * 12), torch.zeros(12, K)
-    torch.testing.assert_close(entropy_loss(uniform), torch.log(torch.tensor(float(K))))
-    assert entropy_loss(confident) < 1e-6
-    torch.testing.assert_close(entropy_loss(confident), entropy_loss(collapsed))
-    assert entropy_loss(torch.zeros(T, 12, K)).shape == (T,)
-
-
-def test_infomax_balance_term():
-    """Infomax = entropy - w * entropy of the mean prediction: -w log K when balanced and confident, 0 collapsed."""
-    balanced, collapsed, uniform = _onehot_logits([0, 1, 2] * 4), _onehot_logits([0] * 12), torch.zeros(12, K)
-    log_k = torch.log(torch.tensor(float(K)))
-    torch.testing.assert_close(infomax_loss(balanced), -log_k, atol=1e-3, rtol=0)
-    torch.testing.assert_close(infomax_loss(balanced, balance_weight=2.5), -2.5 * log_k, atol=1e-3, rtol=0)
-    torch.testing.assert_close(infomax_loss(collapsed), torch.tensor(0.0), atol=1e-3, rtol=0)
-    torch.testing.assert_close(infomax_loss(uniform), torch.tensor(0.0), atol=1e-5, rtol=0)
-    torch.testing.assert_close(infomax_loss(collapsed, balance_weight=0.0), entropy_loss(collapsed))
-    assert infomax_loss(balanced) < infomax_loss(collapsed) and infomax_loss(balanced) < infomax_loss(uniform)
-
-
-def test_geometry_is_zero_when_geometries_match():
-    """The prototype's geometry loss compares pairwise cosine distances of outputs and reference features."""
-    reference = torch.randn(10, K)
-    assert geometry_loss(2.5 * reference, reference).item() == pytest.approx(0.0, abs=1e-6)
-    assert geometry_loss(torch.randn(10, K), reference) > 0.01
-    assert geometry_loss(torch.randn(T, 10, K), torch.randn(T, 10, 4)).shape == (T,)
-    other = torch.randn(10, K)
-    torch.testing.assert_close(geometry_loss(other, reference, weight=2.0), 2.0 * geometry_loss(other, reference, 1.0))
-
-
-def test_inner_loss_dispatches_on_the_config():
-    """inner_loss reads the registry entry named by adapt.inner_loss, with its weights from the config."""
-    logits, reference = torch.randn(T, 12, K), torch.randn(T, 12, 4)
-    for name, expected in (("entropy", entropy_loss(logits)), ("infomax", infomax_loss(logits, 0.3)),
-                           ("geometry", geometry_loss(logits, reference, 1.5))):
-        cfg = AdaptConfig(inner_loss=name, balance_weight=0.3, geometry_weight=1.5)
-        torch.testing.assert_close(inner_loss(logits, reference, cfg), expected)
-
-
-def test_a_registered_inner_loss_is_a_valid_config_value_and_used_by_adapt(monkeypatch):
-    """Adding an inner loss is one entry in INNER_LOSSES: the config accepts its name and adapt minimises it."""
-    calls = []
-
-    def max_logit(logits, reference, cfg):
-        calls.append(tuple(logits.shape))
-        return -logits.max(-1).values.mean(-1)
-
-    with pytest.raises(ConfigError, match="inner_loss"):
-        load_config("default", overrides={"adapt": {"inner_loss": "max_logit"}})
-    monkeypatch.setitem(losses.INNER_LOSSES, "max_logit", max_logit)
-    cfg = load_config("default", overrides={"adapt": {"inner_loss": "max_logit", "num_inner_steps": 2}})
-    assert cfg.adapt.inner_loss == "max_logit"
+def test_a_context_override_conditions_on_other_rows_but_reads_the_tasks_images():
+    """``context`` replaces the conditioning rows only: the result is that of the same images with those rows."""
     hypernet = make_hypernet()
-    result = adapt(hypernet, random_inputs(T), cfg.adapt)
-    assert calls == [(T, N, K)] * 2
-    assert result.inner_losses[1] < result.inner_losses[0]
-    torch.testing.assert_close(result.inner_losses[0], -result.logits[0].max(-1).values.mean())
+    with torch.no_grad():
+        for head in hypernet.generator.heads:  # a code that matters: move the heads off their small start
+            head.weight.normal_(std=0.3)
+    inputs, _ = task_inputs()
+    cfg = hypernet.full_cfg.adapt
+    other = task_inputs(seed=9)[0].context
+    overridden = predict_task(hypernet, inputs, cfg, context=other)
+    torch.testing.assert_close(overridden, predict_task(hypernet, TaskInputs(other, inputs.images), cfg))
+    assert not torch.allclose(overridden, predict_task(hypernet, inputs, cfg))
 
 
-# ---------------------------------------------------------------------------------- aligned outer loss
-
-@pytest.mark.parametrize("num_classes", [2, 3, 4])
-def test_alignment_matches_brute_force_over_permutations(num_classes):
-    """The Hungarian-aligned cross-entropy is the lowest cross-entropy over every relabelling of the units."""
-    generator = torch.Generator().manual_seed(num_classes)
-    for _ in range(5):
-        logits = torch.randn(30, num_classes, generator=generator) * 2
-        labels = torch.randint(0, num_classes, (30,), generator=generator)
-        brute = min(F.cross_entropy(logits, torch.tensor(perm)[labels]).item()
-                    for perm in itertools.permutations(range(num_classes)))
-        assert aligned_cross_entropy(logits, labels).item() == pytest.approx(brute, rel=1e-5)
-
-
-def test_aligned_cross_entropy_is_invariant_to_permuting_output_units():
-    """Shuffling the output units leaves the aligned loss unchanged; alignments are permutations."""
-    logits, labels = torch.randn(T, 16, 4), torch.randint(0, 4, (T, 16))
-    shuffled = logits[..., torch.tensor([2, 0, 3, 1])]
-    torch.testing.assert_close(aligned_cross_entropy(shuffled, labels), aligned_cross_entropy(logits, labels))
-    perm = best_alignment(logits, labels)
-    assert perm.shape == (T, 4) and all(sorted(p.tolist()) == [0, 1, 2, 3] for p in perm)
-    nan_logits = torch.full((1, 16, 4), float("nan"))
-    assert sorted(best_alignment(nan_logits, labels[:1])[0].tolist()) == [0, 1, 2, 3]
+def test_the_trajectory_keeps_the_parameters_after_every_step():
+    """trajectory=True: S+1 detached parameter dicts, from the generated ones to the adapted ones; off by default."""
+    hypernet = make_hypernet()
+    inputs, _ = task_inputs()
+    cfg = hypernet.full_cfg.adapt
+    result = adapt(hypernet, inputs, cfg, trajectory=True)
+    assert result.trajectory is not None and len(result.trajectory) == STEPS + 1
+    assert all(v.grad_fn is None for step in result.trajectory for v in step.values())
+    params, _, _ = generated(hypernet, inputs)
+    for name in params:
+        torch.testing.assert_close(result.trajectory[0][name], params[name].detach())
+        torch.testing.assert_close(result.trajectory[-1][name], result.params[name])
+    assert not torch.allclose(result.trajectory[1]["prototypes"], result.trajectory[0]["prototypes"])
+    assert adapt(hypernet, inputs, cfg).trajectory is None
 
 
-def test_task_accuracy_matches_metrics():
-    """Per-task Hungarian accuracy of the argmax equals hmlib.metrics.clustering_accuracy."""
-    logits, labels = torch.randn(3, 40, 4), torch.randint(0, 4, (3, 40))
-    expected = [clustering_accuracy(logits[t].argmax(-1).numpy(), labels[t].numpy(), 4) for t in range(3)]
-    np.testing.assert_allclose(task_accuracy(logits, labels), expected)
-    np.testing.assert_allclose(task_accuracy(logits[0], labels[0]), expected[:1])
-    with pytest.raises(ValueError, match="do not match"):
-        task_accuracy(logits, labels[:, :5])
-
-
-def test_task_state_is_what_the_generator_reads():
-    """TaskState holds the normalised features (the inner losses' reference) and the optional graph."""
-    generator = GENERATORS["full"](HYPER, FEATURE_DIM, K)
-    features = torch.randn(T, N, FEATURE_DIM) * 4 + 1
-    state = generator.prepare(features)
-    assert isinstance(state, TaskState) and state.graph is None
-    torch.testing.assert_close(state.z, normalize_task(features))
+@pytest.mark.parametrize("generation", list(GENERATORS))
+def test_extend_reads_images_outside_the_task_as_the_adapted_network_reads_its_own(generation):
+    """extend gives logits of other inputs under each task's adapted network: the task's own inputs get the task's
+    logits, and an input's logits do not depend on the other inputs beside it."""
+    hypernet = make_hypernet(generation)
+    inputs, _ = task_inputs(generation)
+    result = adapt(hypernet, inputs, hypernet.full_cfg.adapt)
+    with torch.no_grad():
+        own = hypernet.extend(result.params, result.state, inputs)
+        torch.testing.assert_close(own, result.logits[-1], atol=1e-4, rtol=1e-4)
+        other, _ = task_inputs(generation, seed=5)
+        beside = hypernet.extend(result.params, result.state, other)
+        first = TaskInputs(other.context[:, :3], None if other.images is None else other.images[:, :3],
+                           None if other.features is None else other.features[:, :3])
+        torch.testing.assert_close(hypernet.extend(result.params, result.state, first), beside[:, :3],
+                                   atol=1e-5, rtol=1e-5)

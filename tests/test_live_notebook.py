@@ -4,13 +4,13 @@ A scratch home is prepared by ``hmlib run --profile smoke --only 01,02,03`` (the
 of notebook 04 with ``profile = "smoke"`` in its parameters cell is written there, and JupyterLab is started headless
 on localhost (a free port, a token, ``--no-browser``). Chromium opens the copy, runs every cell, waits for the
 adaptation explorer, moves its inner-steps slider with the keyboard (as a user does: focus the handle, press the
-arrow keys) and checks what changes: the slider's readout, the figure's pixels, and the accuracy line the figure
-shows ("<accuracy>% after <n> steps", its title). That line is drawn inside the PNG (the widget has no text element
-for it), so the test reads it from the explorer behind the widget, through the kernel, and checks that it follows
-the slider. In CI (CI=true) a missing browser or mirror fails the test instead of skipping it.
+arrow keys) and checks what changes: the slider's readout, the figure's pixels, and the explorer's accuracy line
+("accuracy <acc>% after <n> inner steps", a text Label beside the figure), read from the page as a user reads it.
+The kernel is asked once more, only to check that the line shows the explorer's own state. In CI (CI=true) a missing
+browser or mirror fails the test instead of skipping it.
 
-Notebook 04 is being rewritten: everything that knows its structure is in the ``Explorer*`` constants and the
-three ``find_*`` / ``read_*`` helpers at the top.
+Everything that knows notebook 04's structure is in the ``EXPLORER_*`` constants and the ``find_*`` / ``read_*``
+helpers at the top.
 """
 from __future__ import annotations
 
@@ -37,17 +37,24 @@ pytestmark = pytest.mark.slow
 EXPLORER_NOTEBOOK = "04_ablations.ipynb"
 EXPLORER_PREREQUISITES = "01,02,03"  # the notebooks whose artifacts it loads
 EXPLORER_STEPS_LABEL = re.compile(r"\bsteps?\b", re.I)  # description of the steps IntSlider (hmlib.widgets)
+EXPLORER_ACCURACY_LINE = re.compile(r"^accuracy (\d+\.\d)% after (\d+) inner steps$")  # the widget's Label
 EXPLORER_VARIABLE = "explorer"  # the AdaptationExplorer the widget drives, in the kernel's namespace
-# The accuracy line of the explorer's figure (ExplorerFigure's title), from the explorer's state.
-EXPLORER_ACCURACY_CODE = (f"print(__import__('json').dumps({{'steps': {EXPLORER_VARIABLE}.num_steps, 'accuracy': "
-                          f"f'{{100 * {EXPLORER_VARIABLE}.state.current_accuracy:.1f}}% after "
-                          f"{{{EXPLORER_VARIABLE}.num_steps}} steps'}}))")
+# What the explorer itself holds (to check that the page's line is its state, not a stale text).
+EXPLORER_STATE_CODE = (f"print(__import__('json').dumps({{'steps': {EXPLORER_VARIABLE}.num_steps, 'accuracy': "
+                       f"format(100 * {EXPLORER_VARIABLE}.state.current_accuracy, '.1f')}}))")
 
 FIND_STEPS_SLIDER_JS = """
 const label = new RegExp(arguments[0], 'i');
 for (const slider of document.querySelectorAll('.jp-OutputArea .widget-slider')) {
   const text = (slider.querySelector('.widget-label') || {}).textContent || '';
   if (label.test(text) && !/task/i.test(text)) return slider;
+}
+return null;"""
+READ_LINE_JS = """
+const line = new RegExp(arguments[1]);
+for (const el of arguments[0].closest('.widget-vbox').querySelectorAll('.widget-label')) {
+  const text = el.textContent.trim();
+  if (line.test(text)) return text;
 }
 return null;"""
 READ_FIGURE_JS = """
@@ -84,9 +91,14 @@ def read_figure(driver, slider) -> tuple[str, str] | None:
     return driver.execute_script(READ_FIGURE_JS, slider)
 
 
-def read_accuracy_line(driver) -> dict:
-    """``{'steps': n, 'accuracy': '<acc>% after <n> steps'}``: what the figure's title shows, from the kernel."""
-    text = driver.execute_async_script(KERNEL_PROBE_JS, EXPLORER_ACCURACY_CODE)
+def read_accuracy_line(driver, slider) -> str | None:
+    """The explorer's accuracy line as the page shows it (the Label in the slider's widget box), or None."""
+    return driver.execute_script(READ_LINE_JS, slider, EXPLORER_ACCURACY_LINE.pattern)
+
+
+def read_explorer_state(driver) -> dict:
+    """``{'steps': n, 'accuracy': 'acc' (%, one decimal)}`` of the explorer behind the widget, asked of the kernel."""
+    text = driver.execute_async_script(KERNEL_PROBE_JS, EXPLORER_STATE_CODE)
     assert not text.startswith("ERROR"), text
     return json.loads(text.strip().splitlines()[-1])
 
@@ -226,8 +238,8 @@ def test_the_inner_steps_slider_redraws_the_figure_live(jupyterlab, lab_browser)
 
     slider = find_steps_slider(driver)
     before_value, before_figure = read_slider(slider), _wait(lambda: read_figure(driver, slider), 60, "the figure")
-    before_line = read_accuracy_line(driver)
-    assert str(before_line["steps"]) == before_value, (before_line, before_value)
+    before_line = _wait(lambda: read_accuracy_line(driver, slider), 60, "the accuracy line beside the figure")
+    assert EXPLORER_ACCURACY_LINE.match(before_line).group(2) == before_value, (before_line, before_value)
 
     handle = slider.find_element("css selector", ".noUi-handle, [role='slider']")
     handle.click()  # focus the handle, as a user clicking it would
@@ -237,11 +249,13 @@ def test_the_inner_steps_slider_redraws_the_figure_live(jupyterlab, lab_browser)
                         "the slider readout to change")
     after_figure = _wait(lambda: (lambda fig: fig if fig and fig[1] != before_figure[1] else None)(
         read_figure(driver, slider)), 120, "the figure to be redrawn")
+    after_line = _wait(lambda: (lambda line: line if line and line != before_line else None)(
+        read_accuracy_line(driver, slider)), 120, "the accuracy line to change")
     _wait(lambda: not _kernel_busy(driver), 120, "the redraw to finish", 0.5)
-    after_line = read_accuracy_line(driver)
 
     assert after_value != before_value and abs(int(after_value) - int(before_value)) == 2
     assert after_figure[0] != before_figure[0] and after_figure[1] != before_figure[1]  # new image, new pixels
-    assert str(after_line["steps"]) == after_value  # the kernel saw the slider move
-    assert after_line["accuracy"] != before_line["accuracy"], (before_line, after_line)
-    assert after_line["accuracy"].endswith(f"after {after_value} steps")
+    shown = EXPLORER_ACCURACY_LINE.match(read_accuracy_line(driver, slider))
+    assert shown and shown.group(2) == after_value, (read_accuracy_line(driver, slider), after_value)
+    state = read_explorer_state(driver)  # the page shows the explorer's own state, not a stale text
+    assert state["steps"] == int(after_value) and state["accuracy"] == shown.group(1), (state, shown.group(0))

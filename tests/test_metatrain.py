@@ -1,8 +1,10 @@
-"""Meta-training on tiny synthetic blobs: learning, checkpoints, reuse, resume, set-aside, errors, what meta_train
-reads."""
+"""Meta-training on tiny synthetic image datasets: learning, checkpoints, reuse, resume, set-aside, errors, the
+pipeline manifest, bundles, and what meta_train reads."""
 from __future__ import annotations
 
 import copy
+import dataclasses
+import json
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -10,55 +12,91 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-import hmlib.hyper.bundle
-from hmlib.artifacts import ArtifactError, MissingArtifactError, StaleArtifactError, load_checkpoint, save_checkpoint
-from hmlib.config import ConfigError, load_config
-from hmlib.hyper import metatrain
+from datafactory import balanced_labels, class_patterns
+from fakes import install_fake_data
+from hmlib import paths
+from hmlib.artifacts import (ArtifactError, MissingArtifactError, StaleArtifactError, load_checkpoint,
+                             save_checkpoint, state_fingerprint)
+from hmlib.backbone import get_backbone
+from hmlib.backbone.model import ConvBackbone
+from hmlib.config import VAEConfig, load_config
+from hmlib.data import ImageSet
+from hmlib.hyper import episodes, metatrain
 from hmlib.hyper.adapt import predict_task
-from hmlib.hyper.hypernet import TaskInputs
-from hmlib.hyper.inputs import TaskData
-from hmlib.hyper.metatrain import MetaTrainingError, fit_hypernet, load_hypernet, meta_train
+from hmlib.hyper.bundle import load_bundle
+from hmlib.hyper.checkpoints import load_hypernet
+from hmlib.hyper.inputs import TaskData, task_data_from_models
+from hmlib.hyper.metatrain import (MetaTrainingError, fit_hypernet, meta_train, pipeline_checkpoints,
+                                   record_pipeline_checkpoint)
 from hmlib.plots.meta import plot_task_adaptation, plot_training_curves
+from hmlib.reproducibility import seeded
+from hmlib.vae import get_vae
+from hmlib.vae.model import build_vae
+from hmlib.vae.train import encode_images
 
-DIM, NUM_ALL_CLASSES, PER_CLASS, K, NUM_IMAGES = 6, 5, 60, 3, 30
-ITERATIONS, EVAL_EVERY = 6, 3
-OVERRIDES = {"task": {"num_classes": K, "num_images": NUM_IMAGES},
-             "hyper": {"target_hidden": [16], "embed_dim": 16, "head_hidden": 16, "num_seeds": 2, "num_heads": 2,
-                       "cluster_inits": 3},
-             "adapt": {"num_inner_steps": 2},
-             "meta": {"iterations": ITERATIONS, "eval_every": EVAL_EVERY, "eval_tasks": 4, "meta_batch_size": 2,
-                      "val_fraction": 0.3}}
+# Tiny sizes
+NUM_ALL_CLASSES, PER_CLASS, K, TASK_IMAGES, LATENT_DIM = 5, 20, 3, 18, 2
+ITERATIONS, EVAL_EVERY = 4, 2
+NOISE = 200  # pixel noise of the class patterns: tasks that are not trivially separable
+OVERRIDES = {"task": {"num_classes": K, "num_images": 24},
+             "backbone": {"channels": [4, 8], "embed_dim": 8},
+             "hyper": {"embed_dim": 8, "num_seeds": 2, "num_heads": 2, "num_context": 32},
+             "film": {"cluster_inits": 2},
+             "full": {"head_hidden": 16, "target_hidden": [16]},
+             "adapt": {"num_inner_steps": 2, "neighbours": 3},
+             "meta": {"iterations": ITERATIONS, "eval_every": EVAL_EVERY, "eval_tasks": 2, "meta_batch_size": 2,
+                      "val_fraction": 0.3, "max_classes": K, "task_images": TASK_IMAGES, "shift_prob": 0.5}}
 UPSTREAM = {"ids": {"a": {"vae_id": "v1"}, "b": {"vae_id": "v1"}}}
+VAE_META = {"name": "vae_test", "vae_id": "vae-test"}  # the cache name and identity of the test's VAE
 
 
-def blobs(name: str, seed: int, separation: float = 3.0, offset: float = 0.0) -> TaskData:
-    """A dataset of NUM_ALL_CLASSES Gaussian blobs: context rows [mu, logvar], features mu."""
+def _cfg(generation: str = "film", **meta):
+    """The tiny meta-training config, with meta.* overrides ('full': one K and the aligned outer loss)."""
+    fixed_k = {"min_classes": K, "outer_loss": "aligned"} if generation == "full" else {}
+    overrides = {**OVERRIDES, "hyper": {**OVERRIDES["hyper"], "generation": generation},
+                 "meta": {**OVERRIDES["meta"], **fixed_k, **meta}}
+    return load_config("smoke", overrides=overrides)
+
+
+with seeded(0):
+    VAE = build_vae(VAEConfig(latent_dim=LATENT_DIM)).eval()
+    BACKBONE = ConvBackbone((4, 8), 8, 3).eval()
+# what meta_train bundles for 'film': the backbone a checkpoint modulates, rebuilt from it by load_hypernet
+BUNDLE = {"backbone": {"state": {k: v.clone() for k, v in BACKBONE.state_dict().items()},
+                       "meta": {"name": "backbone_test", "backbone_id": state_fingerprint(BACKBONE.state_dict()),
+                                "settings": {"channels": [4, 8], "embed_dim": 8}, "metrics": {"num_classes": 3}}}}
+
+
+def pattern_set(name: str, index: int, seed: int, noise: int = NOISE) -> ImageSet:
+    """NUM_ALL_CLASSES noisy bar patterns of varying contrast; datasets ``index`` 0, 1, ... use disjoint angles."""
+    labels = balanced_labels(NUM_ALL_CLASSES * PER_CLASS, NUM_ALL_CLASSES, seed)
+    images = class_patterns(labels + NUM_ALL_CLASSES * index, 2 * NUM_ALL_CLASSES, seed=seed).astype(np.int64)
     rng = np.random.default_rng(seed)
-    means = rng.normal(size=(NUM_ALL_CLASSES, DIM)) * separation + offset
-    labels = np.repeat(np.arange(NUM_ALL_CLASSES), PER_CLASS)
-    mu = (means[labels] + rng.normal(size=(len(labels), DIM))).astype(np.float32)
-    logvar = (rng.normal(scale=0.1, size=mu.shape) - 1.0).astype(np.float32)
-    return TaskData(name, "train", np.concatenate([mu, logvar], axis=1), mu, labels, {"vae_id": f"vae-{seed}"})
+    images = images * rng.uniform(0.2, 1.0, (len(images), 1, 1)) + rng.integers(0, noise + 1, images.shape)
+    return ImageSet(name, "train", np.clip(images, 0, 255).astype(np.uint8), labels,
+                    [str(c) for c in range(NUM_ALL_CLASSES)], f"{name}-{seed}")
 
 
-def _cfg(**meta):
-    """The tiny meta-training config, with meta.* overrides."""
-    return load_config("default", overrides={**OVERRIDES, "meta": {**OVERRIDES["meta"], **meta}})
-
-
-def _sets() -> dict[str, TaskData]:
-    return {"a": blobs("a", 0), "b": blobs("b", 1)}
+def _sets(cfg=None) -> dict[str, TaskData]:
+    """Two meta-training datasets as the loader makes them (task_data_from_models) for ``cfg``'s generator."""
+    cfg = cfg or _cfg()
+    return {name: task_data_from_models(cfg, pattern_set(name, i, seed=i), VAE, VAE_META)
+            for i, name in enumerate(("a", "b"))}
 
 
 def _fit(cfg, path, **kw):
-    """fit_hypernet on two blob datasets, seed 0, recorded upstream ids UPSTREAM."""
+    """fit_hypernet on the two pattern datasets, seed 0, recorded upstream ids UPSTREAM."""
     kw.setdefault("upstream", UPSTREAM)
-    return fit_hypernet(cfg, kw.pop("sets", None) or _sets(), seed=0, path=path, progress=False, **kw)
+    film = cfg.hyper.generation == "film"
+    kw.setdefault("backbone", BACKBONE if film else None)
+    kw.setdefault("bundle", BUNDLE if film else None)
+    return fit_hypernet(cfg, kw.pop("sets", None) or _sets(cfg), vae=VAE, seed=0, path=path, progress=False, **kw)
 
 
-def _task():
-    task = blobs("t", 3)
-    return task.task_inputs(np.arange(NUM_IMAGES)[None] * 10)
+def _task(cfg=None):
+    """One held-out task (the first 18 images of a third pattern dataset) as TaskInputs."""
+    return task_data_from_models(cfg or _cfg(), pattern_set("t", 2, seed=3), VAE, VAE_META).task_inputs(
+        np.arange(TASK_IMAGES)[None])
 
 
 def _assert_same_weights(first: dict, second: dict) -> None:
@@ -69,33 +107,55 @@ def _assert_same_weights(first: dict, second: dict) -> None:
 
 # ------------------------------------------------------------------------------------------- learning
 
-def test_meta_training_on_separable_blobs_raises_validation_accuracy(tmp_path):
-    """The full generator starts near chance and learns the blobs' classes: validation accuracy rises."""
-    cfg = load_config("default", overrides={**OVERRIDES, "hyper": {**OVERRIDES["hyper"], "generation": "full"},
-                                            "meta": {**OVERRIDES["meta"], "iterations": 40, "eval_every": 10,
-                                                     "eval_tasks": 8, "meta_batch_size": 4, "outer_lr": 3e-3}})
-    history = _fit(cfg, tmp_path / "h.pt").history
+def test_meta_training_the_full_generator_raises_validation_accuracy(tmp_path):
+    """The prototype's generator (MLP on [mu, logvar] rows, aligned outer loss) learns the datasets' classes:
+    validation accuracy after adaptation rises well above where it started, the outer loss falls."""
+    cfg = load_config("smoke", overrides={
+        **OVERRIDES, "hyper": {**OVERRIDES["hyper"], "embed_dim": 16, "generation": "full"},
+        "adapt": {"num_inner_steps": 2, "inner_loss": "infomax"},
+        "meta": {**OVERRIDES["meta"], "iterations": 40, "eval_every": 10, "eval_tasks": 16, "meta_batch_size": 4,
+                 "min_classes": K, "shift_prob": 0.0, "outer_lr": 3e-3, "outer_loss": "aligned"}})
+    with seeded(0):
+        vae = build_vae(VAEConfig(latent_dim=8)).eval()  # clean patterns, wider rows: a learnable signal
+    sets = {name: task_data_from_models(cfg, pattern_set(name, i, seed=i, noise=40), vae,
+                                        {"name": "vae_8", "vae_id": "vae-8"}) for i, name in enumerate(("a", "b"))}
+    history = fit_hypernet(cfg, sets, vae=vae, seed=0, path=tmp_path / "h.pt", progress=False).history
     assert history["eval_iteration"] == [0, 10, 20, 30, 40]
     assert len(history["outer_loss"]) == 40 and all(np.isfinite(history["outer_loss"]))
-    assert max(history["val_acc_after"][1:]) > history["val_acc_after"][0] + 0.1
-    assert np.mean(history["outer_loss"][-10:]) < np.mean(history["outer_loss"][:10])
+    assert max(history["val_acc_after"][1:]) > history["val_acc_after"][0] + 0.15
+    assert np.mean(history["outer_loss"][-10:]) < 0.5 * np.mean(history["outer_loss"][:10])
     assert len(history["inner_loss_before"]) == len(history["inner_loss_after"]) == 40
 
 
-def test_meta_training_the_cluster_head_lowers_the_outer_loss_and_keeps_the_best_weights(tmp_path):
-    """The default cluster head learns its temperature from the task code (the outer loss falls); the weights
-    returned are those of the best validation accuracy, iteration 0 included."""
-    cfg, path = _cfg(iterations=30, eval_every=10, meta_batch_size=4, outer_lr=3e-3), tmp_path / "h.pt"
-    sets = {"a": blobs("a", 0, separation=1.0), "b": blobs("b", 1, separation=1.0)}
-    result = _fit(cfg, path, sets=sets)
+def test_the_film_outer_loop_fits_a_meta_batch(tmp_path, monkeypatch):
+    """Meta-training the film generator on one repeated meta-batch drives its class-centroid outer loss down: the
+    gradient of the outer loss reaches the hypernetwork through the inner loop and the optimiser follows it."""
+    original, fixed = episodes.EpisodeSampler.sample, {}
+
+    def the_same_batch(self, rng, num_classes=None):
+        if "episode" not in fixed:
+            fixed["episode"] = original(self, np.random.default_rng(0), num_classes)
+        return fixed["episode"]
+
+    monkeypatch.setattr(episodes.EpisodeSampler, "sample", the_same_batch)
+    cfg = _cfg(iterations=30, eval_every=30, meta_batch_size=4, min_classes=K, shift_prob=0.0, outer_lr=1e-2)
+    history = _fit(cfg, tmp_path / "h.pt").history
+    assert np.mean(history["outer_loss"][-10:]) < 0.5 * np.mean(history["outer_loss"][:3])
+
+
+def test_the_best_validation_weights_are_kept(tmp_path):
+    """The weights returned (and saved as best_model) are those of the best validation accuracy, iteration 0
+    included; the history records K and every layer's mean blend per iteration."""
+    cfg, path = _cfg(iterations=6, eval_every=2), tmp_path / "h.pt"
+    result = _fit(cfg, path)
     history = result.history
-    assert np.mean(history["outer_loss"][-10:]) < np.mean(history["outer_loss"][:10])
     state, meta = load_checkpoint(path)
-    assert state["model"]["generator.log_tau.weight"].abs().sum() > 0  # it starts at zero: tau from the task code
     best = meta["best"]
     assert best["val_acc_after"] == max(history["val_acc_after"])
     assert best["iteration"] == history["eval_iteration"][int(np.argmax(history["val_acc_after"]))]
     _assert_same_weights(result.hypernet.state_dict(), state["best_model"])
+    assert all(cfg.meta.min_classes <= k <= K for k in history["num_classes"])
+    assert len(history["blend"]) == 6 and all(len(b) == 2 and all(0 < v < 1 for v in b) for b in history["blend"])
 
 
 # ----------------------------------------------------------------------------------------- checkpoints
@@ -106,10 +166,11 @@ def test_checkpoint_round_trip_and_reuse(tmp_path, capsys):
     result = _fit(cfg, path)
     assert not result.reused and result.checkpoint_path == path
     hypernet, meta = load_hypernet(path)
-    assert meta["setting"] == "zero_shot" and meta["complete"] and meta["iteration"] == ITERATIONS
+    assert meta["kind"] == "hypernet" and meta["complete"] and meta["iteration"] == ITERATIONS
     assert meta["config"]["meta"]["iterations"] == ITERATIONS and meta["upstream"] == UPSTREAM
-    assert (meta["context_dim"], meta["feature_dim"], meta["num_classes"]) == (2 * DIM, DIM, K)
+    assert (meta["context_dim"], meta["feature_dim"], meta["num_classes"]) == (2 * LATENT_DIM, None, K)
     assert meta["history"]["eval_iteration"] == [0, EVAL_EVERY, ITERATIONS]
+    assert "film" in meta["training"] and "full" not in meta["training"]  # the configured generator's section only
     torch.testing.assert_close(predict_task(hypernet, _task(), cfg.adapt),
                                predict_task(result.hypernet, _task(), cfg.adapt))
     _assert_same_weights(hypernet.state_dict(), result.hypernet.state_dict())
@@ -122,7 +183,7 @@ def test_checkpoint_round_trip_and_reuse(tmp_path, capsys):
 
 def _interrupt_outer_loss_at_call(monkeypatch, call: int) -> None:
     """Make meta-training's ``call``-th outer loss raise KeyboardInterrupt (Ctrl-C mid-run)."""
-    original, calls = metatrain._outer_loss, []
+    original, calls = metatrain.outer_loss, []
 
     def interrupting(*args):
         calls.append(1)
@@ -130,18 +191,18 @@ def _interrupt_outer_loss_at_call(monkeypatch, call: int) -> None:
             raise KeyboardInterrupt
         return original(*args)
 
-    monkeypatch.setattr(metatrain, "_outer_loss", interrupting)
+    monkeypatch.setattr(metatrain, "outer_loss", interrupting)
 
 
 def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch, capsys):
-    """A run that stops after its iteration-3 save resumes there and ends with the weights of an uninterrupted run."""
+    """A run that stops after its iteration-2 save resumes there and ends with the weights of an uninterrupted run."""
     cfg = _cfg()
     full = _fit(cfg, tmp_path / "full.pt")
     path = tmp_path / "h.pt"
-    _interrupt_outer_loss_at_call(monkeypatch, 5)
-    with pytest.raises(KeyboardInterrupt):
-        _fit(cfg, path)
-    monkeypatch.undo()
+    with monkeypatch.context() as patch:
+        _interrupt_outer_loss_at_call(patch, EVAL_EVERY + 2)
+        with pytest.raises(KeyboardInterrupt):
+            _fit(cfg, path)
     state, meta = load_checkpoint(path)
     assert meta["iteration"] == EVAL_EVERY and not meta["complete"]
     capsys.readouterr()
@@ -155,7 +216,7 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch, caps
 
 def test_a_checkpoint_of_other_settings_is_set_aside_and_retrained(tmp_path, capsys):
     """Other settings or other upstream models: refused with retrain='never', else kept under a new name and
-    retrained."""
+    retrained; retrain='always' keeps the previous one beside."""
     path = tmp_path / "h.pt"
     _fit(_cfg(), path)
     first = path.read_bytes()
@@ -163,6 +224,9 @@ def test_a_checkpoint_of_other_settings_is_set_aside_and_retrained(tmp_path, cap
         _fit(_cfg(outer_lr=5e-4, retrain="never"), path)
     with pytest.raises(StaleArtifactError, match=r'upstream\.ids\.a\.vae_id: recorded "v1", expected "v2"'):
         _fit(_cfg(retrain="never"), path, upstream={"ids": {"a": {"vae_id": "v2"}, "b": {"vae_id": "v1"}}})
+    with pytest.raises(StaleArtifactError, match=r"training\.film\.inner_lr"):
+        _fit(load_config("smoke", overrides={**OVERRIDES, "film": {"cluster_inits": 2, "inner_lr": 0.2},
+                                             "meta": {**OVERRIDES["meta"], "retrain": "never"}}), path)
     assert path.read_bytes() == first  # refusing changes nothing
     capsys.readouterr()
     result = _fit(_cfg(outer_lr=5e-4), path)
@@ -172,6 +236,16 @@ def test_a_checkpoint_of_other_settings_is_set_aside_and_retrained(tmp_path, cap
     assert load_checkpoint(path)[1]["training"]["meta"]["outer_lr"] == 5e-4
     again = _fit(_cfg(outer_lr=5e-4, retrain="always"), path)
     assert not again.reused and (tmp_path / "h.previous-1.pt").is_file()
+
+
+def test_settings_that_do_not_change_training_do_not_make_a_checkpoint_stale(tmp_path):
+    """The held-out datasets, the retrain policy and the other generator's section are not part of the identity."""
+    path = tmp_path / "h.pt"
+    _fit(_cfg(), path)
+    other = load_config("smoke", overrides={**OVERRIDES, "full": {"head_hidden": 4},
+                                            "meta": {**OVERRIDES["meta"], "test_datasets": ["mnist"],
+                                                     "retrain": "never"}})
+    assert _fit(other, path).reused
 
 
 def test_corrupt_checkpoint_errors(tmp_path, capsys):
@@ -197,27 +271,27 @@ def test_corrupt_checkpoint_errors(tmp_path, capsys):
 def test_train_false_with_a_missing_or_unfinished_checkpoint_raises(tmp_path, monkeypatch):
     """train=False never trains: a missing or unfinished checkpoint is a MissingArtifactError saying how to make it."""
     path = tmp_path / "h.pt"
-    with pytest.raises(MissingArtifactError, match=r"not found; make it with: hmlib run --profile default --only 03"):
+    with pytest.raises(MissingArtifactError, match=r"not found; make it with: hmlib run --profile smoke --only 03"):
         _fit(_cfg(), path, train=False)
     assert not path.exists()
-    _interrupt_outer_loss_at_call(monkeypatch, 5)
-    with pytest.raises(KeyboardInterrupt):
-        _fit(_cfg(), path)
+    with monkeypatch.context() as patch:
+        _interrupt_outer_loss_at_call(patch, EVAL_EVERY + 2)
+        with pytest.raises(KeyboardInterrupt):
+            _fit(_cfg(), path)
     with pytest.raises(MissingArtifactError, match="is unfinished"):
         _fit(_cfg(), path, train=False)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_state(tmp_path, monkeypatch):
     """A NaN outer loss stops meta-training with an error; the checkpoint holds the weights before that step."""
-    original, weights = metatrain._outer_loss, []
+    original, weights = metatrain.outer_loss, []
 
-    def nan_at_iteration_4(hypernet, inputs, labels, cfg):
+    def nan_at_iteration_4(hypernet, result, labels, num_classes, kind):
         weights.append(copy.deepcopy(hypernet.state_dict()))
-        if len(weights) == 4:  # a meta-batch whose features are not finite
-            inputs = TaskInputs(inputs.context, torch.full_like(inputs.features, float("nan")))
-        return original(hypernet, inputs, labels, cfg)
+        loss = original(hypernet, result, labels, num_classes, kind)
+        return loss * float("nan") if len(weights) == 4 else loss
 
-    monkeypatch.setattr(metatrain, "_outer_loss", nan_at_iteration_4)
+    monkeypatch.setattr(metatrain, "outer_loss", nan_at_iteration_4)
     path = tmp_path / "h.pt"
     with pytest.raises(MetaTrainingError, match="non-finite outer loss"):
         _fit(_cfg(iterations=20, eval_every=20), path)
@@ -225,52 +299,147 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_state(tmp_path, monkeypat
     assert not meta["complete"] and meta["iteration"] == len(weights) - 1 == len(meta["history"]["iteration"])
     assert len(weights) == 4  # three good steps, then the non-finite one
     _assert_same_weights(state["model"], weights[-1])
-    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
 
 
 def test_unusable_meta_training_data_is_refused(tmp_path):
-    """No datasets, datasets of different widths, or classes too small for a task: clear MetaTrainingErrors."""
+    """No datasets, datasets of different context widths, too few classes, or classes too small for a validation
+    task: clear MetaTrainingErrors."""
     with pytest.raises(MetaTrainingError, match="no meta-training datasets"):
-        fit_hypernet(_cfg(), {}, seed=0, path=tmp_path / "h.pt", progress=False)
-    narrow = blobs("b", 1)
-    narrow = TaskData("b", "train", narrow.context[:, :DIM], narrow.features, narrow.labels)
-    with pytest.raises(MetaTrainingError, match="differ in context/feature widths"):
-        _fit(_cfg(), tmp_path / "h.pt", sets={"a": blobs("a", 0), "b": narrow})
-    tiny = {name: s.subset(np.arange(len(s))[::30]) for name, s in _sets().items()}  # 2 images per class
+        fit_hypernet(_cfg(), {}, vae=VAE, backbone=BACKBONE, seed=0, path=tmp_path / "h.pt", progress=False)
+    sets = _sets()
+    narrow = dataclasses.replace(sets["b"], context=sets["b"].context[:, :LATENT_DIM])
+    with pytest.raises(MetaTrainingError, match="differ in context widths"):
+        _fit(_cfg(), tmp_path / "h.pt", sets={"a": sets["a"], "b": narrow})
+    one_class = {name: s.subset(np.flatnonzero(s.labels == 0)) for name, s in sets.items()}
+    with pytest.raises(MetaTrainingError, match="fewer than meta.min_classes"):
+        _fit(_cfg(), tmp_path / "h.pt", sets=one_class)
+    tiny = {name: s.subset(np.concatenate([np.flatnonzero(s.labels == c)[:3] for c in range(NUM_ALL_CLASSES)]))
+            for name, s in sets.items()}  # 3 images per class: 1 held back for validation
     with pytest.raises(MetaTrainingError, match="too small"):
         _fit(_cfg(), tmp_path / "h.pt", sets=tiny)
+    assert not (tmp_path / "h.pt").exists()
+
+
+def test_the_backbone_is_frozen_unless_meta_backbone_lr_is_set(tmp_path):
+    """meta.backbone_lr = 0: the modulated backbone keeps its weights; > 0: its embedding is fine-tuned, never its
+    training head. The backbone passed in is never changed."""
+    before = {k: v.clone() for k, v in BACKBONE.state_dict().items()}
+    frozen = _fit(_cfg(), tmp_path / "frozen.pt").hypernet.generator.backbone.state_dict()
+    _assert_same_weights(frozen, before)
+    tuned_path = tmp_path / "tuned.pt"
+    _fit(_cfg(backbone_lr=1e-2), tuned_path)
+    tuned = {k[len("generator.backbone."):]: v for k, v in load_checkpoint(tuned_path)[0]["model"].items()
+             if k.startswith("generator.backbone.")}
+    assert not torch.equal(tuned["features.0.weight"], before["features.0.weight"])
+    assert not torch.equal(tuned["embedding.weight"], before["embedding.weight"])
+    assert torch.equal(tuned["head.weight"], before["head.weight"])
+    _assert_same_weights(BACKBONE.state_dict(), before)
+
+
+def test_meta_training_without_the_inner_loop(tmp_path):
+    """meta.use_inner_loop = false (the MT3 ablation): meta-training runs without inner steps (no inner losses
+    recorded) and still trains."""
+    history = _fit(_cfg(use_inner_loop=False), tmp_path / "h.pt").history
+    assert len(history["outer_loss"]) == ITERATIONS and all(np.isfinite(history["outer_loss"]))
+    assert all(np.isnan(history["inner_loss_before"])) and all(np.isnan(history["inner_loss_after"]))
+
+
+def test_the_full_generator_meta_trains_on_the_data_the_loader_makes(tmp_path):
+    """Generation 'full' (the seed profile's) meta-trains on TaskData as task_data_from_models makes it: the
+    episodes re-encode (possibly shifted) images, the target MLP reads the [mu, logvar] rows."""
+    cfg = _cfg("full")
+    sets = _sets(cfg)
+    assert all(s.features is not None and s.images is not None for s in sets.values())
+    result = _fit(cfg, tmp_path / "h.pt", sets=sets)
+    assert result.meta["feature_dim"] == 2 * LATENT_DIM and result.meta["complete"]
+    inputs = sets["a"].task_inputs(np.arange(TASK_IMAGES)[None])
+    assert inputs.images is None and torch.equal(inputs.features, inputs.context)  # the rows only
+    assert predict_task(result.hypernet, inputs, cfg.adapt).shape == (cfg.adapt.num_inner_steps + 1, 1, TASK_IMAGES, K)
+
+
+# -------------------------------------------------------------------------------------------- the pipeline manifest
+
+def test_the_pipeline_manifest_records_the_newest_checkpoint_per_seed():
+    """models/pipeline.json maps each seed to its newest pipeline checkpoint; read back in seed order; a missing or
+    corrupt manifest reads as none and is rewritten by the next record."""
+    models = paths.models_dir()
+    assert pipeline_checkpoints() == []
+    record_pipeline_checkpoint(models / "hypernet_seed2-aaaa.pt", 2)
+    record_pipeline_checkpoint(models / "hypernet_seed0-bbbb.pt", 0)
+    record_pipeline_checkpoint(models / "hypernet_seed10-cccc.pt", 10)
+    assert pipeline_checkpoints() == [models / "hypernet_seed0-bbbb.pt", models / "hypernet_seed2-aaaa.pt",
+                                      models / "hypernet_seed10-cccc.pt"]
+    record_pipeline_checkpoint(models / "hypernet_seed2-dddd.pt", 2)
+    assert pipeline_checkpoints()[1] == models / "hypernet_seed2-dddd.pt"
+    assert json.loads((models / "pipeline.json").read_text())["2"] == "hypernet_seed2-dddd.pt"
+    (models / "pipeline.json").write_text("{not json")
+    assert pipeline_checkpoints() == []
+    record_pipeline_checkpoint(models / "hypernet_seed1-eeee.pt", 1)
+    assert pipeline_checkpoints() == [models / "hypernet_seed1-eeee.pt"]
 
 
 # -------------------------------------------------------------------------------------------- meta_train
 
-def test_meta_train_reads_the_settings_train_splits_and_names_its_checkpoint(monkeypatch, capsys):
-    """meta_train reads only the meta-training datasets' train splits, records their identities, bundles the
-    upstream models and names the checkpoint by setting, seed and a settings hash."""
-    calls, bundles = [], []
+TINY_UPSTREAM = {"vae": {"latent_dim": LATENT_DIM, "epochs": 1, "max_train_images": 64, "batch_size": 32},
+                 "backbone": {"channels": [4, 8], "embed_dim": 8, "epochs": 1, "images_per_dataset": 32,
+                              "batch_size": 16}}
 
-    def fake_task_data(cfg, dataset, split, setting, seed, *, train=True, progress=True):
-        calls.append((dataset, split, setting, seed))
-        return blobs(dataset, sum(map(ord, dataset)) % 97)
 
-    def fake_bundle(cfg, setting, seed, *, train=False, progress=False):
-        bundles.append((setting, seed))
-        return {"backbone": {"state": {"w": torch.ones(2)}, "meta": {"backbone_id": "bb"}}}
+def _pipeline_cfg(**meta):
+    """The tiny config with tiny upstream models, for meta_train on fake data (4 classes, 80 images a split)."""
+    return load_config("smoke", overrides={**OVERRIDES, **TINY_UPSTREAM, "meta": {**OVERRIDES["meta"], **meta}})
 
-    monkeypatch.setattr(metatrain, "load_task_data", fake_task_data)
-    monkeypatch.setattr(hmlib.hyper.bundle, "bundle_for", fake_bundle)
-    cfg = _cfg(iterations=2, eval_every=2)
-    result = meta_train(cfg, "transductive", 1, progress=False)
-    assert calls == [(d, "train", "transductive", 1) for d in cfg.meta.train_datasets]
-    assert bundles == [("transductive", 1)]
-    assert result.checkpoint_path.parent.name == "models"
-    assert result.checkpoint_path.name.startswith("hypernet_transductive_seed1-")
+
+def test_meta_train_reads_the_train_splits_bundles_its_models_and_records_itself(monkeypatch, hmlib_home):
+    """meta_train trains the shared VAE and the backbone, reads only the meta-training datasets' train splits, names
+    its checkpoint by seed and a settings hash, bundles the VAE and backbone (load_bundle rebuilds everything from
+    the one file) and records itself in models/pipeline.json; it is reused when run again."""
+    fake = install_fake_data(monkeypatch, 80)
+    cfg = _pipeline_cfg()
+    result = meta_train(cfg, 0, progress=False)
+    assert set(fake.loaded) == {(d, "train") for d in cfg.meta.train_datasets}
+    path = result.checkpoint_path
+    assert path.parent == hmlib_home / "models" and path.name.startswith("hypernet_seed0-")
+    assert pipeline_checkpoints() == [path]
+    vae, vae_meta = get_vae(cfg, "shared", 0, train=False, progress=False, verbose=False)
+    backbone, backbone_meta = get_backbone(cfg, 0, train=False, progress=False, verbose=False)
+    assert result.meta["upstream"]["backbone_id"] == backbone_meta["backbone_id"]
     assert set(result.meta["upstream"]["ids"]) == set(cfg.meta.train_datasets)
-    assert torch.equal(load_checkpoint(result.checkpoint_path)[0]["bundle"]["backbone"]["state"]["w"], torch.ones(2))
-    other = meta_train(_cfg(iterations=2, eval_every=2, outer_lr=5e-4), "transductive", 1, progress=False)
-    assert other.checkpoint_path != result.checkpoint_path and result.checkpoint_path.is_file()  # never overwritten
-    assert meta_train(cfg, "transductive", 1, progress=False).reused
-    with pytest.raises(ConfigError, match="unknown setting"):
-        meta_train(cfg, "few_shot", 0)
+    assert all(ids["vae_id"] == vae_meta["vae_id"] for ids in result.meta["upstream"]["ids"].values())
+
+    bundle = load_bundle(path)
+    assert bundle.seed == 0 and bundle.cfg == cfg and bundle.backbone is bundle.hypernet.generator.backbone
+    assert bundle.backbone_meta["backbone_id"] == backbone_meta["backbone_id"] == \
+        state_fingerprint(bundle.backbone.state_dict())
+    assert bundle.vae_meta["vae_id"] == vae_meta["vae_id"] and "path" not in bundle.vae_meta
+    images = fake.load_split("mnist", "test", cfg.data).images[:10]
+    np.testing.assert_array_equal(encode_images(bundle.vae, images)[0], encode_images(vae, images)[0])
+    inputs = TaskData("x", "test", np.concatenate(encode_images(vae, images), 1), np.zeros(10, np.int64),
+                      images=images).task_inputs(np.arange(10)[None])
+    torch.testing.assert_close(predict_task(bundle.hypernet, inputs, cfg.adapt),
+                               predict_task(result.hypernet, inputs, cfg.adapt))
+
+    assert meta_train(cfg, 0, progress=False).reused
+    variant = meta_train(cfg, 0, progress=False, folder="ablations")
+    assert variant.checkpoint_path.parent == hmlib_home / "models" / "ablations"
+    assert variant.checkpoint_path.name.startswith("variant_seed0-") and not variant.reused
+    assert pipeline_checkpoints() == [path]  # variants are not the pipeline's
+    with pytest.raises(MissingArtifactError, match="not found"):
+        meta_train(_pipeline_cfg(outer_lr=5e-4), 0, train=False, progress=False)
+
+
+def test_a_bundle_of_a_fine_tuned_backbone_names_its_own_weights(monkeypatch):
+    """With meta.backbone_lr > 0 the bundled backbone is the meta-trained one: its identity is the hash of those
+    weights and its name says which checkpoint made it."""
+    install_fake_data(monkeypatch, 80)
+    cfg = _pipeline_cfg(backbone_lr=1e-2)
+    result = meta_train(cfg, 0, progress=False)
+    _, trained = get_backbone(cfg, 0, train=False, progress=False, verbose=False)
+    bundle = load_bundle(result.checkpoint_path)
+    assert bundle.backbone_meta["backbone_id"] == state_fingerprint(bundle.backbone.state_dict())
+    assert bundle.backbone_meta["backbone_id"] != trained["backbone_id"]
+    assert bundle.backbone_meta["name"] == f"{trained['name']}_meta-{result.checkpoint_path.stem}"
 
 
 # ----------------------------------------------------------------------------------------------- plots
@@ -279,7 +448,7 @@ def test_meta_plots_return_figures(tmp_path):
     """Training curves of several seeds and a task's before/after clusters are drawn from a real history."""
     history = _fit(_cfg(), tmp_path / "h.pt").history
     fig = plot_training_curves({"seed 0": history, "seed 1": history}, chance=1 / K)
-    assert isinstance(fig, Figure) and len(fig.axes) == 3
+    assert isinstance(fig, Figure) and len(fig.axes) >= 3
     labels = np.repeat(np.arange(3), 5)
     fig = plot_task_adaptation(np.random.default_rng(0).normal(size=(15, 2)), labels,
                                {"before": (labels + 1) % 3, "after": labels})

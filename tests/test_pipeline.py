@@ -81,6 +81,72 @@ def test_smoke_series_runs_and_exports_every_notebook(smoke_run):
     assert all(f"href='{p.stem}.html'" in index for p in discover_notebooks())
 
 
+@pytest.fixture
+def in_smoke_home(smoke_run, monkeypatch):
+    """The smoke run's home as HMLIB_HOME (to read its artifacts with hmlib's own loaders); returns (home, cfg)."""
+    from hmlib.config import load_config
+
+    home, proc = smoke_run
+    assert proc.returncode == 0, f"hmlib run failed:\n{proc.stderr[-4000:]}"
+    monkeypatch.setenv("HMLIB_HOME", str(home))
+    monkeypatch.setenv("HMLIB_DATA_DIR", str(Path(DATA_DIR).resolve()))
+    return home, load_config("smoke")
+
+
+def test_smoke_run_evaluates_every_condition_of_the_grid(in_smoke_home):
+    """Notebook 03 scores every registered method on every condition of the smoke grid (clean and shifted
+    datasets x task shapes), one cached file per condition; the table and the heatmap reach the report and the
+    index shows a row per condition."""
+    from hmlib.evaluation import grid, load_results, summary_markdown
+    from hmlib.evaluation.evaluate import condition_path, default_results_path
+    from hmlib.evaluation.methods import baselines
+
+    home, cfg = in_smoke_home
+    expected = grid(cfg, verbose=False)
+    assert {c.shift for c in expected} >= {"clean", "rotate"} and len({c.num_classes for c in expected}) > 1
+    for setting, datasets in (("zero_shot", cfg.meta.test_datasets),
+                              ("transductive", cfg.transductive.datasets or cfg.meta.test_datasets)):
+        result = load_results(setting)
+        conditions = [c for c in expected if c.dataset in datasets]
+        assert [b["condition"]["key"] for b in result["conditions"]] == [c.key for c in conditions]
+        assert result["profile"] == "smoke" and result["seeds"] == list(cfg.seeds)
+        for condition, block in zip(conditions, result["conditions"]):
+            assert condition_path(default_results_path(setting), condition).is_file()
+            assert set(block["methods"]) == {"hypernet", *(m.name for m in baselines())}
+        assert summary_markdown(result) in default_results_path(setting).with_suffix(".md").read_text()
+    report = (home / "reports" / "03_meta_training.html").read_text()
+    index = (home / "reports" / "index.html").read_text()
+    for condition in expected:
+        assert condition.label in report and condition.label in index
+    executed = nbformat.read(home / "reports" / "03_meta_training.ipynb", as_version=4)
+    heatmaps = [cell for cell in executed.cells if cell.cell_type == "code" and "difference_heatmap(" in cell.source
+                and "import" not in cell.source]
+    assert heatmaps and all(any("image/png" in out.get("data", {}) for out in cell.outputs) for cell in heatmaps)
+
+
+def test_smoke_run_ablations_and_their_checkpoints(in_smoke_home):
+    """Notebook 04 caches every ablation over its grid; re-trained variants live in models/ablations/ and the
+    pipeline's checkpoint stays the one `hmlib cluster` takes; the exported explorer shows its accuracy line."""
+    from hmlib.ablations import ablation_grid, define_ablations
+    from hmlib.ablations.report import AblationResult
+    from hmlib.artifacts import read_json
+    from hmlib.cluster.estimator import default_checkpoint
+    from hmlib.hyper.metatrain import pipeline_checkpoints
+
+    home, cfg = in_smoke_home
+    for spec in define_ablations(cfg):
+        result = AblationResult.from_json(read_json(home / "results" / "ablations" / f"{spec.key}.json"))
+        assert result.conditions == [c.key for c in ablation_grid(cfg, spec)]
+        assert {v["label"] for v in result.variants} == set(result.acc) == {v.label for v in spec.variants}
+    models = home / "models"
+    assert list((models / "ablations").glob("variant_seed0-*.pt"))
+    pipeline = pipeline_checkpoints()
+    assert sorted(models.glob("hypernet_seed*-*.pt")) == sorted(pipeline) and len(pipeline) == len(cfg.seeds)
+    assert default_checkpoint() == pipeline[0]
+    page = (home / "reports" / "04_ablations.html").read_text()
+    assert re.search(r"accuracy \d+\.\d% after \d+ inner steps", page)
+
+
 # ------------------------------------------------------------------------------------------ browser
 
 @pytest.fixture(scope="module")

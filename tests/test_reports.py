@@ -115,6 +115,16 @@ def test_export_degrades_widgets_to_static_html_offline(hmlib_home, tmp_path):
     assert "cdnjs" not in page and "unpkg" not in page and "jsdelivr" not in page
 
 
+def test_a_label_widget_keeps_its_text_escaped(hmlib_home, tmp_path):
+    """The explorer's accuracy readout is a Label: the exported report shows its last text, as text (not HTML)."""
+    nb = _widget_notebook()
+    state = nb.metadata["widgets"][reports.WIDGET_STATE]["state"]
+    state["readout"] = {"model_name": "LabelModel", "state": {"value": "accuracy 71.9% after 2 inner steps <b>"}}
+    state["box"]["state"]["children"].append("IPY_MODEL_readout")
+    page = reports.export_html(nb, tmp_path / "label.html").read_text()
+    assert "accuracy 71.9% after 2 inner steps &lt;b&gt;" in page and "steps <b>" not in page
+
+
 def test_report_files_follow_the_umask_not_the_temp_file_mode(hmlib_home, tmp_path):
     import os
 

@@ -20,7 +20,7 @@ from hmlib.features import cache_path, read_features
 from hmlib.plots.vae import pick_examples
 from hmlib.vae import (LatentSet, VAETrainingError, beta_schedule, build_vae, encode_images, encode_split,
                        get_all_vaes, get_latents, get_vae, kl_per_sample, load_vae, select_training_images, ssim,
-                       train_vae, vae_scope)
+                       train_vae)
 
 # Tiny sizes
 BATCH = 6
@@ -186,19 +186,11 @@ def test_shared_vae_never_sees_held_out_dataset(fake_data):
 
 def test_dataset_scope_trains_on_its_train_split(fake_data):
     """A dataset's own VAE reads that dataset's train split only; an unknown scope is refused."""
-    _, meta = get_vae(tiny_cfg(), vae_scope("transductive", "mnist"), 0, progress=False)
+    _, meta = get_vae(tiny_cfg(), "mnist", 0, progress=False)
     assert fake_data.loaded == [("mnist", "train")]
     assert meta["name"].startswith(f"vae_mnist_d{LATENT_DIM}_seed0-") and list(meta["train_counts"]) == ["mnist"]
     with pytest.raises(ConfigError, match="scope"):
         get_vae(tiny_cfg(), "not_a_dataset", 0, progress=False)
-
-
-def test_vae_scope():
-    """Zero-shot reads through the shared VAE, transductive through the dataset's own; others are refused."""
-    assert vae_scope("zero_shot", "mnist") == "shared"
-    assert vae_scope("transductive", "mnist") == "mnist"
-    with pytest.raises(ConfigError, match="zero_shot"):
-        vae_scope("few_shot", "mnist")
 
 
 def test_checkpoint_round_trip_and_reuse(fake_data, capsys):
@@ -292,12 +284,12 @@ def test_corrupt_checkpoint_is_set_aside_and_retrained(fake_data, capsys):
     assert "corrupt" in capsys.readouterr().out
 
 
-def test_get_all_vaes_covers_every_scope_and_seed(fake_data):
-    """One shared VAE and one per protocol dataset, for every replicate seed."""
+def test_get_all_vaes_covers_every_seed(fake_data):
+    """One shared VAE (it conditions the hypernetwork in both settings) for every replicate seed."""
     cfg = load_config("smoke", overrides={"vae": TINY_VAE, "seeds": [0, 1], "ablation": {"num_seeds": 1},
                                           "meta": {"train_datasets": ["fashion_mnist"]}})
     vaes = get_all_vaes(cfg, progress=False)
-    assert sorted(vaes) == sorted((scope, seed) for seed in (0, 1) for scope in ("shared", "fashion_mnist", "mnist"))
+    assert sorted(vaes) == [("shared", 0), ("shared", 1)]
     assert all(meta["scope"] == scope and meta["seed"] == seed for (scope, seed), (_, meta) in vaes.items())
 
 
@@ -310,7 +302,7 @@ def _latent_path(cfg, scope: str, dataset: str, split: str):
 
 def test_get_latents_matches_contract_and_is_cached(fake_data, monkeypatch):
     """Latents are float32 (n, d) pairs with int64 labels, written once and then read from the cache."""
-    latents = get_latents(tiny_cfg(), "mnist", "test", "zero_shot", 0, progress=False)
+    latents = get_latents(tiny_cfg(), "mnist", "test", 0, progress=False)
     assert isinstance(latents, LatentSet) and (latents.name, latents.split) == ("mnist", "test")
     assert latents.mu.shape == latents.logvar.shape == (NUM_IMAGES + EXTRA_TEST, LATENT_DIM)
     assert latents.mu.dtype == latents.logvar.dtype == np.float32 and latents.labels.dtype == np.int64
@@ -323,20 +315,18 @@ def test_get_latents_matches_contract_and_is_cached(fake_data, monkeypatch):
         raise AssertionError("a fresh cache must be read, not re-encoded")
 
     monkeypatch.setattr(latents_mod, "encode_images", must_not_encode)
-    cached = get_latents(tiny_cfg(), "mnist", "test", "zero_shot", 0, progress=False)
+    cached = get_latents(tiny_cfg(), "mnist", "test", 0, progress=False)
     np.testing.assert_array_equal(cached.mu, latents.mu)
     np.testing.assert_array_equal(cached.labels, latents.labels)
     assert cached.vae_id == latents.vae_id
 
 
-def test_settings_pick_their_vae(fake_data):
-    """Zero-shot and transductive latents come from different VAEs; unknown settings are refused."""
-    zero_shot = get_latents(tiny_cfg(), "mnist", "train", "zero_shot", 0, progress=False)
-    transductive = get_latents(tiny_cfg(), "mnist", "train", "transductive", 0, progress=False)
-    assert zero_shot.vae_id != transductive.vae_id
-    assert _latent_path(tiny_cfg(), "mnist", "mnist", "train").is_file()
-    with pytest.raises(ConfigError, match="zero_shot"):
-        get_latents(tiny_cfg(), "mnist", "train", "few_shot", 0, progress=False)
+def test_latents_come_from_the_shared_vae(fake_data):
+    """Latents of any split are encoded by the shared VAE of the replicate (never a dataset's own)."""
+    latents = get_latents(tiny_cfg(), "mnist", "train", 0, progress=False)
+    _, meta = get_vae(tiny_cfg(), "shared", 0, train=False, progress=False, verbose=False)
+    assert latents.vae_id == meta["vae_id"]
+    assert _latent_path(tiny_cfg(), "shared", "mnist", "train").is_file()
 
 
 def test_latents_are_reencoded_when_the_vae_changes(fake_data, capsys):
@@ -380,10 +370,10 @@ def test_latents_are_reencoded_when_the_images_change(fake_data, capsys):
 
 def test_corrupt_latent_cache_is_reencoded(fake_data):
     """A garbage cache file is re-encoded to the same latents."""
-    first = get_latents(tiny_cfg(), "mnist", "test", "zero_shot", 0, progress=False)
+    first = get_latents(tiny_cfg(), "mnist", "test", 0, progress=False)
     path = _latent_path(tiny_cfg(), "shared", "mnist", "test")
     path.write_bytes(b"garbage")
-    again = get_latents(tiny_cfg(), "mnist", "test", "zero_shot", 0, progress=False)
+    again = get_latents(tiny_cfg(), "mnist", "test", 0, progress=False)
     np.testing.assert_allclose(again.mu, first.mu, rtol=1e-5, atol=1e-6)
     assert read_features(path, read_json(path.with_suffix(".json")))["mu"].shape == first.mu.shape
 
@@ -391,7 +381,7 @@ def test_corrupt_latent_cache_is_reencoded(fake_data):
 def test_get_latents_train_false_needs_the_vae(fake_data):
     """Latents with train=False never train the VAE they need."""
     with pytest.raises(MissingArtifactError, match=MAKE_IT):
-        get_latents(tiny_cfg(), "mnist", "test", "zero_shot", 0, train=False, progress=False)
+        get_latents(tiny_cfg(), "mnist", "test", 0, train=False, progress=False)
 
 
 # ------------------------------------------------------------------------------------ notebook 02 helpers

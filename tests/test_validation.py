@@ -147,8 +147,8 @@ def test_expected_phrases():
     ({"meta": {"test_datasets": ["mnist", 7]}}, "meta.test_datasets[1] must be a string, got 7 (an integer)"),
     ({"adapt": {"inner_lr": [0.5]}}, "adapt.inner_lr must be a number > 0, got [0.5] (a list)"),
     ({"adapt": {"inner_lr": -0.1}}, "adapt.inner_lr must be a number > 0, got -0.1"),
-    ({"hyper": {"target_hidden": 64}}, "hyper.target_hidden must be a list of integers >= 1, got 64 (an integer)"),
-    ({"hyper": {"target_hidden": [64, 0]}}, "hyper.target_hidden[1] must be an integer >= 1, got 0"),
+    ({"full": {"target_hidden": 64}}, "full.target_hidden must be a list of integers >= 1, got 64 (an integer)"),
+    ({"full": {"target_hidden": [64, 0]}}, "full.target_hidden[1] must be an integer >= 1, got 0"),
     ({"task": {"num_images": True}}, "task.num_images must be an integer >= 4, got true (a boolean)"),
     ({"task": {"num_images": "64"}}, "task.num_images must be an integer >= 4, got '64' (a string)"),
     ({"meta": {"iterations": -1}}, "meta.iterations must be an integer >= 1, got -1"),
@@ -157,8 +157,8 @@ def test_expected_phrases():
     ({"seeds": [0, -3]}, "seeds[1] must be an integer >= 0, got -3"),
     ({"vae": {"lr": 0}}, "vae.lr must be a number > 0, got 0"),
     ({"vae": {"max_train_images": 0}}, "vae.max_train_images must be an integer >= 1 or null, got 0"),
-    ({"eval": {"task_sizes": []}}, "eval.task_sizes must be a non-empty list of integers >= 4, got []"),
-    ({"eval": {"task_sizes": [64, 2.5]}}, "eval.task_sizes[1] must be an integer >= 4, got 2.5 (a number)"),
+    ({"eval": {"num_tasks": 1}}, "eval.num_tasks must be an integer >= 2, got 1"),
+    ({"ablation": {"step_grid": [0, 2.5]}}, "ablation.step_grid[1] must be an integer >= 0, got 2.5 (a number)"),
     ({"ablation": {"lr_grid": [0.1, -1]}}, "ablation.lr_grid[1] must be a number > 0, got -1"),
     ({"backbone": {"channels": "32"}}, "backbone.channels must be a non-empty list of integers >= 1, got '32' (a string)"),
     ({"ablation": {"meta_iterations": False}},
@@ -167,7 +167,7 @@ def test_expected_phrases():
      "data.custom_datasets['emnist'] must be a string, got 5 (an integer)"),
     ({"data": {"data_dir": 3}}, "data.data_dir must be a string or null, got 3 (an integer)"),
     ({"data": {"use_hub": 1}}, "data.use_hub must be true or false, got 1 (an integer)"),
-    ({"hyper": {"cluster_tau": 0}}, "hyper.cluster_tau must be a number > 0, got 0"),
+    ({"film": {"tau": 0}}, "film.tau must be a number > 0, got 0"),
     ({"device": None}, "device must be a string, got null"),
     ({"num_threads": True}, "num_threads must be an integer >= 1 or null, got true (a boolean)"),
 ])
@@ -178,15 +178,15 @@ def test_config_rejects_wrong_types_and_ranges_with_one_line(overrides, message)
 
 
 def test_config_coerces_good_values():
-    cfg = load_config("smoke", overrides={"hyper": {"target_hidden": [16, 8]}, "adapt": {"inner_lr": 1},
+    cfg = load_config("smoke", overrides={"full": {"target_hidden": [16, 8]}, "adapt": {"inner_lr": 1},
                                           "ablation": {"lr_grid": [1, 2]}, "backbone": {"channels": [8, 8]},
-                                          "eval": {"task_sizes": [32]}, "num_threads": None,
+                                          "eval": {"shapes": [[4, 32]]}, "num_threads": None,
                                           "data": {"max_images_per_split": None, "test_fraction": 0.5}})
-    assert cfg.hyper.target_hidden == (16, 8) and type(cfg.hyper.target_hidden) is tuple
+    assert cfg.full.target_hidden == (16, 8) and type(cfg.full.target_hidden) is tuple
     assert cfg.adapt.inner_lr == 1.0 and type(cfg.adapt.inner_lr) is float
     assert cfg.backbone.channels == (8, 8) and cfg.ablation.lr_grid == (1.0, 2.0)
     assert all(type(v) is float for v in cfg.ablation.lr_grid)
-    assert cfg.eval.task_sizes == (32,) and cfg.num_threads is None and cfg.data.max_images_per_split is None
+    assert cfg.eval.shapes == ((4, 32),) and cfg.num_threads is None and cfg.data.max_images_per_split is None
 
 
 @pytest.mark.parametrize("profile", sorted(PROFILES))
@@ -205,8 +205,8 @@ def test_nested_unknown_keys_and_non_mapping_sections_still_error():
         load_config(overrides={"task": 5})
     with pytest.raises(ConfigError, match=r"^task\.mode must be one of 'random', 'consecutive', got \{'x': 1\} \(a mapping\)$"):
         load_config(overrides={"task": {"mode": {"x": 1}}})
-    with pytest.raises(ConfigError, match=r"^hyper\.target_hidden must be a list of integers >= 1, got \{'x': 1\} "):
-        load_config(overrides={"hyper": {"target_hidden": {"x": 1}}})
+    with pytest.raises(ConfigError, match=r"^full\.target_hidden must be a list of integers >= 1, got \{'x': 1\} "):
+        load_config(overrides={"full": {"target_hidden": {"x": 1}}})
 
 
 def test_config_from_dict_checks_types_too():
@@ -273,10 +273,10 @@ def test_unreadable_file(tmp_path, monkeypatch):
 
 
 def test_utf8_with_bom_and_good_file(tmp_path):
-    path = _file(tmp_path, "\ufeff" + json.dumps({"task": {"num_images": 32}, "eval": {"task_sizes": [16]}}))
-    assert read_config_file(path) == {"task": {"num_images": 32}, "eval": {"task_sizes": [16]}}
+    path = _file(tmp_path, "\ufeff" + json.dumps({"task": {"num_images": 32}, "eval": {"num_tasks": 16}}))
+    assert read_config_file(path) == {"task": {"num_images": 32}, "eval": {"num_tasks": 16}}
     cfg = load_config("smoke", path)
-    assert cfg.task.num_images == 32 and cfg.eval.task_sizes == (16,)
+    assert cfg.task.num_images == 32 and cfg.eval.num_tasks == 16
 
 
 def test_bad_value_in_a_file_names_the_dotted_key(tmp_path):

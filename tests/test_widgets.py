@@ -1,4 +1,5 @@
-"""The interactive explorer's logic (no browser): settings in, adapted predictions and figures out."""
+"""The interactive explorer's logic (no browser): settings in, adapted predictions, the adapted representation on
+fixed axes, figures and the accuracy readout out."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,31 +9,34 @@ import numpy as np
 import pytest
 import torch
 
+from datafactory import class_patterns
 from hmlib.artifacts import MissingArtifactError
-from hmlib.config import AdaptConfig, HyperConfig
+from hmlib.backbone.model import ConvBackbone
 from hmlib.data import sample_tasks
-from hmlib.features import pca_2d
+from hmlib.evaluation.conditions import build_suite
+from hmlib.ablations import ablation_grid
 from hmlib.hyper import losses
+from hmlib.hyper.adapt import adapt, predict_task
 from hmlib.hyper.hypernet import HyperNet
 from hmlib.hyper.inputs import TaskData
-from hmlib.hyper.losses import task_accuracy
+from hmlib.hyper.losses import InnerLoss, task_accuracy
 from hmlib.metrics import clustering_accuracy
 from hmlib.plots.ablations import ExplorerFigure, plot_explorer_state, plot_step_multiples, plot_task_curves
-from hmlib.widgets import AdaptationExplorer, TaskSource, explorer_widget
-from tinyprotocol import train_home, use_home
+from hmlib.widgets import AdaptationExplorer, TaskSource, explorer_widget, project_along, representation
+from tinyprotocol import tiny_config, train_home, use_home
 
-NUM_IMAGES, CONTEXT_DIM, FEATURE_DIM, K, N, TASKS, MAX_STEPS = 300, 6, 4, 3, 24, 3, 5
-HYPER = HyperConfig(embed_dim=8, head_hidden=16, target_hidden=(8,), num_seeds=2, num_heads=2, cluster_inits=2)
-ADAPT = AdaptConfig(inner_loss="infomax", num_inner_steps=2, inner_lr=0.5)
+NUM_IMAGES, CONTEXT_DIM, K, N, TASKS, MAX_STEPS = 180, 6, 3, 24, 3, 5
+CFG = tiny_config(film={"cluster_inits": 2, "inner_lr": 0.2, "head_lr": 0.2}, adapt={"inner_loss": "neighbours"})
+ADAPT = dataclasses.replace(CFG.adapt, num_inner_steps=2)
 
 
 def _source(seed: int) -> TaskSource:
-    """Overlapping blobs of 5 classes (context and features from the same rows), and TASKS suite tasks."""
+    """Bar images of 5 classes (context rows noisy copies of their labels), and TASKS suite tasks of K classes."""
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 5, NUM_IMAGES)
-    features = (rng.normal(size=(NUM_IMAGES, FEATURE_DIM)) + labels[:, None]).astype(np.float32)
-    context = np.concatenate([features, rng.normal(size=(NUM_IMAGES, CONTEXT_DIM - FEATURE_DIM))], 1)
-    return TaskSource(TaskData(f"toy{seed}", "test", context.astype(np.float32), features, labels),
+    images = class_patterns(labels, 5, seed=seed)
+    context = (labels[:, None] + rng.normal(size=(NUM_IMAGES, CONTEXT_DIM))).astype(np.float32)
+    return TaskSource(TaskData(f"toy{seed}", "test", context, labels, images=images),
                       sample_tasks(labels, TASKS, K, N, seed=seed))
 
 
@@ -40,69 +44,122 @@ def _state_key(explorer: AdaptationExplorer) -> tuple:
     return explorer.dataset, explorer.task, explorer.num_steps, explorer.inner_lr, explorer.inner_loss
 
 
+def _hypernet() -> HyperNet:
+    torch.manual_seed(0)
+    backbone = ConvBackbone((4, 8), 8, 5).eval()
+    return HyperNet(CFG, CONTEXT_DIM, K, backbone=backbone)
+
+
 @pytest.fixture
 def explorer() -> AdaptationExplorer:
-    torch.manual_seed(0)
-    hypernet = HyperNet(HYPER, CONTEXT_DIM, FEATURE_DIM, K)
-    return AdaptationExplorer(hypernet, {"a": _source(0), "b": _source(1)}, ADAPT, max_steps=MAX_STEPS)
+    return AdaptationExplorer(_hypernet(), {"a": _source(0), "b": _source(1)}, ADAPT, max_steps=MAX_STEPS)
 
 
 @pytest.fixture(scope="module")
 def trained(_tiny_mirror_root, tmp_path_factory):
-    """The tiny protocol's zero-shot seed-0 hypernetwork and its models, trained once."""
-    return train_home(tmp_path_factory.mktemp("trained"), _tiny_mirror_root, [("zero_shot", 0)])
+    """The tiny protocol's seed-0 hypernetwork and its models, trained once."""
+    return train_home(tmp_path_factory.mktemp("trained"), _tiny_mirror_root, [0])
 
 
 def test_initial_state_matches_a_direct_run(explorer):
-    """The first state is the config's settings; step 0 is the generated classifier, scored by Hungarian matching."""
+    """The first state is the config's settings; its accuracy curve is the one inner loop's after 0..max_steps
+    steps, scored by Hungarian matching; the points are the task's representation on fixed PCA axes."""
     state = explorer.state
-    assert (state.dataset, state.task, state.num_steps, state.inner_lr, state.inner_loss) == ("a", 0, 2, 0.5, "infomax")
+    assert (state.dataset, state.task, state.num_steps, state.inner_lr, state.inner_loss) == \
+        ("a", 0, 2, ADAPT.lr_scale, "neighbours")
     assert state.accuracy.shape == (MAX_STEPS + 1,)
     source = explorer.sources["a"]
     inputs = source.task_data.task_inputs(source.suite.indices[:1])
-    with torch.no_grad():
-        task_state = explorer.hypernet.prepare(inputs.features)
-        logits = explorer.hypernet.logits(explorer.hypernet(inputs.context, task_state), task_state)
-    assert state.accuracy[0] == pytest.approx(task_accuracy(logits, source.suite.labels[:1])[0])
+    logits = predict_task(explorer.hypernet, inputs, dataclasses.replace(ADAPT, num_inner_steps=MAX_STEPS))
+    np.testing.assert_array_equal(state.accuracy, [task_accuracy(s, source.suite.labels[:1])[0] for s in logits])
     labels = source.suite.labels[0]
     np.testing.assert_array_equal(state.labels, labels)
     np.testing.assert_array_equal(state.classes, source.suite.classes[0])
     assert state.current_accuracy == pytest.approx(clustering_accuracy(state.pred, labels, K))
     assert np.mean(state.pred == labels) == pytest.approx(state.current_accuracy)  # pred is matched to the classes
     assert state.confusion.sum() == N and np.trace(state.confusion) == round(state.current_accuracy * N)
-    np.testing.assert_allclose(state.embedding, pca_2d(source.task_data.features[source.suite.indices[0]]))
+    with torch.no_grad():
+        result = adapt(explorer.hypernet, inputs, dataclasses.replace(ADAPT, num_inner_steps=MAX_STEPS),
+                       trajectory=True)
+        views = [representation(explorer.hypernet, p, result.state)[0].numpy() for p in result.trajectory]
+    np.testing.assert_allclose(state.embedding, project_along(views)[state.num_steps], atol=1e-5)
+    assert views[0].shape == (N, CFG.backbone.embed_dim)  # film: the modulated embedding, not the logits
+
+
+def test_the_representation_moves_on_fixed_axes_as_it_adapts(explorer):
+    """Step 0's points do not depend on the step sizes; later steps move them (the FiLM and the head adapt)."""
+    start = explorer.set(num_steps=0).embedding
+    end = explorer.set(num_steps=MAX_STEPS).embedding
+    assert np.abs(end - start).max() > 1e-3
+    other = explorer.set(inner_lr=4.0)
+    np.testing.assert_allclose(explorer.state_at(0).embedding, start)
+    assert not np.allclose(other.embedding, end)
+
+
+def test_project_along_keeps_the_first_views_axes():
+    """Every view is projected on the principal axes of the first one (centred on its mean): a translated copy
+    moves by the translation's projection; the axes' orientation is fixed."""
+    rng = np.random.default_rng(0)
+    first = rng.normal(size=(50, 3)) * np.array([5.0, 2.0, 0.1])
+    shift = np.array([1.0, -2.0, 3.0])
+    projected = project_along([first, first + shift])
+    assert projected.shape == (2, 50, 2)
+    assert projected[0, :, 0].var() > projected[0, :, 1].var() > 0
+    assert np.allclose(np.abs(projected[0, :, 0]), np.abs(first[:, 0] - first[:, 0].mean()), atol=0.5)
+    np.testing.assert_allclose(projected[1] - projected[0], np.broadcast_to(projected[1, 0] - projected[0, 0],
+                                                                            (50, 2)), atol=1e-10)
+    assert abs(projected[1, 0, 0] - projected[0, 0, 0]) == pytest.approx(abs(shift[0]), abs=0.2)
+    np.testing.assert_allclose(project_along([-first])[0], -projected[0], atol=1e-10)  # axes, not points, orient
+
+
+def test_the_full_generator_shows_its_generated_networks_outputs():
+    """For the prototype's generator (no backbone) the representation is the generated network's output."""
+    cfg = tiny_config(hyper={"generation": "full"}, meta={"outer_loss": "aligned", "min_classes": K, "max_classes": K})
+    torch.manual_seed(0)
+    hypernet = HyperNet(cfg, CONTEXT_DIM, K, feature_dim=CONTEXT_DIM)
+    source = _source(0)
+    data = dataclasses.replace(source.task_data, images=None, features=source.task_data.context)
+    explorer = AdaptationExplorer(hypernet, {"a": TaskSource(data, source.suite)}, cfg.adapt, max_steps=2)
+    inputs = data.task_inputs(source.suite.indices[:1])
+    with torch.no_grad():
+        result = adapt(hypernet, inputs, dataclasses.replace(cfg.adapt, num_inner_steps=2), trajectory=True)
+    view = representation(hypernet, result.trajectory[-1], result.state)
+    torch.testing.assert_close(view, result.logits[-1])
+    assert explorer.set(num_steps=2).embedding.shape == (N, 2)
 
 
 def test_state_changes_with_the_settings(explorer):
-    """A new lr moves the adapted predictions but never step 0; a new loss, task or dataset changes the state."""
-    small = explorer.set(num_steps=MAX_STEPS, inner_lr=0.01)
+    """A new step-size scale moves the adapted predictions but never step 0; a new loss, task or dataset changes
+    the state."""
+    small = explorer.set(num_steps=MAX_STEPS, inner_lr=0.05)
     large = explorer.set(inner_lr=5.0)
-    assert large.inner_lr == 5.0 and large.seconds > 0.0  # a new lr re-runs the inner loop
+    assert large.inner_lr == 5.0 and large.seconds > 0.0  # a new scale re-runs the inner loop
     assert large.accuracy[0] == small.accuracy[0]
-    pred_small = explorer._cache[("a", 0, 0.01, "infomax")][0]
-    pred_large = explorer._cache[("a", 0, 5.0, "infomax")][0]
+    pred_small = explorer._cache[("a", 0, 0.05, "neighbours")][0]
+    pred_large = explorer._cache[("a", 0, 5.0, "neighbours")][0]
     assert np.array_equal(pred_small[0], pred_large[0]) and not np.array_equal(pred_small[-1], pred_large[-1])
-    geometry = explorer.set(inner_loss="geometry", inner_lr=2.0)
-    assert geometry.inner_loss == "geometry"
-    assert not np.array_equal(explorer._cache[("a", 0, 2.0, "geometry")][0][-1], pred_large[-1])
+    entropy = explorer.set(inner_loss="entropy", inner_lr=2.0)
+    assert entropy.inner_loss == "entropy"
+    assert not np.array_equal(explorer._cache[("a", 0, 2.0, "entropy")][2], explorer._cache[("a", 0, 5.0,
+                                                                                             "neighbours")][2])
     other_task = explorer.set(task=1)
     np.testing.assert_array_equal(other_task.labels, explorer.sources["a"].suite.labels[1])
-    assert not np.allclose(other_task.embedding, geometry.embedding)
+    assert not np.allclose(other_task.embedding, entropy.embedding)
     moved = explorer.set(dataset="b")
     assert (moved.dataset, moved.task) == ("b", 0)  # a new dataset starts at its first task
     np.testing.assert_array_equal(moved.classes, explorer.sources["b"].suite.classes[0])
-    assert (moved.num_steps, moved.inner_lr, moved.inner_loss) == (MAX_STEPS, 2.0, "geometry")
+    assert (moved.num_steps, moved.inner_lr, moved.inner_loss) == (MAX_STEPS, 2.0, "entropy")
 
 
 def test_the_cache_makes_a_repeated_setting_instant(explorer):
-    """Moving the steps slider, or going back to an lr already run, is served from the cache (no inner loop)."""
+    """Moving the steps slider, or going back to a scale already run, is served from the cache (no inner loop)."""
     first = explorer.set(num_steps=0)
     assert first.seconds > 0.0
     slider = explorer.set(num_steps=MAX_STEPS)
     assert slider.seconds == 0.0 and slider.current_accuracy == pytest.approx(slider.accuracy[MAX_STEPS])
     np.testing.assert_array_equal(slider.accuracy, first.accuracy)
     assert explorer.set(inner_lr=3.0).seconds > 0.0
-    back = explorer.set(inner_lr=0.5)
+    back = explorer.set(inner_lr=ADAPT.lr_scale)
     assert back.seconds == 0.0
     np.testing.assert_array_equal(back.accuracy, first.accuracy)
     np.testing.assert_array_equal(back.pred, explorer.state_at(MAX_STEPS).pred)
@@ -110,8 +167,9 @@ def test_the_cache_makes_a_repeated_setting_instant(explorer):
 
 @pytest.mark.parametrize("change, message", [
     ({"dataset": "nope"}, "unknown dataset"), ({"task": TASKS}, "out of range"), ({"task": -1}, "out of range"),
-    ({"num_steps": MAX_STEPS + 1}, "num_steps"), ({"inner_lr": 0.0}, "inner_lr"), ({"inner_lr": 50.0}, "inner_lr"),
-    ({"inner_loss": "l2"}, "inner_loss"), ({"num_steps": 1, "inner_loss": "l2"}, "inner_loss"),
+    ({"num_steps": MAX_STEPS + 1}, "num_steps"), ({"inner_lr": 0.01}, "step-size scale"),
+    ({"inner_lr": 50.0}, "step-size scale"), ({"inner_loss": "l2"}, "inner_loss"),
+    ({"num_steps": 1, "inner_loss": "l2"}, "inner_loss"),
 ])
 def test_invalid_settings_raise_and_change_nothing(explorer, change, message):
     """A bad value (even beside good ones) raises and leaves every setting as it was."""
@@ -123,27 +181,30 @@ def test_invalid_settings_raise_and_change_nothing(explorer, change, message):
 
 
 def test_a_registered_inner_loss_is_offered(explorer, monkeypatch):
-    """Inner losses come from the registry: a new one is a valid setting and runs."""
-    monkeypatch.setitem(losses.INNER_LOSSES, "neg_max", lambda logits, reference, cfg: -logits.max(-1).values.mean(-1))
+    """Inner losses come from the registry: a new one is a valid setting, runs, and is in the widget's dropdown."""
+    monkeypatch.setitem(losses.INNER_LOSSES, "neg_max",
+                        InnerLoss(lambda view, cfg: -view.logits.max(-1).values.mean(-1), "negative max logit"))
     state = explorer.set(inner_loss="neg_max", num_steps=MAX_STEPS)
     assert state.inner_loss == "neg_max" and state.accuracy.shape == (MAX_STEPS + 1,)
+    box = explorer_widget(explorer)
+    assert "neg_max" in {c.description: c for row in box.children[:2] for c in row.children}["inner loss"].options
+    plt.close("all")
 
 
 def test_step_grid_and_curves(explorer):
-    """Small multiples skip steps beyond max_steps; curves for several lrs and losses restore the settings."""
+    """Small multiples skip steps beyond max_steps; curves for several scales and losses restore the settings."""
     states = explorer.step_grid([0, 1, 3, MAX_STEPS + 10])
     assert [s.num_steps for s in states] == [0, 1, 3]
-    curves = explorer.curves(inner_lrs=[0.1, 1.0], inner_losses=["entropy", "geometry"])
-    assert list(curves) == ["lr=0.1", "lr=1", "entropy", "geometry"]
+    curves = explorer.curves(inner_lrs=[0.5, 2.0], inner_losses=["entropy", "infomax"])
+    assert list(curves) == ["step sizes x 0.5", "step sizes x 2", "entropy", "infomax"]
     assert all(c.shape == (MAX_STEPS + 1,) for c in curves.values())
-    assert (explorer.inner_lr, explorer.inner_loss) == (0.5, "infomax")  # settings restored
-    np.testing.assert_array_equal(curves["lr=1"], explorer.set(inner_lr=1.0).accuracy)
+    assert (explorer.inner_lr, explorer.inner_loss) == (ADAPT.lr_scale, "neighbours")  # settings restored
+    np.testing.assert_array_equal(curves["step sizes x 2"], explorer.set(inner_lr=2.0).accuracy)
 
 
 def test_zero_max_steps_and_bad_construction():
-    """max_steps=0 shows the generated classifier only; empty sources or out-of-range task indices are refused."""
-    torch.manual_seed(0)
-    hypernet = HyperNet(HYPER, CONTEXT_DIM, FEATURE_DIM, K)
+    """max_steps=0 shows the generated network only; empty sources or out-of-range task indices are refused."""
+    hypernet = _hypernet()
     explorer = AdaptationExplorer(hypernet, {"a": _source(0)}, dataclasses.replace(ADAPT, num_inner_steps=3),
                                   max_steps=0)
     assert explorer.state.accuracy.shape == (1,) and explorer.num_steps == 0
@@ -156,45 +217,44 @@ def test_zero_max_steps_and_bad_construction():
         TaskSource(source.task_data.subset(np.arange(5)), source.suite)
 
 
-def test_pca_2d_orders_directions_by_variance():
-    """The explorer's projection: the first axis carries the most variance, orientation fixed."""
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(200, 3)) * np.array([5.0, 1.0, 0.1])
-    proj = pca_2d(x)
-    assert proj.shape == (200, 2) and proj[:, 0].var() > proj[:, 1].var() > 0
-    assert np.allclose(np.abs(proj[:, 0]), np.abs(x[:, 0] - x[:, 0].mean()), atol=0.5)
-    np.testing.assert_array_equal(pca_2d(x), proj)
-    assert pca_2d(x[:, :1]).shape == (200, 2)
-
-
 def test_explorer_widget_builds_and_its_controls_drive_the_explorer(explorer):
-    """explorer_widget: dataset, task, loss, steps and lr controls; each change re-renders the PNG."""
+    """explorer_widget: dataset, task, loss, steps and step-size controls; each change re-renders the PNG and the
+    accuracy readout, which states the current accuracy and step count."""
     box = explorer_widget(explorer)
     controls = {c.description: c for row in box.children[:2] for c in row.children}
-    assert set(controls) == {"dataset", "task", "inner loss", "inner steps", "inner lr"}
+    readout, image = box.children[2], box.children[3]
+    assert set(controls) == {"dataset", "task", "inner loss", "inner steps", "step sizes x"}
     assert list(controls["inner loss"].options) == list(losses.INNER_LOSSES)
     assert controls["inner steps"].max == MAX_STEPS and controls["task"].max == TASKS - 1
-    shown = box.children[2].value
-    assert shown[:8] == b"\x89PNG\r\n\x1a\n"
+    assert image.value[:8] == b"\x89PNG\r\n\x1a\n"
+
+    def shows_the_state():
+        state = explorer.state
+        assert readout.value == f"accuracy {100 * state.current_accuracy:.1f}% after {state.num_steps} inner steps"
+
+    shows_the_state()
     controls["inner steps"].value = 4
-    assert explorer.num_steps == 4
+    assert explorer.num_steps == 4 and readout.value.endswith("after 4 inner steps")
+    shows_the_state()
     controls["inner loss"].value = "entropy"
     assert explorer.inner_loss == "entropy"
     controls["dataset"].value = "b"
     assert explorer.dataset == "b" and controls["task"].max == TASKS - 1
-    controls["inner lr"].value = 1.0
-    assert explorer.inner_lr == pytest.approx(1.0)
-    shown = box.children[2].value
+    controls["step sizes x"].value = 2.0
+    assert explorer.inner_lr == pytest.approx(2.0)
+    shown = image.value
     controls["task"].value = 1
-    assert explorer.task == 1 and box.children[2].value != shown
+    assert explorer.task == 1 and image.value != shown
+    shows_the_state()
     plt.close("all")
 
 
 def test_explorer_state_figures(explorer):
-    """The state, the step small multiples and the lr curves are drawn as figures."""
+    """The state, the step small multiples and the curves are drawn as figures."""
     figures = [plot_explorer_state(explorer.state), plot_step_multiples(explorer.step_grid([0, 2, 4])),
-               plot_task_curves(explorer.curves(inner_lrs=[0.1, 1.0]))]
+               plot_task_curves(explorer.curves(inner_lrs=[0.5, 2.0]))]
     assert all(len(f.axes) >= 1 for f in figures) and len(figures[1].axes) == 6
+    assert figures[0]._suptitle.get_text().endswith(f"{100 * explorer.state.current_accuracy:.1f}% after 2 steps")
     plt.close("all")
 
 
@@ -217,15 +277,21 @@ def test_explorer_figure_updates_in_place(explorer):
 
 def test_from_config_loads_the_protocols_hypernetwork_and_never_trains(trained, hmlib_home, tiny_mirror, tmp_path,
                                                                        monkeypatch):
-    """Notebook 04's explorer: the protocol's checkpoint on the ablation suite of each held-out dataset; in a home
-    without models it raises MissingArtifactError instead of training."""
+    """Notebook 04's explorer: the protocol's checkpoint on the ablation tasks of each held-out dataset (clean and
+    shifted); in a home without models it raises MissingArtifactError instead of training."""
     use_home(trained, hmlib_home)
     cfg = trained.cfg
     explorer = AdaptationExplorer.from_config(cfg)
-    assert explorer.datasets == ["mnist"] and explorer.num_tasks() == cfg.ablation.num_tasks
+    assert explorer.datasets == ["mnist", "mnist+rotate"] and explorer.num_tasks() == cfg.ablation.num_tasks
     assert explorer.max_steps == max(cfg.ablation.step_grid) and explorer.num_steps == cfg.adapt.num_inner_steps
-    state = explorer.set(num_steps=explorer.max_steps)
-    assert state.accuracy.shape == (explorer.max_steps + 1,) and state.labels.shape == (cfg.ablation.task_size,)
+    assert explorer.inner_lr == cfg.adapt.lr_scale
+    for condition in ablation_grid(cfg):
+        suite = build_suite(cfg, condition, cfg.ablation.num_tasks)
+        np.testing.assert_array_equal(explorer.sources[condition.dataset].suite.indices, suite.indices)
+    state = explorer.set(dataset="mnist+rotate", num_steps=explorer.max_steps)
+    K_, N_ = cfg.ablation.shapes[0]
+    assert state.accuracy.shape == (explorer.max_steps + 1,) and state.labels.shape == (N_,)
+    assert state.classes.shape == (K_,)
     fresh = tmp_path / "fresh"
     fresh.mkdir()
     monkeypatch.setenv("HMLIB_HOME", str(fresh))

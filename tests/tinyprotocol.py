@@ -1,6 +1,9 @@
 """A tiny protocol trained for real on the tiny mirror (VAEs, backbones, hypernetworks), for the tests
 of the stages after meta-training. Train it once per test module into its own home with :func:`train_home`; each
 test works on a copy (:func:`use_home`), so caches and results written by one test never reach another.
+
+The held-out datasets are the smoke profile's (``mnist`` and the shifted ``mnist+rotate``); evaluation and the
+ablations use one task shape (K, N) = (3, 18) of the 6-class tiny datasets unless a test asks for others.
 """
 from __future__ import annotations
 
@@ -11,7 +14,9 @@ from typing import Any, Iterable
 
 import pytest
 
+from hmlib.backbone.transductive import get_transductive_backbone
 from hmlib.config import Config, load_config
+from hmlib.hyper.bundle import load_bundle
 from hmlib.hyper.metatrain import meta_train
 from hmlib.vae.train import get_vae
 
@@ -21,12 +26,16 @@ OVERRIDES: dict[str, Any] = {
     "task": {"num_classes": K, "num_images": N},
     "vae": {"latent_dim": LATENT_DIM, "epochs": 1, "max_train_images": 240, "batch_size": 64},
     "backbone": {"channels": [4, 8], "embed_dim": 8, "epochs": 1, "images_per_dataset": 60, "batch_size": 32},
-    "hyper": {"embed_dim": 8, "head_hidden": 16, "num_seeds": 2, "num_heads": 2, "num_context": 64,
-              "cluster_inits": 2},
+    "hyper": {"embed_dim": 8, "num_seeds": 2, "num_heads": 2, "num_context": 64},
+    "film": {"cluster_inits": 2},
+    "full": {"head_hidden": 16, "target_hidden": [8]},
     "adapt": {"num_inner_steps": STEPS},
-    "meta": {"iterations": 2, "meta_batch_size": 2, "eval_every": 2, "eval_tasks": 2, "val_fraction": 0.3},
-    "eval": {"num_tasks": TASKS, "task_sizes": [N], "kmeans_n_init": 1, "logreg_train_per_class": 10},
-    "ablation": {"step_grid": [0, 1, 2, 4], "lr_grid": [0.1, 1.0], "num_tasks": 3, "task_size": N,
+    "meta": {"iterations": 2, "meta_batch_size": 2, "eval_every": 2, "eval_tasks": 2, "val_fraction": 0.3,
+             "max_classes": 3, "task_images": 24},
+    "eval": {"num_tasks": TASKS, "shapes": [[K, N]], "shifted_shapes": None, "kmeans_n_init": 1,
+             "logreg_train_per_class": 10, "plain_steps": 2},
+    "transductive": {"epochs": 1, "max_images": 100, "batch_size": 32, "neighbours": 5, "clusters": 6},
+    "ablation": {"step_grid": [0, 1, 2, 4], "lr_grid": [0.5, 2.0], "num_tasks": 3, "shapes": [[K, N]],
                  "meta_iterations": 2, "num_seeds": 1},
 }
 
@@ -44,21 +53,33 @@ class TrainedHome:
 
     home: Path
     cfg: Config
-    checkpoints: dict[tuple[str, int], str]  # (setting, seed) -> file name in models/
+    checkpoints: dict[tuple[str, int], str]  # (setting, seed) -> file name in models/ (one hypernetwork per seed)
 
 
-def train_home(home: Path, mirror: Path, runs: Iterable[tuple[str, int]], *, cfg: Config | None = None,
+def _run_key(run: int | tuple[str, int]) -> tuple[str, int]:
+    """A run is a replicate seed, or (setting, seed) as before the settings shared one hypernetwork."""
+    return ("zero_shot", int(run)) if isinstance(run, int) else (str(run[0]), int(run[1]))
+
+
+def train_home(home: Path, mirror: Path, runs: Iterable[int | tuple[str, int]], *, cfg: Config | None = None,
                own_vaes: Iterable[str] = ()) -> TrainedHome:
-    """Meta-train each (setting, seed) of ``runs`` (with its VAEs and backbones) into ``home``; also train the
-    held-out datasets' own VAEs named in ``own_vaes`` (what a transductive evaluation reads)."""
+    """Meta-train the hypernetwork of each replicate seed of ``runs`` (with its VAE and backbone) into ``home``.
+    A run ``("transductive", s)`` also adapts seed s's backbone to every dataset of ``transductive.datasets`` (what
+    a transductive evaluation reads); ``own_vaes`` trains those datasets' own VAEs too."""
     cfg = cfg or tiny_config()
     checkpoints = {}
     with pytest.MonkeyPatch.context() as patch:
         for name, value in (("HMLIB_HOME", home), ("HMLIB_DATA_DIR", mirror), ("HF_HUB_OFFLINE", "1"),
                             ("HF_DATASETS_OFFLINE", "1")):
             patch.setenv(name, str(value))
-        for setting, seed in runs:
-            checkpoints[(setting, seed)] = meta_train(cfg, setting, seed, progress=False).checkpoint_path.name
+        for run in runs:
+            setting, seed = _run_key(run)
+            path = meta_train(cfg, seed, progress=False).checkpoint_path
+            checkpoints[(setting, seed)] = path.name
+            if setting == "transductive":
+                bundle = load_bundle(path)
+                for dataset in cfg.transductive.datasets or cfg.meta.test_datasets:
+                    get_transductive_backbone(cfg, bundle.backbone, bundle.backbone_meta, dataset, progress=False)
         for dataset in own_vaes:
             get_vae(cfg, dataset, 0, progress=False, verbose=False)
     return TrainedHome(home, cfg, checkpoints)

@@ -143,6 +143,9 @@ def get_transductive_backbone(cfg: Config, backbone: ConvBackbone, backbone_meta
     stem = f"{backbone_meta['name'].split('-')[0]}_on-{dataset}"
     path = named_path(paths.models_dir(), stem, identity)
     resume = None
+    if path.exists() and cfg.transductive.retrain == "always" and train:
+        moved = set_aside(path, "previous")
+        print(f"Retraining on request (transductive.retrain='always'); the previous one is kept as {moved.name}.")
     if path.exists():
         try:
             state, meta = load_checkpoint(path)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from hmlib.artifacts import ArtifactError
+from hmlib.artifacts import ArtifactError, save_checkpoint
 from hmlib.cluster.decode import one_line
 from hmlib.cluster.images import ClusterInputError, ImageCollection, input_kind, load_images
 from hmlib.cluster.outputs import (ASSIGNMENTS, CONTACT_SHEET, SUMMARY, build_summary, claim_out_dir,
@@ -26,6 +26,7 @@ from hmlib.errors import StorageError
 from hmlib.results import cluster_accuracy_note
 
 MAX_PRINTED = 20  # skipped files printed one per line; the rest are in summary.json
+ADAPTED_BACKBONE = "backbone_adapted.pt"  # written by --adapt beside the outputs
 DEFAULT_K_MAX = 10
 
 DESCRIPTION = """Cluster the images at PATH into K groups with a meta-trained model, without labels.
@@ -51,6 +52,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help=f"largest K tried by --k auto, at least 2 (default {DEFAULT_K_MAX})")
     parser.add_argument("--checkpoint", metavar="CKPT",
                         help="model checkpoint (default: the pipeline's zero-shot checkpoint)")
+    parser.add_argument("--adapt", action="store_true",
+                        help="first adapt the backbone to these unlabeled images (transductive; SCAN-style, a minute or "
+                             "so on a CPU) and save it beside the outputs as backbone_adapted.pt; needs at least "
+                             "1,000 images (below that it says so and clusters without adapting)")
     parser.add_argument("--steps", type=int, metavar="S",
                         help="adaptation steps at test time, 0 for none (default: the checkpoint's)")
     parser.add_argument("--out", metavar="DIR",
@@ -129,13 +134,24 @@ def _checkpoint(api: Any, given: str | Path | None) -> Path:
         raise ClusterInputError(str(err).strip().splitlines()[0] if str(err).strip() else one_line(err)) from err
 
 
-def _fit(api: Any, checkpoint: Path, k: int | str, steps: int | None, images: np.ndarray, k_max: int = 10) -> Any:
-    """The fitted estimator (K chosen from the data when ``k`` is 'auto'); a checkpoint or input it refuses becomes
-    a one-line error."""
+def _fit(api: Any, checkpoint: Path, k: int | str, steps: int | None, images: np.ndarray, k_max: int = 10, *,
+         adapt_out: Path | None = None, progress: bool = True) -> Any:
+    """The fitted estimator (K chosen from the data when ``k`` is 'auto'; the backbone first adapted to the images
+    when ``adapt_out`` is given, and saved there); a checkpoint or input it refuses becomes a one-line error."""
     try:
         model = api.HyperClusterer.from_checkpoint(checkpoint, n_clusters=2 if k == "auto" else k, num_steps=steps)
     except (FileNotFoundError, ArtifactError, ValueError) as err:
         raise ClusterInputError(f"cannot use checkpoint {checkpoint}: {one_line(err)}") from err
+    if adapt_out is not None:
+        if len(images) < api.MIN_ADAPT_IMAGES:
+            print(f"not adapting the backbone: --adapt needs at least {api.MIN_ADAPT_IMAGES:,} images (nearest "
+                  f"neighbours in a sparse set are mostly other classes); these are {len(images):,}. Clustering "
+                  "with the backbone as trained.")
+        else:
+            adapted = model.adapt_to(images, progress=progress)
+            save_checkpoint(adapt_out, adapted["state"], adapted["meta"])
+            print(f"adapted the backbone to {model.adapted_['images']:,} images in {model.adapted_['seconds']:.0f} s "
+                  f"({model.adapted_['epochs']} epochs); saved {adapt_out}")
     try:
         if k == "auto":  # a silhouette needs 2..n-1 clusters: K = n (one image each) cannot be scored
             model.select_n_clusters(images, range(2, min(k_max, len(images) - 1) + 1))
@@ -188,7 +204,8 @@ def _cluster_into(args: argparse.Namespace, out: Path) -> int:
     if args.k == "auto" and len(collection) < 3:
         raise ClusterInputError(f"--k auto needs at least 3 images (a silhouette compares 2..n-1 clusters); "
                                 f"{collection.location} has {len(collection)}; pass --k instead")
-    model = _fit(api, checkpoint, args.k, args.steps, collection.images, args.k_max)
+    model = _fit(api, checkpoint, args.k, args.steps, collection.images, args.k_max,
+                 adapt_out=out / ADAPTED_BACKBONE if args.adapt else None, progress=not args.quiet)
     if args.k == "auto":
         args.k = int(model.n_clusters)
         scores = ", ".join(f"{k}: {v:.3f}" for k, v in model.k_scores_.items())

@@ -11,6 +11,8 @@ adapted network (:meth:`HyperNet.extend`): memory stays bounded by the sample, n
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,10 +22,11 @@ from PIL import Image
 from sklearn.metrics import silhouette_score
 
 from hmlib import paths
-from hmlib.artifacts import ArtifactError, read_json
+from hmlib.artifacts import ArtifactError, read_json, state_fingerprint
 from hmlib.backbone.embeddings import embed_images
+from hmlib.backbone.transductive import train_transductive
 from hmlib.cluster.images import ClusterInputError
-from hmlib.config import IMAGE_SIZE
+from hmlib.config import IMAGE_SIZE, config_to_dict
 from hmlib.data.preprocess import preprocess_images
 from hmlib.features import normalize_task_np
 from hmlib.evaluation.evaluate import default_results_path
@@ -35,6 +38,7 @@ from hmlib.hyper.metatrain import pipeline_checkpoints
 from hmlib.vae.train import encode_images
 
 MAX_FIT_IMAGES = 2048
+MIN_ADAPT_IMAGES = 1000  # smallest set worth adapting the backbone to (SCAN-style neighbours need a dense set)
 ASSIGN_BATCH = 4096
 SILHOUETTE_SAMPLE = 2000  # images the silhouette of a candidate K is computed on (a seeded sample)
 
@@ -117,6 +121,7 @@ class HyperClusterer:
         return {"checkpoint": str(self.bundle.path), "sha256": self.bundle.sha256, "seed": self.bundle.meta["seed"], "trained_num_classes": self.bundle.meta["num_classes"],
                 "n_clusters": self.n_clusters, "num_steps": self.num_steps, "max_fit_images": self.max_fit_images,
                 "inner_loss": self.bundle.cfg.adapt.inner_loss, "generation": self.bundle.cfg.hyper.generation,
+                **({"adapted_backbone": self.adapted_} if hasattr(self, "adapted_") else {}),
                 **({"k_selection": {"criterion": "silhouette on the standardised embedding",
                                     "scores": {str(k): v for k, v in self.k_scores_.items()}}}
                    if hasattr(self, "k_scores_") else {})}
@@ -133,6 +138,31 @@ class HyperClusterer:
         if reads_images(self.bundle.cfg):
             return TaskInputs(context, torch.as_tensor(images[None]))
         return TaskInputs(context, features=context)
+
+    def adapt_to(self, images: Any, *, progress: bool = False) -> dict[str, Any]:
+        """Adapt the checkpoint's backbone to this unlabeled set (the transductive stage: SCAN-style neighbour
+        agreement, :mod:`hmlib.backbone.transductive`), and use it from now on; returns the adapted backbone's
+        state and a description. Sets smaller than ``MIN_ADAPT_IMAGES`` are refused (a ValueError saying why)."""
+        images = as_images(images)
+        if self.bundle.backbone is None:
+            raise ValueError(f"{self.bundle.path.name} reads no backbone: there is nothing to adapt")
+        if len(images) < MIN_ADAPT_IMAGES:
+            raise ValueError(f"adapting the backbone needs at least {MIN_ADAPT_IMAGES:,} images (nearest neighbours "
+                             f"in a sparse set are mostly other classes); this set has {len(images):,}")
+        cfg = self.bundle.cfg
+        sample = images[np.linspace(0, len(images) - 1, min(len(images), cfg.transductive.max_images)).astype(int)]
+        model, record = train_transductive(copy.deepcopy(self.bundle.backbone), sample, cfg, seed=self.bundle.seed,
+                                           progress=progress, desc="adapt backbone")
+        hypernet = copy.deepcopy(self.bundle.hypernet)
+        hypernet.generator.backbone.load_state_dict(model.state_dict())
+        self.bundle = dataclasses.replace(self.bundle, hypernet=hypernet.eval(), backbone=hypernet.generator.backbone)
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        meta = {**{k: v for k, v in (self.bundle.backbone_meta or {}).items() if k != "history"},
+                "kind": "backbone", "adapted_to": int(len(sample)), "transductive": config_to_dict(cfg.transductive),
+                "history": record["history"], "backbone_id": state_fingerprint(state)}
+        self.adapted_ = {"images": int(len(sample)), "epochs": cfg.transductive.epochs,
+                         "seconds": record["seconds"]}
+        return {"state": state, "meta": meta}
 
     def transform(self, images: Any) -> np.ndarray:
         """The backbone embeddings of the images (as trained), (N, D) float32; the VAE rows without a backbone."""

@@ -157,6 +157,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
         overrides["eval"]["num_tasks"] = args.tasks
     if args.shapes is not None:
         overrides["eval"]["shapes"] = [list(s) for s in args.shapes]
+        overrides["eval"]["shifted_shapes"] = None  # the shapes asked for, for shifted datasets too
     try:
         cfg = config_for_checkpoint(meta, profile=args.profile, config_path=args.config,
                                     overrides={k: v for k, v in overrides.items() if v})

@@ -55,15 +55,20 @@ class Condition:
 
 def grid(cfg: Config, datasets: Sequence[str] | None = None, shapes: Sequence[Sequence[int]] | None = None, *,
          verbose: bool = True) -> list[Condition]:
-    """Every (dataset, K, N) of ``datasets`` (default ``meta.test_datasets``) x ``shapes`` (default ``eval.shapes``)
-    that the dataset's test split can fill, in dataset-major order."""
+    """Every (dataset, K, N) of ``datasets`` (default ``meta.test_datasets``) x ``shapes`` (default ``eval.shapes``,
+    and ``eval.shifted_shapes`` for shifted datasets when set) that the dataset's test split can fill, in
+    dataset-major order."""
     datasets = list(cfg.meta.test_datasets if datasets is None else datasets)
-    shapes = [tuple(int(v) for v in s) for s in (cfg.eval.shapes if shapes is None else shapes)]
     out = []
     for dataset in datasets:
+        if shapes is not None:
+            wanted = shapes
+        else:
+            shifted = parse_shifted(dataset)[1] is not None and cfg.eval.shifted_shapes is not None
+            wanted = cfg.eval.shifted_shapes if shifted else cfg.eval.shapes
         labels = data.load_split(dataset, "test", cfg.data, progress=False).labels
         classes = len(np.unique(labels))
-        for K, N in shapes:
+        for K, N in (tuple(int(v) for v in s) for s in wanted):
             if K > classes:
                 if verbose:
                     print(f"note: {dataset} has {classes} classes; the K = {K} condition is skipped")

@@ -199,7 +199,7 @@ register(Method("plain_task", "plain adaptation, task statistics (TENT-style, SC
 register(Method("plain_running", "plain adaptation, stored statistics", "#DDCC77",
                 lambda ctx: plain_modes(ctx)["running"]["acc"], "images", adapts=True))
 register(Method("plain_choice", "plain adaptation, mode chosen by silhouette (label-free)", "#332288",
-                plain_choice, "images", adapts=True, every_seed=True))
+                plain_choice, "images", adapts=True))
 register(Method("gmm_embedding", "Gaussian mixture on the backbone embedding (diagonal)", "#D55E00",
                 clusters_on("embedding", lambda x, k, s, n: gmm_clusters(x, k, s, "diag"), normalize=True),
                 "embedding"))

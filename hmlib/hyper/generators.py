@@ -276,6 +276,12 @@ class FullGenerator(Generator):
         if cfg.adapt.inner_loss == "augmentation":
             raise ConfigError("the 'full' generator reads VAE rows, not images: adapt.inner_loss = 'augmentation' "
                               "needs images")
+        if cfg.meta.outer_loss == "centroids":
+            raise ConfigError("the 'full' generator has no representation to take class centroids in: set "
+                              "meta.outer_loss = 'aligned'")
+        if cfg.meta.min_classes != cfg.meta.max_classes:
+            raise ConfigError("the 'full' generator emits a fixed number of outputs: set meta.min_classes = "
+                              "meta.max_classes (the K it is trained for)")
 
     def prepare(self, inputs: TaskInputs, *, augmented: bool = False) -> TaskState:
         if inputs.features is None:

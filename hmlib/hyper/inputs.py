@@ -29,7 +29,7 @@ class TaskData:
     split: str
     context: np.ndarray  # (n, C) float32 conditioning rows (the VAE distribution)
     labels: np.ndarray  # (n,) int64 (scoring and the outer loss only)
-    images: np.ndarray | None = None  # (n, 28, 28) uint8 ('film')
+    images: np.ndarray | None = None  # (n, 28, 28) uint8 (what 'film' reads; episodes re-encode them for both)
     features: np.ndarray | None = None  # (n, F) float32 ('full': [mu, logvar])
     identity: dict[str, Any] = field(default_factory=dict)  # ids of the models and images that made the rows
 
@@ -46,7 +46,8 @@ class TaskData:
         """TaskInputs of tasks given by a (T, N) index array."""
         indices = np.asarray(indices)
         return TaskInputs(torch.as_tensor(self.context[indices]),
-                          None if self.images is None else torch.as_tensor(self.images[indices]),
+                          None if self.images is None or self.features is not None  # 'full' reads the rows only
+                          else torch.as_tensor(self.images[indices]),
                           None if self.features is None else torch.as_tensor(self.features[indices]))
 
 
@@ -60,9 +61,9 @@ def task_data_from_models(cfg: Config, image_set: Any, vae: Any, vae_meta: dict[
     """TaskData of an ImageSet under a VAE (its rows cached by the VAE's identity): what every loader ends in."""
     latents = encode_split(vae, vae_meta, image_set, progress=progress)
     context = np.asarray(latents.distribution, np.float32)
-    images = np.asarray(image_set.images) if reads_images(cfg) else None
+    images = np.asarray(image_set.images)  # kept for 'full' too: meta-training episodes shift and re-encode them
     return TaskData(image_set.name, image_set.split, context, np.asarray(image_set.labels, np.int64), images=images,
-                    features=None if images is not None else context,
+                    features=None if reads_images(cfg) else context,
                     identity={"vae_id": latents.vae_id, "images": image_set.fingerprint})
 
 

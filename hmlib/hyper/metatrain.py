@@ -214,7 +214,7 @@ def fit_hypernet(cfg: Config, train_sets: Mapping[str, TaskData], *, vae: VAE, s
         history["inner_loss_before"].append(losses[0] if losses else float("nan"))
         history["inner_loss_after"].append(losses[-1] if losses else float("nan"))
         blends = [k for k in result.params if k.startswith("blend.")]
-        history["blend"].append([float(result.params[k].mean()) for k in blends])
+        history["blend"].append([float(result.params[k].detach().mean()) for k in blends])
         done = iteration + 1
         if done % cfg.meta.eval_every == 0 or done == cfg.meta.iterations:
             evaluate(done)

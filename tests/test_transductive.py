@@ -1,0 +1,328 @@
+"""The transductive stage: the backbone adapted (SCAN-style) to a held-out dataset's unlabeled train split."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import hmlib.backbone.transductive as transductive
+import hmlib.data
+from datafactory import balanced_labels, class_patterns
+from fakes import FakeData, install_fake_data
+from hmlib.artifacts import (ArtifactError, MissingArtifactError, StaleArtifactError, load_checkpoint,
+                             save_checkpoint, state_fingerprint)
+from hmlib.backbone import adapt_batchnorm, embed_images, embed_split, get_backbone, get_transductive_backbone
+from hmlib.backbone.model import ConvBackbone, batchnorm_layers
+from hmlib.backbone.transductive import adaptation_images, mine_neighbours, scan_loss
+from hmlib.config import load_config
+from hmlib.features import cache_path
+
+# Tiny sizes
+NUM_IMAGES = 80  # per fake dataset split
+MAX_IMAGES = 100  # transductive.max_images (the smallest allowed): every fake train image is used
+EPOCHS = 2
+TINY_BACKBONE = {"channels": [4, 8], "embed_dim": 8, "epochs": 1, "images_per_dataset": 32, "batch_size": 16}
+TINY_TRANSDUCTIVE = {"epochs": EPOCHS, "max_images": MAX_IMAGES, "neighbours": 3, "clusters": 4, "batch_size": 32,
+                     "lr": 1e-3}
+DATASET = "mnist"
+MAKE_IT = "hmlib run --profile smoke --only 03"
+
+
+@pytest.fixture
+def fake_data(monkeypatch) -> FakeData:
+    """Synthetic ImageSets in place of hmlib.data.load_split; records every (name, split) loaded."""
+    return install_fake_data(monkeypatch, NUM_IMAGES, extra_test=5)
+
+
+def tiny_cfg(**transductive_overrides):
+    return load_config("smoke", overrides={"backbone": TINY_BACKBONE,
+                                           "transductive": {**TINY_TRANSDUCTIVE, **transductive_overrides}})
+
+
+def _backbone(cfg):
+    """The meta-training backbone of seed 0 (trained on the fake meta-training datasets) and its meta."""
+    return get_backbone(cfg, 0, progress=False, verbose=False)
+
+
+def _adapt(cfg, backbone, meta, **kwargs):
+    return get_transductive_backbone(cfg, backbone, meta, DATASET, progress=False, **kwargs)
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs"
+
+
+def _use_home(monkeypatch, home: Path) -> None:
+    home.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setenv("HMLIB_HOME", str(home))
+
+
+# ------------------------------------------------------------------------------------------ the parts
+
+def test_scan_loss_rewards_agreement_with_neighbours_and_every_cluster_in_use():
+    """SCAN: -log <p, q> averaged, minus entropy_weight * entropy of the mean prediction; confident agreement over
+    balanced clusters is best, a collapse onto one cluster or disagreement with the neighbour costs."""
+    K, confident = 4, 30.0
+    balanced = confident * F.one_hot(torch.arange(12) % K, K).float()
+    collapsed = confident * F.one_hot(torch.zeros(12, dtype=torch.long), K).float()
+    log_k = math.log(K)
+    assert scan_loss(balanced, balanced, 2.0).item() == pytest.approx(-2.0 * log_k, abs=1e-4)
+    assert scan_loss(collapsed, collapsed, 2.0).item() == pytest.approx(0.0, abs=1e-4)
+    assert scan_loss(balanced, balanced.roll(1, dims=0), 2.0) > 10.0  # confident and disagreeing
+    logits, partners = torch.randn(12, K), torch.randn(12, K)
+    p, q = logits.softmax(-1), partners.softmax(-1)
+    mean = p.mean(0)
+    expected = -torch.log((p * q).sum(-1)).mean() + 0.5 * (mean * mean.log()).sum()
+    torch.testing.assert_close(scan_loss(logits, partners, 0.5), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_mined_neighbours_are_other_images_of_the_same_kind():
+    """Neighbours (n, k) never include the image itself; on clearly distinct patterns they share its class; the
+    batch size of the search changes nothing."""
+    labels = balanced_labels(40, 4, seed=0)
+    images = class_patterns(labels, 4, seed=0)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = ConvBackbone((4, 8), 8, 3).eval()
+    neighbours = mine_neighbours(model, images, 3)
+    assert neighbours.shape == (40, 3) and neighbours.dtype.kind == "i"
+    assert not np.any(neighbours == np.arange(40)[:, None])
+    assert np.mean(labels[neighbours] == labels[:, None]) > 0.9
+    np.testing.assert_array_equal(mine_neighbours(model, images, 3, batch=7), neighbours)
+
+
+def test_adaptation_images_are_an_evenly_spaced_deterministic_sample():
+    """At most transductive.max_images, evenly spaced from first to last; a small split is used whole."""
+    images = np.arange(250, dtype=np.uint8)[:, None, None] * np.ones((1, 28, 28), np.uint8)
+    image_set = hmlib.data.ImageSet("d", "train", images, np.zeros(250, np.int64), ["0"], "f")
+    cfg = tiny_cfg(max_images=100)
+    sample = adaptation_images(cfg, image_set)
+    assert len(sample) == 100 and sample[0, 0, 0] == 0 and sample[-1, 0, 0] == 249
+    assert np.all(np.diff(sample[:, 0, 0].astype(int)) > 0)
+    np.testing.assert_array_equal(adaptation_images(cfg, image_set), sample)
+    small = dataclasses.replace(image_set, images=images[:60], labels=np.zeros(60, np.int64))
+    assert adaptation_images(cfg, small) is small.images
+
+
+# ------------------------------------------------------------------------------------------ get_transductive_backbone
+
+def test_adaptation_trains_on_the_train_split_and_describes_itself(fake_data, capsys):
+    """The adapted backbone reads the dataset's train split only, is a new model (the original is untouched) trained
+    to a lower SCAN loss, and its checkpoint records settings, starting backbone, images and the adapted weights'
+    identity."""
+    cfg = tiny_cfg()
+    backbone, meta = _backbone(cfg)
+    before = _state(backbone)
+    fake_data.loaded.clear()
+    adapted, adapted_meta = _adapt(cfg, backbone, meta)
+    assert fake_data.loaded == [(DATASET, "train")]
+    _assert_same_state(before, _state(backbone))
+    assert not adapted.training and adapted is not backbone
+    assert not torch.equal(adapted.state_dict()["embedding.weight"], backbone.state_dict()["embedding.weight"])
+    path = Path(adapted_meta["path"])
+    assert path.parent.name == "models" and path.name.startswith(f"{meta['name'].split('-')[0]}_on-{DATASET}-")
+    assert adapted_meta["name"] == path.stem and adapted_meta["reused"] is False
+    _, recorded = load_checkpoint(path)
+    assert recorded["kind"] == "transductive_backbone" and recorded["complete"] and recorded["epoch"] == EPOCHS
+    assert recorded["backbone_id"] == meta["backbone_id"] and recorded["dataset"] == DATASET
+    assert recorded["data_fingerprint"] == hmlib.data.load_split(DATASET, "train", cfg.data).fingerprint
+    assert recorded["settings"]["epochs"] == EPOCHS and "retrain" not in recorded["settings"]
+    assert [h["epoch"] for h in recorded["history"]] == list(range(1, EPOCHS + 1))
+    losses = [h["loss"] for h in recorded["history"]]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]  # training lowers its SCAN objective
+    assert adapted_meta["backbone_id"] == recorded["adapted_id"] == state_fingerprint(adapted.state_dict())
+    assert adapted_meta["backbone_id"] != meta["backbone_id"]
+    assert "Adapting" in capsys.readouterr().out
+
+
+def test_a_matching_checkpoint_is_reused_and_other_settings_make_another(fake_data, monkeypatch):
+    """A finished checkpoint of the same settings, backbone and images is loaded, not retrained; other settings
+    are another file and the first one stays."""
+    cfg = tiny_cfg()
+    backbone, meta = _backbone(cfg)
+    first, first_meta = _adapt(cfg, backbone, meta)
+
+    def must_not_train(*args, **kwargs):
+        raise AssertionError("a matching finished checkpoint must be reused")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(transductive, "train_transductive", must_not_train)
+        again, again_meta = _adapt(cfg, backbone, meta)
+        assert again_meta["reused"] is True and again_meta["backbone_id"] == first_meta["backbone_id"]
+        _assert_same_state(_state(first), _state(again))
+        _, train_false = _adapt(cfg, backbone, meta, train=False)
+        assert train_false["reused"] and train_false["path"] == first_meta["path"]
+    _, other = _adapt(tiny_cfg(lr=5e-4), backbone, meta)
+    assert other["path"] != first_meta["path"] and not other["reused"] and Path(first_meta["path"]).is_file()
+
+
+def test_epochs_zero_re_estimates_the_statistics_only(fake_data):
+    """transductive.epochs = 0: the weights are the backbone's, the normalisation statistics those of the dataset's
+    train images (AdaBN); the checkpoint is complete and reused."""
+    cfg = tiny_cfg(epochs=0)
+    backbone, meta = _backbone(cfg)
+    adapted, adapted_meta = _adapt(cfg, backbone, meta)
+    expected = adapt_batchnorm(backbone, adaptation_images(cfg, hmlib.data.load_split(DATASET, "train", cfg.data)))
+    _assert_same_state(_state(expected), _state(adapted))
+    original = dict(backbone.named_parameters())
+    assert all(torch.equal(p, original[n]) for n, p in adapted.named_parameters())
+    assert not torch.equal(batchnorm_layers(adapted)[0].running_mean, batchnorm_layers(backbone)[0].running_mean)
+    _, recorded = load_checkpoint(adapted_meta["path"])
+    assert recorded["complete"] and recorded["epoch"] == 0 and recorded["history"] == []
+    assert _adapt(cfg, backbone, meta)[1]["reused"]
+
+
+def test_adaptation_never_reads_the_test_split_or_any_label(fake_data, tmp_path, monkeypatch):
+    """Shuffled and poisoned labels of the train split give bit-identical adapted weights: labels are never read;
+    nor is the test split ever loaded."""
+    cfg = tiny_cfg()
+    _use_home(monkeypatch, tmp_path / "clean")
+    backbone, meta = _backbone(cfg)
+    clean, _ = _adapt(cfg, backbone, meta)
+    original = hmlib.data.load_split
+
+    def poisoned(name, split, data_cfg, **kwargs):
+        image_set = original(name, split, data_cfg, **kwargs)
+        if name != DATASET:
+            return image_set
+        labels = np.random.default_rng(5).permutation(image_set.labels) + 1000  # other labels, same fingerprint
+        return dataclasses.replace(image_set, labels=labels, label_names=["poison"] * 1004)
+
+    monkeypatch.setattr(hmlib.data, "load_split", poisoned)
+    _use_home(monkeypatch, tmp_path / "poisoned")
+    fake_data.loaded.clear()
+    poisoned_model, poisoned_meta = _adapt(cfg, backbone, meta)
+    assert not poisoned_meta["reused"]
+    _assert_same_state(_state(clean), _state(poisoned_model))
+    assert all(split == "train" for _, split in fake_data.loaded)
+
+
+def test_the_adapted_backbone_embeds_into_a_cache_of_its_own(fake_data):
+    """Embeddings under the adapted backbone are cached under its name and identity, apart from the original's."""
+    cfg = tiny_cfg()
+    backbone, meta = _backbone(cfg)
+    adapted, adapted_meta = _adapt(cfg, backbone, meta)
+    test_set = hmlib.data.load_split(DATASET, "test", cfg.data)
+    plain, own = embed_split(backbone, meta, test_set), embed_split(adapted, adapted_meta, test_set)
+    assert own.backbone_id == adapted_meta["backbone_id"] != plain.backbone_id
+    np.testing.assert_array_equal(own.embeddings, embed_images(adapted, test_set.images))
+    assert not np.allclose(own.embeddings, plain.embeddings)
+    assert cache_path("embeddings", adapted_meta["name"], DATASET, "test").is_file()
+    assert cache_path("embeddings", meta["name"], DATASET, "test").is_file()
+
+
+def test_train_false_never_trains(fake_data):
+    """Without a checkpoint, train=False and retrain='never' raise MissingArtifactError naming file and command."""
+    for cfg, kwargs in ((tiny_cfg(), {"train": False}), (tiny_cfg(retrain="never"), {})):
+        backbone, meta = _backbone(cfg)
+        with pytest.raises(MissingArtifactError) as err:
+            _adapt(cfg, backbone, meta, **kwargs)
+        text = str(err.value)
+        assert f"_on-{DATASET}-" in text and "not found" in text and MAKE_IT in text
+    models = Path(meta["path"]).parent
+    assert not list(models.glob(f"*_on-{DATASET}-*"))
+
+
+def _interrupt_scan_loss_at_call(monkeypatch, call: int) -> None:
+    """Make the ``call``-th SCAN loss of training raise KeyboardInterrupt (Ctrl-C mid-epoch)."""
+    original, calls = transductive.scan_loss, []
+
+    def interrupting(*args):
+        calls.append(1)
+        if len(calls) == call:
+            raise KeyboardInterrupt
+        return original(*args)
+
+    monkeypatch.setattr(transductive, "scan_loss", interrupting)
+
+
+def test_an_interrupted_adaptation_resumes_to_the_same_weights(fake_data, tmp_path, monkeypatch, capsys):
+    """Stopped in epoch 2, the checkpoint of epoch 1 is unfinished (train=False refuses it); the next call resumes
+    at epoch 1 and ends with the weights of an uninterrupted run."""
+    cfg = tiny_cfg()
+    steps_per_epoch = math.ceil(NUM_IMAGES / TINY_TRANSDUCTIVE["batch_size"])
+    _use_home(monkeypatch, tmp_path / "whole")
+    backbone, meta = _backbone(cfg)
+    whole, whole_meta = _adapt(cfg, backbone, meta)
+    _use_home(monkeypatch, tmp_path / "interrupted")
+    with monkeypatch.context() as patch:
+        _interrupt_scan_loss_at_call(patch, steps_per_epoch + 2)
+        with pytest.raises(KeyboardInterrupt):
+            _adapt(cfg, backbone, meta)
+    path = tmp_path / "interrupted" / "models" / Path(whole_meta["path"]).name
+    _, recorded = load_checkpoint(path)
+    assert recorded["complete"] is False and recorded["epoch"] == 1 and len(recorded["history"]) == 1
+    with pytest.raises(MissingArtifactError, match="is unfinished"):
+        _adapt(cfg, backbone, meta, train=False)
+    capsys.readouterr()
+    resumed, resumed_meta = _adapt(cfg, backbone, meta)
+    assert f"Resuming the transductive backbone {path.name} at epoch 1/{EPOCHS}" in capsys.readouterr().out
+    _assert_same_state(_state(whole), _state(resumed))
+    assert resumed_meta["backbone_id"] == whole_meta["backbone_id"]
+    assert [h["loss"] for h in resumed_meta["history"]] == [h["loss"] for h in whole_meta["history"]]
+    assert load_checkpoint(path)[1]["complete"]
+
+
+def test_a_stale_or_corrupt_checkpoint_is_set_aside(fake_data, capsys):
+    """A file at the checkpoint's name made from other inputs, or a corrupt one, is refused with train=False and
+    otherwise kept under a new name while a new one is trained."""
+    cfg = tiny_cfg()
+    backbone, meta = _backbone(cfg)
+    _, adapted_meta = _adapt(cfg, backbone, meta)
+    path = Path(adapted_meta["path"])
+    state, recorded = load_checkpoint(path)
+    save_checkpoint(path, state, {**recorded, "data_fingerprint": "other images"})
+    stale = path.read_bytes()
+    with pytest.raises(StaleArtifactError, match="data_fingerprint"):
+        _adapt(cfg, backbone, meta, train=False)
+    assert path.read_bytes() == stale
+    capsys.readouterr()
+    _, again = _adapt(cfg, backbone, meta)
+    assert not again["reused"] and "cannot be reused" in capsys.readouterr().out
+    assert (path.parent / f"{path.stem}.stale-1.pt").read_bytes() == stale
+    assert again["backbone_id"] == adapted_meta["backbone_id"]  # the same settings train the same weights
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ArtifactError, match="corrupt"):
+        _adapt(cfg, backbone, meta, train=False)
+    assert not _adapt(cfg, backbone, meta)[1]["reused"]
+    assert (path.parent / f"{path.stem}.corrupt-1.pt").read_bytes() == b"not a checkpoint"
+
+
+def test_the_report_curve_is_recorded_and_changes_nothing(fake_data, tmp_path, monkeypatch):
+    """``curve`` is evaluated before training and after every epoch and recorded; the weights are those of a run
+    without it."""
+    cfg = tiny_cfg()
+    _use_home(monkeypatch, tmp_path / "plain")
+    backbone, meta = _backbone(cfg)
+    plain, _ = _adapt(cfg, backbone, meta)
+    _use_home(monkeypatch, tmp_path / "curve")
+    seen = []
+
+    def curve(model):
+        seen.append(model.training)
+        return float(len(seen))
+
+    with_curve, curve_meta = _adapt(cfg, backbone, meta, curve=curve)
+    assert curve_meta["curve"] == [float(i) for i in range(1, EPOCHS + 2)] and seen == [False] * (EPOCHS + 1)
+    _assert_same_state(_state(plain), _state(with_curve))
+
+
+def test_a_non_finite_loss_stops_adaptation(fake_data, monkeypatch):
+    """A NaN SCAN loss stops with an ArtifactError naming transductive.lr; no finished checkpoint is written."""
+    cfg = tiny_cfg()
+    backbone, meta = _backbone(cfg)
+    monkeypatch.setattr(transductive, "scan_loss", lambda logits, *a: logits.sum() * float("nan"))
+    with pytest.raises(ArtifactError, match="transductive.lr"):
+        _adapt(cfg, backbone, meta)
+    assert not list(Path(meta["path"]).parent.glob(f"*_on-{DATASET}-*"))
