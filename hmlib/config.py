@@ -107,6 +107,7 @@ class BackboneConfig:
     weight_decay: float = checked(5e-4, min=0.0)
     label_smoothing: float = checked(0.1, min=0.0, max_exclusive=1.0)
     augment: float = checked(1.0, min=0.0)  # random affine strength: 1 = +-15 deg, scale +-15%, shift +-12%
+    shift_prob: float = checked(0.5, min=0.0, max=1.0)  # share of images under a random train-family corruption
     retrain: str = checked("auto", choices=("auto", "never", "always"))
 
 
@@ -177,6 +178,9 @@ class AdaptConfig:
     inner_lr: float = checked(0.5, min_exclusive=0.0)  # step size where the generator does not learn its own
     lr_scale: float = checked(1.0, min_exclusive=0.0)  # multiplies every step size (meta-learned ones included)
     adapt_params: str = checked("generated", choices=("generated", "hypernet"))  # generated params, or all of the hypernet
+    # test time: candidates adapted side by side, the one with the best silhouette kept per task (hmlib.hyper.adapt)
+    candidates: tuple[str, ...] = checked(("generated", "stored", "task"), min_len=1,
+                                          choices=_names("hmlib.hyper.adapt", "CANDIDATES"))
     neighbours: int = checked(5, min=1)  # nearest neighbours of the neighbour-agreement loss
     geometry_weight: float = checked(3.0, min=0.0)
     balance_weight: float = checked(1.0, min=0.0)  # weight of the cluster-balance term
@@ -299,7 +303,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "hyper": {"conditioning": "attention", "generation": "full"},
         "full": {"target_hidden": (400, 200)},
         "eval": {"shapes": ((4, 64), (4, 256))},
-        "adapt": {"inner_loss": "geometry", "num_inner_steps": 3, "inner_lr": 5e-3, "adapt_params": "hypernet"},
+        "adapt": {"inner_loss": "geometry", "num_inner_steps": 3, "inner_lr": 5e-3, "adapt_params": "hypernet",
+                  "candidates": ("generated",)},
     },
 }
 

@@ -26,7 +26,7 @@ import torch
 from hmlib.ablations.run import ablation_grid
 from hmlib.config import AdaptConfig, Config
 from hmlib.evaluation.conditions import suite_for
-from hmlib.hyper.adapt import adapt
+from hmlib.hyper.adapt import adapt_candidates
 from hmlib.hyper.generators import TaskInputs
 from hmlib.hyper.inputs import TaskData, load_task_data
 from hmlib.hyper.losses import INNER_LOSSES, task_accuracy
@@ -148,8 +148,10 @@ class AdaptationExplorer:
         labels = np.asarray(source.suite.labels)[self.task]
         start = time.perf_counter()
         with torch.no_grad():
-            result = adapt(self.hypernet, self._task_inputs(self.dataset, self.task), self.adapt_config,
-                           num_classes=len(np.asarray(source.suite.classes)[self.task]), trajectory=True)
+            results, pick = adapt_candidates(self.hypernet, self._task_inputs(self.dataset, self.task),
+                                             self.adapt_config, trajectory=True,
+                                             num_classes=len(np.asarray(source.suite.classes)[self.task]))
+            result = results[int(pick[0])]  # the candidate the label-free choice keeps
             views = [representation(self.hypernet, params, result.state)[0].numpy() for params in result.trajectory]
         seconds = time.perf_counter() - start
         logits = torch.stack(result.logits)  # (S+1, 1, N, K)

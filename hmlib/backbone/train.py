@@ -2,7 +2,9 @@
 
 The backbone learns with labels from the meta-training datasets only (their train splits minus the
 validation part), cross-entropy over the union of their classes with label smoothing, random affine
-augmentation, AdamW with a one-cycle schedule.
+augmentation and, for a share ``backbone.shift_prob`` of the images, a random corruption of the *train* family
+(noise, blur, elastic, contrast, occlusion, ...; never a held-out benchmark corruption), AdamW with a one-cycle
+schedule.
 
 Checkpoints: ``models/backbone_seed<s>-<hash>.pt`` with settings, data fingerprints,
 metrics and per-epoch history; the identity ``backbone_id`` is a hash of the weights.
@@ -24,6 +26,7 @@ from hmlib import data, paths
 from hmlib.artifacts import ArtifactError, load_named_kind, load_or_build, named_path, save_checkpoint, state_fingerprint
 from hmlib.backbone.model import ConvBackbone, augment, batchnorm_layers
 from hmlib.config import Config, ConfigError, config_to_dict, resolve_device
+from hmlib.data.corruptions import CORRUPTIONS, train_corruptions
 from hmlib.features import images_to_tensor
 from hmlib.protocol import train_val_indices
 from hmlib.reproducibility import seeded
@@ -41,6 +44,20 @@ def backbone_identity(cfg: Config, seed: int, fingerprints: dict[str, str]) -> d
     settings.pop("retrain")
     return {"kind": "backbone", "seed": int(seed), "settings": settings,
             "val_fraction": cfg.meta.val_fraction, "data_fingerprints": fingerprints}
+
+
+def shifted(images: np.ndarray, rng: np.random.Generator, share: float) -> np.ndarray:
+    """A batch where a random ``share`` of the images is put under one random train-family corruption at a random
+    strength (never a held-out benchmark corruption): the representation learns to see through such shifts."""
+    if share <= 0:
+        return images
+    names = train_corruptions()
+    pick = rng.random(len(images)) < share
+    if not pick.any():
+        return images
+    out = images.copy()
+    out[pick] = CORRUPTIONS[names[int(rng.integers(len(names)))]](images[pick], rng, float(rng.uniform(0.25, 1.0)))
+    return out
 
 
 def train_backbone(image_sets: Sequence[Any], cfg: Config, seed: int, *, progress: bool = True,
@@ -68,8 +85,10 @@ def train_backbone(image_sets: Sequence[Any], cfg: Config, seed: int, *, progres
         y_epoch = torch.cat([y[i] for y, i in zip(labels, draws)])
         model.train()
         total, correct, seen = 0.0, 0, 0
+        shift_rng = np.random.default_rng([seed, epoch])
         for batch in torch.randperm(len(x_epoch), generator=generator).split(bb.batch_size):
-            x = augment(images_to_tensor(x_epoch[batch]), generator, bb.augment)
+            x = augment(images_to_tensor(shifted(x_epoch[batch].numpy(), shift_rng, bb.shift_prob)), generator,
+                        bb.augment)
             logits = model(x)
             loss = F.cross_entropy(logits, y_epoch[batch], label_smoothing=bb.label_smoothing)
             if not torch.isfinite(loss):

@@ -30,7 +30,7 @@ from hmlib.config import IMAGE_SIZE, config_to_dict
 from hmlib.data.preprocess import preprocess_images
 from hmlib.features import normalize_task_np
 from hmlib.evaluation.evaluate import default_results_path
-from hmlib.hyper.adapt import adapt
+from hmlib.hyper.adapt import adapt_candidates
 from hmlib.hyper.bundle import Bundle, load_bundle
 from hmlib.hyper.generators import TaskInputs
 from hmlib.hyper.inputs import reads_images
@@ -122,6 +122,7 @@ class HyperClusterer:
                 "n_clusters": self.n_clusters, "num_steps": self.num_steps, "max_fit_images": self.max_fit_images,
                 "inner_loss": self.bundle.cfg.adapt.inner_loss, "generation": self.bundle.cfg.hyper.generation,
                 **({"adapted_backbone": self.adapted_} if hasattr(self, "adapted_") else {}),
+                **({"candidate": self.candidate_} if hasattr(self, "candidate_") else {}),
                 **({"k_selection": {"criterion": "silhouette on the standardised embedding",
                                     "scores": {str(k): v for k, v in self.k_scores_.items()}}}
                    if hasattr(self, "k_scores_") else {})}
@@ -178,8 +179,11 @@ class HyperClusterer:
             sample = np.linspace(0, len(images) - 1, min(len(images), self.max_fit_images)).astype(np.int64)
             if len(sample) < self.n_clusters:
                 raise ValueError(f"{len(images)} images cannot form {self.n_clusters} clusters")
-            result = adapt(self.bundle.hypernet, self._inputs(context[sample], images[sample]), self.bundle.cfg.adapt,
-                           num_steps=self.num_steps, num_classes=self.n_clusters)
+            results, pick = adapt_candidates(self.bundle.hypernet, self._inputs(context[sample], images[sample]),
+                                             self.bundle.cfg.adapt, num_steps=self.num_steps,
+                                             num_classes=self.n_clusters)
+            result = results[int(pick[0])]  # the label-free choice (generated / stored / task statistics)
+            self.candidate_ = int(pick[0])  # index into the candidates the generator supports
             self._params = {k: v.detach() for k, v in result.params.items()}
             self._state = result.state
         if not hasattr(self, "_params"):

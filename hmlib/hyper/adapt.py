@@ -1,10 +1,16 @@
-"""The one unsupervised inner loop, for meta-training and test time alike.
+"""The one unsupervised inner loop, for meta-training and test time alike, and the label-free choice at test time.
 
 :func:`adapt` generates each task's network and runs S gradient steps of the inner loss on its adaptable
 parameters, each with its own step size (meta-learned where the generator learns them: Meta-SGD). With
 ``create_graph=True`` the steps stay in the autograd graph (second-order, MAML-style), so the outer loss reaches
 the hypernetwork, and the step sizes, through them; at test time (:func:`predict_task`) no graph is kept. The
 inner loss is summed over tasks, so each task's gradient is its own.
+
+When not to adapt (:func:`adapt_candidates`): at test time the generated adaptation is one candidate;
+``adapt.candidates`` may add the same hypernetwork with every normalisation blend fixed to 0 (the backbone's stored
+statistics) or to 1 (the task's own). Each is adapted by the same inner loop, and per task the one whose clusters
+have the highest silhouette on its own adapted representation is kept (the rule that picked the better
+normalisation on shrunk and on noisy digits, METHOD.md). Batched over tasks; nothing reads a label.
 """
 from __future__ import annotations
 
@@ -13,6 +19,7 @@ from typing import Mapping
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.func import functional_call
 
@@ -117,20 +124,72 @@ def _adapt_hypernet(hypernet: HyperNet, inputs: TaskInputs, context: Tensor, sta
         params={k: torch.cat([r.params[k] for r in results]) for k in results[0].params}, state=state)
 
 
+CANDIDATES: dict[str, dict[str, float]] = {
+    "generated": {},  # the hypernetwork's own blend of stored and task statistics
+    "stored": {"blend": 0.0},  # the backbone's stored statistics everywhere: do not re-normalise to the task
+    "task": {"blend": 1.0},  # the task's own statistics everywhere
+}
+
+
+def silhouette(z: Tensor, clusters: Tensor, num_classes: int) -> Tensor:
+    """Mean silhouette (T,) of cluster ids (T, N) on rows z (T, N, D), Euclidean; -1 where one cluster is used
+    (scikit-learn's definition, batched over tasks)."""
+    dist = torch.cdist(z, z)  # (T, N, N)
+    onehot = F.one_hot(clusters, num_classes).to(z.dtype)  # (T, N, K)
+    counts = onehot.sum(1, keepdim=True)  # (T, 1, K)
+    sums = dist @ onehot  # (T, N, K): summed distance of each row to each cluster
+    size = (onehot * counts).sum(-1)  # (T, N): the size of each row's own cluster
+    own = (onehot * sums).sum(-1) / (size - 1).clamp_min(1)  # mean distance to the others of its cluster
+    other = torch.where(onehot.bool() | (counts == 0), torch.full_like(sums, float("inf")),
+                        sums / counts.clamp_min(1)).min(-1).values  # mean distance to the nearest other cluster
+    score = torch.where(size <= 1, torch.zeros_like(own), (other - own) / torch.maximum(own, other).clamp_min(1e-12))
+    used = (counts > 0).sum((-1, -2))
+    return torch.where(used > 1, score.mean(-1), torch.full_like(score[:, 0], -1.0))
+
+
+def representation(hypernet: HyperNet, result: AdaptResult) -> Tensor:
+    """The adapted representation (T, N, F) a task's clusters were formed in: the modulated embedding (generator
+    'film'), else the generated network's normalised outputs."""
+    generator = hypernet.generator
+    if hasattr(generator, "embedding"):
+        return generator.embedding(result.params, result.state)
+    return F.normalize(result.logits[-1], dim=-1)
+
+
+def adapt_candidates(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, *, num_steps: int | None = None,
+                     num_classes: int | None = None, context: Tensor | None = None,
+                     fixed: Mapping[str, float] | None = None, trajectory: bool = False
+                     ) -> tuple[list[AdaptResult], Tensor]:
+    """Every candidate of ``adapt.candidates`` adapted (no graph), and the label-free choice per task (T,), an index
+    into ``adapt.candidates`` (those the generator supports): the highest silhouette of its clusters on its own
+    adapted representation. ``fixed`` (an ablation forcing generated tensors) leaves only the generated candidate."""
+    names = ["generated"] if fixed else [n for n in cfg.candidates if n in hypernet.generator.candidates]
+    names = names or ["generated"]
+    results = [adapt(hypernet, inputs, cfg, num_steps=num_steps, num_classes=num_classes, context=context,
+                     fixed={**(fixed or {}), **CANDIDATES[name]} or None, trajectory=trajectory) for name in names]
+    if len(results) == 1:
+        return results, torch.zeros(results[0].logits[0].shape[0], dtype=torch.long)
+    with torch.no_grad():
+        scores = torch.stack([silhouette(representation(hypernet, r), r.logits[-1].argmax(-1), r.logits[-1].shape[-1])
+                              for r in results])  # (candidates, T)
+    return results, scores.argmax(0)
+
+
 def predict_task(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, num_steps: int | None = None, *,
                  num_classes: int | None = None, context: Tensor | None = None,
                  fixed: Mapping[str, float] | None = None, chunk: int = 25) -> Tensor:
-    """Logits after 0..S inner steps, (S+1, T, N, K) ((S+1, N, K) for one unbatched task); no graph kept.
-    Tasks are processed ``chunk`` at a time (memory); the result does not depend on ``chunk``."""
+    """Logits after 0..S inner steps of the chosen candidate, (S+1, T, N, K) ((S+1, N, K) for one unbatched task); no
+    graph kept. Tasks are processed ``chunk`` at a time (memory); the result does not depend on ``chunk``."""
     batch = hypernet.check(inputs)
     parts = []
     for start in range(0, batch.num_tasks, chunk):
         part = slice(start, start + chunk)
         sub = TaskInputs(batch.context[part], None if batch.images is None else batch.images[part],
                          None if batch.features is None else batch.features[part])
-        parts.append(torch.stack(adapt(hypernet, sub, cfg, num_steps=num_steps, create_graph=False,
-                                       num_classes=num_classes, fixed=fixed,
-                                       context=None if context is None else context[part]).logits))
+        results, pick = adapt_candidates(hypernet, sub, cfg, num_steps=num_steps, num_classes=num_classes,
+                                         fixed=fixed, context=None if context is None else context[part])
+        logits = torch.stack([torch.stack(r.logits) for r in results])  # (C, S+1, T, N, K)
+        parts.append(logits[pick, :, torch.arange(pick.shape[0])].transpose(0, 1))  # (S+1, T, N, K)
     logits = torch.cat(parts, dim=1)
     return logits if inputs.batched else logits[:, 0]
 

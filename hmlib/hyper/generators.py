@@ -101,6 +101,8 @@ class TaskState:
 class Generator(nn.Module):
     """The interface every generator implements (see the module docstring)."""
 
+    candidates: tuple[str, ...] = ("generated",)  # test-time candidates it supports (hmlib.hyper.adapt.CANDIDATES)
+
     def prepare(self, inputs: TaskInputs, *, augmented: bool = False) -> TaskState:
         raise NotImplementedError
 
@@ -148,6 +150,8 @@ def fix(params: Params, fixed: Mapping[str, float] | None) -> Params:
 
 class FilmGenerator(Generator):
     """Per-task FiLM and statistics blend of every backbone normalisation layer + a k-means cluster head."""
+
+    candidates = ("generated", "stored", "task")  # the blend can be fixed to either statistics
 
     def __init__(self, cfg: HyperConfig, film: FilmConfig, backbone: ConvBackbone, num_classes: int) -> None:
         super().__init__()
@@ -282,6 +286,7 @@ class FullGenerator(Generator):
         if cfg.meta.min_classes != cfg.meta.max_classes:
             raise ConfigError("the 'full' generator emits a fixed number of outputs: set meta.min_classes = "
                               "meta.max_classes (the K it is trained for)")
+
 
     def prepare(self, inputs: TaskInputs, *, augmented: bool = False) -> TaskState:
         if inputs.features is None:
