@@ -14,6 +14,8 @@ TORCH_VERSION := 2.13.0
 TORCH_INDEX ?=
 PROFILE ?= default
 CONFIG ?=
+# Where every stage computes (hmlib run/benchmark --device): auto, cpu, cuda, cuda:N or mps; empty: the config's.
+DEVICE ?=
 PYTEST_ARGS ?=
 STAMP := $(VENV)/.hmlib-installed
 # Is the venv usable (its python runs pip)? If not, the stamp counts as out of date whatever its age.
@@ -50,7 +52,7 @@ help:
 	@echo "make bench      set up, then every benchmarks/bench_*.py (after make run: they time its checkpoints)"
 	@echo "make benchmark  set up, then the full held-out grid on the pipeline's checkpoints (after make run; resumable)"
 	@echo "make results    docs/results.json and the README tables from the last make run + make bench"
-	@echo "variables: PROFILE=smoke|default|seed CONFIG=path.json HMLIB_DATA_DIR=... TORCH_INDEX=... VENV=.venv"
+	@echo "variables: PROFILE=smoke|default|seed CONFIG=path.json DEVICE=cuda HMLIB_DATA_DIR=... TORCH_INDEX=... VENV=.venv"
 
 setup: $(STAMP)
 
@@ -71,7 +73,7 @@ $(STAMP): pyproject.toml $(if $(VENV_OK),,FORCE)
 FORCE:
 
 run: $(STAMP)
-	$(BIN)/hmlib run --profile $(PROFILE) $(if $(CONFIG),--config $(CONFIG),)
+	$(BIN)/hmlib run --profile $(PROFILE) $(if $(CONFIG),--config $(CONFIG),) $(if $(DEVICE),--device $(DEVICE),)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -83,7 +85,7 @@ bench: $(STAMP)
 	@set -e; for script in benchmarks/bench_*.py; do echo "== $$script"; $(BIN)/python $$script; done
 
 benchmark: $(STAMP)
-	$(BIN)/hmlib benchmark --profile $(PROFILE) $(if $(CONFIG),--config $(CONFIG),)
+	$(BIN)/hmlib benchmark --profile $(PROFILE) $(if $(CONFIG),--config $(CONFIG),) $(if $(DEVICE),--device $(DEVICE),)
 
 results: $(STAMP)
 	$(BIN)/hmlib results --write

@@ -1,13 +1,18 @@
-"""Data-stage speed: mirror -> cache for the four offline datasets, cache load, task sampling.
+"""Data-stage speed: mirror -> cache for the four offline datasets, cache load, task sampling, shifted datasets.
 
-Run: HMLIB_DATA_DIR=../shared/data .venv/bin/python benchmarks/bench_data.py [--workers N] [--keep-home]
+    HMLIB_DATA_DIR=../shared/data .venv/bin/python benchmarks/bench_data.py [--profile default] [--workers N]
+
 Targets (issue 2): mirror -> cache <= 60 s for ~160,000 images; cache load < 1 s; >= 10,000 tasks/s at N = 256.
-Artifacts go to a temporary HMLIB_HOME unless --keep-home, so the repository's cache is not touched.
+Shifted datasets: the time to build ``mnist+<corruption>`` (test split, from the cached base: the corruption and
+the cache write) for every corruption of ``hmlib.data.corruptions``, benchmark and train family.
+Artifacts go to a temporary HMLIB_HOME (removed after) unless --keep-home, so the repository's cache is not
+touched; the figures go to the real home's results/bench/data.json.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import tempfile
 import time
 
@@ -17,23 +22,35 @@ DATASETS = ("mnist", "fashion_mnist", "hebrew_chars", "math_shapes")
 
 
 def main() -> None:
+    """Parse the arguments; run in a temporary artifact home (removed after) unless --keep-home."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", type=int, default=None, help="decoding processes (default: all cores)")
     parser.add_argument("--keep-home", action="store_true", help="use the real HMLIB_HOME instead of a temp dir")
+    parser.add_argument("--profile", default="default", help="data settings (smoke: 600 images per split)")
     parser.add_argument("--num-tasks", type=int, default=10_000)
+    parser.add_argument("--shift-base", default="mnist", help="the dataset every corruption is applied to")
     args = parser.parse_args()
     from hmlib import paths
 
     results = paths.results_dir()  # figures go to the real home's results, the caches to a temporary one
-    if not args.keep_home:
-        os.environ["HMLIB_HOME"] = tempfile.mkdtemp(prefix="hmlib-bench-")
+    if args.keep_home:
+        return measure(args, results)
+    os.environ["HMLIB_HOME"] = temporary = tempfile.mkdtemp(prefix="hmlib-bench-")
+    try:
+        measure(args, results)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+
+
+def measure(args: argparse.Namespace, results) -> None:
+    """Every figure, written to ``results``/bench/data.json."""
     import torch
 
     torch.set_num_threads(1)
     from hmlib.config import load_config
-    from hmlib.data import TaskSampler, load_split
+    from hmlib.data import CORRUPTIONS, TaskSampler, fit_task_size, load_split
 
-    cfg = load_config("default").data
+    cfg = load_config(args.profile).data
     print(f"cores visible: {len(os.sched_getaffinity(0))}, load average: {os.getloadavg()[0]:.2f} "
           f"(other jobs share the cores), workers: {args.workers or 'auto'}")
 
@@ -56,6 +73,7 @@ def main() -> None:
 
     for name, num_images in (("mnist", 256), ("hebrew_chars", 256), ("mnist", 64)):
         labels = sets[(name, "train")].labels
+        num_images = fit_task_size(labels, 4, num_images)  # smaller only where the profile subsamples the splits
         sampler = TaskSampler(labels, 4, num_images)
         rng = np.random.default_rng(0)
         sampler.sample(100, rng)  # warm-up
@@ -67,6 +85,26 @@ def main() -> None:
         print(f"task sampling {name} train, K=4, N={num_images}: median {np.median(rates):,.0f} tasks/s, best "
               f"{max(rates):,.0f} of 3 runs of {args.num_tasks:,} (target >= 10,000 at N=256)")
         figures[f"task sampling {name} N={num_images}, tasks/s"] = round(float(np.median(rates)))
+
+    base = sets[(args.shift_base, "test")]
+    print(f"shifted datasets: {args.shift_base}+<corruption>, test split ({len(base)} images), built from the cache")
+    shift_s = {}
+    for name, corruption in CORRUPTIONS.items():
+        t0 = time.perf_counter()
+        load_split(f"{args.shift_base}+{name}", "test", cfg, rebuild=True, progress=False)
+        shift_s[name] = time.perf_counter() - t0
+        rate = len(base) / shift_s[name]
+        print(f"  {corruption.family:<9s} {name:<16s} {shift_s[name]:6.2f} s ({rate:,.0f} images/s)")
+    for family in ("benchmark", "train"):
+        names = [n for n, c in CORRUPTIONS.items() if c.family == family]
+        total_s = sum(shift_s[n] for n in names)
+        slowest = max(names, key=shift_s.get)
+        print(f"  {family} family: {len(names)} corruptions in {total_s:.1f} s, slowest {slowest} "
+              f"({shift_s[slowest]:.2f} s)")
+        figures[f"shifted {args.shift_base} test, {family} family ({len(names)} corruptions), s"] = round(total_s, 1)
+        figures[f"shifted {args.shift_base} test, slowest {family} corruption ({slowest}), s"] = \
+            round(shift_s[slowest], 2)
+    figures["_shifted_seconds"] = {name: round(v, 3) for name, v in shift_s.items()}  # every one, kept out of the table
     from common import record, setup
 
     figures["_machine"] = setup(1)

@@ -184,9 +184,24 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def on_cpu(value: Any) -> Any:
+    """``value`` with every tensor in it (nested dicts, lists, tuples: a state dict, an optimiser's state) detached
+    and on the CPU, so that a checkpoint written on a GPU loads on any machine."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, Mapping):
+        return {k: on_cpu(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [on_cpu(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(on_cpu(v) for v in value)
+    return value
+
+
 def save_checkpoint(path: str | Path, state: Mapping[str, Any], meta: Mapping[str, Any]) -> Path:
-    """Save tensors (``state``) plus primitive ``meta`` atomically; loadable with weights_only=True."""
-    payload = {"schema_version": SCHEMA_VERSION, "meta": dict(meta), "state": dict(state)}
+    """Save tensors (``state``, moved to the CPU whatever device they are on) plus primitive ``meta`` atomically;
+    loadable with weights_only=True on any machine."""
+    payload = {"schema_version": SCHEMA_VERSION, "meta": dict(meta), "state": on_cpu(dict(state))}
     with atomic_path(path) as tmp:
         try:
             with open(tmp, "wb") as fh:  # a file object: a failed write can surface as OSError(ENOSPC)
@@ -211,7 +226,9 @@ def _torch_write_error(err: RuntimeError, path: Path, tmp: Path, state: Mapping[
 
 def load_checkpoint(path: str | Path, expected_meta: Mapping[str, Any] | None = None,
                     map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], dict[str, Any]]:
-    """Load ``(state, meta)`` safely (weights_only=True); check ``expected_meta`` keys if given."""
+    """Load ``(state, meta)`` safely (weights_only=True) onto ``map_location`` (the CPU by default: a checkpoint
+    written on any device loads here; models are moved to the chosen device after they are rebuilt); check
+    ``expected_meta`` keys if given."""
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"checkpoint not found: {path}")

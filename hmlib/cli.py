@@ -26,6 +26,7 @@ from typing import Any, Iterator, NoReturn, Sequence
 
 from hmlib import __version__
 from hmlib.artifacts import storage_error
+from hmlib.config import device_name
 from hmlib.errors import HmlibError, Terminated, raise_terminated
 
 SUBCOMMAND_MODULES: tuple[str, ...] = ("hmlib.runner", "hmlib.evaluation.cli", "hmlib.evaluation.benchmark",
@@ -67,6 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                          help="show the full traceback of any error")
     return parser
+
+
+def add_device_option(parser: argparse.ArgumentParser, what: str, default: str = "the config's device") -> None:
+    """``--device``: where ``what`` computes, checked like the config field ``device`` (None when not given)."""
+    parser.add_argument("--device", type=_device_value, default=None, metavar="DEVICE",
+                        help=f"where {what} runs: auto, cpu, cuda, cuda:N or mps (default: {default})")
+
+
+def _device_value(text: str) -> str:
+    try:
+        return device_name(text)
+    except HmlibError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:

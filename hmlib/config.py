@@ -12,13 +12,16 @@ datasets) are read from that concept's registry, so adding one is one edit in on
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from hmlib.validation import ConfigError, check_dataclass, checked, read_config_file
+from hmlib.validation import ConfigError, Pattern, check_dataclass, checked, read_config_file
 
 IMAGE_SIZE = 28  # every image is 1 x 28 x 28; the models are built for it
+DEVICE_NAMES = Pattern(r"auto|cpu|mps|cuda(:[0-9]+)?", "'auto', 'cpu', 'cuda', 'cuda:N' (N = 0, 1, ...) or 'mps'")
+DEVICE_VARIABLE = "HMLIB_DEVICE"  # `hmlib run --device` sets it for the notebook kernels: load_config applies it
 
 
 def _names(module: str, attribute: str) -> Callable[[], tuple[str, ...]]:
@@ -181,6 +184,8 @@ class AdaptConfig:
     # test time: candidates adapted side by side, the one with the best silhouette kept per task (hmlib.hyper.adapt)
     candidates: tuple[str, ...] = checked(("generated", "stored", "task"), min_len=1,
                                           choices=_names("hmlib.hyper.adapt", "CANDIDATES"))
+    choice: str = checked("learned", choices=("learned", "silhouette"))  # the meta-learned selector (where meta-
+    # training fitted one that beat the silhouette rule on validation), or the silhouette rule
     neighbours: int = checked(5, min=1)  # nearest neighbours of the neighbour-agreement loss
     geometry_weight: float = checked(3.0, min=0.0)
     balance_weight: float = checked(1.0, min=0.0)  # weight of the cluster-balance term
@@ -200,7 +205,7 @@ class MetaConfig:
     task_images: int = checked(128, min=4)  # N of a meta-training task
     shifts: tuple[str, ...] | None = checked(None, choices=_train_shifts)  # None: every train-family corruption
     shift_prob: float = checked(0.7, min=0.0, max=1.0)  # share of meta-training tasks under a random shift
-    outer_loss: str = checked("centroids", choices=("centroids", "aligned"))  # class-centroid or aligned CE
+    outer_loss: str = checked("both", choices=("centroids", "aligned", "both"))  # class-centroid / aligned CE
     backbone_lr: float = checked(0.0, min=0.0)  # > 0: the outer loop also fine-tunes the backbone (episodic)
     outer_lr: float = checked(1e-3, min_exclusive=0.0)
     grad_clip: float = checked(1.0, min_exclusive=0.0)
@@ -208,6 +213,7 @@ class MetaConfig:
     eval_every: int = checked(25, min=1)
     eval_tasks: int = checked(64, min=1)
     use_inner_loop: bool = True  # False: meta-train without adaptation (MT3 ablation)
+    selector_episodes: int = checked(40, min=0)  # meta-batches that fit the test-time selector (0: none)
     retrain: str = checked("auto", choices=("auto", "never", "always"))
 
 
@@ -232,7 +238,7 @@ class BenchmarkConfig:
 
     corruptions: tuple[str, ...] | None = checked(None, choices=_benchmark_shifts)  # None: the whole benchmark family
     shapes: tuple[tuple[int, int], ...] = ((2, 64), (4, 64), (4, 256), (10, 500))
-    num_tasks: int = checked(60, min=2)
+    num_tasks: int = checked(40, min=2)
 
 
 @dataclass(frozen=True)
@@ -252,7 +258,8 @@ class AblationConfig:
 @dataclass(frozen=True)
 class Config:
     profile: str = "default"
-    device: str = "auto"  # "auto" (cuda, then mps, then cpu) or a torch device name
+    # where every stage computes: "auto" (cuda, then mps, then cpu); not part of any artifact's identity
+    device: str = checked("auto", pattern=DEVICE_NAMES)
     # CPU threads for torch and the BLAS/OpenMP pools of numpy/scikit-learn; None = the libraries' defaults.
     num_threads: int | None = checked(1, min=1)
     # Replicates of the whole pipeline: replicate s trains its VAEs, backbones and hypernetworks from seed s.
@@ -288,7 +295,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "hyper": {"embed_dim": 16, "num_seeds": 2, "num_heads": 2},
         "film": {"cluster_inits": 3},
         "meta": {"iterations": 10, "meta_batch_size": 2, "eval_every": 5, "eval_tasks": 4, "val_fraction": 0.2,
-                 "max_classes": 4, "task_images": 32, "test_datasets": ("mnist", "mnist+rotate")},
+                 "max_classes": 4, "task_images": 32, "test_datasets": ("mnist", "mnist+rotate"),
+                 "selector_episodes": 4},
         "eval": {"num_tasks": 10, "shapes": ((4, 64), (2, 32)), "kmeans_n_init": 2, "plain_steps": 3},
         "benchmark": {"corruptions": ("rotate", "shot_noise"), "shapes": ((4, 64),), "num_tasks": 6},
         "transductive": {"epochs": 1, "max_images": 300, "batch_size": 64, "datasets": ("mnist",)},
@@ -383,12 +391,15 @@ def validate(cfg: Config) -> Config:
 
 def load_config(profile: str = "default", path: str | Path | None = None,
                 overrides: Mapping[str, Any] | None = None) -> Config:
-    """Build a validated config: package defaults, then a profile, then a JSON file, then overrides."""
+    """Build a validated config: package defaults, then a profile, then a JSON file, then the environment variable
+    ``HMLIB_DEVICE`` (set by ``hmlib run --device`` for its notebook kernels), then overrides."""
     if profile not in PROFILES:
         raise ConfigError(f"unknown profile '{profile}'; choose one of: {', '.join(PROFILES)}")
     cfg = _merge(Config(profile=profile), PROFILES[profile], "")
     if path is not None:
         cfg = _merge(cfg, read_config_file(path), "")
+    if os.environ.get(DEVICE_VARIABLE, "").strip():
+        cfg = _merge(cfg, {"device": os.environ[DEVICE_VARIABLE].strip()}, "")
     if overrides:
         cfg = _merge(cfg, overrides, "")
     return validate(cfg)
@@ -433,17 +444,35 @@ def configure_runtime(cfg: Config) -> "torch.device":  # noqa: F821
     return resolve_device(cfg.device)
 
 
+def device_name(text: str) -> str:
+    """A device name as the config accepts it (``--device`` of the commands): 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps'
+    (whether this machine has it is checked where it is used: :func:`resolve_device`)."""
+    name = str(text).strip()
+    if not DEVICE_NAMES.matches(name):
+        raise ConfigError(f"device must be {DEVICE_NAMES.words}, got {text!r}")
+    return name
+
+
 def resolve_device(name: str = "auto") -> "torch.device":  # noqa: F821
-    """'auto' picks cuda, then mps, then cpu; any other name is passed to torch.device."""
+    """The one device every stage computes on: 'auto' picks cuda, then mps, then cpu; any other name is passed to
+    torch.device. A device this machine does not have is a ConfigError (one line), never a crash in a stage."""
     import torch
 
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("mps" if mps else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError as err:
         raise ConfigError(f"device = {name!r} is not a torch device ('auto', 'cpu', 'cuda', 'cuda:0', 'mps')") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device = {name!r} but torch {torch.__version__} sees no CUDA GPU on this machine; use "
+                          "'auto' or 'cpu' (or install a CUDA build of torch)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device = {name!r} but this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                          f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    if device.type == "mps" and not mps:
+        raise ConfigError(f"device = {name!r} but MPS (Apple GPU) is not available here; use 'auto' or 'cpu'")
+    return device

@@ -33,6 +33,15 @@ def images_to_tensor(images: np.ndarray | Tensor) -> Tensor:
     return images.unsqueeze(1).float().div_(255.0)
 
 
+def to_device(batch: Tensor, device: torch.device | str) -> Tensor:
+    """A CPU batch on ``device``: through pinned memory and a non-blocking copy to a CUDA GPU (the copy overlaps
+    the work already queued there), a plain ``.to`` elsewhere (no copy at all on the CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda" and batch.device.type == "cpu":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
+
+
 @torch.no_grad()
 def encode_batches(encode: Callable[[Tensor], Tensor | tuple[Tensor, ...]], images: np.ndarray, *,
                    batch_size: int = 2048, progress: bool = False, desc: str = "encode") -> list[np.ndarray]:

@@ -8,6 +8,15 @@ what ran before it in the same process (a notebook kernel runs several stages in
 What can still differ: results are bit-identical for the same hmlib, torch build, machine type and
 ``num_threads``; another CPU type, another thread count or a GPU may reorder floating-point
 reductions and change the last bits, which training can amplify (see docs/ARCHITECTURE.md).
+
+Per device (:func:`deterministic_kernels`): on the CPU, torch's kernels are deterministic for a fixed thread
+count and the settings below change nothing. On CUDA, ``torch.use_deterministic_algorithms`` picks deterministic
+kernels (warning where an operation has none), cuBLAS needs ``CUBLAS_WORKSPACE_CONFIG`` for that, cuDNN's
+autotuner is off (it may pick another algorithm each run) and TF32 is off for convolutions and matrix products
+(full float32, as on the CPU: reduced precision only where measured equal in accuracy). A GPU run then repeats
+itself on the same card and driver, but draws its on-device noise (the VAE's reparameterisation) from the
+device's own generator and sums in another order than the CPU: its numbers agree with a CPU run's within their
+intervals, not bit for bit. On MPS torch offers fewer deterministic kernels; the same holds, best effort.
 """
 from __future__ import annotations
 
@@ -28,8 +37,11 @@ def seeded(seed: int) -> Iterator[None]:
 
 
 def deterministic_kernels() -> None:
-    """Ask torch for deterministic algorithms wherever it has them (warn, not fail, where it has none)."""
+    """Ask torch for deterministic algorithms wherever it has them (warn, not fail, where it has none), in full
+    float32 on every device (no TF32 on CUDA)."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed by deterministic cuBLAS; harmless on CPU
     torch.use_deterministic_algorithms(True, warn_only=True)
     if hasattr(torch.backends, "cudnn"):
         torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.allow_tf32 = False  # torch's default lets cuDNN convolutions run in TF32
+    torch.backends.cuda.matmul.allow_tf32 = False  # already torch's default; stated, not assumed

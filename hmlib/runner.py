@@ -10,7 +10,8 @@ shuts the kernel down (:mod:`hmlib.notebook_client`), starts no further cell or 
 notebook as ``interrupted`` with its partial report and ends the command with status 130 (SIGINT) or
 143 (SIGTERM). ``HMLIB_HOME`` and ``HMLIB_DATA_DIR`` are resolved once, here, and handed to every kernel as
 absolute paths, and so are the entries of ``PYTHONPATH`` (a kernel runs in the notebooks folder, where a relative
-path would mean another folder).
+path would mean another folder). ``--device`` reaches the kernels as ``HMLIB_DEVICE``, which their
+:func:`hmlib.load_config` applies over the config file; a device this machine lacks fails before any kernel starts.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ import nbformat
 
 from hmlib import paths, reports
 from hmlib.artifacts import check_writable
-from hmlib.config import load_config
+from hmlib.cli import add_device_option
+from hmlib.config import DEVICE_VARIABLE, load_config, resolve_device
 from hmlib.errors import HmlibError
 
 NOTEBOOK_PATTERN = re.compile(r"^\d\d_.+\.ipynb$")
@@ -273,8 +275,9 @@ def _restore_sigterm(handler: Any) -> None:
 def run_notebooks(profile: str = "default", config_path: str | Path | None = None, *,
                   only: Iterable[str] | None = None, start: str | None = None,
                   timeout: int | None = DEFAULT_CELL_TIMEOUT_S, notebooks_dir: str | Path | None = None,
-                  progress: bool = True) -> list[NotebookRun]:
-    """Execute the selected notebooks in order, stopping at the first failure; update reports/index.html."""
+                  progress: bool = True, device: str | None = None) -> list[NotebookRun]:
+    """Execute the selected notebooks in order, stopping at the first failure; update reports/index.html.
+    ``device`` (default: the config's) is where every stage computes, handed to the kernels as ``HMLIB_DEVICE``."""
     if timeout is not None and timeout < 0:
         raise RunnerError(f"--timeout must be a positive number of seconds, or 0 for no timeout (got {timeout})")
     timeout = timeout or None  # 0: no timeout
@@ -282,7 +285,8 @@ def run_notebooks(profile: str = "default", config_path: str | Path | None = Non
         if not str(config_path).strip():
             raise RunnerError("--config '' names no file; give the path of a JSON file or leave --config out")
         config_path = str(Path(config_path).expanduser().resolve())
-    load_config(profile, config_path)  # fail fast, before any kernel starts, on a bad profile or file
+    cfg = load_config(profile, config_path, {"device": device} if device is not None else None)  # fail fast, before
+    resolve_device(cfg.device)  # any kernel starts, on a bad profile, file or device, or a GPU this machine lacks
     if notebooks_dir is not None and not str(notebooks_dir).strip():
         raise RunnerError("--notebooks '' names no folder; give the folder of the series or leave --notebooks out")
     series = discover_notebooks(notebooks_dir)
@@ -290,11 +294,14 @@ def run_notebooks(profile: str = "default", config_path: str | Path | None = Non
         raise RunnerError(f"no notebooks named NN_*.ipynb in {notebooks_dir or paths.notebooks_dir()}")
     selected = select_notebooks(series, only, start)
     env = kernel_environment()  # HMLIB_HOME and HMLIB_DATA_DIR resolved once, here, for every kernel
+    if device is not None:
+        env[DEVICE_VARIABLE] = device  # every kernel's load_config applies it over the config file
     check_writable(paths.home(), what="the artifact folder (HMLIB_HOME)")  # before hours of work, not after
     out_dir = paths.reports_dir()
     parameters = {"profile": profile, "config_path": config_path}
     runs: list[NotebookRun] = []
-    _say(f"hmlib run: profile={profile!r} config={config_path!r}; {len(selected)} notebook(s) -> {out_dir}", progress)
+    _say(f"hmlib run: profile={profile!r} config={config_path!r} device={cfg.device!r}; {len(selected)} notebook(s) "
+         f"-> {out_dir}", progress)
     for position, source in enumerate(selected, 1):
         _say(f"[{position}/{len(selected)}] {source.name} ...", progress)
         run = execute_notebook(source, parameters, out_dir, timeout=timeout, progress=progress, env=env)
@@ -341,6 +348,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--notebooks", default=None, metavar="DIR",
                         help="folder holding the series (default: the repository's notebooks/)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    add_device_option(parser, "every stage of every notebook")
     parser.set_defaults(func=_run_command)
 
 
@@ -359,7 +367,8 @@ def _run_command(args: argparse.Namespace) -> int:
     """Handler of ``hmlib run``: 0 if every notebook ran, 1 if one failed, 130 / 143 if interrupted by SIGINT /
     SIGTERM (errors: hmlib.cli)."""
     runs = run_notebooks(args.profile, args.config, only=args.only, start=args.start,
-                         timeout=args.timeout or None, notebooks_dir=args.notebooks, progress=not args.quiet)
+                         timeout=args.timeout or None, notebooks_dir=args.notebooks, progress=not args.quiet,
+                         device=args.device)
     total = sum(r.wall_s for r in runs)
     print("\n".join(f"{r.name:<24} {r.status:<7} {r.wall_s:8.1f} s   {r.html_path or '-'}" for r in runs))
     print(f"{'total':<24} {'':<7} {total:8.1f} s   {paths.reports_dir() / 'index.html'}")

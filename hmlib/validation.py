@@ -23,7 +23,9 @@ Range and choice rules come from ``dataclasses.field(metadata={...})`` (or :func
 * ``min`` / ``max``: inclusive bounds; ``min_exclusive`` / ``max_exclusive``: exclusive bounds;
 * ``choices``: a tuple of allowed values, or a zero-argument callable returning them (so a registry
   can supply the names lazily);
-* ``min_len`` / ``max_len``: bounds on the length of a tuple, list or mapping.
+* ``min_len`` / ``max_len``: bounds on the length of a tuple, list or mapping;
+* ``pattern``: a :class:`Pattern` a string must match in full (a regular expression and its description in
+  words, for names that no tuple of choices can list, such as ``cuda:N``).
 
 On a tuple, list or mapping field the bound and choice rules apply to each element (each value of
 a mapping); the length rules to the container. Rules skip ``None``. Other metadata keys are left to
@@ -47,7 +49,7 @@ from typing import Any, Mapping
 
 from hmlib.errors import HmlibError
 
-RULES = ("min", "max", "min_exclusive", "max_exclusive", "choices", "min_len", "max_len")
+RULES = ("min", "max", "min_exclusive", "max_exclusive", "choices", "min_len", "max_len", "pattern")
 LENGTH_RULES = ("min_len", "max_len")
 _BOUNDS = (("min", ">=", operator.ge), ("min_exclusive", ">", operator.gt), ("max", "<=", operator.le),
            ("max_exclusive", "<", operator.lt))
@@ -59,6 +61,17 @@ _SHOW_LIMIT = 60
 
 class ConfigError(HmlibError, ValueError):
     """A configuration value or key is invalid."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Pattern:
+    """The ``pattern`` rule: ``regex`` must match the whole string; ``words`` says what it accepts in messages."""
+
+    regex: str
+    words: str
+
+    def matches(self, value: str) -> bool:
+        return re.fullmatch(self.regex, value) is not None
 
 
 class _Mismatch(Exception):
@@ -198,6 +211,8 @@ def _check_rules(value: Any, rules: Mapping[str, Any]) -> Any:
     allowed = _choices(rules)
     if allowed is not None and value not in allowed:
         raise _Mismatch(False)
+    if "pattern" in rules and isinstance(value, str) and not rules["pattern"].matches(value):
+        raise _Mismatch(False)
     for key, _, ok in _BOUNDS:
         if key in rules and not ok(value, rules[key]):
             raise _Mismatch(False)
@@ -264,6 +279,8 @@ def expected(tp: Any, rules: Mapping[str, Any] | None = None) -> str:
     allowed = _choices(rules)
     if allowed is not None:
         return "one of " + ", ".join(map(_literal, allowed))
+    if "pattern" in rules:
+        return rules["pattern"].words
     singular = _SCALARS[tp][0] if tp in _SCALARS else f"a {getattr(tp, '__name__', str(tp))}"
     return " ".join(filter(None, (singular, _bounds_text(rules))))
 
@@ -392,4 +409,5 @@ def _no_constant(name: str) -> Any:
     raise _JSONProblem(f"{name} is not a JSON number")
 
 
-__all__ = ["ConfigError", "RULES", "check_dataclass", "check_value", "checked", "expected", "read_config_file"]
+__all__ = ["ConfigError", "Pattern", "RULES", "check_dataclass", "check_value", "checked", "expected",
+           "read_config_file"]

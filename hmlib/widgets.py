@@ -26,7 +26,7 @@ import torch
 from hmlib.ablations.run import ablation_grid
 from hmlib.config import AdaptConfig, Config
 from hmlib.evaluation.conditions import suite_for
-from hmlib.hyper.adapt import adapt_candidates
+from hmlib.hyper.adapt import adapt_candidates, representation
 from hmlib.hyper.generators import TaskInputs
 from hmlib.hyper.inputs import TaskData, load_task_data
 from hmlib.hyper.losses import INNER_LOSSES, task_accuracy
@@ -152,10 +152,13 @@ class AdaptationExplorer:
                                              self.adapt_config, trajectory=True,
                                              num_classes=len(np.asarray(source.suite.classes)[self.task]))
             result = results[int(pick[0])]  # the candidate the label-free choice keeps
-            views = [representation(self.hypernet, params, result.state)[0].numpy() for params in result.trajectory]
+            # step s's representation: its parameters and (the full generator's view) its logits
+            views = [representation(self.hypernet, dataclasses.replace(result, params=params,
+                                                                       logits=result.logits[:s + 1]))[0].cpu().numpy()
+                     for s, params in enumerate(result.trajectory)]
         seconds = time.perf_counter() - start
         logits = torch.stack(result.logits)  # (S+1, 1, N, K)
-        pred = logits[:, 0].argmax(-1).numpy()  # (S+1, N)
+        pred = logits[:, 0].argmax(-1).cpu().numpy()  # (S+1, N)
         acc = np.array([task_accuracy(step, labels[None])[0] for step in logits])
         points = project_along(views)
         self._cache[key] = (pred, acc, points, seconds)
@@ -220,15 +223,6 @@ class AdaptationExplorer:
             sources[dataset] = TaskSource(task_data, suite_for(cfg, condition, task_data.labels,
                                                                cfg.ablation.num_tasks))
         return cls(hypernet, sources, cfg.adapt, max_steps=max(cfg.ablation.step_grid))
-
-
-def representation(hypernet: torch.nn.Module, params: dict, state: Any) -> torch.Tensor:
-    """What the task's clusters are formed in under ``params``: the modulated embedding (generator 'film') or the
-    generated network's outputs (other generators), (T, N, F)."""
-    generator = hypernet.generator
-    if hasattr(generator, "embedding"):
-        return generator.embedding(params, state)
-    return generator.logits(params, state)
 
 
 def project_along(views: Sequence[np.ndarray]) -> np.ndarray:

@@ -35,8 +35,10 @@ class BrightnessClusterer:
         self.fitted_on: np.ndarray | None = None
 
     @classmethod
-    def from_checkpoint(cls, path, n_clusters: int, num_steps: int | None = None) -> "BrightnessClusterer":
+    def from_checkpoint(cls, path, n_clusters: int, num_steps: int | None = None,
+                        device: str = "auto") -> "BrightnessClusterer":
         model = cls(path, n_clusters, num_steps)
+        model.device = device  # what `hmlib cluster --device` asked for (tests/test_device.py)
         cls.created.append(model)
         return model
 

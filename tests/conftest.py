@@ -16,6 +16,7 @@ def hmlib_home(tmp_path, monkeypatch):
     home.mkdir()
     monkeypatch.setenv("HMLIB_HOME", str(home))
     monkeypatch.delenv("HMLIB_DATA_DIR", raising=False)
+    monkeypatch.delenv("HMLIB_DEVICE", raising=False)  # `hmlib run --device` sets it for kernels; tests choose their own
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     return home

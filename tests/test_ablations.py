@@ -21,12 +21,12 @@ from hmlib.ablations.run import (_context, initial_hypernet, load_cached, result
                                  variant_curves)
 from hmlib.artifacts import fingerprint, load_checkpoint, save_checkpoint, write_json
 from hmlib.cluster.estimator import default_checkpoint
-from hmlib.config import ConfigError, config_to_dict, load_config
+from hmlib.config import ConfigError, config_to_dict, load_config, with_overrides
 from hmlib.evaluation.conditions import Condition, build_suite, suite_seed
 from hmlib.evaluation.inputs import seed_inputs
 from hmlib.evaluation.methods import METHODS, MethodContext, score
 from hmlib.hyper import losses
-from hmlib.hyper.adapt import predict_task
+from hmlib.hyper.adapt import CANDIDATES, adapt_candidates, predict_task
 from hmlib.hyper.bundle import load_bundle
 from hmlib.hyper.losses import InnerLoss, task_accuracy
 from hmlib.plots.ablations import plot_comparison, plot_step_curve
@@ -36,8 +36,8 @@ from tinyprotocol import K, N, train_home, use_home
 TASKS, STEPS, SEEDS = 40, 4, 2
 CONDITIONS, PER_CONDITION = ["mnist_K3_N18", "mnist+rotate_K3_N18"], [24, 16]
 LABEL_NOISE = 0.3  # share of the held-out test images whose label is another class's (accuracies below 100%)
-FILM_ABLATIONS = ["steps", "step_size", "meta_learning", "conditioning", "statistics", "adapted", "transductive",
-                  "inner_loss"]
+FILM_ABLATIONS = ["steps", "step_size", "meta_learning", "conditioning", "statistics", "choice", "adapted",
+                  "transductive", "inner_loss"]
 
 
 def fake_curves(seed: int, shift: float, noise: float = 0.02, rising: bool = False) -> np.ndarray:
@@ -238,6 +238,13 @@ def test_define_ablations_covers_the_notebook_with_paired_references():
     assert not main.retrained and training_config(cfg, main) is cfg  # the protocol's own checkpoint
     assert [v.context for v in specs["conditioning"].variants] == ["task", "noise", "constant"]
     assert [dict(v.fixed) for v in specs["statistics"].variants] == [{}, {"blend": 0.0}, {"blend": 1.0}]
+    choice = specs["choice"]  # when not to adapt: test-time arms of the protocol's own checkpoint
+    assert choice.reference == "main" and [v.label for v in choice.variants][0] == "main"
+    assert [dict(v.adapt_overrides) for v in choice.variants] == [{}, {"choice": "silhouette"},
+                                                                   {"candidates": ["generated"]}]
+    assert not any(v.retrained for v in choice.variants) and cfg.adapt.choice == "learned"
+    assert with_overrides(cfg, {"adapt": dict(choice.variants[2].adapt_overrides)}).adapt.candidates == \
+        ("generated",)
     adapted = specs["adapted"]
     assert adapted.reference == "head and FiLM (main)" and cfg.film.adapt == "both"
     assert [dict(v.film_overrides) for v in adapted.variants] == [{}, {"adapt": "head"}, {"adapt": "film"}]
@@ -352,16 +359,35 @@ def test_retrained_variants_live_apart_from_the_pipelines_checkpoints(trained, h
     assert default_checkpoint() == pipeline
 
 
+def unadapted_candidates(cfg, bundle) -> np.ndarray:
+    """(candidates, pooled tasks) accuracy of every test-time candidate's generated network (no inner step) on the
+    ablation tasks of the grid, condition by condition: what no test-time setting can change."""
+    pooled = []
+    for condition in ablation_grid(cfg):
+        suite = build_suite(cfg, condition, cfg.ablation.num_tasks)
+        inputs = seed_inputs(bundle, cfg, condition.dataset, "zero_shot", with_train=False)
+        results, _ = adapt_candidates(bundle.hypernet, inputs.test.task_inputs(suite.indices), cfg.adapt,
+                                      num_steps=0, num_classes=condition.num_classes)
+        assert len(results) == len(CANDIDATES)  # the film generator supports every candidate
+        pooled.append(np.stack([task_accuracy(r.logits[0], suite.labels) for r in results]))
+    return np.concatenate(pooled, axis=1)
+
+
 def test_variants_are_scored_on_identical_tasks(trained, home):
-    """Variants that differ only at test time agree before the first inner step; every ablation's k-means
-    reference is the same (the same tasks, seed and backbone) condition by condition."""
+    """Variants that differ only at test time start, task by task, from the same candidates: before the first inner
+    step each scores one of the candidates' generated networks (which one is the label-free choice after its own
+    steps); every ablation's k-means reference is the same (the same tasks, seed and backbone) condition by
+    condition."""
     results = trained.results
-    step_size = results["step_size"]
-    for label in step_size.acc:
-        np.testing.assert_array_equal(step_size.acc[label][:, :, 0], step_size.acc[step_size.reference][:, :, 0])
-    inner = results["inner_loss"]
-    for label in inner.acc:
-        np.testing.assert_array_equal(inner.acc[label][:, :, 0], inner.acc[inner.reference][:, :, 0])
+    start = unadapted_candidates(trained.cfg, load_bundle(home[("zero_shot", 0)]))  # (C, T)
+    for key in ("step_size", "inner_loss"):
+        for label, acc in results[key].acc.items():
+            assert np.all(np.any(acc[0, :, 0][None] == start, axis=0)), (key, label)
+    assert not np.all(start == start[:1])  # the candidates differ: the check above can fail
+    choice = results["choice"].acc  # the arm without a choice starts from the generated candidate itself
+    np.testing.assert_array_equal(choice["always the generated adaptation"][0, :, 0], start[0])
+    if not load_checkpoint(home[("zero_shot", 0)])[1]["history"]["selector"]["kept"]:
+        np.testing.assert_array_equal(choice["silhouette rule"], choice["main"])  # no fitted selector: the rule
     reference = results["step_size"].kmeans
     for key, result in results.items():
         tasks = sum(result.condition_tasks)  # the transductive ablation: the mnist condition only
@@ -370,8 +396,9 @@ def test_variants_are_scored_on_identical_tasks(trained, home):
 
 
 def test_variant_curves_match_a_direct_run(trained, home):
-    """A variant's curve on a condition is the accuracy of predict_task on the first ablation.num_tasks tasks of
-    that condition's evaluation suite, however the tasks are batched."""
+    """A variant's curve on a condition is the accuracy of predict_task (the candidate the label-free choice keeps,
+    task by task) on the first ablation.num_tasks tasks of that condition's evaluation suite, however the tasks are
+    batched; with steps too small to move anything the choice is made on the unadapted candidates."""
     cfg = trained.cfg
     bundle = load_bundle(home[("zero_shot", 0)])
     pooled = []
@@ -385,7 +412,9 @@ def test_variant_curves_match_a_direct_run(trained, home):
             np.testing.assert_array_equal(curves[t], [task_accuracy(step, suite.labels[t:t + 1])[0]
                                                       for step in logits])
         still = variant_curves(cfg, Variant("x", adapt_overrides={"lr_scale": 1e-9}), condition, 0, {})
-        np.testing.assert_array_equal(still, np.repeat(curves[:, :1], curves.shape[1], axis=1))  # nothing moves
+        np.testing.assert_array_equal(still, np.repeat(still[:, :1], still.shape[1], axis=1))  # nothing moves
+        logits = predict_task(bundle.hypernet, inputs.test.task_inputs(suite.indices), cfg.adapt, 0)
+        np.testing.assert_array_equal(still[:, 0], task_accuracy(logits[0], suite.labels))  # chosen unadapted
         pooled.append(curves)
     np.testing.assert_array_equal(trained.results["step_size"].acc["step sizes x 1 (main)"][0],
                                   np.concatenate(pooled))
@@ -410,7 +439,9 @@ def test_the_plain_baseline_arm_is_the_registered_method_on_the_same_tasks(train
 
 def test_conditioning_replacements_and_the_untrained_hypernetwork(trained, home):
     """The pixel-noise context is the VAE distribution of seeded noise images; the constant code is the
-    conditioning's mean row; the untrained arm is the architecture re-initialised from the seed."""
+    conditioning's mean row; the untrained arm is the architecture re-initialised from the seed (with no fitted
+    test-time selector). The finished checkpoint's "model" is its best validation weights with the selector
+    fitted on them ("best_model")."""
     cfg = trained.cfg
     bundle = load_bundle(home[("zero_shot", 0)])
     inputs = seed_inputs(bundle, cfg, "mnist", "zero_shot", with_train=False)
@@ -426,11 +457,14 @@ def test_conditioning_replacements_and_the_untrained_hypernetwork(trained, home)
     fresh_state = fresh.state_dict()
     assert all(torch.equal(fresh_state[k], again.state_dict()[k]) for k in fresh_state)
     state, meta = load_checkpoint(home[("zero_shot", 0)])
-    last = state["model"]  # after the last outer step: moved away from the initialisation
-    assert fresh_state.keys() == last.keys()
-    assert any(not torch.equal(fresh_state[k], last[k]) for k in fresh_state if k.startswith("encoder"))
-    same = all(torch.equal(fresh_state[k], state["best_model"][k]) for k in fresh_state if k.startswith("encoder"))
+    kept = state["best_model"]
+    assert meta["complete"] and state["model"].keys() == kept.keys() == fresh_state.keys()
+    assert all(torch.equal(state["model"][k], kept[k]) for k in kept)  # saved after loading the kept weights
+    same = all(torch.equal(fresh_state[k], kept[k]) for k in fresh_state if k.startswith("encoder"))
     assert same == (meta["best"]["iteration"] == 0)  # kept weights validated before any outer step: the start
+    assert not fresh.selector.trained and not bool(fresh_state["selector.fitted"])
+    assert bool(kept["selector.fitted"]) == bool(meta["history"]["selector"]["kept"])  # fitted, kept if it won
+    assert bundle.hypernet.selector.trained == bool(kept["selector.fitted"])
     torch.testing.assert_close(fresh.context_mean, bundle.hypernet.context_mean)
 
 

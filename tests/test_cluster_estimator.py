@@ -9,14 +9,18 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from sklearn.metrics import silhouette_score
 
 from datafactory import class_patterns
 from hmlib import HyperClusterer, cli, paths
-from hmlib.artifacts import ArtifactError, write_json
+from hmlib.artifacts import ArtifactError, file_sha256, state_fingerprint, write_json
+from hmlib.backbone.train import load_backbone
+from hmlib.cluster import estimator
 from hmlib.cluster.estimator import as_images, default_checkpoint
-from hmlib.cluster.images import ClusterInputError, export_image_folder
+from hmlib.cluster.images import ClusterInputError, export_image_folder, load_images
+from hmlib.hyper.adapt import adapt_candidates
 from hmlib.features import normalize_task_np
 from hmlib.hyper.bundle import load_bundle
 from hmlib.metrics import clustering_accuracy
@@ -202,3 +206,119 @@ def test_select_n_clusters_leaves_out_k_equal_to_the_number_of_images(ckpt):
     clusterer = HyperClusterer.from_checkpoint(ckpt[("zero_shot", 0)], n_clusters=2)
     clusterer.select_n_clusters(images, candidates=range(2, 6))
     assert sorted(clusterer.k_scores_) == [2, 3, 4]
+
+
+# ----------------------------------------------------------------------------------- the label-free choice
+
+def test_fit_uses_the_candidate_the_label_free_choice_keeps_and_describe_reports_it(ckpt):
+    """fit adapts every test-time candidate on the set (one task) and keeps the chosen one: its labels are that
+    candidate's clusters after the inner steps, and describe() reports its name ("generated", "stored" or
+    "task")."""
+    images, _ = patterns(K)
+    clusterer = HyperClusterer.from_checkpoint(ckpt[("zero_shot", 0)], n_clusters=K)
+    assert "candidate" not in clusterer.describe()
+    clusterer.fit(images)
+    cfg = clusterer.bundle.cfg
+    names = [n for n in cfg.adapt.candidates if n in clusterer.bundle.hypernet.generator.candidates]
+    assert len(names) == 3  # film: generated, stored and task statistics compete
+    results, pick = adapt_candidates(clusterer.bundle.hypernet, clusterer._inputs(clusterer._rows(images), images),
+                                     cfg.adapt, num_steps=clusterer.num_steps, num_classes=K)
+    described = clusterer.describe()
+    assert clusterer.candidate_ == described["candidate"] == names[int(pick[0])]
+    assert described["candidate"] in ("generated", "stored", "task")
+    np.testing.assert_array_equal(clusterer.labels_, results[int(pick[0])].logits[-1][0].argmax(-1).cpu().numpy())
+
+
+def test_select_n_clusters_reports_the_candidate_of_the_chosen_k(ckpt, monkeypatch):
+    """K auto: describe() reports the candidate kept for the chosen K, not that of the last K tried (the choice is
+    scripted per K here, so the two differ)."""
+    real, picks = estimator.adapt_candidates, {}
+
+    def scripted(*args, num_classes, **kwargs):
+        results, _ = real(*args, num_classes=num_classes, **kwargs)
+        picks[num_classes] = 1 if num_classes == 5 else 2  # stored statistics for K = 5 only, else the task's
+        return results, torch.full((1,), picks[num_classes])
+
+    monkeypatch.setattr(estimator, "adapt_candidates", scripted)
+    clusterer = HyperClusterer.from_checkpoint(ckpt[("zero_shot", 0)], n_clusters=2)
+    chosen = clusterer.select_n_clusters(patterns(K)[0], candidates=(2, 3, 4, 5))
+    assert sorted(picks) == [2, 3, 4, 5] and chosen != 5
+    assert picks[chosen] == 2 and clusterer.describe()["candidate"] == clusterer.candidate_ == "task"
+
+
+# ----------------------------------------------------------------------------------- hmlib cluster --adapt
+
+def capture_models(monkeypatch) -> list:
+    """Record every HyperClusterer the command builds."""
+    made, build = [], HyperClusterer.from_checkpoint.__func__
+
+    def from_checkpoint(cls, *args, **kwargs):
+        made.append(build(cls, *args, **kwargs))
+        return made[-1]
+
+    monkeypatch.setattr(HyperClusterer, "from_checkpoint", classmethod(from_checkpoint))
+    return made
+
+
+def read_labels(out) -> np.ndarray:
+    with open(out / "assignments.csv") as fh:
+        return np.array([int(r["cluster"]) for r in csv.DictReader(fh)])
+
+
+def test_hmlib_cluster_adapt_below_the_minimum_says_why_and_clusters_as_trained(ckpt, tmp_path, capsys):
+    """--adapt on fewer than MIN_ADAPT_IMAGES images prints why it does not adapt, writes no backbone, and clusters
+    exactly as without --adapt; adapt_to itself refuses such a set."""
+    images, _ = patterns(K)
+    export_image_folder(images, tmp_path / "photos")
+    base = ["cluster", str(tmp_path / "photos"), "--k", str(K), "--quiet"]
+    assert cli.main([*base, "--out", str(tmp_path / "plain")]) == 0
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert cli.main([*base, "--adapt", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert f"not adapting the backbone: --adapt needs at least {estimator.MIN_ADAPT_IMAGES:,} images" in printed
+    assert f"these are {len(images)}" in printed and "adapted the backbone" not in printed
+    assert not (out / "backbone_adapted.pt").exists()
+    assert "adapted_backbone" not in json.loads((out / "summary.json").read_text())["estimator"]
+    np.testing.assert_array_equal(read_labels(out), read_labels(tmp_path / "plain"))
+    with pytest.raises(ValueError, match="at least 1,000 images"):
+        HyperClusterer.from_checkpoint(ckpt[("zero_shot", 0)], n_clusters=K).adapt_to(images)
+
+
+def test_hmlib_cluster_adapt_saves_the_adapted_backbone_and_clusters_with_it(ckpt, tmp_path, capsys, monkeypatch):
+    """Above the minimum (lowered here), --adapt adapts the checkpoint's backbone to the images (SCAN-style, the
+    checkpoint's transductive settings: an evenly spaced sample of at most transductive.max_images), saves it as a
+    loadable backbone checkpoint that says how many images it adapted to, records it in summary.json, and clusters
+    with it: the assignments are those of the checkpoint with the saved backbone swapped in."""
+    monkeypatch.setattr(estimator, "MIN_ADAPT_IMAGES", 50)
+    images, _ = patterns(6, per_class=20)  # 120 images
+    export_image_folder(images, tmp_path / "photos")
+    checkpoint = ckpt[("zero_shot", 0)]
+    sha, original = file_sha256(checkpoint), load_bundle(checkpoint)
+    sample = min(len(images), original.cfg.transductive.max_images)
+    assert 50 <= sample < len(images)  # the tiny protocol adapts to a sample
+    made = capture_models(monkeypatch)
+    out = tmp_path / "out"
+    code = cli.main(["cluster", str(tmp_path / "photos"), "--k", "4", "--adapt", "--out", str(out), "--quiet"])
+    printed = capsys.readouterr().out
+    assert code == 0 and f"adapted the backbone to {sample} images" in printed and "backbone_adapted.pt" in printed
+
+    backbone, meta = load_backbone(out / "backbone_adapted.pt")
+    assert meta["kind"] == "backbone" and meta["adapted_to"] == sample
+    assert meta["transductive"]["epochs"] == original.cfg.transductive.epochs and len(meta["history"]) >= 1
+    state = backbone.state_dict()
+    assert meta["backbone_id"] == state_fingerprint(state) != original.backbone_meta["backbone_id"]
+    assert any(not torch.equal(v, original.backbone.state_dict()[k].cpu()) for k, v in state.items())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["estimator"]["adapted_backbone"]["images"] == sample
+    assert summary["estimator"]["adapted_backbone"]["epochs"] == original.cfg.transductive.epochs
+
+    (model,) = made
+    assert model.bundle.backbone is model.bundle.hypernet.generator.backbone
+    for key, value in model.bundle.backbone.state_dict().items():
+        assert torch.equal(value.cpu(), state[key]), key
+    assert file_sha256(checkpoint) == sha  # the checkpoint itself is untouched
+    swapped = load_bundle(checkpoint)
+    swapped.hypernet.generator.backbone.load_state_dict(state)  # (copied to its device)
+    expected = HyperClusterer(swapped, 4).fit_predict(load_images(tmp_path / "photos", progress=False).images)
+    np.testing.assert_array_equal(read_labels(out), expected)

@@ -3,16 +3,21 @@ prototype's generated MLP), the hypernetwork's context normalisation, and the on
 Inner losses: tests/test_losses.py; k-means and neighbours: tests/test_cluster_ops.py."""
 from __future__ import annotations
 
+import dataclasses
+import importlib
+
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import silhouette_score
 
 from datafactory import balanced_labels, class_patterns
 from hmlib.backbone.model import ConvBackbone, batch_statistics, batchnorm_layers
 from hmlib.config import ConfigError, load_config
 from hmlib.features import images_to_tensor, normalize_task, standardize
 from hmlib.hyper import encoders, generators
-from hmlib.hyper.adapt import adapt, predict_clusters, predict_task
+from hmlib.hyper.adapt import (CANDIDATES, adapt, adapt_candidates, predict_clusters, predict_task, representation,
+                              silhouette)
 from hmlib.hyper.cluster_ops import cosine_logits, kmeans_prototypes
 from hmlib.hyper.encoders import ENCODERS
 from hmlib.hyper.generators import GENERATORS, Generator, TaskInputs, TaskState, fix
@@ -30,6 +35,7 @@ BASE = {"backbone": {"channels": list(CHANNELS), "embed_dim": EMBED_DIM},
         "full": {"head_hidden": 16, "target_hidden": [8]},
         "adapt": {"inner_loss": "neighbours", "num_inner_steps": STEPS, "neighbours": 3}}
 HYPERNET_LR = 0.05  # inner lr when the inner loop updates every weight of the hypernetwork
+adapt_module = importlib.import_module("hmlib.hyper.adapt")  # the module (hmlib.hyper.adapt is also the function)
 
 
 def config(generation: str = "film", **sections):
@@ -162,6 +168,124 @@ def test_predict_task_does_not_depend_on_the_chunk_size():
     whole = predict_task(hypernet, inputs, cfg)
     for chunk in (1, 2):
         torch.testing.assert_close(predict_task(hypernet, inputs, cfg, chunk=chunk), whole, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------- the label-free choice
+
+def test_silhouette_is_scikit_learns_batched_over_tasks():
+    """The batched silhouette (T,) is scikit-learn's on every task (a singleton and an unused cluster id included),
+    in float64 and float32; a task whose images all fall in one cluster scores -1 (scikit-learn refuses it)."""
+    rng = np.random.default_rng(0)
+    tasks, n, dim, k = 5, 30, 5, 4  # n > 25: torch.cdist takes its matrix-product path
+    clusters = rng.integers(0, k, (tasks, n))
+    clusters[0] = rng.integers(0, 2, n)
+    clusters[0, 0] = 3  # task 0: clusters 0 and 1, cluster 2 unused, cluster 3 a singleton
+    clusters[4] = 2  # task 4: one cluster only
+    centres = rng.normal(size=(tasks, k, dim)) * 2.0
+    z = np.take_along_axis(centres, clusters[..., None], 1) + rng.normal(size=(tasks, n, dim))
+    expected = [silhouette_score(z[t], clusters[t]) for t in range(tasks - 1)]
+    assert min(expected) < 0.5 < max(expected)  # informative scores, not all near one value
+    for dtype, tol in ((torch.float64, 1e-6), (torch.float32, 1e-4)):
+        got = silhouette(torch.as_tensor(z, dtype=dtype), torch.as_tensor(clusters), k)
+        assert got.shape == (tasks,) and got.dtype == dtype
+        np.testing.assert_allclose(got[:-1].numpy(), expected, atol=tol)
+        assert got[-1] == -1.0
+    two = torch.as_tensor([[0, 0, 1, 1]])  # far-apart pairs: close to 1
+    points = torch.tensor([[[0.0], [0.1], [10.0], [10.1]]])
+    assert silhouette(points, two, 2).item() == pytest.approx(silhouette_score(points[0], two[0]))
+
+
+def test_adapt_candidates_keeps_per_task_the_candidate_with_the_highest_silhouette(monkeypatch):
+    """Every configured candidate (generated, stored statistics, task statistics) is adapted by the one inner loop;
+    each is scored on its own adapted representation and clusters, and each task keeps the highest score's
+    candidate; predict_task returns that candidate's logits task by task."""
+    hypernet = make_hypernet()
+    inputs, _ = task_inputs(num_tasks=3)
+    cfg = hypernet.full_cfg.adapt
+    assert cfg.candidates == tuple(CANDIDATES) == ("generated", "stored", "task")
+    scores = torch.tensor([[0.1, 0.6, 0.2], [0.5, 0.1, 0.3], [0.2, 0.4, 0.9]])  # (candidate, task)
+    seen = []
+
+    def scripted(z, clusters, num_classes):
+        seen.append((z, clusters, num_classes))
+        return scores[(len(seen) - 1) % len(scores)]
+
+    monkeypatch.setattr(adapt_module, "silhouette", scripted)
+    results, pick = adapt_candidates(hypernet, inputs, cfg)
+    assert pick.tolist() == [1, 0, 2] and len(results) == len(seen) == 3
+    blends = [torch.stack([r.params[f"blend.{l}"] for l in range(len(CHANNELS))]) for r in results]
+    assert torch.all((blends[0] > 0) & (blends[0] < 1))  # generated: the hypernetwork's own blend
+    assert torch.all(blends[1] == 0) and torch.all(blends[2] == 1)  # stored / task statistics everywhere
+    for (z, clusters, k), result in zip(seen, results):
+        torch.testing.assert_close(z, hypernet.generator.embedding(result.params, result.state))
+        assert torch.equal(clusters, result.logits[-1].argmax(-1)) and k == K
+    for result, fixed in zip(results, ({}, {"blend": 0.0}, {"blend": 1.0})):
+        direct = adapt(hypernet, inputs, cfg, fixed=fixed or None)
+        torch.testing.assert_close(torch.stack(result.logits), torch.stack(direct.logits))
+    chosen = predict_task(hypernet, inputs, cfg)
+    assert chosen.shape == (STEPS + 1, 3, N, K)
+    for t, c in enumerate([1, 0, 2]):
+        torch.testing.assert_close(chosen[:, t], torch.stack(results[c].logits)[:, t])
+
+
+def test_predict_task_is_the_chosen_candidates_logits_whatever_the_chunk():
+    """Unscripted: the pick is, task by task, the candidate whose clusters have the highest scikit-learn silhouette
+    on its adapted embedding; tasks choose differently here; predict_task returns those logits for any chunk."""
+    hypernet = make_hypernet(seed=1)
+    inputs, _ = task_inputs(num_tasks=4, seed=1)
+    cfg = hypernet.full_cfg.adapt
+    results, pick = adapt_candidates(hypernet, inputs, cfg)
+    with torch.no_grad():
+        views = [representation(hypernet, r) for r in results]
+    for t in range(4):
+        scores = []
+        for view, result in zip(views, results):
+            clusters = result.logits[-1][t].argmax(-1).numpy()
+            scores.append(silhouette_score(view[t].numpy(), clusters) if len(np.unique(clusters)) > 1 else -1.0)
+        assert int(pick[t]) == int(np.argmax(scores)), (t, scores)
+    assert len(set(pick.tolist())) > 1  # a per-task choice, not one for the batch
+    whole = predict_task(hypernet, inputs, cfg)
+    for t, c in enumerate(pick.tolist()):
+        torch.testing.assert_close(whole[:, t], torch.stack(results[c].logits)[:, t])
+    for chunk in (1, 3):
+        torch.testing.assert_close(predict_task(hypernet, inputs, cfg, chunk=chunk), whole, atol=1e-4, rtol=1e-4)
+    clusters = predict_clusters(hypernet, TaskInputs(inputs.context[0], inputs.images[0]), cfg)
+    np.testing.assert_array_equal(clusters, torch.stack(results[int(pick[0])].logits)[:, 0].argmax(-1).numpy())
+
+
+@pytest.mark.parametrize("adapt_params", ["generated", "hypernet"])
+def test_the_full_generator_adapts_the_generated_candidate_only(adapt_params, monkeypatch):
+    """The prototype's generator has no normalisation to fix: whatever adapt.candidates names, it adapts the
+    generated network alone (no silhouette computed) and predict_task is that adaptation."""
+    hypernet, cfg = _mode("full", adapt_params)
+    assert hypernet.generator.candidates == ("generated",) and cfg.candidates == tuple(CANDIDATES)
+    monkeypatch.setattr(adapt_module, "silhouette", lambda *a: pytest.fail("one candidate: nothing to choose"))
+    inputs, _ = task_inputs("full")
+    direct = torch.stack(adapt(hypernet, inputs, cfg).logits)
+    for candidates in (cfg.candidates, ("stored", "task")):
+        results, pick = adapt_candidates(hypernet, inputs, dataclasses.replace(cfg, candidates=candidates))
+        assert len(results) == 1 and torch.equal(pick, torch.zeros(T, dtype=torch.long))
+        torch.testing.assert_close(torch.stack(results[0].logits), direct)
+    torch.testing.assert_close(predict_task(hypernet, inputs, cfg), direct)
+
+
+def test_one_configured_candidate_or_a_fixed_ablation_is_adapted_alone(monkeypatch):
+    """adapt.candidates = ('task',) adapts the task-statistics candidate only; ``fixed`` (an ablation forcing
+    generated tensors) leaves only the generated candidate, with its constants; unknown names are refused."""
+    hypernet = make_hypernet()
+    inputs, _ = task_inputs()
+    cfg = hypernet.full_cfg.adapt
+    monkeypatch.setattr(adapt_module, "silhouette", lambda *a: pytest.fail("one candidate: nothing to choose"))
+    task_only = dataclasses.replace(cfg, candidates=("task",))
+    results, pick = adapt_candidates(hypernet, inputs, task_only)
+    assert len(results) == 1 and not pick.any()
+    torch.testing.assert_close(predict_task(hypernet, inputs, task_only),
+                               torch.stack(adapt(hypernet, inputs, cfg, fixed={"blend": 1.0}).logits))
+    results, _ = adapt_candidates(hypernet, inputs, cfg, fixed={"blend": 0.5})
+    assert len(results) == 1
+    assert all(torch.all(results[0].params[f"blend.{l}"] == 0.5) for l in range(len(CHANNELS)))
+    with pytest.raises(ConfigError, match="adapt.candidates"):
+        config(adapt={"candidates": ["nope"]})
 
 
 def test_predict_clusters_is_the_argmax_after_every_step():
@@ -529,8 +653,10 @@ def _mode(generation: str, adapt_params: str):
 
 @pytest.mark.parametrize("generation,adapt_params", ADAPT_MODES)
 def test_zero_step_adaptation_reproduces_the_generated_network(generation, adapt_params):
-    """Step 0 is the generated network itself; later steps move it; nothing keeps a graph at test time."""
+    """Step 0 is the generated network itself (one candidate: no choice of normalisation); later steps move it;
+    nothing keeps a graph at test time."""
     hypernet, cfg = _mode(generation, adapt_params)
+    cfg = dataclasses.replace(cfg, candidates=("generated",))
     inputs, _ = task_inputs(generation, None)
     with torch.no_grad():
         direct = generated(hypernet, inputs)[2][0]

@@ -23,7 +23,7 @@ from hmlib.config import VAEConfig, load_config
 from hmlib.data import ImageSet
 from hmlib.hyper import episodes, metatrain
 from hmlib.hyper.adapt import predict_task
-from hmlib.hyper.bundle import load_bundle
+from hmlib.hyper.bundle import bundle_for, load_bundle
 from hmlib.hyper.checkpoints import load_hypernet
 from hmlib.hyper.inputs import TaskData, task_data_from_models
 from hmlib.hyper.metatrain import (MetaTrainingError, fit_hypernet, meta_train, pipeline_checkpoints,
@@ -391,14 +391,25 @@ def _pipeline_cfg(**meta):
     return load_config("smoke", overrides={**OVERRIDES, **TINY_UPSTREAM, "meta": {**OVERRIDES["meta"], **meta}})
 
 
+def _home_files(home) -> dict[str, int]:
+    """Every file under the home, with its modification time (what a call wrote or rewrote)."""
+    return {str(f.relative_to(home)): f.stat().st_mtime_ns for f in home.rglob("*") if f.is_file()}
+
+
 def test_meta_train_reads_the_train_splits_bundles_its_models_and_records_itself(monkeypatch, hmlib_home):
-    """meta_train trains the shared VAE and the backbone, reads only the meta-training datasets' train splits, names
-    its checkpoint by seed and a settings hash, bundles the VAE and backbone (load_bundle rebuilds everything from
-    the one file) and records itself in models/pipeline.json; it is reused when run again."""
+    """meta_train reads the shared VAE and the backbone notebook 02 trained (and trains neither), reads only the
+    meta-training datasets' train splits, names its checkpoint by seed and a settings hash, bundles the VAE and
+    backbone (load_bundle rebuilds everything from the one file) and records itself in models/pipeline.json; it is
+    reused when run again."""
     fake = install_fake_data(monkeypatch, 80)
     cfg = _pipeline_cfg()
+    bundle_for(cfg, 0, train=True)  # the VAE and backbone (notebook 02)
+    upstream = {f: t for f, t in _home_files(hmlib_home).items() if f.startswith("models/")}
+    assert len(upstream) == 2
+    fake.loaded.clear()
     result = meta_train(cfg, 0, progress=False)
     assert set(fake.loaded) == {(d, "train") for d in cfg.meta.train_datasets}
+    assert all(_home_files(hmlib_home)[f] == t for f, t in upstream.items())  # read, not retrained
     path = result.checkpoint_path
     assert path.parent == hmlib_home / "models" and path.name.startswith("hypernet_seed0-")
     assert pipeline_checkpoints() == [path]
@@ -429,16 +440,66 @@ def test_meta_train_reads_the_train_splits_bundles_its_models_and_records_itself
         meta_train(_pipeline_cfg(outer_lr=5e-4), 0, train=False, progress=False)
 
 
+def test_meta_train_never_trains_the_vae_or_the_backbone(monkeypatch, hmlib_home, capsys):
+    """On a home without notebook 02's models meta_train stops with a MissingArtifactError naming the missing file
+    and the command that makes it, and writes nothing; with the VAE alone it names the backbone."""
+    install_fake_data(monkeypatch, 80)
+    cfg = _pipeline_cfg()
+    before = _home_files(hmlib_home)
+    with pytest.raises(MissingArtifactError, match=r"VAE .*vae_shared_d2_seed0-\S*\.pt not found; make it with: "
+                                                   r"hmlib run --profile smoke --only 02"):
+        meta_train(cfg, 0, progress=False)
+    assert _home_files(hmlib_home) == before and "Training" not in capsys.readouterr().out
+    get_vae(cfg, "shared", 0, progress=False, verbose=False)
+    before, _ = _home_files(hmlib_home), capsys.readouterr()
+    with pytest.raises(MissingArtifactError, match=r"backbone .*backbone_seed0-\S*\.pt not found; make it with: "
+                                                   r"hmlib run --profile smoke --only 02"):
+        meta_train(cfg, 0, progress=False)
+    assert _home_files(hmlib_home) == before
+    assert "Training" not in capsys.readouterr().out
+
+
+def _kept_backbone(path) -> dict:
+    """The backbone weights in a checkpoint's best validation weights (what load_bundle rebuilds)."""
+    state, _ = load_checkpoint(path)
+    prefix = "generator.backbone."
+    return {k[len(prefix):]: v for k, v in state["best_model"].items() if k.startswith(prefix)}
+
+
 def test_a_bundle_of_a_fine_tuned_backbone_names_its_own_weights(monkeypatch):
-    """With meta.backbone_lr > 0 the bundled backbone is the meta-trained one: its identity is the hash of those
-    weights and its name says which checkpoint made it."""
+    """With meta.backbone_lr > 0 the bundled backbone is the one in the checkpoint's best validation weights: its
+    identity is the hash of those weights and its name says which checkpoint made it; it is the trained backbone's
+    identity exactly when the weights kept are the initial ones (tiny data: that can happen)."""
     install_fake_data(monkeypatch, 80)
     cfg = _pipeline_cfg(backbone_lr=1e-2)
+    bundle_for(cfg, 0, train=True)  # the VAE and backbone meta-training reads (notebook 02)
     result = meta_train(cfg, 0, progress=False)
     _, trained = get_backbone(cfg, 0, train=False, progress=False, verbose=False)
     bundle = load_bundle(result.checkpoint_path)
-    assert bundle.backbone_meta["backbone_id"] == state_fingerprint(bundle.backbone.state_dict())
-    assert bundle.backbone_meta["backbone_id"] != trained["backbone_id"]
+    kept = _kept_backbone(result.checkpoint_path)
+    _assert_same_weights(bundle.backbone.state_dict(), kept)
+    assert bundle.backbone_meta["backbone_id"] == state_fingerprint(kept)
+    assert bundle.backbone_meta["name"] == f"{trained['name']}_meta-{result.checkpoint_path.stem}"
+    initial = result.meta["best"]["iteration"] == 0
+    assert (bundle.backbone_meta["backbone_id"] == trained["backbone_id"]) == initial
+
+
+def test_a_backbone_moved_by_meta_training_carries_another_id(monkeypatch):
+    """Validation forced to improve at every evaluation keeps the last weights: meta-training moved the backbone, so
+    the bundled one differs from the trained one and carries another identity (the hash of its own weights)."""
+    install_fake_data(monkeypatch, 80)
+    rising = iter(np.linspace(0.1, 0.9, 9))
+    monkeypatch.setattr(metatrain, "validation_accuracy", lambda *args: (0.0, float(next(rising))))
+    cfg = _pipeline_cfg(backbone_lr=1e-2)
+    bundle_for(cfg, 0, train=True)  # the VAE and backbone meta-training reads (notebook 02)
+    result = meta_train(cfg, 0, progress=False)
+    assert result.meta["best"]["iteration"] == ITERATIONS
+    model, trained = get_backbone(cfg, 0, train=False, progress=False, verbose=False)
+    bundle = load_bundle(result.checkpoint_path)
+    _assert_same_weights(bundle.backbone.state_dict(), _kept_backbone(result.checkpoint_path))
+    assert any(not torch.equal(bundle.backbone.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert bundle.backbone_meta["backbone_id"] == state_fingerprint(bundle.backbone.state_dict()) != \
+        trained["backbone_id"]
     assert bundle.backbone_meta["name"] == f"{trained['name']}_meta-{result.checkpoint_path.stem}"
 
 

@@ -168,7 +168,8 @@ def test_expected_phrases():
     ({"data": {"data_dir": 3}}, "data.data_dir must be a string or null, got 3 (an integer)"),
     ({"data": {"use_hub": 1}}, "data.use_hub must be true or false, got 1 (an integer)"),
     ({"film": {"tau": 0}}, "film.tau must be a number > 0, got 0"),
-    ({"device": None}, "device must be a string, got null"),
+    ({"device": None}, "device must be 'auto', 'cpu', 'cuda', 'cuda:N' (N = 0, 1, ...) or 'mps', got null"),
+    ({"device": "gpu"}, "device must be 'auto', 'cpu', 'cuda', 'cuda:N' (N = 0, 1, ...) or 'mps', got 'gpu'"),
     ({"num_threads": True}, "num_threads must be an integer >= 1 or null, got true (a boolean)"),
 ])
 def test_config_rejects_wrong_types_and_ranges_with_one_line(overrides, message):

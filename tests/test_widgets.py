@@ -16,13 +16,13 @@ from hmlib.data import sample_tasks
 from hmlib.evaluation.conditions import build_suite
 from hmlib.ablations import ablation_grid
 from hmlib.hyper import losses
-from hmlib.hyper.adapt import adapt, predict_task
+from hmlib.hyper.adapt import CANDIDATES, AdaptResult, adapt, adapt_candidates, predict_task, representation
 from hmlib.hyper.hypernet import HyperNet
 from hmlib.hyper.inputs import TaskData
 from hmlib.hyper.losses import InnerLoss, task_accuracy
 from hmlib.metrics import clustering_accuracy
 from hmlib.plots.ablations import ExplorerFigure, plot_explorer_state, plot_step_multiples, plot_task_curves
-from hmlib.widgets import AdaptationExplorer, TaskSource, explorer_widget, project_along, representation
+from hmlib.widgets import AdaptationExplorer, TaskSource, explorer_widget, project_along
 from tinyprotocol import tiny_config, train_home, use_home
 
 NUM_IMAGES, CONTEXT_DIM, K, N, TASKS, MAX_STEPS = 180, 6, 3, 24, 3, 5
@@ -38,6 +38,12 @@ def _source(seed: int) -> TaskSource:
     context = (labels[:, None] + rng.normal(size=(NUM_IMAGES, CONTEXT_DIM))).astype(np.float32)
     return TaskSource(TaskData(f"toy{seed}", "test", context, labels, images=images),
                       sample_tasks(labels, TASKS, K, N, seed=seed))
+
+
+def step_views(hypernet: HyperNet, result: AdaptResult) -> list[np.ndarray]:
+    """The adapted representation of the first task after each step of a trajectory (its parameters and logits)."""
+    return [representation(hypernet, dataclasses.replace(result, params=p, logits=result.logits[:s + 1]))[0].numpy()
+            for s, p in enumerate(result.trajectory)]
 
 
 def _state_key(explorer: AdaptationExplorer) -> tuple:
@@ -62,8 +68,9 @@ def trained(_tiny_mirror_root, tmp_path_factory):
 
 
 def test_initial_state_matches_a_direct_run(explorer):
-    """The first state is the config's settings; its accuracy curve is the one inner loop's after 0..max_steps
-    steps, scored by Hungarian matching; the points are the task's representation on fixed PCA axes."""
+    """The first state is the config's settings; its accuracy curve is that of the candidate the label-free choice
+    keeps (predict_task) after 0..max_steps steps, scored by Hungarian matching; the points are that candidate's
+    representation on fixed PCA axes."""
     state = explorer.state
     assert (state.dataset, state.task, state.num_steps, state.inner_lr, state.inner_loss) == \
         ("a", 0, 2, ADAPT.lr_scale, "neighbours")
@@ -78,16 +85,25 @@ def test_initial_state_matches_a_direct_run(explorer):
     assert state.current_accuracy == pytest.approx(clustering_accuracy(state.pred, labels, K))
     assert np.mean(state.pred == labels) == pytest.approx(state.current_accuracy)  # pred is matched to the classes
     assert state.confusion.sum() == N and np.trace(state.confusion) == round(state.current_accuracy * N)
+    assert ADAPT.candidates == tuple(CANDIDATES)  # the real choice: generated, stored and task statistics
     with torch.no_grad():
-        result = adapt(explorer.hypernet, inputs, dataclasses.replace(ADAPT, num_inner_steps=MAX_STEPS),
-                       trajectory=True)
-        views = [representation(explorer.hypernet, p, result.state)[0].numpy() for p in result.trajectory]
-    np.testing.assert_allclose(state.embedding, project_along(views)[state.num_steps], atol=1e-5)
-    assert views[0].shape == (N, CFG.backbone.embed_dim)  # film: the modulated embedding, not the logits
+        results, pick = adapt_candidates(explorer.hypernet, inputs,
+                                         dataclasses.replace(ADAPT, num_inner_steps=MAX_STEPS), trajectory=True)
+        views = {c: step_views(explorer.hypernet, r) for c, r in enumerate(results)}
+    chosen = int(pick[0])
+    np.testing.assert_allclose(state.embedding, project_along(views[chosen])[state.num_steps], atol=1e-5)
+    np.testing.assert_array_equal(state.accuracy, [task_accuracy(s, source.suite.labels[:1])[0]
+                                                   for s in results[chosen].logits])
+    others = [c for c in views if c != chosen]  # the other candidates' points are not what is shown
+    assert all(not np.allclose(state.embedding, project_along(views[c])[state.num_steps], atol=1e-3) for c in others)
+    assert views[chosen][0].shape == (N, CFG.backbone.embed_dim)  # film: the modulated embedding, not the logits
 
 
-def test_the_representation_moves_on_fixed_axes_as_it_adapts(explorer):
-    """Step 0's points do not depend on the step sizes; later steps move them (the FiLM and the head adapt)."""
+def test_the_representation_moves_on_fixed_axes_as_it_adapts():
+    """With one candidate (no choice that could follow the step sizes), step 0's points do not depend on the step
+    sizes; later steps move them (the FiLM and the head adapt)."""
+    explorer = AdaptationExplorer(_hypernet(), {"a": _source(0)}, dataclasses.replace(ADAPT, candidates=("generated",)),
+                                  max_steps=MAX_STEPS)
     start = explorer.set(num_steps=0).embedding
     end = explorer.set(num_steps=MAX_STEPS).embedding
     assert np.abs(end - start).max() > 1e-3
@@ -113,7 +129,8 @@ def test_project_along_keeps_the_first_views_axes():
 
 
 def test_the_full_generator_shows_its_generated_networks_outputs():
-    """For the prototype's generator (no backbone) the representation is the generated network's output."""
+    """For the prototype's generator (no backbone) the representation is the generated network's output,
+    L2-normalised, step by step: the explorer's points after each step are that step's normalised logits."""
     cfg = tiny_config(hyper={"generation": "full"}, meta={"outer_loss": "aligned", "min_classes": K, "max_classes": K})
     torch.manual_seed(0)
     hypernet = HyperNet(cfg, CONTEXT_DIM, K, feature_dim=CONTEXT_DIM)
@@ -123,14 +140,23 @@ def test_the_full_generator_shows_its_generated_networks_outputs():
     inputs = data.task_inputs(source.suite.indices[:1])
     with torch.no_grad():
         result = adapt(hypernet, inputs, dataclasses.replace(cfg.adapt, num_inner_steps=2), trajectory=True)
-    view = representation(hypernet, result.trajectory[-1], result.state)
-    torch.testing.assert_close(view, result.logits[-1])
-    assert explorer.set(num_steps=2).embedding.shape == (N, 2)
+    view = representation(hypernet, result)
+    torch.testing.assert_close(view, torch.nn.functional.normalize(result.logits[-1], dim=-1))
+    torch.testing.assert_close(view.norm(dim=-1), torch.ones(1, N))
+    assert not torch.allclose(view, result.logits[-1])  # normalised, not the raw logits
+    views = step_views(hypernet, result)
+    assert not np.allclose(views[0], views[-1], atol=1e-4)  # the steps move the outputs
+    points = project_along(views)
+    for s in range(3):
+        np.testing.assert_allclose(explorer.set(num_steps=s).embedding, points[s], atol=1e-5)
+    assert explorer.state.embedding.shape == (N, 2)
 
 
-def test_state_changes_with_the_settings(explorer):
-    """A new step-size scale moves the adapted predictions but never step 0; a new loss, task or dataset changes
-    the state."""
+def test_state_changes_with_the_settings():
+    """A new step-size scale moves the adapted predictions but never step 0 (one test-time candidate: the candidate
+    kept cannot follow the scale); a new loss, task or dataset changes the state."""
+    explorer = AdaptationExplorer(_hypernet(), {"a": _source(0), "b": _source(1)},
+                                  dataclasses.replace(ADAPT, candidates=("generated",)), max_steps=MAX_STEPS)
     small = explorer.set(num_steps=MAX_STEPS, inner_lr=0.05)
     large = explorer.set(inner_lr=5.0)
     assert large.inner_lr == 5.0 and large.seconds > 0.0  # a new scale re-runs the inner loop

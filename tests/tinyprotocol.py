@@ -16,7 +16,7 @@ import pytest
 
 from hmlib.backbone.transductive import get_transductive_backbone
 from hmlib.config import Config, load_config
-from hmlib.hyper.bundle import load_bundle
+from hmlib.hyper.bundle import bundle_for, load_bundle
 from hmlib.hyper.metatrain import meta_train
 from hmlib.vae.train import get_vae
 
@@ -74,6 +74,7 @@ def train_home(home: Path, mirror: Path, runs: Iterable[int | tuple[str, int]], 
             patch.setenv(name, str(value))
         for run in runs:
             setting, seed = _run_key(run)
+            bundle_for(cfg, seed, train=True)  # the shared VAE and the backbone (notebook 02), reused when present
             path = meta_train(cfg, seed, progress=False).checkpoint_path
             checkpoints[(setting, seed)] = path.name
             if setting == "transductive":

@@ -25,7 +25,7 @@ from hmlib.ablations.report import AblationResult
 from hmlib.ablations.spec import Ablation, Variant, define_ablations
 from hmlib.artifacts import ArtifactError, file_sha256, fingerprint, read_json, write_json
 from hmlib.backbone.transductive import get_transductive_backbone
-from hmlib.config import Config, ConfigError, config_to_dict, with_overrides
+from hmlib.config import Config, ConfigError, config_to_dict, resolve_device, with_overrides
 from hmlib.evaluation.conditions import Condition, grid, suite_fingerprint, suite_for, suite_seed
 from hmlib.evaluation.inputs import SeedInputs, seed_inputs
 from hmlib.evaluation.methods import METHODS, MethodContext, score
@@ -84,11 +84,12 @@ def _inputs(cfg: Config, path: Path, dataset: str, memo: dict, backbone: str = "
         setting = cfg.ablation.setting if backbone == "setting" else backbone
         if setting == "statistics":  # the transductive stage with no epoch: statistics only (trained here: cheap)
             stats_cfg = with_overrides(cfg, {"transductive": {"epochs": 0}})
-            bundle = load_bundle(path)
+            bundle = load_bundle(path, resolve_device(cfg.device))
             get_transductive_backbone(stats_cfg, bundle.backbone, bundle.backbone_meta, dataset, progress=False)
             memo[key] = seed_inputs(bundle, stats_cfg, dataset, "transductive", with_train=False)
         else:
-            memo[key] = seed_inputs(load_bundle(path), cfg, dataset, setting, with_train=False)
+            memo[key] = seed_inputs(load_bundle(path, resolve_device(cfg.device)), cfg, dataset, setting,
+                                    with_train=False)
     return memo[key]
 
 
@@ -116,6 +117,7 @@ def initial_hypernet(inputs: SeedInputs, seed: int) -> HyperNet:
         fresh = HyperNet(trained.full_cfg, trained.context_dim, trained.num_classes,
                          backbone=copy.deepcopy(getattr(trained.generator, "backbone", None)),
                          feature_dim=trained.feature_dim)
+    fresh.to(trained.device)  # initialised on the CPU (the same weights on every device)
     fresh.context_mean.copy_(trained.context_mean)
     fresh.context_std.copy_(trained.context_std)
     return fresh.eval()
@@ -156,7 +158,7 @@ def variant_curves(cfg: Config, variant: Variant, condition: Condition, seed: in
     hypernet = variant_hypernet(variant, inputs, seed, memo)
     adapt_cfg = with_overrides(cfg, {"adapt": dict(variant.adapt_overrides)}).adapt
     indices, labels = np.asarray(suite.indices), np.asarray(suite.labels)
-    vae = load_bundle(main_path).vae if variant.context == "noise" else None
+    vae = load_bundle(main_path, resolve_device(cfg.device)).vae if variant.context == "noise" else None
     logits = predict_task(hypernet, inputs.test.task_inputs(indices), adapt_cfg, steps,
                           num_classes=condition.num_classes, fixed=dict(variant.fixed) or None,
                           context=_context(variant, inputs, vae, indices, cfg.eval.seed))

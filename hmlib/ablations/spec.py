@@ -94,6 +94,12 @@ def define_ablations(cfg: Config) -> list[Ablation]:
                      "Is the generated blend of stored and task statistics better than always using either?",
                      (main, Variant("stored statistics everywhere (blend 0)", fixed={"blend": 0.0}),
                       Variant("task statistics everywhere (blend 1)", fixed={"blend": 1.0})), reference=main.label),
+            Ablation("choice", "When not to adapt: choosing among the test-time candidates",
+                     "Does choosing per task between the generated adaptation and the stored or the task's own "
+                     "statistics help, and is the meta-learned choice better than the silhouette rule?",
+                     (main, Variant("silhouette rule", adapt_overrides={"choice": "silhouette"}),
+                      Variant("always the generated adaptation", adapt_overrides={"candidates": ["generated"]})),
+                     reference=main.label),
             Ablation("adapted", "What the inner loop updates",
                      f"Which generated parameters should the {steps} inner steps change?",
                      (Variant("head and FiLM (main)") if cfg.film.adapt == "both" else main,

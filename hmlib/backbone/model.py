@@ -43,7 +43,8 @@ class ConvBackbone(nn.Module):
 
 
 def augment(x: Tensor, generator: torch.Generator, strength: float = 1.0) -> Tensor:
-    """Random affine per image: rotation +-15 deg, scale +-15%, shift +-12% of the size, times ``strength``."""
+    """Random affine per image: rotation +-15 deg, scale +-15%, shift +-12% of the size, times ``strength`` (the
+    random numbers come from ``generator``, a CPU one, whatever device ``x`` is on: the same draws everywhere)."""
     if strength <= 0:
         return x
     batch = x.shape[0]
@@ -53,6 +54,7 @@ def augment(x: Tensor, generator: torch.Generator, strength: float = 1.0) -> Ten
     shift = uniform(batch, 2) * 0.12 * strength
     cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
     theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    theta = theta.to(x.device, x.dtype)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, align_corners=False, padding_mode="zeros")
 

@@ -50,10 +50,13 @@ class Modulation:
 
 
 def identity(backbone: ConvBackbone, num_tasks: int, blend: float = 0.0) -> Modulation:
-    """No FiLM change; every layer normalised with ``blend`` (0: stored statistics, 1: each task's own)."""
+    """No FiLM change; every layer normalised with ``blend`` (0: stored statistics, 1: each task's own); on the
+    backbone's device."""
     widths = [bn.num_features for _, bn in blocks(backbone)]
-    return Modulation([torch.zeros(num_tasks, c) for c in widths], [torch.zeros(num_tasks, c) for c in widths],
-                      [torch.full((num_tasks,), float(blend)) for _ in widths])
+    device = blocks(backbone)[0][1].weight.device
+    return Modulation([torch.zeros(num_tasks, c, device=device) for c in widths],
+                      [torch.zeros(num_tasks, c, device=device) for c in widths],
+                      [torch.full((num_tasks,), float(blend), device=device) for _ in widths])
 
 
 def affine(grouped: Tensor, bn: torch.nn.BatchNorm2d, blend: Tensor, scale: Tensor, shift: Tensor

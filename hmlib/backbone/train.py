@@ -27,7 +27,7 @@ from hmlib.artifacts import ArtifactError, load_named_kind, load_or_build, named
 from hmlib.backbone.model import ConvBackbone, augment, batchnorm_layers
 from hmlib.config import Config, ConfigError, config_to_dict, resolve_device
 from hmlib.data.corruptions import CORRUPTIONS, train_corruptions
-from hmlib.features import images_to_tensor
+from hmlib.features import images_to_tensor, to_device
 from hmlib.protocol import train_val_indices
 from hmlib.reproducibility import seeded
 from hmlib.vae.train import make_command
@@ -60,9 +60,10 @@ def shifted(images: np.ndarray, rng: np.random.Generator, share: float) -> np.nd
     return out
 
 
-def train_backbone(image_sets: Sequence[Any], cfg: Config, seed: int, *, progress: bool = True,
-                   desc: str = "backbone") -> tuple[ConvBackbone, dict[str, Any]]:
-    """Train a backbone on the training part of each ImageSet; return it (eval mode) and its history/metrics."""
+def train_backbone(image_sets: Sequence[Any], cfg: Config, seed: int, *, device: torch.device | str = "cpu",
+                   progress: bool = True, desc: str = "backbone") -> tuple[ConvBackbone, dict[str, Any]]:
+    """Train a backbone on the training part of each ImageSet on ``device`` (batches are drawn, shifted and
+    augmented on the CPU, then copied there); return it (eval mode) and its history/metrics."""
     bb = cfg.backbone
     images, labels, offset = [], [], 0
     for image_set in image_sets:
@@ -72,6 +73,7 @@ def train_backbone(image_sets: Sequence[Any], cfg: Config, seed: int, *, progres
         offset += int(np.max(image_set.labels)) + 1
     with seeded(seed):
         model = ConvBackbone(bb.channels, bb.embed_dim, offset)
+    model.to(device)
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(bb.images_per_dataset * len(images) / bb.batch_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=bb.lr, weight_decay=bb.weight_decay)
@@ -89,8 +91,9 @@ def train_backbone(image_sets: Sequence[Any], cfg: Config, seed: int, *, progres
         for batch in torch.randperm(len(x_epoch), generator=generator).split(bb.batch_size):
             x = augment(images_to_tensor(shifted(x_epoch[batch].numpy(), shift_rng, bb.shift_prob)), generator,
                         bb.augment)
+            x, y = to_device(x, device), to_device(y_epoch[batch], device)
             logits = model(x)
-            loss = F.cross_entropy(logits, y_epoch[batch], label_smoothing=bb.label_smoothing)
+            loss = F.cross_entropy(logits, y, label_smoothing=bb.label_smoothing)
             if not torch.isfinite(loss):
                 raise BackboneTrainingError(f"{desc}: loss became {loss.item()} in epoch {epoch}; no checkpoint "
                                             f"was written. Lower backbone.lr (now {bb.lr}).")
@@ -99,7 +102,7 @@ def train_backbone(image_sets: Sequence[Any], cfg: Config, seed: int, *, progres
             optimizer.step()
             schedule.step()
             total += float(loss.detach()) * len(batch)
-            correct += int((logits.argmax(1) == y_epoch[batch]).sum())
+            correct += int((logits.argmax(1) == y).sum())
             seen += len(batch)
             bar.update(1)
         history.append({"epoch": epoch, "loss": total / seen, "train_accuracy": correct / seen})
@@ -139,19 +142,20 @@ def get_backbone(cfg: Config, seed: int, *, train: bool = True, progress: bool =
     image_sets = [data.load_split(d, "train", cfg.data, progress=progress) for d in cfg.meta.train_datasets]
     identity = backbone_identity(cfg, seed, {s.name: s.fingerprint for s in image_sets})
     path = named_path(paths.models_dir(), f"backbone_seed{seed}", identity)
+    device = resolve_device(cfg.device)
 
     def build() -> None:
         print(f"Training {path.stem} on {', '.join(s.name for s in image_sets)} "
-              f"({cfg.backbone.epochs} epochs x {cfg.backbone.images_per_dataset} images per dataset).")
-        model, record = train_backbone(image_sets, cfg, seed, progress=progress, desc=path.stem)
+              f"({cfg.backbone.epochs} epochs x {cfg.backbone.images_per_dataset} images per dataset, {device}).")
+        model, record = train_backbone(image_sets, cfg, seed, device=device, progress=progress, desc=path.stem)
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         save_checkpoint(path, state, {**identity, **record, "backbone_id": state_fingerprint(state),
-                                      "torch_version": str(torch.__version__)})
+                                      "torch_version": str(torch.__version__), "device": str(device)})
         print(f"Saved {path} ({record['metrics']['train_seconds']:.0f} s).")
 
     state, meta, reused = load_or_build(path, identity, build, retrain=cfg.backbone.retrain, allow_build=train,
                                         what="backbone", how_to_make=make_command(cfg, "02"), verbose=verbose)
-    model = backbone_from_state(state, meta).to(resolve_device(cfg.device))
+    model = backbone_from_state(state, meta).to(device)
     return model, {**meta, "path": str(path), "name": path.stem, "reused": reused}
 
 

@@ -31,8 +31,8 @@ from hmlib.artifacts import (ArtifactError, MissingArtifactError, StaleArtifactE
 from hmlib.backbone.embeddings import embed_images
 from hmlib.backbone.model import ConvBackbone, augment
 from hmlib.backbone.train import adapt_batchnorm, backbone_from_state
-from hmlib.config import Config, config_to_dict
-from hmlib.features import images_to_tensor
+from hmlib.config import Config, config_to_dict, resolve_device
+from hmlib.features import images_to_tensor, to_device
 from hmlib.reproducibility import seeded
 from hmlib.vae.train import make_command
 
@@ -59,14 +59,15 @@ def adaptation_images(cfg: Config, image_set: Any) -> np.ndarray:
 
 def mine_neighbours(backbone: ConvBackbone, images: np.ndarray, k: int, batch: int = 2048) -> np.ndarray:
     """Indices (n, k) of every image's k nearest neighbours (cosine, in the backbone's standardised embedding)."""
-    z = torch.as_tensor(embed_images(backbone, images))
+    z = torch.as_tensor(embed_images(backbone, images)).to(next(backbone.parameters()).device)
     z = F.normalize((z - z.mean(0)) / (z.std(0) + 1e-5), dim=-1)
     out = []
     for start in range(0, len(z), batch):
         sim = z[start:start + batch] @ z.T
-        sim[torch.arange(sim.shape[0]), torch.arange(start, start + sim.shape[0])] = -float("inf")
+        rows = torch.arange(sim.shape[0], device=z.device)
+        sim[rows, rows + start] = -float("inf")
         out.append(sim.topk(k, dim=-1).indices)
-    return torch.cat(out).numpy()
+    return torch.cat(out).cpu().numpy()
 
 
 def scan_loss(logits: torch.Tensor, partner_logits: torch.Tensor, entropy_weight: float) -> torch.Tensor:
@@ -79,12 +80,15 @@ def scan_loss(logits: torch.Tensor, partner_logits: torch.Tensor, entropy_weight
 
 def train_transductive(backbone: ConvBackbone, images: np.ndarray, cfg: Config, *, seed: int, start: dict | None = None,
                        on_epoch: Callable[[int, ConvBackbone, nn.Module, dict], None] | None = None,
-                       progress: bool = True, desc: str = "transductive") -> tuple[ConvBackbone, dict[str, Any]]:
-    """Adapt a copy of ``backbone`` to unlabeled ``images``; ``start`` resumes from a saved epoch."""
+                       device: torch.device | str | None = None, progress: bool = True,
+                       desc: str = "transductive") -> tuple[ConvBackbone, dict[str, Any]]:
+    """Adapt a copy of ``backbone`` to unlabeled ``images`` on ``device`` (default: the backbone's; batches are
+    augmented on the CPU, then copied there); ``start`` resumes from a saved epoch."""
     tc = cfg.transductive
-    model = adapt_batchnorm(backbone, images)
+    device = next(backbone.parameters()).device if device is None else torch.device(device)
+    model = adapt_batchnorm(backbone, images).to(device)
     with seeded(seed):
-        head = nn.Linear(model.embed_dim, tc.clusters)
+        head = nn.Linear(model.embed_dim, tc.clusters).to(device)
     neighbours = mine_neighbours(model, images, tc.neighbours)
     history: list[dict[str, float]] = []
     first_epoch = 0
@@ -110,7 +114,7 @@ def train_transductive(backbone: ConvBackbone, images: np.ndarray, cfg: Config, 
             partner = torch.as_tensor(neighbours[batch.numpy(), pick[batch].numpy()])
             x = augment(images_to_tensor(x_all[batch]), generator, tc.augment)
             y = augment(images_to_tensor(x_all[partner]), generator, tc.augment)
-            logits = head(model.embed(torch.cat([x, y])))
+            logits = head(model.embed(to_device(torch.cat([x, y]), device)))
             loss = scan_loss(logits[: len(batch)], logits[len(batch):], tc.entropy_weight)
             if not torch.isfinite(loss):
                 raise ArtifactError(f"{desc}: the loss became {loss.item()} in epoch {epoch}; lower transductive.lr")
@@ -138,6 +142,7 @@ def get_transductive_backbone(cfg: Config, backbone: ConvBackbone, backbone_meta
     the history after every epoch; it never changes training.
     """
     image_set = data.load_split(dataset, "train", cfg.data, progress=progress)
+    device = resolve_device(cfg.device)
     identity = transductive_identity(cfg, backbone_meta, image_set)
     seed = int(backbone_meta.get("seed", 0))
     stem = f"{backbone_meta['name'].split('-')[0]}_on-{dataset}"
@@ -153,7 +158,7 @@ def get_transductive_backbone(cfg: Config, backbone: ConvBackbone, backbone_meta
             if diffs:
                 raise StaleArtifactError(f"{path} was made with other settings or inputs: {diffs[0]}")
             if meta.get("complete") and cfg.transductive.retrain != "always":
-                model = backbone_from_state(state["model"], backbone_meta)
+                model = backbone_from_state(state["model"], backbone_meta).to(device)
                 return model, {**backbone_meta, **meta, "path": str(path), "name": path.stem,
                                "backbone_id": meta["adapted_id"], "reused": True}
             resume = state if meta.get("complete") is False else None
@@ -178,7 +183,8 @@ def get_transductive_backbone(cfg: Config, backbone: ConvBackbone, backbone_meta
                  "history": extra["history"], "curve": curve_points}
         save_checkpoint(path, state, {**identity, "complete": epoch >= cfg.transductive.epochs, "epoch": epoch,
                                       "history": extra["history"], "curve": curve_points,
-                                      "adapted_id": state_fingerprint(state["model"]), "seed": int(seed)})
+                                      "adapted_id": state_fingerprint(state["model"]), "seed": int(seed),
+                                      "device": str(device)})
 
     if resume is not None:
         print(f"Resuming the transductive backbone {path.name} at epoch {resume['epoch']}/{cfg.transductive.epochs}.")
@@ -186,7 +192,7 @@ def get_transductive_backbone(cfg: Config, backbone: ConvBackbone, backbone_meta
         print(f"Adapting {backbone_meta['name']} to {dataset}'s unlabeled train split ({len(images)} images, "
               f"{cfg.transductive.epochs} epochs).")
     model, record = train_transductive(copy.deepcopy(backbone), images, cfg, seed=seed, start=resume, on_epoch=save,
-                                       progress=progress, desc=stem)
+                                       device=device, progress=progress, desc=stem)
     if cfg.transductive.epochs == 0 or (resume is not None and int(resume["epoch"]) >= cfg.transductive.epochs):
         save(cfg.transductive.epochs, model, nn.Linear(model.embed_dim, cfg.transductive.clusters),
              {"optimizer": {}, "history": record["history"]})

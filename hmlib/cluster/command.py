@@ -16,12 +16,13 @@ from typing import Any
 import numpy as np
 
 from hmlib.artifacts import ArtifactError, save_checkpoint
+from hmlib.cli import add_device_option
 from hmlib.cluster.decode import one_line
 from hmlib.cluster.images import ClusterInputError, ImageCollection, input_kind, load_images
 from hmlib.cluster.outputs import (ASSIGNMENTS, CONTACT_SHEET, SUMMARY, build_summary, claim_out_dir,
                                    default_out_dir, write_assignments, write_summary)
 from hmlib.cluster.sheet import write_contact_sheet
-from hmlib.config import TaskConfig
+from hmlib.config import ConfigError, TaskConfig, resolve_device
 from hmlib.errors import StorageError
 from hmlib.results import cluster_accuracy_note
 
@@ -68,6 +69,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--per-cluster", type=int, default=12, metavar="M",
                         help="thumbnails per row of the contact sheet (default: %(default)s)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_device_option(parser, "the clustering", default="auto: a GPU where there is one")
     parser.set_defaults(func=run_cluster_command)
     return parser
 
@@ -112,6 +114,10 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise ClusterInputError("--split '' names no split; give one (e.g. --split test) or leave --split out")
     if args.checkpoint is not None and not str(args.checkpoint).strip():
         raise ClusterInputError("--checkpoint '' names no file; give a checkpoint or leave it out for the default")
+    try:  # a GPU this machine lacks fails here, before any image is read
+        resolve_device(getattr(args, "device", None) or "auto")
+    except ConfigError as err:
+        raise ClusterInputError(f"--device: {err}") from None
 
 
 def _estimator_api() -> Any:
@@ -135,11 +141,12 @@ def _checkpoint(api: Any, given: str | Path | None) -> Path:
 
 
 def _fit(api: Any, checkpoint: Path, k: int | str, steps: int | None, images: np.ndarray, k_max: int = 10, *,
-         adapt_out: Path | None = None, progress: bool = True) -> Any:
+         adapt_out: Path | None = None, progress: bool = True, device: str | None = None) -> Any:
     """The fitted estimator (K chosen from the data when ``k`` is 'auto'; the backbone first adapted to the images
     when ``adapt_out`` is given, and saved there); a checkpoint or input it refuses becomes a one-line error."""
     try:
-        model = api.HyperClusterer.from_checkpoint(checkpoint, n_clusters=2 if k == "auto" else k, num_steps=steps)
+        model = api.HyperClusterer.from_checkpoint(checkpoint, n_clusters=2 if k == "auto" else k, num_steps=steps,
+                                                   device=device or "auto")
     except (FileNotFoundError, ArtifactError, ValueError) as err:
         raise ClusterInputError(f"cannot use checkpoint {checkpoint}: {one_line(err)}") from err
     if adapt_out is not None:
@@ -205,7 +212,8 @@ def _cluster_into(args: argparse.Namespace, out: Path) -> int:
         raise ClusterInputError(f"--k auto needs at least 3 images (a silhouette compares 2..n-1 clusters); "
                                 f"{collection.location} has {len(collection)}; pass --k instead")
     model = _fit(api, checkpoint, args.k, args.steps, collection.images, args.k_max,
-                 adapt_out=out / ADAPTED_BACKBONE if args.adapt else None, progress=not args.quiet)
+                 adapt_out=out / ADAPTED_BACKBONE if args.adapt else None, progress=not args.quiet,
+                 device=getattr(args, "device", None))
     if args.k == "auto":
         args.k = int(model.n_clusters)
         scores = ", ".join(f"{k}: {v:.3f}" for k, v in model.k_scores_.items())

@@ -7,7 +7,9 @@ The checkpoint's bundled VAE reads the set's VAE distribution (the conditioning)
 set's adaptation of the backbone (and its cluster head) and the inner loop improves it, exactly as on a task.
 Sets larger than ``max_fit_images`` are fitted on an evenly spaced sample of that many images (conditioning,
 normalisation statistics, prototypes and adaptation), and every image is then assigned in batches by the fitted,
-adapted network (:meth:`HyperNet.extend`): memory stays bounded by the sample, not the set.
+adapted network (:meth:`HyperNet.extend`): memory stays bounded by the sample, not the set. ``device`` ('auto':
+a GPU where there is one) is where the checkpoint's models are loaded and every computation runs; results come
+back to the CPU as numpy arrays.
 """
 from __future__ import annotations
 
@@ -102,11 +104,17 @@ class HyperClusterer:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, n_clusters: int, *, num_steps: int | None = None,
-                        max_fit_images: int = MAX_FIT_IMAGES) -> "HyperClusterer":
-        """A clusterer from a hypernetwork checkpoint file (weights_only; nothing is trained)."""
+                        max_fit_images: int = MAX_FIT_IMAGES, device: torch.device | str = "auto"
+                        ) -> "HyperClusterer":
+        """A clusterer from a hypernetwork checkpoint file (weights_only; nothing is trained), on ``device``."""
         if not Path(path).is_file():
             raise FileNotFoundError(f"checkpoint not found: {path}")
-        return cls(load_bundle(path), n_clusters, num_steps=num_steps, max_fit_images=max_fit_images)
+        return cls(load_bundle(path, device), n_clusters, num_steps=num_steps, max_fit_images=max_fit_images)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the checkpoint's models are and the clustering runs (chosen when it was loaded)."""
+        return self.bundle.device
 
     @property
     def checkpoint_path(self) -> Path:
@@ -121,6 +129,7 @@ class HyperClusterer:
         return {"checkpoint": str(self.bundle.path), "sha256": self.bundle.sha256, "seed": self.bundle.meta["seed"], "trained_num_classes": self.bundle.meta["num_classes"],
                 "n_clusters": self.n_clusters, "num_steps": self.num_steps, "max_fit_images": self.max_fit_images,
                 "inner_loss": self.bundle.cfg.adapt.inner_loss, "generation": self.bundle.cfg.hyper.generation,
+                "device": str(self.device),
                 **({"adapted_backbone": self.adapted_} if hasattr(self, "adapted_") else {}),
                 **({"candidate": self.candidate_} if hasattr(self, "candidate_") else {}),
                 **({"k_selection": {"criterion": "silhouette on the standardised embedding",
@@ -153,7 +162,7 @@ class HyperClusterer:
         cfg = self.bundle.cfg
         sample = images[np.linspace(0, len(images) - 1, min(len(images), cfg.transductive.max_images)).astype(int)]
         model, record = train_transductive(copy.deepcopy(self.bundle.backbone), sample, cfg, seed=self.bundle.seed,
-                                           progress=progress, desc="adapt backbone")
+                                           device=self.device, progress=progress, desc="adapt backbone")
         hypernet = copy.deepcopy(self.bundle.hypernet)
         hypernet.generator.backbone.load_state_dict(model.state_dict())
         self.bundle = dataclasses.replace(self.bundle, hypernet=hypernet.eval(), backbone=hypernet.generator.backbone)
@@ -183,14 +192,15 @@ class HyperClusterer:
                                              self.bundle.cfg.adapt, num_steps=self.num_steps,
                                              num_classes=self.n_clusters)
             result = results[int(pick[0])]  # the label-free choice (generated / stored / task statistics)
-            self.candidate_ = int(pick[0])  # index into the candidates the generator supports
+            supported = [n for n in self.bundle.cfg.adapt.candidates if n in self.bundle.hypernet.generator.candidates]
+            self.candidate_ = (supported or ["generated"])[int(pick[0])]  # the name of the candidate kept
             self._params = {k: v.detach() for k, v in result.params.items()}
             self._state = result.state
         if not hasattr(self, "_params"):
             raise ValueError("call fit (or fit_predict) before predict / predict_proba")
         out = [self.bundle.hypernet.extend(self._params, self._state,
                                            self._inputs(context[i:i + ASSIGN_BATCH], images[i:i + ASSIGN_BATCH])
-                                           ).numpy()[0]
+                                           ).cpu().numpy()[0]
                for i in range(0, len(images), ASSIGN_BATCH)]
         return np.concatenate(out)
 
@@ -223,9 +233,9 @@ class HyperClusterer:
             scores[k] = float(silhouette_score(z, labels, sample_size=min(len(z), SILHOUETTE_SAMPLE), random_state=0)
                               ) if len(np.unique(labels)) > 1 else -1.0
             if best is None or scores[k] > scores[best[0]]:
-                best = (k, self.labels_, self.confidence_, self._params, self._state)
+                best = (k, self.labels_, self.confidence_, self._params, self._state, self.candidate_)
         self.k_scores_ = scores
-        self.n_clusters, self.labels_, self.confidence_, self._params, self._state = best
+        self.n_clusters, self.labels_, self.confidence_, self._params, self._state, self.candidate_ = best
         return self.n_clusters
 
     def fit_predict(self, images: Any) -> np.ndarray:

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hmlib.artifacts import MissingArtifactError, check_writable, load_checkpoint
+from hmlib.cli import add_device_option
 from hmlib.config import Config, load_config, with_overrides
 from hmlib.data.corruptions import benchmark_corruptions
 from hmlib.data.registry import parse_shifted
@@ -61,13 +62,16 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--profile", default="default", help="config profile (default: default)")
     parser.add_argument("--config", type=Path, default=None, metavar="FILE", help="JSON overrides")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_device_option(parser, "the benchmark")
     parser.set_defaults(func=run_benchmark_command)
     return parser
 
 
 def run_benchmark_command(args: argparse.Namespace) -> int:
-    """Handler of ``hmlib benchmark``: the pipeline's checkpoints' own config, with the profile's benchmark grid."""
-    cfg = load_config(args.profile, args.config)
+    """Handler of ``hmlib benchmark``: the profile's config (data, evaluation and the benchmark grid; the model
+    settings are the checkpoints' own) on the pipeline's checkpoints."""
+    device = getattr(args, "device", None)
+    cfg = load_config(args.profile, args.config, {"device": device} if device is not None else None)
     checkpoints = [p for p in pipeline_checkpoints() if p.is_file()]
     if not checkpoints:
         raise MissingArtifactError("no pipeline checkpoint recorded in models/pipeline.json; make them with "

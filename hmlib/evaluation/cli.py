@@ -17,6 +17,7 @@ from typing import Any, Mapping, Sequence
 
 from hmlib.artifacts import (ArtifactError, check_writable, file_sha256, fingerprint, load_checkpoint, read_json,
                              refuse_overwrite)
+from hmlib.cli import add_device_option
 from hmlib.data.registry import check_name, parse_shifted
 from hmlib.config import Config, ConfigError, config_to_dict, load_config, registered_datasets, with_overrides
 from hmlib.evaluation.evaluate import EvalError, evaluate_setting
@@ -82,6 +83,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="JSON overrides (data, eval, and test-time adapt settings); model settings are the checkpoint's")
     parser.add_argument("--recompute", action="store_true", help="ignore matching cached results")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_device_option(parser, "the evaluation")
     parser.set_defaults(func=run_eval_command)
     return parser
 
@@ -155,6 +157,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {"data": _dataset_overrides(args, datasets, custom), "eval": {}}
     if args.tasks is not None:
         overrides["eval"]["num_tasks"] = args.tasks
+    if getattr(args, "device", None) is not None:
+        overrides["device"] = args.device
     if args.shapes is not None:
         overrides["eval"]["shapes"] = [list(s) for s in args.shapes]
         overrides["eval"]["shifted_shapes"] = None  # the shapes asked for, for shifted datasets too

@@ -19,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hmlib.artifacts import ArtifactError, StaleArtifactError, check_meta, read_json, write_json
-from hmlib.config import SETTINGS, Config, ConfigError, config_to_dict
+from hmlib.config import SETTINGS, Config, ConfigError, config_to_dict, resolve_device
 from hmlib.evaluation import methods as registry
 from hmlib.evaluation.conditions import Condition, grid, suite_fingerprint, suite_for, suite_seed
 from hmlib.evaluation.inputs import SeedInputs, seed_inputs
@@ -52,13 +52,13 @@ def condition_path(summary_path: Path, condition: Condition) -> Path:
     return summary_path.with_suffix("") / f"{condition.key}.json"
 
 
-def load_bundles(checkpoints: Sequence[str | Path]) -> list[Bundle]:
-    """Bundles of distinct checkpoints with distinct seeds (duplicates refused, not double-counted)."""
+def load_bundles(checkpoints: Sequence[str | Path], device: torch.device | str | None = None) -> list[Bundle]:
+    """Bundles of distinct checkpoints with distinct seeds (duplicates refused, not double-counted), on ``device``."""
     bundles: list[Bundle] = []
     for path in checkpoints:
         if not Path(path).is_file():
             raise ArtifactError(f"checkpoint not found: {path}")
-        bundle = load_bundle(path)
+        bundle = load_bundle(path, device)
         same = [b for b in bundles if b.sha256 == bundle.sha256]
         if same:
             raise EvalError(f"{path} is the same checkpoint as {same[0].path}; pass each replicate once")
@@ -133,7 +133,7 @@ def evaluate_setting(cfg: Config, checkpoints: Sequence[str | Path], setting: st
     """Score the checkpoints (one per replicate seed) and every baseline on every condition of the grid (``key``:
     what made this result, recorded in it)."""
     check_setting(setting)
-    bundles = load_bundles(checkpoints)
+    bundles = load_bundles(checkpoints, resolve_device(cfg.device))
     path = Path(path) if path is not None else default_results_path(setting)
     conditions = grid(cfg, datasets, shapes)
     shas = [b.sha256 for b in bundles]

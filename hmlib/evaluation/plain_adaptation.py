@@ -45,19 +45,21 @@ def task_embedding(z: torch.Tensor) -> torch.Tensor:
 
 def adapt_tasks(backbone: ConvBackbone, images: torch.Tensor, num_classes: int, *, blend: float, steps: int,
                 lr: float, chunk: int = CHUNK) -> PlainAdaptation:
-    """Plain adaptation of task images (T, N, 28, 28) uint8 in one mode; every task adapts its own copy."""
+    """Plain adaptation of task images (T, N, 28, 28) uint8 in one mode, on the backbone's device; every task adapts
+    its own copy."""
     backbone.eval()
+    device = next(backbone.parameters()).device
     weights = [p.requires_grad for p in backbone.parameters()]
     backbone.requires_grad_(False)
     out = []
     try:
         for start in range(0, images.shape[0], chunk):
-            x = images[start:start + chunk].unsqueeze(-3).float().div(255.0)
+            x = images[start:start + chunk].to(device).unsqueeze(-3).float().div(255.0)
             out.append(_adapt_chunk(backbone, x, num_classes, blend, steps, lr))
     finally:
         for p, flag in zip(backbone.parameters(), weights):
             p.requires_grad_(flag)
-    return PlainAdaptation(torch.cat(out).numpy(), blend)
+    return PlainAdaptation(torch.cat(out).cpu().numpy(), blend)
 
 
 def _adapt_chunk(backbone: ConvBackbone, x: torch.Tensor, K: int, blend: float, steps: int, lr: float
@@ -72,7 +74,7 @@ def _adapt_chunk(backbone: ConvBackbone, x: torch.Tensor, K: int, blend: float, 
     with torch.no_grad():
         reference = task_embedding(mod.top(backbone, pre, modulation, 0, T))
     z = reference
-    log_tau = torch.full((T, 1), float(np.log(TEMPERATURE)))
+    log_tau = torch.full((T, 1), float(np.log(TEMPERATURE)), device=x.device)
     for step in range(steps):
         with torch.enable_grad():
             z = task_embedding(mod.top(backbone, pre, modulation, 0, T))

@@ -27,6 +27,7 @@ from hmlib.config import AdaptConfig
 from hmlib.hyper.generators import Params, TaskInputs, TaskState
 from hmlib.hyper.hypernet import HyperNet
 from hmlib.hyper.losses import INNER_LOSSES, InnerView
+from hmlib.hyper.selector import FEATURES, candidate_features
 
 
 @dataclass
@@ -39,6 +40,7 @@ class AdaptResult:
     params: Params
     state: TaskState | None = None
     trajectory: list[Params] | None = None
+    task_losses: list[Tensor] | None = None  # the inner loss of every task (T,) before each step
 
 
 def _detached(state: TaskState) -> TaskState:
@@ -59,7 +61,7 @@ def adapt(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, *, num_steps
     if num_steps < 0:
         raise ValueError(f"num_steps must be >= 0, got {num_steps}")
     inputs = hypernet.check(inputs)
-    context = inputs.context if context is None else context
+    context = inputs.context if context is None else context.to(inputs.context.device)
     loss_spec = INNER_LOSSES[cfg.inner_loss]
     with torch.enable_grad():
         state = hypernet.prepare(inputs, augmented=loss_spec.augmented and num_steps > 0)
@@ -73,7 +75,7 @@ def adapt(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, *, num_steps
         if not create_graph:  # test time: the steps start from a detached copy
             params = {k: v.detach().requires_grad_(k in names) for k, v in params.items()}
             state = _detached(state)
-        logits, losses, path = [], [], []
+        logits, losses, path, task_losses = [], [], [], []
         for step in range(num_steps + 1):
             out = hypernet.logits(params, state)
             logits.append(out if create_graph else out.detach())
@@ -85,12 +87,13 @@ def adapt(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, *, num_steps
             loss = loss_spec.fn(InnerView(out, state.reference, augmented), cfg)
             grads = torch.autograd.grad(loss.sum(), [params[k] for k in names], create_graph=create_graph)
             losses.append(loss.mean().detach())
+            task_losses.append(loss.detach())
             step = hypernet.generator.direction
             updated = {name: params[name] - lrs[name] * step(name, grad) for name, grad in zip(names, grads)}
             if not create_graph:
                 updated = {k: v.detach().requires_grad_() for k, v in updated.items()}
             params = {**params, **updated}
-    return AdaptResult(logits, losses, params, state, path if trajectory else None)
+    return AdaptResult(logits, losses, params, state, path if trajectory else None, task_losses)
 
 
 def _adapt_hypernet(hypernet: HyperNet, inputs: TaskInputs, context: Tensor, state: TaskState, cfg: AdaptConfig,
@@ -168,11 +171,23 @@ def adapt_candidates(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, *
     results = [adapt(hypernet, inputs, cfg, num_steps=num_steps, num_classes=num_classes, context=context,
                      fixed={**(fixed or {}), **CANDIDATES[name]} or None, trajectory=trajectory) for name in names]
     if len(results) == 1:
-        return results, torch.zeros(results[0].logits[0].shape[0], dtype=torch.long)
+        return results, torch.zeros(results[0].logits[0].shape[0], dtype=torch.long, device=hypernet.device)
     with torch.no_grad():
-        scores = torch.stack([silhouette(representation(hypernet, r), r.logits[-1].argmax(-1), r.logits[-1].shape[-1])
-                              for r in results])  # (candidates, T)
+        features = torch.stack([features_of(hypernet, r) for r in results])  # (C, T, F)
+        if cfg.choice == "learned" and hypernet.selector.trained and len(results) == hypernet.selector.bias.shape[0]:
+            scores = hypernet.selector(features)
+        else:
+            scores = features[..., FEATURES.index("silhouette")]
     return results, scores.argmax(0)
+
+
+def features_of(hypernet: HyperNet, result: AdaptResult) -> Tensor:
+    """Label-free features (T, F) of one adapted candidate (:data:`hmlib.hyper.selector.FEATURES`)."""
+    last = result.logits[-1]
+    sil = silhouette(representation(hypernet, result), last.argmax(-1), last.shape[-1])
+    blends = [v for k, v in result.params.items() if k.startswith("blend.")]
+    blend = torch.stack(blends).mean(0) if blends else None
+    return candidate_features(sil, last, result.task_losses, blend)
 
 
 def predict_task(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, num_steps: int | None = None, *,
@@ -189,12 +204,13 @@ def predict_task(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, num_s
         results, pick = adapt_candidates(hypernet, sub, cfg, num_steps=num_steps, num_classes=num_classes,
                                          fixed=fixed, context=None if context is None else context[part])
         logits = torch.stack([torch.stack(r.logits) for r in results])  # (C, S+1, T, N, K)
-        parts.append(logits[pick, :, torch.arange(pick.shape[0])].transpose(0, 1))  # (S+1, T, N, K)
+        tasks = torch.arange(pick.shape[0], device=pick.device)
+        parts.append(logits[pick, :, tasks].transpose(0, 1))  # (S+1, T, N, K)
     logits = torch.cat(parts, dim=1)
     return logits if inputs.batched else logits[:, 0]
 
 
-def predict_clusters(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, num_steps: int | None = None
-                     ) -> np.ndarray:
+def predict_clusters(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, num_steps: int | None = None, *,
+                     num_classes: int | None = None) -> np.ndarray:
     """Cluster index of every image after 0..S inner steps: argmax of :func:`predict_task`."""
-    return predict_task(hypernet, inputs, cfg, num_steps).argmax(-1).cpu().numpy()
+    return predict_task(hypernet, inputs, cfg, num_steps, num_classes=num_classes).argmax(-1).cpu().numpy()

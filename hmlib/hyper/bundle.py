@@ -4,6 +4,7 @@ Every checkpoint bundles the shared VAE (the conditioning) and, for generator ``
 modulates (as meta-trained, when meta-training fine-tunes it). :func:`load_bundle` rebuilds all of it from the
 one file: what ``hmlib eval`` on a fresh machine and ``hmlib cluster`` use. The transductive setting swaps in
 the backbone adapted to a held-out dataset (:mod:`hmlib.backbone.transductive`), found in ``models/``.
+A bundle loads onto the device its user chooses, whatever device made it (the file holds CPU tensors).
 """
 from __future__ import annotations
 
@@ -11,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from hmlib.artifacts import ArtifactError, file_sha256, load_checkpoint, state_fingerprint
 from hmlib.backbone.model import ConvBackbone
 from hmlib.backbone.train import backbone_from_state, get_backbone
-from hmlib.config import Config
+from hmlib.config import Config, resolve_device
 from hmlib.hyper.checkpoints import hypernet_from_checkpoint
 from hmlib.hyper.hypernet import HyperNet
 from hmlib.hyper.inputs import reads_images
@@ -60,16 +63,24 @@ class Bundle:
     def seed(self) -> int:
         return int(self.meta["seed"])
 
+    @property
+    def device(self) -> torch.device:
+        """Where its models are (chosen when it was loaded; ``cfg.device`` is the device that made it)."""
+        return self.hypernet.device
 
-def load_bundle(path: str | Path) -> Bundle:
-    """Hypernetwork, config and bundled VAE/backbone from a checkpoint (weights_only; nothing is trained)."""
+
+def load_bundle(path: str | Path, device: torch.device | str | None = None) -> Bundle:
+    """Hypernetwork, config and bundled VAE/backbone from a checkpoint (weights_only; nothing is trained), on
+    ``device`` (default: 'auto'), whatever device made it (its config's ``device`` records that one)."""
     path = Path(path)
+    device = resolve_device("auto" if device is None else str(device))
     state, meta = load_checkpoint(path)
     hypernet, cfg = hypernet_from_checkpoint(state, meta, path)
+    hypernet.to(device)
     bundled = state.get("bundle") or {}
     try:
         vae_meta = dict(bundled["vae"]["meta"])
-        vae = vae_from_state(bundled["vae"]["state"], vae_meta)
+        vae = vae_from_state(bundled["vae"]["state"], vae_meta).to(device)
         backbone = backbone_meta = None
         if "backbone" in bundled:
             backbone = hypernet.generator.backbone

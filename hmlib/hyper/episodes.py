@@ -4,7 +4,8 @@ Every meta-batch draws one K (``meta.min_classes`` .. ``meta.max_classes``, capp
 and one meta-training dataset per task; each task is put under a random corruption of the *train* family
 (``meta.shifts``, never a held-out benchmark corruption) with probability ``meta.shift_prob``, at a random
 strength, so that the meta-learner meets the situations in which adapting to a task helps and those in which
-it harms. The task's conditioning rows are its images' VAE distribution, computed after the shift.
+it harms. The task's conditioning rows are its images' VAE distribution, computed after the shift. Episodes are
+built on the CPU (sampling, corruptions); :meth:`Episode.to` copies one to the training device without blocking.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 from hmlib import data
 from hmlib.config import Config
 from hmlib.data.corruptions import CORRUPTIONS, train_corruptions
+from hmlib.features import to_device
 from hmlib.hyper.generators import TaskInputs
 from hmlib.hyper.inputs import TaskData, reads_images
 from hmlib.vae.model import VAE
@@ -30,6 +32,10 @@ class Episode:
     labels: torch.Tensor
     num_classes: int
     shifts: list[str]
+
+    def to(self, device: torch.device | str) -> "Episode":
+        """The same meta-batch on ``device`` (pinned, non-blocking copies to a GPU)."""
+        return Episode(self.inputs.to(device), to_device(self.labels, device), self.num_classes, self.shifts)
 
 
 class EpisodeSampler:

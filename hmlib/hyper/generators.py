@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from hmlib.backbone import modulation as mod
 from hmlib.backbone.model import ConvBackbone, augment, blocks
 from hmlib.config import Config, FilmConfig, FullConfig, HyperConfig, ConfigError
-from hmlib.features import standardize
+from hmlib.features import standardize, to_device
 from hmlib.hyper.cluster_ops import cosine_logits, kmeans_prototypes
 from hmlib.hyper.encoders import mlp
 
@@ -77,7 +77,8 @@ class TaskInputs:
                           None if self.features is None else self.features.unsqueeze(0))
 
     def to(self, device: torch.device | str) -> "TaskInputs":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        """The same task(s) on ``device`` (from the CPU to a GPU through pinned memory, without blocking)."""
+        move = lambda t: None if t is None else to_device(t, device)  # noqa: E731
         return TaskInputs(move(self.context), move(self.images), move(self.features))
 
 
@@ -280,7 +281,7 @@ class FullGenerator(Generator):
         if cfg.adapt.inner_loss == "augmentation":
             raise ConfigError("the 'full' generator reads VAE rows, not images: adapt.inner_loss = 'augmentation' "
                               "needs images")
-        if cfg.meta.outer_loss == "centroids":
+        if cfg.meta.outer_loss in ("centroids", "both"):
             raise ConfigError("the 'full' generator has no representation to take class centroids in: set "
                               "meta.outer_loss = 'aligned'")
         if cfg.meta.min_classes != cfg.meta.max_classes:

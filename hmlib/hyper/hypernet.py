@@ -18,6 +18,7 @@ from hmlib.backbone.model import ConvBackbone
 from hmlib.config import Config
 from hmlib.hyper.encoders import ENCODERS
 from hmlib.hyper.generators import GENERATORS, FilmGenerator, FullGenerator, Generator, Params, TaskInputs, TaskState
+from hmlib.hyper.selector import Selector
 
 CONTEXT_EPS = 1e-3
 
@@ -47,6 +48,9 @@ class HyperNet(nn.Module):
         self.feature_dim = feature_dim
         self.encoder = ENCODERS[cfg.hyper.conditioning](context_dim, cfg.hyper)
         self.generator = build_generator(cfg, num_classes, backbone=backbone, feature_dim=feature_dim)
+        # one score per configured candidate the generator supports (what adapt_candidates adapts); fitted after
+        # meta-training (when not to adapt)
+        self.selector = Selector(len([n for n in cfg.adapt.candidates if n in self.generator.candidates]) or 1)
         self.register_buffer("context_mean", torch.zeros(context_dim))
         self.register_buffer("context_std", torch.ones(context_dim))
 
@@ -56,9 +60,15 @@ class HyperNet(nn.Module):
         self.context_mean.copy_(rows.mean(0))
         self.context_std.copy_(rows.std(0) + CONTEXT_EPS)
 
+    @property
+    def device(self) -> torch.device:
+        """The device this hypernetwork (and the backbone it modulates) is on: where its tasks are computed."""
+        return self.context_mean.device
+
     def check(self, inputs: TaskInputs) -> TaskInputs:
-        """``inputs`` as a batch, with a clear error if their widths are not this hypernetwork's."""
-        inputs = inputs.as_batch()
+        """``inputs`` as a batch on this hypernetwork's device (tasks are built on the CPU, copied without blocking),
+        with a clear error if their widths are not this hypernetwork's."""
+        inputs = inputs.as_batch().to(self.device)
         if inputs.context.shape[-1] != self.context_dim:
             raise ValueError(f"this hypernetwork reads context rows of width {self.context_dim}, got "
                              f"{inputs.context.shape[-1]}; use the VAE it was meta-trained with")
@@ -88,7 +98,7 @@ class HyperNet(nn.Module):
 
     def extend(self, params: Params, state: TaskState, inputs: TaskInputs) -> Tensor:
         """(T, M, K) logits of inputs outside the task under the task's (adapted) network."""
-        return self.generator.extend(params, state, inputs)
+        return self.generator.extend(params, state, inputs.to(self.device))
 
     def adaptable(self, params: Params) -> list[str]:
         """Names of the generated parameters the inner loop updates."""

@@ -27,14 +27,15 @@ from hmlib import data, paths
 from hmlib.artifacts import (ArtifactError, MissingArtifactError, load_checkpoint, named_path, read_json,
                              save_checkpoint, write_json)
 from hmlib.backbone.model import ConvBackbone
-from hmlib.config import Config, config_to_dict
-from hmlib.hyper.adapt import AdaptResult, adapt, predict_task
+from hmlib.config import Config, config_to_dict, resolve_device
+from hmlib.hyper.adapt import AdaptResult, adapt, adapt_candidates, features_of, predict_task
 from hmlib.hyper.checkpoints import CHECKPOINT_KIND, load_existing, training_settings
 from hmlib.hyper.cluster_ops import class_centroid_logits
 from hmlib.hyper.episodes import Episode, EpisodeSampler
 from hmlib.hyper.hypernet import HyperNet
 from hmlib.hyper.inputs import TaskData, load_task_data
 from hmlib.hyper.losses import aligned_cross_entropy, task_accuracy
+from hmlib.hyper.selector import FEATURES, choice_accuracy, fit_selector, oracle_and_fixed
 from hmlib.protocol import train_val_indices
 from hmlib.reproducibility import seeded
 from hmlib.vae.model import VAE
@@ -61,13 +62,17 @@ class MetaResult:
 
 def outer_loss(hypernet: HyperNet, result: AdaptResult, labels: torch.Tensor, num_classes: int, kind: str
                ) -> torch.Tensor:
-    """The label-using loss after adaptation: class-centroid cross-entropy of the adapted embedding, or the aligned
-    cross-entropy of the cluster head (the only loss that reads labels)."""
-    if kind == "centroids":
+    """The label-using loss after adaptation (the only loss that reads labels): the class-centroid cross-entropy of
+    the adapted embedding ('centroids'), the aligned cross-entropy of the adapted cluster head ('aligned'), or their
+    sum ('both')."""
+    loss = torch.zeros((), device=result.logits[-1].device)
+    if kind in ("centroids", "both"):
         z = hypernet.generator.embedding(result.params, result.state)
         logits = class_centroid_logits(z, labels, num_classes, result.params["log_tau"])
-        return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
-    return aligned_cross_entropy(result.logits[-1], labels)
+        loss = loss + F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+    if kind in ("aligned", "both"):
+        loss = loss + aligned_cross_entropy(result.logits[-1], labels)
+    return loss
 
 
 def validation_episodes(parts: Sequence[TaskData], sampler: EpisodeSampler, cfg: Config) -> list[Episode]:
@@ -86,7 +91,7 @@ def validation_accuracy(hypernet: HyperNet, episodes: Sequence[Episode], cfg: Co
     """Mean clustering accuracy over the validation tasks before and after the inner steps."""
     before, after = [], []
     for episode in episodes:
-        logits = predict_task(hypernet, episode.inputs, cfg.adapt)  # (S+1, T, N, K)
+        logits = predict_task(hypernet, episode.inputs, cfg.adapt, num_classes=episode.num_classes)  # (S+1, T, N, K)
         before.append(task_accuracy(logits[0], episode.labels))
         after.append(task_accuracy(logits[-1], episode.labels))
     return float(np.concatenate(before).mean()), float(np.concatenate(after).mean())
@@ -117,8 +122,10 @@ def _optimizer(hypernet: HyperNet, cfg: Config) -> torch.optim.Optimizer:
 
 def fit_hypernet(cfg: Config, train_sets: Mapping[str, TaskData], *, vae: VAE, seed: int, path: str | Path,
                  backbone: ConvBackbone | None = None, upstream: Mapping[str, Any] | None = None,
-                 bundle: Mapping[str, Any] | None = None, train: bool = True, progress: bool = True) -> MetaResult:
-    """Meta-train on ``train_sets`` (name -> TaskData of train splits), or reuse / resume the checkpoint at ``path``."""
+                 bundle: Mapping[str, Any] | None = None, train: bool = True, progress: bool = True,
+                 device: torch.device | str | None = None) -> MetaResult:
+    """Meta-train on ``train_sets`` (name -> TaskData of train splits) on ``device`` (default ``cfg.device``), or
+    reuse / resume the checkpoint at ``path``."""
     path = Path(path)
     if not train_sets:
         raise MetaTrainingError("no meta-training datasets (meta.train_datasets is empty)")
@@ -127,13 +134,17 @@ def fit_hypernet(cfg: Config, train_sets: Mapping[str, TaskData], *, vae: VAE, s
         raise MetaTrainingError(f"meta-training datasets differ in context widths: {widths}")
     context_dim = next(iter(widths.values()))
     feature_dim = None if cfg.hyper.generation == "film" else context_dim
-    K = cfg.meta.max_classes
+    # the K of the generated network when none is asked: 'film' clusters into any K (default task.num_classes);
+    # 'full' emits exactly the K it is trained for
+    K = cfg.task.num_classes if feature_dim is None else cfg.meta.max_classes
     meta = {"kind": CHECKPOINT_KIND, "seed": int(seed), "training": training_settings(cfg),
             "upstream": dict(upstream or {}), "context_dim": int(context_dim), "feature_dim": feature_dim,
             "num_classes": int(K)}
     with seeded(seed):  # initial weights from the replicate's own seed, whatever ran before in this process
         hypernet = HyperNet(cfg, context_dim, K, backbone=None if backbone is None else copy.deepcopy(backbone),
                             feature_dim=feature_dim)
+    device = resolve_device(cfg.device) if device is None else torch.device(device)
+    hypernet.to(device)  # initialised on the CPU (the same weights on every device), trained here
     optimizer = _optimizer(hypernet, cfg)
     existing = load_existing(path, meta, cfg.meta.retrain)
     if existing is not None and existing[1].get("complete"):
@@ -153,7 +164,7 @@ def fit_hypernet(cfg: Config, train_sets: Mapping[str, TaskData], *, vae: VAE, s
         held.append(task_data.subset(val))
     _check_parts(parts, held, cfg)
     sampler = EpisodeSampler(parts, cfg, vae)
-    val_episodes = validation_episodes(held, EpisodeSampler(held, cfg, vae), cfg)
+    val_episodes = [e.to(device) for e in validation_episodes(held, EpisodeSampler(held, cfg, vae), cfg)]
     hypernet.set_context_statistics(torch.as_tensor(np.concatenate([p.context[:CONTEXT_SAMPLE] for p in parts])))
     history, start, best = _new_history(), 0, {"iteration": 0, "val_acc_after": -1.0}
     best_state = copy.deepcopy(hypernet.state_dict())
@@ -170,7 +181,7 @@ def fit_hypernet(cfg: Config, train_sets: Mapping[str, TaskData], *, vae: VAE, s
                  "bundle": dict(bundle or {})}
         save_checkpoint(path, state, {**meta, "config": config_to_dict(cfg), "iteration": iteration,
                                       "total_iterations": cfg.meta.iterations, "complete": complete,
-                                      "history": history, "best": best})
+                                      "history": history, "best": best, "device": str(device)})
 
     def evaluate(iteration: int) -> None:
         nonlocal best_state, best
@@ -191,7 +202,7 @@ def fit_hypernet(cfg: Config, train_sets: Mapping[str, TaskData], *, vae: VAE, s
     hypernet.train()
     for iteration in bar:
         rng = np.random.default_rng([seed, iteration])  # per-iteration stream: resuming replays the same tasks
-        episode = sampler.sample(rng)
+        episode = sampler.sample(rng).to(device)  # built on the CPU, copied without blocking
         result = adapt(hypernet, episode.inputs, cfg.adapt, create_graph=True, num_classes=episode.num_classes,
                        num_steps=cfg.adapt.num_inner_steps if cfg.meta.use_inner_loop else 0)
         loss = outer_loss(hypernet, result, episode.labels, episode.num_classes, cfg.meta.outer_loss)
@@ -218,14 +229,50 @@ def fit_hypernet(cfg: Config, train_sets: Mapping[str, TaskData], *, vae: VAE, s
         done = iteration + 1
         if done % cfg.meta.eval_every == 0 or done == cfg.meta.iterations:
             evaluate(done)
-            save(done, complete=done == cfg.meta.iterations)
+            save(done, complete=False)  # complete only once the test-time selector is fitted, below
         bar.set_postfix(outer=f"{history['outer_loss'][-1]:.3f}", val=f"{history['val_acc_after'][-1]:.3f}")
     bar.close()
-    if start >= cfg.meta.iterations:  # resumed a run that had finished its iterations but not its last save
-        save(cfg.meta.iterations, complete=True)
     hypernet.load_state_dict(best_state)
+    if hypernet.selector.bias.shape[0] > 1 and cfg.meta.selector_episodes > 0:  # a choice to learn
+        history["selector"] = fit_selection(hypernet, sampler, val_episodes, cfg, seed)
+        best_state = copy.deepcopy(hypernet.state_dict())
+    save(cfg.meta.iterations, complete=True)  # (again) with the selector: complete only now
     _, final_meta = load_checkpoint(path)
     return MetaResult(hypernet.eval(), history, path, final_meta)
+
+
+@torch.no_grad()
+def _candidate_table(hypernet: HyperNet, episodes: Sequence[Episode], cfg: Config) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (C, T, F) and accuracies (C, T) of every test-time candidate on the tasks of ``episodes``."""
+    features, accuracy = [], []
+    for episode in episodes:
+        results, _ = adapt_candidates(hypernet, episode.inputs, cfg.adapt, num_classes=episode.num_classes)
+        features.append(torch.stack([features_of(hypernet, r) for r in results]))
+        accuracy.append(torch.stack([torch.as_tensor(task_accuracy(r.logits[-1], episode.labels)) for r in results]))
+    return torch.cat(features, dim=1), torch.cat(accuracy, dim=1).float()
+
+
+def fit_selection(hypernet: HyperNet, sampler: EpisodeSampler, val_episodes: Sequence[Episode], cfg: Config,
+                  seed: int) -> dict[str, float]:
+    """Meta-learn when not to adapt: fit the hypernetwork's selector of test-time candidates on fresh episodes of
+    the meta-training parts (labels say which candidate was best), keep it only if its choice beats the silhouette
+    rule on the validation episodes; returns the figures (validation accuracy of each way of choosing)."""
+    hypernet.eval()
+    rng = np.random.default_rng([seed, 7919])
+    episodes = [sampler.sample(rng) for _ in range(cfg.meta.selector_episodes)]
+    features, accuracy = _candidate_table(hypernet, episodes, cfg)
+    fit_selector(hypernet.selector, features, accuracy)
+    val_features, val_accuracy = _candidate_table(hypernet, val_episodes, cfg)
+    learned = choice_accuracy(hypernet.selector(val_features), val_accuracy)
+    rule = choice_accuracy(val_features[..., FEATURES.index("silhouette")], val_accuracy)
+    figures = {"train_tasks": int(features.shape[1]), "val_tasks": int(val_features.shape[1]), "val_learned": learned,
+               "val_silhouette": rule, **{f"val_{k}": v for k, v in oracle_and_fixed(val_accuracy).items()}}
+    figures["kept"] = float(learned > rule)
+    if learned <= rule:  # the rule stays: an untrained selector scores by the silhouette
+        hypernet.selector.fitted.fill_(False)
+    print(f"test-time selector: validation accuracy {100 * learned:.1f}% learned vs {100 * rule:.1f}% silhouette "
+          f"(oracle {100 * figures['val_oracle']:.1f}%); {'kept' if figures['kept'] else 'the silhouette rule stays'}")
+    return figures
 
 
 def _check_parts(parts: Sequence[TaskData], held: Sequence[TaskData], cfg: Config) -> None:
@@ -269,13 +316,15 @@ def pipeline_checkpoints() -> list[Path]:
 
 def meta_train(cfg: Config, seed: int, *, train: bool = True, progress: bool = True,
                folder: str | None = None) -> MetaResult:
-    """Meta-train (or reuse / resume) the hypernetwork of a replicate seed on the protocol's datasets; ``folder``
+    """Meta-train (or reuse / resume) the hypernetwork of a replicate seed on the protocol's datasets (the VAE and
+    backbone must exist: notebook 02 makes them; this never trains them); ``folder``
     puts the checkpoint in a subfolder of ``models/`` (notebook 04's re-trained variants: ``ablations``), apart from
     the pipeline's own."""
     from hmlib.hyper.bundle import bundle_for  # the bundle reads the VAE and backbone checkpoints
 
-    bundle, models = bundle_for(cfg, seed, train=train, progress=progress)
-    train_sets = {d: load_task_data(cfg, d, "train", seed, train=train, progress=progress)
+    # the VAE and backbone are notebook 02's: never trained here (a missing one is a one-line error naming it)
+    bundle, models = bundle_for(cfg, seed, train=False, progress=progress)
+    train_sets = {d: load_task_data(cfg, d, "train", seed, train=False, progress=progress)
                   for d in cfg.meta.train_datasets}
     upstream = {"ids": {d: s.identity for d, s in train_sets.items()},
                 "backbone_id": bundle.get("backbone", {}).get("meta", {}).get("backbone_id")}
@@ -283,7 +332,8 @@ def meta_train(cfg: Config, seed: int, *, train: bool = True, progress: bool = T
     stem = f"{'variant' if folder else 'hypernet'}_seed{seed}"
     path = named_path(where, stem, {"training": training_settings(cfg), "upstream": upstream, "seed": seed})
     result = fit_hypernet(cfg, train_sets, vae=models["vae"], backbone=models.get("backbone"), seed=seed, path=path,
-                          upstream=upstream, bundle=bundle, train=train, progress=progress)
+                          upstream=upstream, bundle=bundle, train=train, progress=progress,
+                          device=resolve_device(cfg.device))
     if not folder and train:
         record_pipeline_checkpoint(path, seed)
     return result

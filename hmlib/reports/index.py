@@ -5,13 +5,15 @@ the list of reports and each notebook's wall time.
 """
 from __future__ import annotations
 
+import base64
 import html
+import io
 import json
 import math
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from hmlib import paths
 from hmlib.artifacts import ArtifactError, read_json, write_json
@@ -28,8 +30,10 @@ def headlines_dir() -> Path:
     return paths.results_dir() / "headlines"
 
 
-def record_headline(key: str, rows: list[dict], title: str, *, note: str | None = None) -> Path:
-    """Write a headline table (flat dict rows) to ``results/headlines/<key>.json`` for index.html."""
+def record_headline(key: str, rows: list[dict], title: str, *, note: str | None = None,
+                    figures: Sequence[Any] = ()) -> Path:
+    """Write a headline table (flat dict rows), and any matplotlib figures (as PNG), to
+    ``results/headlines/<key>.json`` for index.html."""
     if not isinstance(key, str) or not _KEY_PATTERN.match(key):
         raise ReportError(f"headline key {key!r} must be letters, digits, '_', '-' or '.' (it names a file)")
     if not isinstance(title, str) or not title.strip():
@@ -43,7 +47,7 @@ def record_headline(key: str, rows: list[dict], title: str, *, note: str | None 
         clean_rows.append({str(k): _scalar(v, f"headline '{key}' row {i} column '{k}'") for k, v in row.items()})
     columns = list(dict.fromkeys(k for row in clean_rows for k in row))
     payload = {"key": key, "title": title.strip(), "columns": columns, "rows": clean_rows, "note": note,
-               "recorded_at": utc_now()}
+               "recorded_at": utc_now(), "figures": [_png_data_uri(f) for f in figures]}
     return write_json(headlines_dir() / f"{key}.json", payload)
 
 
@@ -160,8 +164,17 @@ def _headline_html(table: Mapping[str, Any]) -> str:
                    for row in table["rows"])
     note = f"<p class='muted'>{html.escape(str(table['note']))}</p>" if table.get("note") else ""
     recorded = html.escape(str(table.get("recorded_at", "")))
-    return (f"<h3>{title}</h3>{note}<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    images = "".join(f"<p><img alt='{title}' style='max-width: 100%' src='{html.escape(uri)}'></p>"
+                     for uri in table.get("figures") or [] if str(uri).startswith("data:image/png;base64,"))
+    return (f"<h3>{title}</h3>{note}<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{images}"
             f"<p class='muted small'>{html.escape(str(table.get('key')))} · recorded {recorded} UTC</p>")
+
+
+def _png_data_uri(figure: Any) -> str:
+    """A matplotlib figure as an inline PNG (data URI), so index.html stays one self-contained file."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=80, bbox_inches="tight")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _column_decimals(values: list[Any]) -> int | None:

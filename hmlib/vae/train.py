@@ -2,7 +2,8 @@
 
 Checkpoints are ``models/vae_<scope>_d<d>_seed<s>-<hash>.pt``: the hash covers every setting, seed and
 training-data fingerprint, so VAEs of other settings never share a file. A VAE's identity (``vae_id``) is
-a hash of its weights, the same whenever the same settings and seed are trained again.
+a hash of its weights, the same whenever the same settings and seed are trained again. The device that trained
+it (``device`` in its meta) is recorded but is no part of the name: a VAE trained on a GPU is reused on the CPU.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from tqdm.auto import tqdm
 from hmlib import data, paths
 from hmlib.artifacts import ArtifactError, load_named_kind, load_or_build, named_path, save_checkpoint, state_fingerprint
 from hmlib.config import SETTINGS, Config, ConfigError, VAEConfig, config_to_dict, resolve_device
-from hmlib.features import encode_batches, images_to_tensor
+from hmlib.features import encode_batches, images_to_tensor, to_device
 from hmlib.reproducibility import seeded
 from hmlib.vae.model import VAE, beta_schedule, build_vae, vae_loss
 
@@ -59,7 +60,7 @@ def train_vae(model: VAE, images: np.ndarray, cfg: VAEConfig, *, seed: int = 0, 
         for epoch in range(cfg.epochs):
             order = torch.randperm(len(data), generator=generator)
             for batch_idx in order.split(cfg.batch_size):
-                x = images_to_tensor(data[batch_idx]).to(device)
+                x = images_to_tensor(to_device(data[batch_idx], device))  # uint8 across, floats made there
                 beta = beta_schedule(step, total_steps, cfg.beta_start, cfg.beta_end)
                 logits, mu, logvar = model(x)
                 terms = vae_loss(logits, x, mu, logvar, beta, cfg.likelihood, cfg.ssim_weight)
@@ -178,7 +179,7 @@ def get_vae(cfg: Config, scope: str, seed: int, *, train: bool = True, progress:
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         save_checkpoint(path, state, {**identity, "vae_id": state_fingerprint(state), "train_counts": counts,
                                       "metrics": result.metrics, "history": result.history,
-                                      "torch_version": str(torch.__version__)})
+                                      "torch_version": str(torch.__version__), "device": str(device)})
         print(f"Saved {path} ({result.metrics['train_seconds']:.0f} s, "
               f"{result.metrics['train_images_per_second']:.0f} images/s).")
 
