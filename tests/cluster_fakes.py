@@ -11,12 +11,14 @@ import io
 import sys
 import types
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 from PIL import Image
 
 from datafactory import class_patterns
 from hmlib.artifacts import file_sha256
+from hmlib.config import load_config
 
 ESTIMATOR_MODULE = "hmlib.cluster.estimator"
 
@@ -33,6 +35,7 @@ class BrightnessClusterer:
         self.num_steps = 3 if num_steps is None else num_steps
         self.requested_steps = num_steps
         self.fitted_on: np.ndarray | None = None
+        self.bundle = SimpleNamespace(cfg=load_config("smoke"))  # the command applies the checkpoint's runtime
 
     @classmethod
     def from_checkpoint(cls, path, n_clusters: int, num_steps: int | None = None,

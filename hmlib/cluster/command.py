@@ -22,7 +22,7 @@ from hmlib.cluster.images import ClusterInputError, ImageCollection, input_kind,
 from hmlib.cluster.outputs import (ASSIGNMENTS, CONTACT_SHEET, SUMMARY, build_summary, claim_out_dir,
                                    default_out_dir, write_assignments, write_summary)
 from hmlib.cluster.sheet import write_contact_sheet
-from hmlib.config import ConfigError, TaskConfig, resolve_device
+from hmlib.config import ConfigError, TaskConfig, configure_runtime, resolve_device
 from hmlib.errors import StorageError
 from hmlib.results import cluster_accuracy_note
 
@@ -149,6 +149,7 @@ def _fit(api: Any, checkpoint: Path, k: int | str, steps: int | None, images: np
                                                    device=device or "auto")
     except (FileNotFoundError, ArtifactError, ValueError) as err:
         raise ClusterInputError(f"cannot use checkpoint {checkpoint}: {one_line(err)}") from err
+    configure_runtime(model.bundle.cfg)  # deterministic kernels and the checkpoint's threads, as in the notebooks
     if adapt_out is not None:
         if len(images) < api.MIN_ADAPT_IMAGES:
             print(f"not adapting the backbone: --adapt needs at least {api.MIN_ADAPT_IMAGES:,} images (nearest "

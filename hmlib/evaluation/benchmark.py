@@ -15,7 +15,7 @@ from typing import Any
 
 from hmlib.artifacts import MissingArtifactError, check_writable, load_checkpoint
 from hmlib.cli import add_device_option
-from hmlib.config import Config, load_config, with_overrides
+from hmlib.config import Config, configure_runtime, load_config, with_overrides
 from hmlib.data.corruptions import benchmark_corruptions
 from hmlib.data.registry import parse_shifted
 from hmlib.evaluation.evaluate import evaluate_setting
@@ -72,6 +72,7 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
     settings are the checkpoints' own) on the pipeline's checkpoints."""
     device = getattr(args, "device", None)
     cfg = load_config(args.profile, args.config, {"device": device} if device is not None else None)
+    configure_runtime(cfg)  # deterministic kernels, the profile's threads, as in the notebooks
     checkpoints = [p for p in pipeline_checkpoints() if p.is_file()]
     if not checkpoints:
         raise MissingArtifactError("no pipeline checkpoint recorded in models/pipeline.json; make them with "

@@ -19,7 +19,8 @@ from hmlib.artifacts import (ArtifactError, check_writable, file_sha256, fingerp
                              refuse_overwrite)
 from hmlib.cli import add_device_option
 from hmlib.data.registry import check_name, parse_shifted
-from hmlib.config import Config, ConfigError, config_to_dict, load_config, registered_datasets, with_overrides
+from hmlib.config import (Config, ConfigError, config_to_dict, configure_runtime, load_config, registered_datasets,
+                          with_overrides)
 from hmlib.evaluation.evaluate import EvalError, evaluate_setting
 from hmlib.evaluation.tables import summary_markdown
 from hmlib.paths import results_dir
@@ -167,6 +168,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
                                     overrides={k: v for k, v in overrides.items() if v})
     except ConfigError as err:
         raise EvalError(str(err)) from None
+    configure_runtime(cfg)  # deterministic kernels, the profile's threads, as in the notebooks
     trained_on = [d for d in datasets if parse_shifted(d)[0] in {parse_shifted(t)[0] for t in cfg.meta.train_datasets}]
     if trained_on:
         print(f"note: {', '.join(trained_on)} derive from meta-training datasets of these checkpoints; this is not a "
