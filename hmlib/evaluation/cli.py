@@ -23,6 +23,7 @@ from hmlib.config import (Config, ConfigError, config_to_dict, configure_runtime
                           with_overrides)
 from hmlib.evaluation.evaluate import EvalError, evaluate_setting
 from hmlib.evaluation.tables import summary_markdown
+from hmlib.hyper.metatrain import pipeline_checkpoints
 from hmlib.paths import results_dir
 from hmlib.validation import read_config_file
 
@@ -63,8 +64,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                     "embedding, per-task normalisation statistics, plain test-time adaptation (no meta-learning), "
                     "k-means / GMM on the VAE means, k-means on pixels and a supervised ceiling. Prints the tables "
                     "and writes JSON + .md. Never trains.")
-    parser.add_argument("--checkpoint", required=True, nargs="+", type=Path, metavar="PATH",
-                        help="hypernetwork checkpoint(s) models/hypernet_seed<s>-<hash>.pt, one per replicate seed")
+    parser.add_argument("--checkpoint", nargs="+", type=Path, metavar="PATH",
+                        help="hypernetwork checkpoint(s) models/hypernet_seed<s>-<hash>.pt, one per replicate seed "
+                             "(default: those of the last `hmlib run`, listed in models/pipeline.json)")
     parser.add_argument("--dataset", nargs="+", metavar="NAME",
                         help="held-out dataset(s), e.g. mnist mnist+rotate (default: the checkpoint's test datasets)")
     parser.add_argument("--setting", default="zero_shot", choices=("zero_shot", "transductive"),
@@ -146,6 +148,11 @@ def run_eval_command(args: argparse.Namespace) -> int:
     """Handler of ``hmlib eval``: validate, evaluate, print the tables; returns 0."""
     if args.config is not None:
         read_config_file(args.config)  # a bad file fails before any checkpoint is read
+    if not args.checkpoint:
+        args.checkpoint = [p for p in pipeline_checkpoints() if p.is_file()]
+        if not args.checkpoint:
+            raise EvalError("no checkpoint given and none recorded in models/pipeline.json; run `make run` first or "
+                            "pass --checkpoint")
     for path in args.checkpoint:
         if not Path(path).is_file():
             raise EvalError(f"checkpoint not found: {path}")

@@ -63,7 +63,10 @@ def load_bundles(checkpoints: Sequence[str | Path], device: torch.device | str |
         if same:
             raise EvalError(f"{path} is the same checkpoint as {same[0].path}; pass each replicate once")
         if any(b.seed == bundle.seed for b in bundles):
-            raise EvalError(f"two checkpoints of replicate seed {bundle.seed} ({path}); one per seed")
+            other = next(b.path for b in bundles if b.seed == bundle.seed)
+            raise EvalError(f"two checkpoints of replicate seed {bundle.seed} ({other} and {path}); pass one per seed "
+                            "(the last `hmlib run`'s are listed in models/pipeline.json, and `hmlib eval` without "
+                            "--checkpoint takes them)")
         bundles.append(bundle)
     if not bundles:
         raise EvalError("no checkpoint to evaluate")
