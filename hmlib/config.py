@@ -224,7 +224,7 @@ class EvalConfig:
     """The evaluation grid: every held-out dataset (``meta.test_datasets``) at every task shape (K, N), each a
     fixed, seeded suite of tasks from the dataset's test split, identical for every method (notebook 03)."""
 
-    num_tasks: int = checked(50, min=2)  # tasks per condition, identical for every method and seed (the time budget)
+    num_tasks: int = checked(40, min=2)  # tasks per condition, identical for every method and seed (the time budget)
     shapes: tuple[tuple[int, int], ...] = ((4, 256), (10, 500))  # (K classes, N images) of a task
     shifted_shapes: tuple[tuple[int, int], ...] | None = ((4, 256),)  # of the shifted datasets; None: ``shapes``
     seed: int = checked(1234, min=0)
@@ -249,7 +249,7 @@ class AblationConfig:
 
     step_grid: tuple[int, ...] = checked((0, 1, 2, 4, 8, 16, 32), min_len=1, min=0)
     lr_grid: tuple[float, ...] = checked((0.25, 0.5, 2.0, 4.0), min_exclusive=0.0)  # step-size scales (adapt.lr_scale)
-    num_tasks: int = checked(40, min=2)  # the first tasks of each condition's evaluation suite
+    num_tasks: int = checked(30, min=2)  # the first tasks of each condition's evaluation suite
     # held-out datasets of the ablation grid (None: meta.test_datasets): clean mnist and shrunk digits, where METHOD.md
     # found that the task's own statistics cost 13 points (when not to adapt)
     datasets: tuple[str, ...] | None = ("mnist", "mnist+scale")
