@@ -109,3 +109,18 @@ def write_image_folder(root: Path, counts: dict[str, dict[str, int]], size: tupl
             for i, img in enumerate(to_pil(images, mode)):
                 img.save(folder / f"{i}.png")
     return root
+
+
+def perturbed_backbone(channels: tuple[int, ...], embed_dim: int, seed: int = 0):
+    """A small ConvBackbone in eval mode whose stored statistics and affine transforms are far from the defaults."""
+    from hmlib.backbone.model import ConvBackbone, batchnorm_layers
+    from hmlib.reproducibility import seeded
+
+    with seeded(seed):
+        model = ConvBackbone(channels, embed_dim, 3)
+        for layer in batchnorm_layers(model):
+            layer.running_mean.uniform_(-0.5, 0.5)
+            layer.running_var.uniform_(0.5, 2.0)
+            layer.weight.data.uniform_(0.5, 1.5)
+            layer.bias.data.uniform_(-0.5, 0.5)
+    return model.eval()

@@ -11,8 +11,8 @@ import pytest
 import torch
 from sklearn.metrics import silhouette_score
 
-from datafactory import balanced_labels, class_patterns
-from hmlib.backbone.model import ConvBackbone, batch_statistics, batchnorm_layers
+from datafactory import balanced_labels, class_patterns, perturbed_backbone
+from hmlib.backbone.model import ConvBackbone, batch_statistics
 from hmlib.config import ConfigError, load_config
 from hmlib.features import images_to_tensor, normalize_task, standardize
 from hmlib.hyper import encoders, generators
@@ -51,14 +51,7 @@ def config(generation: str = "film", **sections):
 
 def backbone(seed: int = 0) -> ConvBackbone:
     """A backbone in eval mode whose stored statistics and affine transforms are far from the defaults."""
-    with seeded(seed):
-        model = ConvBackbone(CHANNELS, EMBED_DIM, 3)
-        for layer in batchnorm_layers(model):
-            layer.running_mean.uniform_(-0.5, 0.5)
-            layer.running_var.uniform_(0.5, 2.0)
-            layer.weight.data.uniform_(0.5, 1.5)
-            layer.bias.data.uniform_(-0.5, 0.5)
-    return model.eval()
+    return perturbed_backbone(CHANNELS, EMBED_DIM, seed)
 
 
 def make_hypernet(generation: str = "film", seed: int = 0, cfg=None, **sections) -> HyperNet:

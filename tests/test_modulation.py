@@ -6,7 +6,7 @@ import copy
 import pytest
 import torch
 
-from datafactory import balanced_labels, class_patterns
+from datafactory import balanced_labels, class_patterns, perturbed_backbone
 from hmlib.backbone import modulation as mod
 from hmlib.backbone.model import ConvBackbone, batch_statistics, batchnorm_layers, blocks
 from hmlib.features import images_to_tensor
@@ -20,15 +20,7 @@ ATOL = 1e-5
 
 def backbone(seed: int = 0) -> ConvBackbone:
     """A backbone in eval mode whose stored statistics and affine transforms are far from the defaults."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = ConvBackbone(CHANNELS, EMBED_DIM, 3)
-        for layer in batchnorm_layers(model):
-            layer.running_mean.uniform_(-0.5, 0.5)
-            layer.running_var.uniform_(0.5, 2.0)
-            layer.weight.data.uniform_(0.5, 1.5)
-            layer.bias.data.uniform_(-0.5, 0.5)
-    return model.eval()
+    return perturbed_backbone(CHANNELS, EMBED_DIM, seed)
 
 
 def task_images(num_tasks: int = T, num_images: int = N, seed: int = 0) -> torch.Tensor:
