@@ -18,7 +18,7 @@ from hmlib.ablations import (AblationResult, Variant, ablation_grid, ablation_se
                              describe, headline_rows, run_ablation, run_all, step_table, step_table_rows, table_rows)
 from hmlib.ablations import run as ablation_run
 from hmlib.ablations.run import (_context, initial_hypernet, load_cached, result_path, training_config,
-                                 variant_curves)
+                                 variant_curves, variant_hypernet)
 from hmlib.artifacts import fingerprint, load_checkpoint, save_checkpoint, write_json
 from hmlib.cluster.estimator import default_checkpoint
 from hmlib.config import ConfigError, config_to_dict, load_config, with_overrides
@@ -418,6 +418,23 @@ def test_variant_curves_match_a_direct_run(trained, home):
         pooled.append(curves)
     np.testing.assert_array_equal(trained.results["step_size"].acc["step sizes x 1 (main)"][0],
                                   np.concatenate(pooled))
+
+
+def test_a_test_time_generator_override_leaves_the_protocols_hypernetwork_alone(trained, home):
+    """'head only' / 'film only' adapt with a changed copy of the generator; the hypernetwork every other variant
+    uses (same inputs, same memo) keeps its own setting, weights shared by value only."""
+    cfg = trained.cfg
+    bundle = load_bundle(home[("zero_shot", 0)])
+    inputs = seed_inputs(bundle, cfg, "mnist", "zero_shot", with_train=False)
+    memo: dict = {}
+    main = variant_hypernet(Variant("main"), inputs, 0, memo)
+    before = main.generator.film
+    changed = variant_hypernet(Variant("film only", film_overrides={"adapt": "film"}), inputs, 0, memo)
+    assert changed.generator.film.adapt == "film" and changed is not main
+    assert main.generator.film == before and main.generator.film.adapt == cfg.film.adapt
+    assert variant_hypernet(Variant("again"), inputs, 0, memo).generator.film.adapt == cfg.film.adapt
+    state, other = main.state_dict(), changed.state_dict()
+    assert state.keys() == other.keys() and all(torch.equal(state[k], other[k]) for k in state)
 
 
 def test_the_plain_baseline_arm_is_the_registered_method_on_the_same_tasks(trained, home):

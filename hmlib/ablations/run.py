@@ -101,10 +101,10 @@ def variant_hypernet(variant: Variant, inputs: SeedInputs, seed: int, memo: dict
         if variant.untrained:
             hypernet = initial_hypernet(inputs, seed)
         if variant.film_overrides:
-            hypernet = copy.copy(hypernet)
-            generator = copy.copy(hypernet.generator)
-            generator.film = dataclasses.replace(generator.film, **variant.film_overrides)
-            hypernet.generator = generator
+            # a deep copy: a shallow copy of a Module shares its table of submodules, so assigning the copy's
+            # generator would change the protocol's hypernetwork for every later variant
+            hypernet = copy.deepcopy(hypernet)
+            hypernet.generator.film = dataclasses.replace(hypernet.generator.film, **variant.film_overrides)
         memo[key] = hypernet.eval()
     return memo[key]
 
