@@ -217,6 +217,28 @@ def _kernel_busy(driver) -> bool:
         "Array.from(document.querySelectorAll('.jp-InputPrompt')).some(p => p.textContent.includes('[*]'));"))
 
 
+def click_into_view(driver, element, attempts: int = 5) -> None:
+    """Scroll ``element`` to the middle of the page and click it, as a user would.
+
+    JupyterLab may lay something over it for a moment (a toast, the status bar while the notebook re-flows): the
+    user closes it (Escape) or waits and clicks again. The last attempt's error, naming the element in the way,
+    is raised if it never clears.
+    """
+    from selenium.common.exceptions import ElementClickInterceptedException
+    from selenium.webdriver.common.keys import Keys
+
+    for attempt in range(attempts):
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center', inline: 'center'});", element)
+        try:
+            element.click()
+            return
+        except ElementClickInterceptedException:
+            if attempt == attempts - 1:
+                raise
+            driver.find_element("css selector", "body").send_keys(Keys.ESCAPE)
+            time.sleep(1 + attempt)
+
+
 def test_the_inner_steps_slider_redraws_the_figure_live(jupyterlab, lab_browser):
     from selenium.webdriver.common.keys import Keys
 
@@ -242,7 +264,7 @@ def test_the_inner_steps_slider_redraws_the_figure_live(jupyterlab, lab_browser)
     assert EXPLORER_ACCURACY_LINE.match(before_line).group(2) == before_value, (before_line, before_value)
 
     handle = slider.find_element("css selector", ".noUi-handle, [role='slider']")
-    handle.click()  # focus the handle, as a user clicking it would
+    click_into_view(driver, handle)  # focus the handle, as a user scrolling to it and clicking it would
     key = Keys.ARROW_LEFT if int(before_value) > 0 else Keys.ARROW_RIGHT
     handle.send_keys(key, key)
     after_value = _wait(lambda: read_slider(slider) if read_slider(slider) != before_value else None, 30,
