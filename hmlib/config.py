@@ -187,7 +187,7 @@ class AdaptConfig:
     candidates: tuple[str, ...] = checked(("generated", "stored", "task"), min_len=1,
                                           choices=_names("hmlib.hyper.adapt", "CANDIDATES"))
     choice: str = checked("learned", choices=("learned", "silhouette"))  # the meta-learned selector (where meta-
-    # training fitted one that beat the silhouette rule on validation), or the silhouette rule
+    # training fitted one that beat the silhouette rule on validation beyond the noise), or the silhouette rule
     neighbours: int = checked(5, min=1)  # nearest neighbours of the neighbour-agreement loss
     geometry_weight: float = checked(3.0, min=0.0)
     balance_weight: float = checked(1.0, min=0.0)  # weight of the cluster-balance term

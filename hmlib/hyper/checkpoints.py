@@ -14,6 +14,7 @@ from hmlib.artifacts import ArtifactError, StaleArtifactError, load_checkpoint, 
 from hmlib.backbone.train import backbone_from_state
 from hmlib.config import Config, config_from_dict, config_to_dict
 from hmlib.hyper.hypernet import HyperNet
+from hmlib.hyper.selector import SELECTION_RULE
 
 CHECKPOINT_KIND = "hypernet"
 IDENTITY_KEYS = ("kind", "seed", "training", "upstream", "context_dim", "feature_dim", "num_classes")
@@ -21,12 +22,13 @@ IDENTITY_KEYS = ("kind", "seed", "training", "upstream", "context_dim", "feature
 
 def training_settings(cfg: Config) -> dict[str, Any]:
     """Every config value that changes what meta-training produces (part of the checkpoint's identity): the
-    shared sections and the section of the configured generator only."""
+    shared sections and the section of the configured generator only, and the rule that keeps the selector."""
     full = config_to_dict(cfg)
     generator = cfg.hyper.generation
     return {"data": {k: v for k, v in full["data"].items() if k not in ("data_dir", "use_hub")},
             "task": full["task"], "hyper": full["hyper"], generator: full.get(generator, {}), "adapt": full["adapt"],
-            "meta": {k: v for k, v in full["meta"].items() if k not in ("retrain", "test_datasets")}}
+            "meta": {k: v for k, v in full["meta"].items() if k not in ("retrain", "test_datasets")},
+            "selection": SELECTION_RULE}
 
 
 def load_existing(path: Path, meta: Mapping[str, Any], retrain: str) -> tuple[dict, dict] | None:

@@ -35,7 +35,8 @@ from hmlib.hyper.episodes import Episode, EpisodeSampler
 from hmlib.hyper.hypernet import HyperNet
 from hmlib.hyper.inputs import TaskData, load_task_data
 from hmlib.hyper.losses import aligned_cross_entropy, task_accuracy
-from hmlib.hyper.selector import FEATURES, choice_accuracy, fit_selector, oracle_and_fixed
+from hmlib.hyper.selector import FEATURES, chosen_accuracy, fit_selector, oracle_and_fixed
+from hmlib.stats import paired
 from hmlib.protocol import train_val_indices
 from hmlib.reproducibility import seeded
 from hmlib.vae.model import VAE
@@ -256,22 +257,28 @@ def fit_selection(hypernet: HyperNet, sampler: EpisodeSampler, val_episodes: Seq
                   seed: int) -> dict[str, float]:
     """Meta-learn when not to adapt: fit the hypernetwork's selector of test-time candidates on fresh episodes of
     the meta-training parts (labels say which candidate was best), keep it only if its choice beats the silhouette
-    rule on the validation episodes; returns the figures (validation accuracy of each way of choosing)."""
+    rule on the validation episodes with a paired 95% interval above zero; returns the figures (validation accuracy
+    of each way of choosing, the paired gain and its lower bound)."""
     hypernet.eval()
     rng = np.random.default_rng([seed, 7919])
     episodes = [sampler.sample(rng) for _ in range(cfg.meta.selector_episodes)]
     features, accuracy = _candidate_table(hypernet, episodes, cfg)
     fit_selector(hypernet.selector, features, accuracy)
     val_features, val_accuracy = _candidate_table(hypernet, val_episodes, cfg)
-    learned = choice_accuracy(hypernet.selector(val_features), val_accuracy)
-    rule = choice_accuracy(val_features[..., FEATURES.index("silhouette")], val_accuracy)
-    figures = {"train_tasks": int(features.shape[1]), "val_tasks": int(val_features.shape[1]), "val_learned": learned,
-               "val_silhouette": rule, **{f"val_{k}": v for k, v in oracle_and_fixed(val_accuracy).items()}}
-    figures["kept"] = float(learned > rule)
-    if learned <= rule:  # the rule stays: an untrained selector scores by the silhouette
+    learned = chosen_accuracy(hypernet.selector(val_features), val_accuracy)
+    rule = chosen_accuracy(val_features[..., FEATURES.index("silhouette")], val_accuracy)
+    gain = paired(learned.cpu().numpy(), rule.cpu().numpy())  # per validation task, learned minus rule
+    figures = {"train_tasks": int(features.shape[1]), "val_tasks": int(val_features.shape[1]),
+               "val_learned": float(learned.mean()), "val_silhouette": float(rule.mean()),
+               **{f"val_{k}": v for k, v in oracle_and_fixed(val_accuracy).items()},
+               "val_gain": gain["mean"], "val_gain_low": gain["low"] if gain["low"] is not None else gain["mean"]}
+    figures["kept"] = float(gain["low"] is not None and gain["low"] > 0)  # a win beyond the noise, not any margin
+    if not figures["kept"]:  # the rule stays: an untrained selector scores by the silhouette
         hypernet.selector.fitted.fill_(False)
-    print(f"test-time selector: validation accuracy {100 * learned:.1f}% learned vs {100 * rule:.1f}% silhouette "
-          f"(oracle {100 * figures['val_oracle']:.1f}%); {'kept' if figures['kept'] else 'the silhouette rule stays'}")
+    print(f"test-time selector: validation accuracy {100 * figures['val_learned']:.1f}% learned vs "
+          f"{100 * figures['val_silhouette']:.1f}% silhouette (paired {100 * gain['mean']:+.1f}, 95% CI from "
+          f"{100 * figures['val_gain_low']:+.1f}; oracle {100 * figures['val_oracle']:.1f}%); "
+          f"{'kept' if figures['kept'] else 'the silhouette rule stays'}")
     return figures
 
 
