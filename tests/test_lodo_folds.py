@@ -1,0 +1,43 @@
+"""The leave-one-dataset-out folds of docs/lodo/ (docs/METHOD.md, "A leave-one-dataset-out fold"): honest stand-ins
+for an unseen dataset, on which settings may be chosen. Each must hold its dataset out of every stage that trains
+(VAE, backbone, meta-training all read ``meta.train_datasets``), evaluate on that dataset only, and shift it only by
+*train-family* corruptions: a held-out benchmark corruption there would be choosing settings on held-out shifts.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from hmlib.config import load_config
+from hmlib.data.corruptions import CORRUPTIONS, train_corruptions
+from hmlib.data.registry import parse_shifted
+from hmlib.paths import REPO_ROOT
+
+FOLDS = sorted((REPO_ROOT / "docs" / "lodo").glob("*.json"))
+DEFAULT = load_config("default")
+
+
+def test_there_is_a_fold_per_documented_held_back_dataset():
+    assert [f.stem for f in FOLDS] == ["fashion_mnist", "math_shapes"]
+    method = (REPO_ROOT / "docs" / "METHOD.md").read_text()
+    for fold in FOLDS:
+        assert f"docs/lodo/{fold.name}" in method, f"{fold.name} is not documented in docs/METHOD.md"
+
+
+@pytest.mark.parametrize("fold", FOLDS, ids=lambda p: p.stem)
+def test_a_fold_holds_its_dataset_out_of_training_and_shifts_it_by_the_train_family_only(fold: Path):
+    cfg = load_config("default", fold)  # validates, as `hmlib run --config` does
+    held_back = fold.stem
+    assert held_back in DEFAULT.meta.train_datasets  # a meta-training dataset, never a held-out one
+    assert held_back not in cfg.meta.train_datasets
+    assert set(cfg.meta.train_datasets) == set(DEFAULT.meta.train_datasets) - {held_back}
+    tested = [parse_shifted(name) for name in cfg.meta.test_datasets]
+    assert tested and {base for base, _ in tested} == {held_back}
+    shifts = [shift for _, shift in tested if shift is not None]
+    assert shifts and all(CORRUPTIONS[s].family == "train" and s in train_corruptions() for s in shifts)
+    for section in (cfg.transductive.datasets, cfg.ablation.datasets):
+        assert section and all(parse_shifted(name)[0] == held_back for name in section)
+    raw = json.loads(fold.read_text())
+    assert set(raw) <= {"seeds", "meta", "eval", "transductive", "ablation"}  # no method setting differs
