@@ -61,7 +61,7 @@ def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 180) -> None:
 
 def _finish(proc: subprocess.Popen) -> tuple[str, str]:
     try:
-        return proc.communicate(timeout=90)
+        return proc.communicate(timeout=300)  # a hang guard only (a loaded machine is slow)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -155,6 +155,6 @@ SIGTERM_OUTSIDE_A_NOTEBOOK = textwrap.dedent("""
 
 def test_sigterm_outside_a_notebook_is_terminated_143(tmp_path):
     proc = subprocess.run([sys.executable, "-c", SIGTERM_OUTSIDE_A_NOTEBOOK], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+                          text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})  # a hang guard only
     assert proc.returncode == 143, (proc.returncode, proc.stderr)
     assert proc.stderr.strip() == "hmlib: terminated (SIGTERM)"
