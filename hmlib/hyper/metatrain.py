@@ -36,9 +36,9 @@ from hmlib.hyper.hypernet import HyperNet
 from hmlib.hyper.inputs import TaskData, load_task_data
 from hmlib.hyper.losses import aligned_cross_entropy, task_accuracy
 from hmlib.hyper.selector import FEATURES, chosen_accuracy, fit_selector, oracle_and_fixed
-from hmlib.stats import paired
 from hmlib.protocol import train_val_indices
 from hmlib.reproducibility import seeded
+from hmlib.stats import paired, signed
 from hmlib.vae.model import VAE
 from hmlib.vae.train import make_command
 
@@ -271,13 +271,12 @@ def fit_selection(hypernet: HyperNet, sampler: EpisodeSampler, val_episodes: Seq
     figures = {"train_tasks": int(features.shape[1]), "val_tasks": int(val_features.shape[1]),
                "val_learned": float(learned.mean()), "val_silhouette": float(rule.mean()),
                **{f"val_{k}": v for k, v in oracle_and_fixed(val_accuracy).items()},
-               "val_gain": gain["mean"], "val_gain_low": gain["low"] if gain["low"] is not None else gain["mean"]}
-    figures["kept"] = float(gain["low"] is not None and gain["low"] > 0)  # a win beyond the noise, not any margin
+               "val_gain": gain["mean"], "val_gain_low": gain["low"]}  # low: None with one validation task
+    figures["kept"] = float(gain["excludes_zero"] and gain["mean"] > 0)  # a win beyond the noise, not any margin
     if not figures["kept"]:  # the rule stays: an untrained selector scores by the silhouette
         hypernet.selector.fitted.fill_(False)
     print(f"test-time selector: validation accuracy {100 * figures['val_learned']:.1f}% learned vs "
-          f"{100 * figures['val_silhouette']:.1f}% silhouette (paired {100 * gain['mean']:+.1f}, 95% CI from "
-          f"{100 * figures['val_gain_low']:+.1f}; oracle {100 * figures['val_oracle']:.1f}%); "
+          f"{100 * figures['val_silhouette']:.1f}% silhouette (paired {signed(gain)}; oracle {100 * figures['val_oracle']:.1f}%); "
           f"{'kept' if figures['kept'] else 'the silhouette rule stays'}")
     return figures
 
