@@ -42,7 +42,7 @@ ifeq ($(strip $(HMLIB_DATA_DIR)),)
   endif
 endif
 
-.PHONY: setup setup-venv run test test-fast bench results clean-reports help FORCE
+.PHONY: setup setup-venv run test test-fast bench benchmark benchmark-transductive results clean-reports help FORCE
 
 help:
 	@echo "make run        set up, then hmlib run --profile $(PROFILE) (HTML reports in reports/)"
@@ -51,6 +51,7 @@ help:
 	@echo "make setup-venv only (re)create .venv when it is missing or broken (no download)"
 	@echo "make bench      set up, then every benchmarks/bench_*.py (after make run: they time its checkpoints)"
 	@echo "make benchmark  set up, then the full held-out grid on the pipeline's checkpoints (after make run; resumable)"
+	@echo "make benchmark-transductive  the same datasets transductively (each train split adapted to first; resumable)"
 	@echo "make results    docs/results.json and the README tables from the last make run + make bench"
 	@echo "variables: PROFILE=smoke|default|seed CONFIG=path.json DEVICE=cuda HMLIB_DATA_DIR=... TORCH_INDEX=... VENV=.venv"
 
@@ -84,8 +85,13 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	@set -e; for script in benchmarks/bench_*.py; do echo "== $$script"; $(BIN)/python $$script; done
 
+BENCHMARK_ARGS = --profile $(PROFILE) $(if $(CONFIG),--config $(CONFIG),) $(if $(DEVICE),--device $(DEVICE),)
+
 benchmark: $(STAMP)
-	$(BIN)/hmlib benchmark --profile $(PROFILE) $(if $(CONFIG),--config $(CONFIG),) $(if $(DEVICE),--device $(DEVICE),)
+	$(BIN)/hmlib benchmark $(BENCHMARK_ARGS)
+
+benchmark-transductive: $(STAMP)
+	$(BIN)/hmlib benchmark --setting transductive $(BENCHMARK_ARGS)
 
 results: $(STAMP)
 	$(BIN)/hmlib results --write

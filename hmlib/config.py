@@ -241,6 +241,9 @@ class BenchmarkConfig:
 
     corruptions: tuple[str, ...] | None = checked(None, choices=_benchmark_shifts)  # None: the whole benchmark family
     shapes: tuple[tuple[int, int], ...] = ((2, 64), (4, 64), (4, 256), (10, 500))
+    # ``hmlib benchmark --setting transductive``: the same datasets, each adapted to (one adaptation per dataset and
+    # seed), at these task shapes
+    transductive_shapes: tuple[tuple[int, int], ...] = ((4, 256),)
     num_tasks: int = checked(40, min=2)
 
 
@@ -303,7 +306,8 @@ PROFILES: dict[str, dict[str, Any]] = {
                  "max_classes": 4, "task_images": 32, "test_datasets": ("mnist", "mnist+rotate"),
                  "selector_episodes": 4},
         "eval": {"num_tasks": 10, "shapes": ((4, 64), (2, 32)), "kmeans_n_init": 2, "plain_steps": 3},
-        "benchmark": {"corruptions": ("rotate", "shot_noise"), "shapes": ((4, 64),), "num_tasks": 6},
+        "benchmark": {"corruptions": ("rotate", "shot_noise"), "shapes": ((4, 64),), "transductive_shapes": ((4, 64),),
+                      "num_tasks": 6},
         "transductive": {"epochs": 1, "max_images": 300, "batch_size": 64, "datasets": ("mnist",)},
         "ablation": {"step_grid": (0, 1, 2), "lr_grid": (2.0,), "num_tasks": 6, "shapes": ((4, 64),), "datasets": None,
                      "meta_iterations": 5, "num_seeds": 1},
@@ -382,7 +386,9 @@ def validate(cfg: Config) -> Config:
         raise ConfigError(f"meta.task_images = {cfg.meta.task_images} is too small for {cfg.meta.max_classes}-class "
                           "tasks (at least 2 images per class)")
     for where, shapes in (("eval.shapes", cfg.eval.shapes), ("eval.shifted_shapes", cfg.eval.shifted_shapes or ((2, 4),)),
-                          ("benchmark.shapes", cfg.benchmark.shapes), ("ablation.shapes", cfg.ablation.shapes)):
+                          ("benchmark.shapes", cfg.benchmark.shapes),
+                          ("benchmark.transductive_shapes", cfg.benchmark.transductive_shapes),
+                          ("ablation.shapes", cfg.ablation.shapes)):
         if not shapes:
             raise ConfigError(f"{where} is empty; give at least one [K, N] task shape")
         for K, N in shapes:

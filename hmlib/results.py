@@ -43,12 +43,19 @@ def gather(home: Path | None = None, *, allow_other_profile: bool = False) -> di
         record["evaluation"][setting] = {"profile": result.get("profile"), "seeds": result["seeds"],
                                          "num_steps": result["num_steps"], "num_tasks": result["num_tasks"],
                                          "setting_label": result["setting_label"], "summary": result["summary"]}
-    bench = home / "results" / "benchmark_zero_shot.json"
-    if bench.is_file():
-        result = read_json(bench)
-        record["benchmark"] = {"profile": result.get("profile"), "seeds": result["seeds"],
-                               "num_steps": result["num_steps"], "num_tasks": result["num_tasks"],
-                               "setting_label": result["setting_label"], "summary": result["summary"]}
+    benchmarks = {key: home / "results" / f"benchmark_{setting}.json"
+                  for key, setting in (("benchmark", "zero_shot"), ("benchmark_transductive", "transductive"))}
+    for key, path in benchmarks.items():
+        if path.is_file():
+            result = read_json(path)
+            record[key] = {"profile": result.get("profile"), "seeds": result["seeds"],
+                           "num_steps": result["num_steps"], "num_tasks": result["num_tasks"],
+                           "setting_label": result["setting_label"], "summary": result["summary"]}
+    if all(path.is_file() for path in benchmarks.values()):
+        from hmlib.evaluation.benchmark import setting_comparison  # evaluation imports torch: only when needed
+
+        record["benchmark_transductive"]["vs_zero_shot"] = setting_comparison(
+            read_json(benchmarks["benchmark_transductive"]), read_json(benchmarks["benchmark"]))
     runs = home / "reports" / "runs.json"
     if runs.is_file():
         log = read_json(runs).get("notebooks", {})
@@ -107,9 +114,24 @@ def _benchmark_table(record: Mapping[str, Any]) -> str:
             f"zero-shot:\n\n{summary_markdown(entry)}\n")
 
 
+def _transductive_benchmark_table(record: Mapping[str, Any]) -> str:
+    from hmlib.evaluation.benchmark import comparison_markdown
+    from hmlib.evaluation.tables import summary_markdown
+
+    entry = record.get("benchmark_transductive")
+    if not entry:
+        return "_no `make benchmark-transductive` run recorded_\n"
+    text = (f"{entry['num_tasks']} tasks per condition, seeds {entry['seeds']}, {entry['num_steps']} inner steps, "
+            f"transductive:\n\n{summary_markdown(entry)}\n")
+    if entry.get("vs_zero_shot", {}).get("conditions"):
+        text += ("\nThe hypernetwork after its inner steps, transductive minus zero-shot on the same tasks (paired per "
+                 f"task):\n\n{comparison_markdown(entry['vs_zero_shot'])}\n")
+    return text
+
+
 RENDERERS: dict[str, Callable[[Mapping[str, Any]], str]] = {
-    "results": _results_table, "benchmark": _benchmark_table, "pipeline": _pipeline_table,
-    "benchmarks": _bench_table}
+    "results": _results_table, "benchmark": _benchmark_table, "benchmark_transductive": _transductive_benchmark_table,
+    "pipeline": _pipeline_table, "benchmarks": _bench_table}
 
 
 def render_readme(text: str, record: Mapping[str, Any]) -> str:

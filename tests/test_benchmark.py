@@ -1,6 +1,7 @@
 """``hmlib benchmark``: the grid (every clean held-out base x every benchmark corruption x benchmark.shapes) scored on
 the pipeline's checkpoints (models/pipeline.json) as the evaluation scores, resumable condition by condition, and the
-command end to end (a home without pipeline checkpoints refused with one line)."""
+command end to end (a home without pipeline checkpoints refused with one line); ``--setting transductive``: every
+dataset's train split adapted to first, then the same datasets' grid, paired per task with the zero-shot one."""
 from __future__ import annotations
 
 import json
@@ -11,11 +12,13 @@ import pytest
 from hmlib import cli
 from hmlib.artifacts import MissingArtifactError, write_json
 from hmlib.config import ConfigError, with_overrides
+from hmlib.stats import paired
 from hmlib.data import CORRUPTIONS, benchmark_corruptions, train_corruptions
 from hmlib.evaluation import evaluate as evaluate_module
-from hmlib.evaluation.benchmark import BENCHMARK_FILE, benchmark_config, benchmark_datasets, run_benchmark
+from hmlib.evaluation.benchmark import (BENCHMARK_FILE, BENCHMARK_FILES, benchmark_config, benchmark_datasets,
+                                       comparison_markdown, run_benchmark, setting_comparison)
 from hmlib.evaluation.conditions import build_suite, grid
-from hmlib.evaluation.evaluate import load_results, score_hypernet
+from hmlib.evaluation.evaluate import load_results, per_task_accuracy, score_hypernet
 from hmlib.evaluation.inputs import seed_inputs
 from hmlib.hyper.bundle import load_bundle
 from hmlib.paths import models_dir, results_dir
@@ -155,3 +158,77 @@ def test_hmlib_benchmark_end_to_end(trained, home, tmp_path, monkeypatch, capsys
     assert [b["condition"]["dataset"] for b in result["conditions"]] == DATASETS
     calls = count_scorings(monkeypatch)
     assert cli.main(args) == 0 and not calls and "Recomputing" not in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------ the transductive setting
+
+def test_transductive_benchmark_adapts_to_every_dataset_then_scores_its_grid(trained, home):
+    """One adapted backbone per dataset (made from the dataset's train split, reused when run again), the grid of
+    benchmark.transductive_shapes scored on them as the transductive evaluation scores, written to its own file; the
+    zero-shot benchmark's file is not touched."""
+    cfg = bench_cfg(trained, shapes=[[K, N], [2, 12]], transductive_shapes=[[K, N]])
+    zero_shot = run_benchmark(cfg, progress=False)
+    before = (results_dir() / BENCHMARK_FILE).read_bytes()
+    result = run_benchmark(cfg, setting="transductive", progress=False)
+    path = results_dir() / BENCHMARK_FILES["transductive"]
+    assert load_results("transductive", path) == result and result["setting"] == "transductive"
+    assert (results_dir() / BENCHMARK_FILE).read_bytes() == before
+    assert [b["condition"]["key"] for b in result["conditions"]] == [f"{d}_K{K}_N{N}" for d in DATASETS]
+    assert sorted(p.name[len("backbone_seed0_on-"):].rsplit("-", 1)[0]
+                  for p in models_dir().glob("backbone_seed0_on-*.pt")) == sorted(DATASETS)
+    bench = benchmark_config(cfg)
+    bundle = load_bundle(home[("zero_shot", 0)])
+    for condition, block in zip(grid(bench, DATASETS, [[K, N]], verbose=False), result["conditions"]):
+        inputs = seed_inputs(bundle, bench, condition.dataset, "transductive", with_train=False)
+        expected, _ = score_hypernet(inputs, bench, build_suite(bench, condition), None)
+        np.testing.assert_array_equal(np.asarray(block["methods"]["hypernet"]["acc_steps"])[0], expected)
+    stamps = {p.name: p.stat().st_mtime_ns for p in models_dir().glob("backbone_seed0_on-*.pt")}
+    folder = path.with_suffix("")
+    for condition_file in folder.glob("*.json"):
+        condition_file.unlink()  # re-scored, but nothing re-adapted
+    again = run_benchmark(cfg, setting="transductive", progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in models_dir().glob("backbone_seed0_on-*.pt")} == stamps
+    for block, first in zip(again["conditions"], result["conditions"]):  # the same accuracies (timings differ)
+        assert block["methods"]["hypernet"]["acc_steps"] == first["methods"]["hypernet"]["acc_steps"]
+        assert block["methods"]["kmeans_embedding"]["acc"] == first["methods"]["kmeans_embedding"]["acc"]
+
+    comparison = setting_comparison(result, zero_shot)
+    assert [c["key"] for c in comparison["conditions"]] == [f"{d}_K{K}_N{N}" for d in DATASETS]  # [2, 12]: not in both
+    for c, block in zip(comparison["conditions"], result["conditions"]):
+        other = next(b for b in zero_shot["conditions"] if b["condition"]["key"] == c["key"])
+        assert c["difference"] == paired(per_task_accuracy(block, "hypernet_adapted"),
+                                         per_task_accuracy(other, "hypernet_adapted"))
+    means = [c["difference"]["mean"] for c in comparison["conditions"]]
+    assert comparison["overall"]["all"]["mean"] == pytest.approx(np.mean(means))
+    assert comparison["overall"]["shifted"]["n"] == len(DATASETS) - 1
+    table = comparison_markdown(comparison)
+    assert table.count("\n| mnist") == len(DATASETS) and "over the shifted conditions" in table
+
+
+def test_setting_comparison_refuses_results_of_other_tasks(trained, home):
+    """Paired differences need the same tasks: a condition whose suites differ is one clear error."""
+    cfg = bench_cfg(trained, shapes=[[K, N]], transductive_shapes=[[K, N]], corruptions=["rotate"])
+    zero_shot = run_benchmark(cfg, progress=False)
+    result = run_benchmark(cfg, setting="transductive", progress=False)
+    other = json.loads(json.dumps(zero_shot))
+    other["conditions"][0]["suite"]["seed"] += 1
+    with pytest.raises(ConfigError, match="the two results hold different tasks"):
+        setting_comparison(result, other)
+    with pytest.raises(ConfigError, match="unknown benchmark setting 'fewshot'"):
+        run_benchmark(cfg, setting="fewshot", progress=False)
+
+
+def test_hmlib_benchmark_transductive_end_to_end(trained, home, tmp_path, capsys):
+    """The command with --setting transductive: its summary, then the paired comparison with the zero-shot
+    benchmark of the same home; the file named."""
+    overrides = tmp_path / "bench.json"
+    overrides.write_text(json.dumps({**OVERRIDES, "benchmark": {**BENCHMARK, "shapes": [[K, N]],
+                                                                 "transductive_shapes": [[K, N]]}}))
+    args = ["benchmark", "--profile", "smoke", "--config", str(overrides), "--quiet"]
+    assert cli.main([*args, "--setting", "transductive"]) == 0
+    out = capsys.readouterr().out
+    assert "Transductive minus zero-shot" not in out  # no zero-shot benchmark yet: nothing to pair with
+    assert cli.main(args) == 0 and cli.main([*args, "--setting", "transductive"]) == 0
+    out = capsys.readouterr().out
+    assert "Transductive minus zero-shot" in out and "| mnist+shot_noise, K = 3, N = 18 |" in out
+    assert f"wrote {results_dir() / BENCHMARK_FILES['transductive']}" in out

@@ -82,6 +82,8 @@ DEVIATIONS: tuple[Deviation, ...] = (
                   "`pytest`, run above"),
     Deviation("make benchmark", "{bin}/hmlib benchmark --profile smoke", kind="prose",
               why="= `make benchmark PROFILE=smoke`: the recipe `make -n` prints (asserted)"),
+    Deviation("make benchmark-transductive", "{bin}/hmlib benchmark --setting transductive --profile smoke",
+              kind="prose", why="= `make benchmark-transductive PROFILE=smoke`: the recipe `make -n` prints (asserted)"),
     Deviation("make bench", "{bench}", kind="prose",
               why="every benchmarks/bench_*.py as the recipe runs them (asserted with `make -n`), each with its "
                   "smallest documented options (BENCH_OPTIONS): with none they time the default profile for many "
@@ -115,6 +117,7 @@ LEAVES: dict[str, tuple[str, ...]] = {
         ("results/my_clusters/assignments.csv",),
     "echo '{\"task\": {\"num_images\": 128}, \"adapt\": {\"num_inner_steps\": 8}}' > my.json": ("my.json",),
     "make benchmark": ("results/benchmark_zero_shot.json",),
+    "make benchmark-transductive": ("results/benchmark_transductive.json",),
     "make results": ("docs/results.json",),
 }
 
@@ -297,6 +300,7 @@ def test_every_readme_command_runs_in_order(tmp_path):
     assert not set(LEAVES) - set(every_line) - prose, f"LEAVES names no README command: {set(LEAVES) - set(every_line)}"
     recipes = {"make run": make_recipe(clone, "run", "PROFILE=smoke"),
                "make benchmark": make_recipe(clone, "benchmark", "PROFILE=smoke"),
+               "make benchmark-transductive": make_recipe(clone, "benchmark-transductive", "PROFILE=smoke"),
                "make results": make_recipe(clone, "results")}
     for readme_text, recipe in recipes.items():
         runs = next(d.runs for d in DEVIATIONS if d.readme == readme_text)

@@ -169,3 +169,30 @@ def test_a_readme_that_cannot_be_rendered_is_left_as_it_was(files, hmlib_home, c
     assert cli.main(["results", "--write"]) == 2
     assert "unknown results section 'nope'" in capsys.readouterr().err
     assert readme.read_text() == broken and not list(readme.parent.glob(".hmlib-tmp-*"))
+
+
+def test_gather_pairs_the_transductive_benchmark_with_the_zero_shot_one(hmlib_home):
+    """Both benchmark files: the transductive one is recorded with its per-task comparison to the zero-shot one (the
+    same conditions, the same tasks), and the README section shows both tables; with only one, no comparison."""
+    write_home(hmlib_home)
+    zero_shot = evaluation("zero_shot")
+    transductive = evaluation("transductive")
+    for block in transductive["conditions"]:  # transductive = zero-shot + 1 point on every task
+        block["methods"]["hypernet"]["acc_steps"] = (np.asarray(block["methods"]["hypernet"]["acc_steps"]) +
+                                                     0.01).tolist()
+    transductive["summary"] = grid_summary(transductive)
+    write_json(hmlib_home / "results" / "benchmark_transductive.json", transductive)
+    record = results.gather()
+    assert "vs_zero_shot" not in record["benchmark_transductive"] and "benchmark" not in record
+    section = "<!-- results:benchmark_transductive -->\n<!-- /results:benchmark_transductive -->\n"
+    assert "Transductive minus" not in results.render_readme(section, record)
+    write_json(hmlib_home / "results" / "benchmark_zero_shot.json", zero_shot)
+    record = results.gather()
+    comparison = record["benchmark_transductive"]["vs_zero_shot"]
+    assert [c["key"] for c in comparison["conditions"]] == ["mnist_K4_N256", "mnist+rotate_K4_N256"]
+    assert all(c["difference"]["mean"] == pytest.approx(0.01) for c in comparison["conditions"])
+    assert comparison["overall"]["all"]["n"] == 2 and comparison["overall"]["shifted"]["n"] == 1
+    text = results.render_readme(section, json.loads(json.dumps(record)))  # as read back from docs/results.json
+    assert summary_markdown(record["benchmark_transductive"]) in text
+    assert "transductive minus zero-shot on the same tasks" in text and "| mnist+rotate, K = 4, N = 256 | +1.0" in text
+    assert "_no `make benchmark-transductive` run recorded_" in results.render_readme(section, RECORD)

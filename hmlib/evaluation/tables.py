@@ -77,7 +77,7 @@ def condition_rows(block: Mapping[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
-def _over_conditions(diffs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def over_conditions(diffs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Mean of per-condition mean differences with a t-interval over conditions; wins / ties / losses."""
     means = np.array([d["mean"] for d in diffs])
     out = summarize(means) if len(means) else {"mean": float("nan"), "ci": None, "n": 0}
@@ -111,7 +111,7 @@ def grid_summary(result: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("vs_strongest", "gain", *(f"vs_{k}" for k in REFERENCES)):
         diffs = [c[key] for c in per_condition if key in c]
         shifted = [c[key] for c in per_condition if key in c and c["shift"] != "clean"]
-        overall[key] = {"all": _over_conditions(diffs), "shifted": _over_conditions(shifted)}
+        overall[key] = {"all": over_conditions(diffs), "shifted": over_conditions(shifted)}
     return {"conditions": per_condition, "overall": overall}
 
 
