@@ -30,6 +30,8 @@ def gather(home: Path | None = None, *, allow_other_profile: bool = False) -> di
     """The record from an artifact folder (``$HMLIB_HOME`` by default): the evaluation summaries, wall times and
     benchmarks. A run of another profile than ``default`` (a smoke run, a 2-task run) is refused unless
     ``allow_other_profile``: the README's prose describes the default protocol."""
+    from hmlib.evaluation.benchmark import setting_comparison  # evaluation imports torch: only when gathering
+
     home = Path(home) if home is not None else paths.home()
     record: dict[str, Any] = {"evaluation": {}, "pipeline": {}, "benchmarks": {}}
     for setting in SETTINGS:
@@ -43,6 +45,8 @@ def gather(home: Path | None = None, *, allow_other_profile: bool = False) -> di
         record["evaluation"][setting] = {"profile": result.get("profile"), "seeds": result["seeds"],
                                          "num_steps": result["num_steps"], "num_tasks": result["num_tasks"],
                                          "setting_label": result["setting_label"], "summary": result["summary"]}
+    record["evaluation"]["transductive"]["vs_zero_shot"] = setting_comparison(
+        read_json(home / "results" / "eval_transductive.json"), read_json(home / "results" / "eval_zero_shot.json"))
     benchmarks = {key: home / "results" / f"benchmark_{setting}.json"
                   for key, setting in (("benchmark", "zero_shot"), ("benchmark_transductive", "transductive"))}
     for key, path in benchmarks.items():
@@ -52,8 +56,6 @@ def gather(home: Path | None = None, *, allow_other_profile: bool = False) -> di
                            "num_steps": result["num_steps"], "num_tasks": result["num_tasks"],
                            "setting_label": result["setting_label"], "summary": result["summary"]}
     if all(path.is_file() for path in benchmarks.values()):
-        from hmlib.evaluation.benchmark import setting_comparison  # evaluation imports torch: only when needed
-
         record["benchmark_transductive"]["vs_zero_shot"] = setting_comparison(
             read_json(benchmarks["benchmark_transductive"]), read_json(benchmarks["benchmark"]))
     runs = home / "reports" / "runs.json"
@@ -79,7 +81,18 @@ def _results_table(record: Mapping[str, Any]) -> str:
         profile = "" if entry.get("profile") in (None, "default") else f", profile `{entry['profile']}`"
         parts.append(f"**{entry['setting_label'].capitalize()}** ({entry['num_tasks']} tasks per condition, seeds "
                      f"{entry['seeds']}, {entry['num_steps']} inner steps{profile}):\n\n{summary_markdown(entry)}\n")
-    return "\n".join(parts)
+        parts.append(_versus_zero_shot(entry))
+    return "\n".join(p for p in parts if p)
+
+
+def _versus_zero_shot(entry: Mapping[str, Any]) -> str:
+    """The paired comparison with the zero-shot setting a transductive entry carries ('' when it has none)."""
+    from hmlib.evaluation.benchmark import comparison_markdown
+
+    if not entry.get("vs_zero_shot", {}).get("conditions"):
+        return ""
+    return ("The hypernetwork after its inner steps, transductive minus zero-shot on the same tasks (paired per "
+            f"task):\n\n{comparison_markdown(entry['vs_zero_shot'])}\n")
 
 
 def _pipeline_table(record: Mapping[str, Any]) -> str:
@@ -115,18 +128,14 @@ def _benchmark_table(record: Mapping[str, Any]) -> str:
 
 
 def _transductive_benchmark_table(record: Mapping[str, Any]) -> str:
-    from hmlib.evaluation.benchmark import comparison_markdown
     from hmlib.evaluation.tables import summary_markdown
 
     entry = record.get("benchmark_transductive")
     if not entry:
         return "_no `make benchmark-transductive` run recorded_\n"
-    text = (f"{entry['num_tasks']} tasks per condition, seeds {entry['seeds']}, {entry['num_steps']} inner steps, "
-            f"transductive:\n\n{summary_markdown(entry)}\n")
-    if entry.get("vs_zero_shot", {}).get("conditions"):
-        text += ("\nThe hypernetwork after its inner steps, transductive minus zero-shot on the same tasks (paired per "
-                 f"task):\n\n{comparison_markdown(entry['vs_zero_shot'])}\n")
-    return text
+    versus = _versus_zero_shot(entry)
+    return (f"{entry['num_tasks']} tasks per condition, seeds {entry['seeds']}, {entry['num_steps']} inner steps, "
+            f"transductive:\n\n{summary_markdown(entry)}\n" + (f"\n{versus}" if versus else ""))
 
 
 RENDERERS: dict[str, Callable[[Mapping[str, Any]], str]] = {

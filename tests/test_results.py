@@ -196,3 +196,22 @@ def test_gather_pairs_the_transductive_benchmark_with_the_zero_shot_one(hmlib_ho
     assert summary_markdown(record["benchmark_transductive"]) in text
     assert "transductive minus zero-shot on the same tasks" in text and "| mnist+rotate, K = 4, N = 256 | +1.0" in text
     assert "_no `make benchmark-transductive` run recorded_" in results.render_readme(section, RECORD)
+
+
+def test_the_transductive_evaluation_is_paired_with_the_zero_shot_one(hmlib_home):
+    """gather records the transductive hypernetwork minus the zero-shot one on each condition's same tasks, and the
+    README's results section shows it below the transductive table."""
+    write_home(hmlib_home)
+    transductive = evaluation("transductive")
+    transductive["conditions"][1]["methods"]["hypernet"]["acc_steps"] = (
+        np.asarray(transductive["conditions"][1]["methods"]["hypernet"]["acc_steps"]) + 0.05).tolist()
+    transductive["summary"] = grid_summary(transductive)
+    write_json(hmlib_home / "results" / "eval_transductive.json", transductive)
+    record = json.loads(json.dumps(results.gather()))
+    versus = record["evaluation"]["transductive"]["vs_zero_shot"]
+    assert [c["difference"]["mean"] for c in versus["conditions"]] == pytest.approx([0.0, 0.05])
+    assert "vs_zero_shot" not in record["evaluation"]["zero_shot"]
+    text = results.render_readme(README, record)
+    section = text.split("**Transductive**")[1]
+    assert "transductive minus zero-shot on the same tasks" in section
+    assert "| mnist, K = 4, N = 256 | +0.0 ± 0.0 |" in section and "| mnist+rotate, K = 4, N = 256 | +5.0 ± 0.0 * |" in section
