@@ -34,30 +34,25 @@ def gather(home: Path | None = None, *, allow_other_profile: bool = False) -> di
 
     home = Path(home) if home is not None else paths.home()
     record: dict[str, Any] = {"evaluation": {}, "pipeline": {}, "benchmarks": {}}
+    evaluations = {}
     for setting in SETTINGS:
         path = home / "results" / f"eval_{setting}.json"
         if not path.is_file():
             raise ResultsError(f"{path} not found; run `make run` first")
-        result = read_json(path)
+        evaluations[setting] = result = read_json(path)
         if result.get("profile") != "default" and not allow_other_profile:
             raise ResultsError(f"{path} comes from a '{result.get('profile')}' run, not the default protocol the "
                                "README describes; run `make run` (or pass --allow-other-profile and say so)")
-        record["evaluation"][setting] = {"profile": result.get("profile"), "seeds": result["seeds"],
-                                         "num_steps": result["num_steps"], "num_tasks": result["num_tasks"],
-                                         "setting_label": result["setting_label"], "summary": result["summary"]}
-    record["evaluation"]["transductive"]["vs_zero_shot"] = setting_comparison(
-        read_json(home / "results" / "eval_transductive.json"), read_json(home / "results" / "eval_zero_shot.json"))
+        record["evaluation"][setting] = _summary_entry(result)
+    record["evaluation"]["transductive"]["vs_zero_shot"] = setting_comparison(evaluations["transductive"],
+                                                                              evaluations["zero_shot"])
     benchmarks = {key: home / "results" / f"benchmark_{setting}.json"
                   for key, setting in (("benchmark", "zero_shot"), ("benchmark_transductive", "transductive"))}
-    for key, path in benchmarks.items():
-        if path.is_file():
-            result = read_json(path)
-            record[key] = {"profile": result.get("profile"), "seeds": result["seeds"],
-                           "num_steps": result["num_steps"], "num_tasks": result["num_tasks"],
-                           "setting_label": result["setting_label"], "summary": result["summary"]}
-    if all(path.is_file() for path in benchmarks.values()):
-        record["benchmark_transductive"]["vs_zero_shot"] = setting_comparison(
-            read_json(benchmarks["benchmark_transductive"]), read_json(benchmarks["benchmark"]))
+    found = {key: read_json(path) for key, path in benchmarks.items() if path.is_file()}
+    record.update({key: _summary_entry(result) for key, result in found.items()})
+    if len(found) == len(benchmarks):
+        record["benchmark_transductive"]["vs_zero_shot"] = setting_comparison(found["benchmark_transductive"],
+                                                                              found["benchmark"])
     runs = home / "reports" / "runs.json"
     if runs.is_file():
         log = read_json(runs).get("notebooks", {})
@@ -66,6 +61,12 @@ def gather(home: Path | None = None, *, allow_other_profile: bool = False) -> di
     for path in sorted((home / "results" / "bench").glob("*.json")):
         record["benchmarks"][path.stem] = read_json(path)
     return record
+
+
+def _summary_entry(result: Mapping[str, Any]) -> dict[str, Any]:
+    """What the record keeps of an evaluation or benchmark result: its protocol and its grid summary."""
+    return {"profile": result.get("profile"), "seeds": result["seeds"], "num_steps": result["num_steps"],
+            "num_tasks": result["num_tasks"], "setting_label": result["setting_label"], "summary": result["summary"]}
 
 
 def _results_table(record: Mapping[str, Any]) -> str:
@@ -117,25 +118,23 @@ def _bench_table(record: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _benchmark_table(record: Mapping[str, Any]) -> str:
+def _benchmark_section(entry: Mapping[str, Any] | None, setting: str, command: str) -> str:
+    """A benchmark's grid table (and, transductive, its pairing with the zero-shot benchmark)."""
     from hmlib.evaluation.tables import summary_markdown
 
-    entry = record.get("benchmark")
     if not entry:
-        return "_no `make benchmark` run recorded_\n"
+        return f"_no `{command}` run recorded_\n"
+    versus = _versus_zero_shot(entry)
     return (f"{entry['num_tasks']} tasks per condition, seeds {entry['seeds']}, {entry['num_steps']} inner steps, "
-            f"zero-shot:\n\n{summary_markdown(entry)}\n")
+            f"{setting}:\n\n{summary_markdown(entry)}\n" + (f"\n{versus}" if versus else ""))
+
+
+def _benchmark_table(record: Mapping[str, Any]) -> str:
+    return _benchmark_section(record.get("benchmark"), "zero-shot", "make benchmark")
 
 
 def _transductive_benchmark_table(record: Mapping[str, Any]) -> str:
-    from hmlib.evaluation.tables import summary_markdown
-
-    entry = record.get("benchmark_transductive")
-    if not entry:
-        return "_no `make benchmark-transductive` run recorded_\n"
-    versus = _versus_zero_shot(entry)
-    return (f"{entry['num_tasks']} tasks per condition, seeds {entry['seeds']}, {entry['num_steps']} inner steps, "
-            f"transductive:\n\n{summary_markdown(entry)}\n" + (f"\n{versus}" if versus else ""))
+    return _benchmark_section(record.get("benchmark_transductive"), "transductive", "make benchmark-transductive")
 
 
 RENDERERS: dict[str, Callable[[Mapping[str, Any]], str]] = {

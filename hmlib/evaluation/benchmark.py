@@ -52,11 +52,12 @@ def benchmark_config(cfg: Config) -> Config:
 def adapt_backbones(cfg: Config, checkpoints: list[Path], datasets: list[str], *, progress: bool = True) -> None:
     """Make (or reuse) every checkpoint's backbone adapted to every dataset's unlabeled train split."""
     bundles = [load_bundle(path, resolve_device(cfg.device)) for path in checkpoints]
+    for bundle in bundles:
+        if bundle.backbone is None:
+            raise ConfigError(f"{bundle.path.name} has no backbone to adapt; the transductive benchmark needs a run "
+                              "whose method reads the backbone")
     for dataset in tqdm(datasets, desc="transductive backbones", disable=not progress):
         for bundle in bundles:
-            if bundle.backbone is None:
-                raise ConfigError(f"{bundle.path.name} has no backbone to adapt; the transductive benchmark needs a "
-                                  "run whose method reads the backbone")
             get_transductive_backbone(cfg, bundle.backbone, bundle.backbone_meta, dataset, progress=False)
 
 
