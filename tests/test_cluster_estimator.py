@@ -289,8 +289,11 @@ def test_hmlib_cluster_adapt_saves_the_adapted_backbone_and_clusters_with_it(ckp
     """Above the minimum (lowered here), --adapt adapts the checkpoint's backbone to the images (SCAN-style, the
     checkpoint's transductive settings: an evenly spaced sample of at most transductive.max_images), saves it as a
     loadable backbone checkpoint that says how many images it adapted to, records it in summary.json, and clusters
-    with it: the assignments are those of the checkpoint with the saved backbone swapped in."""
+    with it: the assignments are those of the checkpoint with the saved backbone swapped in (the gate, scripted
+    here, keeps the adaptation; the next test declines it)."""
     monkeypatch.setattr(estimator, "MIN_ADAPT_IMAGES", 50)
+    kept = {"rule": "silhouette", "clusters": 4, "images": 120, "before": 0.2, "after": 0.3, "kept": "adapted"}
+    monkeypatch.setattr(estimator, "gate", lambda *args: kept)
     images, _ = patterns(6, per_class=20)  # 120 images
     export_image_folder(images, tmp_path / "photos")
     checkpoint = ckpt[("zero_shot", 0)]
@@ -312,6 +315,8 @@ def test_hmlib_cluster_adapt_saves_the_adapted_backbone_and_clusters_with_it(ckp
     summary = json.loads((out / "summary.json").read_text())
     assert summary["estimator"]["adapted_backbone"]["images"] == sample
     assert summary["estimator"]["adapted_backbone"]["epochs"] == original.cfg.transductive.epochs
+    assert summary["estimator"]["adapted_backbone"]["used"] is True and meta["gate"] == kept
+    assert "not using the adaptation" not in printed
 
     (model,) = made
     assert model.bundle.backbone is model.bundle.hypernet.generator.backbone
@@ -322,3 +327,27 @@ def test_hmlib_cluster_adapt_saves_the_adapted_backbone_and_clusters_with_it(ckp
     swapped.hypernet.generator.backbone.load_state_dict(state)  # (copied to its device)
     expected = HyperClusterer(swapped, 4).fit_predict(load_images(tmp_path / "photos", progress=False).images)
     np.testing.assert_array_equal(read_labels(out), expected)
+
+
+def test_hmlib_cluster_adapt_declined_by_the_gate_clusters_as_trained(ckpt, tmp_path, capsys, monkeypatch):
+    """Where the gate declines the adaptation (k-means separates the images less clearly after it), --adapt says so
+    in one line, still saves the adapted backbone with the decision for inspection, records it in summary.json, and
+    clusters exactly as without --adapt."""
+    monkeypatch.setattr(estimator, "MIN_ADAPT_IMAGES", 50)
+    declined = {"rule": "silhouette", "clusters": 4, "images": 120, "before": 0.31, "after": 0.27, "kept": "start"}
+    monkeypatch.setattr(estimator, "gate", lambda *args: declined)
+    images, _ = patterns(6, per_class=20)
+    export_image_folder(images, tmp_path / "photos")
+    base = ["cluster", str(tmp_path / "photos"), "--k", "4", "--quiet"]
+    assert cli.main([*base, "--out", str(tmp_path / "plain")]) == 0
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert cli.main([*base, "--adapt", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "adapted the backbone to" in printed and "--adapt: not using the adaptation" in printed
+    assert "0.310 -> 0.270" in printed and "used as trained" in printed
+    _, meta = load_backbone(out / "backbone_adapted.pt")
+    assert meta["gate"] == declined
+    recorded = json.loads((out / "summary.json").read_text())["estimator"]["adapted_backbone"]
+    assert recorded["used"] is False and recorded["gate"] == declined
+    np.testing.assert_array_equal(read_labels(out), read_labels(tmp_path / "plain"))

@@ -371,7 +371,7 @@ def test_every_stage_moves_its_models_to_that_device(placed):
     bundle) and the transductive clustering head all went to the resolved device, each where it is made."""
     assert {"VAE@get_vae", "ConvBackbone@train_backbone", "ConvBackbone@get_backbone", "HyperNet@fit_hypernet",
             "HyperNet@load_bundle", "VAE@load_bundle", "ConvBackbone@train_transductive", "Linear@train_transductive",
-            "ConvBackbone@get_transductive_backbone"} <= placed.modules, placed.modules
+            "ConvBackbone@_adapted_backbone"} <= placed.modules, placed.modules
 
 
 def test_training_batches_are_copied_to_that_device(placed):

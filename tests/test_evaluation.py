@@ -15,6 +15,7 @@ import torch
 from matplotlib.figure import Figure
 from sklearn.cluster import AgglomerativeClustering
 
+import hmlib.backbone.transductive as transductive
 from datafactory import write_tiny_dataset
 from hmlib import cli
 from hmlib.artifacts import ArtifactError, MissingArtifactError, StaleArtifactError, load_checkpoint, save_checkpoint
@@ -600,7 +601,18 @@ def test_transductive_setting_reads_the_adapted_backbone_on_the_same_tasks(train
     (cond,) = trans["conditions"]
     assert cond["suite"] == zero["suite"] and cond["identity"]["suite"] == zero["identity"]["suite"]
     assert cond["identity"]["inputs"][0]["backbone_id"] != zero["identity"]["inputs"][0]["backbone_id"]
+    assert cond["identity"]["inputs"][0]["transductive_gate"] == {"rule": "off", "kept": "adapted"}
     assert trans["setting_label"] != load_results("zero_shot")["setting_label"]
+    # where the gate declines the adaptation, the transductive setting reads the zero-shot backbone, and says so
+    declined = {"rule": "silhouette", "clusters": 4, "images": 100, "before": 0.5, "after": 0.4, "kept": "start"}
+    with monkeypatch.context() as patch:
+        patch.setattr(transductive, "gate", lambda *args: declined)
+        gated = evaluate(trained, [ckpt[("zero_shot", 0)]], tmp_path / "gated.json", setting="transductive",
+                         datasets=["mnist"])
+    (cond,) = gated["conditions"]
+    assert cond["identity"]["inputs"][0]["backbone_id"] == zero["identity"]["inputs"][0]["backbone_id"]
+    assert cond["identity"]["inputs"][0]["transductive_gate"] == declined
+    assert cond["methods"]["kmeans_embedding"]["acc"] == zero["methods"]["kmeans_embedding"]["acc"]
     fresh = tmp_path / "fresh_home"
     fresh.mkdir()
     monkeypatch.setenv("HMLIB_HOME", str(fresh))

@@ -18,7 +18,8 @@ from hmlib.artifacts import (ArtifactError, MissingArtifactError, StaleArtifactE
                              save_checkpoint, state_fingerprint)
 from hmlib.backbone import adapt_batchnorm, embed_images, embed_split, get_backbone, get_transductive_backbone
 from hmlib.backbone.model import ConvBackbone, batchnorm_layers
-from hmlib.backbone.transductive import adaptation_images, mine_neighbours, scan_loss
+from hmlib.backbone.transductive import (adaptation_images, coarse_silhouette, gate, gate_images, mine_neighbours,
+                                        scan_loss)
 from hmlib.config import load_config
 from hmlib.features import cache_path
 
@@ -27,8 +28,9 @@ NUM_IMAGES = 80  # per fake dataset split
 MAX_IMAGES = 100  # transductive.max_images (the smallest allowed): every fake train image is used
 EPOCHS = 2
 TINY_BACKBONE = {"channels": [4, 8], "embed_dim": 8, "epochs": 1, "images_per_dataset": 32, "batch_size": 16}
+# the adaptation's mechanics are tested with the gate off (the gate's own tests below turn it on)
 TINY_TRANSDUCTIVE = {"epochs": EPOCHS, "max_images": MAX_IMAGES, "neighbours": 3, "clusters": 4, "batch_size": 32,
-                     "lr": 1e-3}
+                     "lr": 1e-3, "gate": "off"}
 DATASET = "mnist"
 MAKE_IT = "hmlib run --profile smoke --only 03"
 
@@ -141,7 +143,7 @@ def test_adaptation_trains_on_the_train_split_and_describes_itself(fake_data, ca
     assert [h["epoch"] for h in recorded["history"]] == list(range(1, EPOCHS + 1))
     losses = [h["loss"] for h in recorded["history"]]
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]  # training lowers its SCAN objective
-    assert adapted_meta["backbone_id"] == recorded["adapted_id"] == state_fingerprint(adapted.state_dict())
+    assert adapted_meta["backbone_id"] == recorded["adapted_id"]
     assert adapted_meta["backbone_id"] != meta["backbone_id"]
     assert "Adapting" in capsys.readouterr().out
 
@@ -326,3 +328,98 @@ def test_a_non_finite_loss_stops_adaptation(fake_data, monkeypatch):
     with pytest.raises(ArtifactError, match="transductive.lr"):
         _adapt(cfg, backbone, meta)
     assert not list(Path(meta["path"]).parent.glob(f"*_on-{DATASET}-*"))
+
+
+# ------------------------------------------------------------------------------------------ when not to adapt
+
+def _blobs(n: int, separated: bool, seed: int = 0) -> np.ndarray:
+    """(n, 8) rows: four well-separated clusters, or one shapeless cloud."""
+    rng = np.random.default_rng(seed)
+    centres = 10.0 * np.eye(8)[:4] if separated else np.zeros((4, 8))
+    return (centres[np.arange(n) % 4] + rng.normal(size=(n, 8))).astype(np.float32)
+
+
+def _scripted_embeddings(monkeypatch, rows_of: dict) -> None:
+    """embed_images in the transductive module returns rows_of[id(backbone)](number of images)."""
+    monkeypatch.setattr(transductive, "embed_images", lambda model, images: rows_of[id(model)](len(images)))
+
+
+def test_gate_images_come_from_outside_the_adaptation_sample(fake_data):
+    """At most transductive.gate_images, evenly spaced among the images the adaptation does not use; all images
+    when the adaptation uses every one."""
+    images = (np.arange(300) % 256).astype(np.uint8)[:, None, None] * np.ones((1, 28, 28), np.uint8)
+    images[:, 0, 1] = np.arange(300) // 256  # each image unique: (index % 256, index // 256)
+    index = lambda picked: picked[:, 0, 0].astype(int) + 256 * picked[:, 0, 1].astype(int)
+    cfg = tiny_cfg(max_images=100, gate_images=50)
+    used = set(index(images[np.linspace(0, 299, 100).astype(np.int64)]))
+    picked = index(gate_images(cfg, images))
+    assert len(picked) == 50 and not used & set(picked) and np.all(np.diff(picked) > 0)
+    small = images[:80]  # max_images 100 >= 80: the adaptation uses them all, so does the gate
+    np.testing.assert_array_equal(index(gate_images(tiny_cfg(max_images=100, gate_images=500), small)), np.arange(80))
+
+
+def test_coarse_silhouette_is_high_for_separated_clusters_and_low_for_a_cloud(monkeypatch):
+    """The silhouette of k-means on the standardised, normalised embedding separates four blobs from one cloud,
+    and is deterministic."""
+    clear, cloud = object(), object()
+    _scripted_embeddings(monkeypatch, {id(clear): lambda n: _blobs(n, True), id(cloud): lambda n: _blobs(n, False)})
+    images = np.zeros((200, 28, 28), np.uint8)
+    high, low = coarse_silhouette(clear, images, 4), coarse_silhouette(cloud, images, 4)
+    assert high > 0.3 and low < 0.15 and coarse_silhouette(clear, images, 4) == high
+
+
+def test_the_gate_keeps_an_adaptation_only_where_clusters_become_clearer(fake_data, monkeypatch):
+    """'silhouette': kept where the adapted embedding's coarse silhouette is higher, else the start is; 'off'
+    always keeps it without embedding anything."""
+    start, adapted = object(), object()
+    images = np.zeros((200, 28, 28), np.uint8)
+    cfg = tiny_cfg(gate="silhouette", max_images=100, gate_images=100, gate_clusters=4)
+    for start_clear, kept in ((True, "start"), (False, "adapted")):
+        _scripted_embeddings(monkeypatch, {id(start): lambda n, c=start_clear: _blobs(n, c),
+                                           id(adapted): lambda n, c=start_clear: _blobs(n, not c, seed=1)})
+        decision = gate(cfg, start, adapted, images)
+        assert decision["kept"] == kept and decision["images"] == 100 and decision["clusters"] == 4
+        assert (decision["after"] > decision["before"]) == (kept == "adapted")
+    _scripted_embeddings(monkeypatch, {})  # nothing may be embedded
+    assert gate(tiny_cfg(gate="off"), start, adapted, images) == {"rule": "off", "kept": "adapted"}
+
+
+def test_a_declined_adaptation_returns_the_starting_backbone_and_keeps_its_checkpoint(fake_data, monkeypatch,
+                                                                                    capsys):
+    """Where the gate declines, the starting backbone (its weights and backbone_id) is returned with the decision,
+    and one line says why; the adapted checkpoint is written and reused all the same, and the gate's settings are
+    not part of its identity (turning the gate off reads the same file)."""
+    cfg = tiny_cfg(gate="silhouette")
+    backbone, meta = _backbone(cfg)
+    declined = {"rule": "silhouette", "clusters": 4, "images": 80, "before": 0.5, "after": 0.4, "kept": "start"}
+    with monkeypatch.context() as patch:
+        patch.setattr(transductive, "gate", lambda *args: declined)
+        model, model_meta = _adapt(cfg, backbone, meta)
+    _assert_same_state(_state(backbone), _state(model))
+    assert model is not backbone and not model.training
+    assert model_meta["backbone_id"] == meta["backbone_id"] and model_meta["gate"] == declined
+    out = capsys.readouterr().out
+    assert "not using the adaptation" in out and "0.500 -> 0.400" in out and "used as trained" in out
+    _, recorded = load_checkpoint(model_meta["path"])
+    assert recorded["complete"] and recorded["adapted_id"] != meta["backbone_id"]
+    monkeypatch.setattr(transductive, "train_transductive", lambda *a, **k: pytest.fail("must reuse"))
+    adapted, adapted_meta = _adapt(tiny_cfg(gate="off"), backbone, meta)
+    assert adapted_meta["reused"] and adapted_meta["path"] == model_meta["path"]
+    assert adapted_meta["backbone_id"] == recorded["adapted_id"]
+    assert adapted_meta["gate"] == {"rule": "off", "kept": "adapted"}
+
+
+def test_the_gate_decides_on_real_embeddings_and_is_recorded(fake_data):
+    """Unpatched, the gate compares the two backbones on the dataset's train images and records both silhouettes;
+    what it returns follows its decision."""
+    cfg = tiny_cfg(gate="silhouette")
+    backbone, meta = _backbone(cfg)
+    model, model_meta = _adapt(cfg, backbone, meta)
+    decision = model_meta["gate"]
+    images = hmlib.data.load_split(DATASET, "train", cfg.data).images
+    adapted, _ = _adapt(tiny_cfg(gate="off"), backbone, meta)
+    sample = gate_images(cfg, images)
+    assert decision["before"] == coarse_silhouette(backbone, sample, cfg.transductive.gate_clusters)
+    assert decision["after"] == coarse_silhouette(adapted, sample, cfg.transductive.gate_clusters)
+    expected = adapted if decision["after"] > decision["before"] else backbone
+    _assert_same_state(_state(expected), _state(model))

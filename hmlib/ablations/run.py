@@ -83,10 +83,14 @@ def _inputs(cfg: Config, path: Path, dataset: str, memo: dict, backbone: str = "
     if key not in memo:
         setting = cfg.ablation.setting if backbone == "setting" else backbone
         if setting == "statistics":  # the transductive stage with no epoch: statistics only (trained here: cheap)
-            stats_cfg = with_overrides(cfg, {"transductive": {"epochs": 0}})
+            stats_cfg = with_overrides(cfg, {"transductive": {"epochs": 0, "gate": "off"}})
             bundle = load_bundle(path, resolve_device(cfg.device))
             get_transductive_backbone(stats_cfg, bundle.backbone, bundle.backbone_meta, dataset, progress=False)
             memo[key] = seed_inputs(bundle, stats_cfg, dataset, "transductive", with_train=False)
+        elif setting == "ungated":  # the protocol's adapted backbone, used even where the gate declines it
+            memo[key] = seed_inputs(load_bundle(path, resolve_device(cfg.device)),
+                                    with_overrides(cfg, {"transductive": {"gate": "off"}}), dataset, "transductive",
+                                    with_train=False)
         else:
             memo[key] = seed_inputs(load_bundle(path, resolve_device(cfg.device)), cfg, dataset, setting,
                                     with_train=False)

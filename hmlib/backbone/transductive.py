@@ -7,6 +7,12 @@ augmented image and one of its neighbours (augmented too) get the same soft assi
 that keeps every cluster in use. The normalisation statistics are re-estimated on the same images first (AdaBN)
 and kept up to date during training. ``transductive.epochs = 0`` is the statistics-only variant.
 
+When not to adapt (:func:`gate`): an adaptation is used only if k-means with ``transductive.gate_clusters``
+clusters separates a sample of the dataset's unlabeled train images more clearly (silhouette) in the adapted
+embedding than in the starting one; otherwise the backbone is used as trained. On data the backbone already
+knows, SCAN's 20-way over-clustering reorganises an embedding that was right (default backbone on math_shapes:
+93.9% -> 69.1% at K = 4) and the coarse silhouette drops; where adaptation pays it rises (docs/METHOD.md).
+
 Checkpoints ``models/backbone_seed<s>_on-<dataset>-<hash>.pt`` are self-describing (settings, the identity of the
 backbone they started from, the dataset's fingerprint), reused only when all of them match, written after every
 epoch and resumed when interrupted. The test split is never read here; ``curve_tasks`` (a report-only curve of
@@ -23,6 +29,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from sklearn.cluster import KMeans
+from sklearn.metrics import silhouette_score
 from tqdm.auto import tqdm
 
 from hmlib import data, paths
@@ -43,18 +51,61 @@ KIND = "transductive_backbone"
 def transductive_identity(cfg: Config, backbone_meta: dict[str, Any], image_set: Any) -> dict[str, Any]:
     """Everything that makes two adapted backbones different: settings, the starting backbone, the images."""
     settings = config_to_dict(cfg.transductive)
-    settings.pop("retrain")
+    for name in ("retrain", "gate", "gate_clusters", "gate_images"):  # what reads an adaptation, not what makes it
+        settings.pop(name)
     return {"kind": KIND, "settings": settings, "backbone_id": backbone_meta["backbone_id"],
             "dataset": image_set.name, "data_fingerprint": image_set.fingerprint}
+
+
+def evenly_spaced(count: int, limit: int) -> np.ndarray:
+    """Indices of at most ``limit`` of ``count`` items, evenly spaced from the first to the last."""
+    return np.linspace(0, count - 1, min(count, limit)).astype(np.int64)
 
 
 def adaptation_images(cfg: Config, image_set: Any) -> np.ndarray:
     """A deterministic, evenly spaced sample of at most ``transductive.max_images`` unlabeled train images."""
     images = image_set.images
-    limit = cfg.transductive.max_images
-    if len(images) <= limit:
+    if len(images) <= cfg.transductive.max_images:
         return images
-    return images[np.linspace(0, len(images) - 1, limit).astype(np.int64)]
+    return images[evenly_spaced(len(images), cfg.transductive.max_images)]
+
+
+def gate_images(cfg: Config, images: np.ndarray) -> np.ndarray:
+    """At most ``transductive.gate_images`` of the unlabeled ``images`` for :func:`gate`, evenly spaced among those
+    outside the adaptation sample (all of them when the sample is the whole set)."""
+    pool = np.arange(len(images))
+    if len(images) > cfg.transductive.max_images:
+        pool = np.setdiff1d(pool, evenly_spaced(len(images), cfg.transductive.max_images))
+    return images[pool[evenly_spaced(len(pool), cfg.transductive.gate_images)]]
+
+
+def coarse_silhouette(backbone: ConvBackbone, images: np.ndarray, clusters: int, seed: int = 0) -> float:
+    """Silhouette of k-means (``clusters`` clusters) on the backbone's standardised, L2-normalised embedding of
+    ``images`` (-1 where k-means finds fewer than two clusters)."""
+    z = embed_images(backbone, images).astype(np.float64)
+    z = (z - z.mean(0)) / (z.std(0) + 1e-5)
+    z /= np.linalg.norm(z, axis=1, keepdims=True) + EPS
+    found = KMeans(n_clusters=min(clusters, len(z) - 1), n_init=3, random_state=seed).fit_predict(z)
+    return float(silhouette_score(z, found)) if len(np.unique(found)) > 1 else -1.0
+
+
+def gate(cfg: Config, start: ConvBackbone, adapted: ConvBackbone, images: np.ndarray) -> dict[str, Any]:
+    """Whether to use ``adapted`` rather than ``start`` on this unlabeled set (label-free): ``{"rule", "kept":
+    "adapted" | "start", ...}``, with the two silhouettes of :func:`coarse_silhouette` on :func:`gate_images`."""
+    tc = cfg.transductive
+    if tc.gate == "off":
+        return {"rule": "off", "kept": "adapted"}
+    sample = gate_images(cfg, images)
+    before = coarse_silhouette(start, sample, tc.gate_clusters)
+    after = coarse_silhouette(adapted, sample, tc.gate_clusters)
+    return {"rule": "silhouette", "clusters": tc.gate_clusters, "images": int(len(sample)), "before": before,
+            "after": after, "kept": "adapted" if after > before else "start"}
+
+
+def gate_message(name: str, decision: dict[str, Any]) -> str:
+    """One line saying that an adaptation was declined, and why."""
+    return (f"{name}: not using the adaptation: k-means separates the unlabeled images less clearly after it "
+            f"(silhouette {decision['before']:.3f} -> {decision['after']:.3f}); the backbone is used as trained")
 
 
 def mine_neighbours(backbone: ConvBackbone, images: np.ndarray, k: int, batch: int = 2048) -> np.ndarray:
@@ -136,12 +187,28 @@ def get_transductive_backbone(cfg: Config, backbone: ConvBackbone, backbone_meta
                               curve: Callable[[ConvBackbone], float] | None = None
                               ) -> tuple[ConvBackbone, dict[str, Any]]:
     """The backbone adapted to ``dataset``'s unlabeled train split: reused when everything matches, resumed when
-    interrupted, else trained (``train=False`` never trains: one line naming the file and the command).
+    interrupted, else trained (``train=False`` never trains: one line naming the file and the command); then
+    :func:`gate` decides whether to use it (else the starting backbone is returned, with its ``backbone_id``;
+    the meta's ``gate`` says which and why).
 
     ``curve`` (report only) maps an adapted backbone to a number (e.g. k-means accuracy on test tasks) recorded in
     the history after every epoch; it never changes training.
     """
     image_set = data.load_split(dataset, "train", cfg.data, progress=progress)
+    model, meta = _adapted_backbone(cfg, backbone, backbone_meta, dataset, image_set, train=train,
+                                    progress=progress, curve=curve)
+    decision = gate(cfg, backbone, model, image_set.images)
+    if decision["kept"] == "adapted":
+        return model, {**meta, "gate": decision}
+    print(gate_message(meta["name"], decision))
+    return copy.deepcopy(backbone).to(device=next(model.parameters()).device).eval(), {
+        **meta, "backbone_id": backbone_meta["backbone_id"], "gate": decision}
+
+
+def _adapted_backbone(cfg: Config, backbone: ConvBackbone, backbone_meta: dict[str, Any], dataset: str,
+                      image_set: Any, *, train: bool, progress: bool, curve: Callable[[ConvBackbone], float] | None
+                      ) -> tuple[ConvBackbone, dict[str, Any]]:
+    """The adapted backbone of :func:`get_transductive_backbone` before the gate: reused, resumed or trained."""
     device = resolve_device(cfg.device)
     identity = transductive_identity(cfg, backbone_meta, image_set)
     seed = int(backbone_meta.get("seed", 0))

@@ -160,6 +160,9 @@ def _fit(api: Any, checkpoint: Path, k: int | str, steps: int | None, images: np
             save_checkpoint(adapt_out, adapted["state"], adapted["meta"])
             print(f"adapted the backbone to {model.adapted_['images']:,} images in {model.adapted_['seconds']:.0f} s "
                   f"({model.adapted_['epochs']} epochs); saved {adapt_out}")
+            if not model.adapted_["used"]:
+                from hmlib.backbone.transductive import gate_message  # torch: imported once it is needed
+                print(gate_message("--adapt", model.adapted_["gate"]))
     try:
         if k == "auto":  # a silhouette needs 2..n-1 clusters: K = n (one image each) cannot be scored
             model.select_n_clusters(images, range(2, min(k_max, len(images) - 1) + 1))

@@ -26,7 +26,7 @@ from sklearn.metrics import silhouette_score
 from hmlib import paths
 from hmlib.artifacts import ArtifactError, read_json, state_fingerprint
 from hmlib.backbone.embeddings import embed_images
-from hmlib.backbone.transductive import train_transductive
+from hmlib.backbone.transductive import evenly_spaced, gate, train_transductive
 from hmlib.cluster.images import ClusterInputError
 from hmlib.config import IMAGE_SIZE, config_to_dict
 from hmlib.data.preprocess import preprocess_images
@@ -151,8 +151,9 @@ class HyperClusterer:
 
     def adapt_to(self, images: Any, *, progress: bool = False) -> dict[str, Any]:
         """Adapt the checkpoint's backbone to this unlabeled set (the transductive stage: SCAN-style neighbour
-        agreement, :mod:`hmlib.backbone.transductive`), and use it from now on; returns the adapted backbone's
-        state and a description. Sets smaller than ``MIN_ADAPT_IMAGES`` are refused (a ValueError saying why)."""
+        agreement, :mod:`hmlib.backbone.transductive`), and use it from now on unless the gate declines it
+        (k-means separates these images less clearly after it: ``adapted_["used"]`` is False and the backbone stays
+        as trained); returns the adapted backbone's state and a description. Sets smaller than ``MIN_ADAPT_IMAGES`` are refused (a ValueError saying why)."""
         images = as_images(images)
         if self.bundle.backbone is None:
             raise ValueError(f"{self.bundle.path.name} reads no backbone: there is nothing to adapt")
@@ -160,18 +161,21 @@ class HyperClusterer:
             raise ValueError(f"adapting the backbone needs at least {MIN_ADAPT_IMAGES:,} images (nearest neighbours "
                              f"in a sparse set are mostly other classes); this set has {len(images):,}")
         cfg = self.bundle.cfg
-        sample = images[np.linspace(0, len(images) - 1, min(len(images), cfg.transductive.max_images)).astype(int)]
+        sample = images[evenly_spaced(len(images), cfg.transductive.max_images)]
         model, record = train_transductive(copy.deepcopy(self.bundle.backbone), sample, cfg, seed=self.bundle.seed,
                                            device=self.device, progress=progress, desc="adapt backbone")
-        hypernet = copy.deepcopy(self.bundle.hypernet)
-        hypernet.generator.backbone.load_state_dict(model.state_dict())
-        self.bundle = dataclasses.replace(self.bundle, hypernet=hypernet.eval(), backbone=hypernet.generator.backbone)
+        decision = gate(cfg, self.bundle.backbone, model, images)
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         meta = {**{k: v for k, v in (self.bundle.backbone_meta or {}).items() if k != "history"},
                 "kind": "backbone", "adapted_to": int(len(sample)), "transductive": config_to_dict(cfg.transductive),
-                "history": record["history"], "backbone_id": state_fingerprint(state)}
+                "history": record["history"], "backbone_id": state_fingerprint(state), "gate": decision}
+        if decision["kept"] == "adapted":
+            hypernet = copy.deepcopy(self.bundle.hypernet)
+            hypernet.generator.backbone.load_state_dict(model.state_dict())
+            self.bundle = dataclasses.replace(self.bundle, hypernet=hypernet.eval(),
+                                              backbone=hypernet.generator.backbone)
         self.adapted_ = {"images": int(len(sample)), "epochs": cfg.transductive.epochs,
-                         "seconds": record["seconds"]}
+                         "seconds": record["seconds"], "used": decision["kept"] == "adapted", "gate": decision}
         return {"state": state, "meta": meta}
 
     def transform(self, images: Any) -> np.ndarray:

@@ -68,6 +68,8 @@ def seed_inputs(bundle: Bundle, cfg: Config, dataset: str, setting: str, *, with
     if backbone is not None:
         reps["embedding"] = embed_split(backbone, backbone_meta, test_set, progress=progress).embeddings
         identity["backbone_id"] = backbone_meta["backbone_id"]
+        if "gate" in backbone_meta:  # transductive: whether the adaptation was used, and why
+            identity["transductive_gate"] = backbone_meta["gate"]
         if with_train:
             train_set = data.load_split(dataset, "train", cfg.data, progress=progress)
             train_reps["embedding"] = embed_split(backbone, backbone_meta, train_set, progress=progress).embeddings
