@@ -132,10 +132,10 @@ class TransductiveConfig:
     head_lr: float = checked(1e-2, min_exclusive=0.0)
     entropy_weight: float = checked(5.0, min=0.0)
     augment: float = checked(1.0, min=0.0)  # random affine strength of both views
-    # when not to adapt (chosen on the folds and on the meta-training datasets: docs/METHOD.md "When not to adapt
-    # a backbone to a dataset"): the adaptation is kept only if k-means with gate_clusters clusters separates
-    # gate_images unlabeled train images more clearly (silhouette) in the adapted embedding than in the starting
-    # one; "off" always keeps it. Not part of the adapted checkpoint's identity (it is decided when it is read).
+    # when not to adapt (docs/METHOD.md "When not to adapt a backbone to a dataset"): the adaptation is declined
+    # where k-means with gate_clusters clusters separates gate_images unlabeled train images less clearly
+    # (silhouette) in the adapted embedding than in the starting one, beyond the noise (paired 95% interval over
+    # images below zero); "off" always uses it. Not part of the adapted checkpoint's identity (decided when read).
     gate: str = checked("silhouette", choices=("silhouette", "off"))
     gate_clusters: int = checked(4, min=2)
     gate_images: int = checked(2000, min=10)

@@ -18,7 +18,7 @@ from hmlib.artifacts import (ArtifactError, MissingArtifactError, StaleArtifactE
                              save_checkpoint, state_fingerprint)
 from hmlib.backbone import adapt_batchnorm, embed_images, embed_split, get_backbone, get_transductive_backbone
 from hmlib.backbone.model import ConvBackbone, batchnorm_layers
-from hmlib.backbone.transductive import (adaptation_images, coarse_silhouette, gate, gate_images, mine_neighbours,
+from hmlib.backbone.transductive import (adaptation_images, coarse_silhouettes, gate, gate_images, mine_neighbours,
                                         scan_loss)
 from hmlib.config import load_config
 from hmlib.features import cache_path
@@ -358,28 +358,36 @@ def test_gate_images_come_from_outside_the_adaptation_sample(fake_data):
     np.testing.assert_array_equal(index(gate_images(tiny_cfg(max_images=100, gate_images=500), small)), np.arange(80))
 
 
-def test_coarse_silhouette_is_high_for_separated_clusters_and_low_for_a_cloud(monkeypatch):
-    """The silhouette of k-means on the standardised, normalised embedding separates four blobs from one cloud,
-    and is deterministic."""
+def test_coarse_silhouettes_are_high_for_separated_clusters_and_low_for_a_cloud(monkeypatch):
+    """Per-image silhouettes of k-means on the standardised, normalised embedding separate four blobs from one
+    cloud, and are deterministic."""
     clear, cloud = object(), object()
     _scripted_embeddings(monkeypatch, {id(clear): lambda n: _blobs(n, True), id(cloud): lambda n: _blobs(n, False)})
     images = np.zeros((200, 28, 28), np.uint8)
-    high, low = coarse_silhouette(clear, images, 4), coarse_silhouette(cloud, images, 4)
-    assert high > 0.3 and low < 0.15 and coarse_silhouette(clear, images, 4) == high
+    high, low = coarse_silhouettes(clear, images, 4), coarse_silhouettes(cloud, images, 4)
+    assert high.shape == low.shape == (200,) and high.mean() > 0.3 and low.mean() < 0.15
+    np.testing.assert_array_equal(coarse_silhouettes(clear, images, 4), high)
 
 
-def test_the_gate_keeps_an_adaptation_only_where_clusters_become_clearer(fake_data, monkeypatch):
-    """'silhouette': kept where the adapted embedding's coarse silhouette is higher, else the start is; 'off'
-    always keeps it without embedding anything."""
+def test_the_gate_declines_an_adaptation_only_where_clusters_become_less_clear_beyond_the_noise(fake_data,
+                                                                                                monkeypatch):
+    """'silhouette': declined where the adapted embedding's coarse silhouette is lower with a paired interval
+    below zero; kept where it is higher, and where the two are the same up to noise (another draw of one cloud);
+    'off' always keeps it without embedding anything."""
     start, adapted = object(), object()
     images = np.zeros((200, 28, 28), np.uint8)
     cfg = tiny_cfg(gate="silhouette", max_images=100, gate_images=100, gate_clusters=4)
-    for start_clear, kept in ((True, "start"), (False, "adapted")):
+    for start_clear, adapted_clear, kept in ((True, False, "start"), (False, True, "adapted"),
+                                             (False, False, "adapted")):
         _scripted_embeddings(monkeypatch, {id(start): lambda n, c=start_clear: _blobs(n, c),
-                                           id(adapted): lambda n, c=start_clear: _blobs(n, not c, seed=1)})
+                                           id(adapted): lambda n, c=adapted_clear: _blobs(n, c, seed=1)})
         decision = gate(cfg, start, adapted, images)
         assert decision["kept"] == kept and decision["images"] == 100 and decision["clusters"] == 4
-        assert (decision["after"] > decision["before"]) == (kept == "adapted")
+        low, high = decision["change_ci"]
+        assert low <= decision["after"] - decision["before"] <= high
+        assert (high < 0) == (kept == "start")
+        if start_clear != adapted_clear:
+            assert (decision["after"] > decision["before"]) == adapted_clear
     _scripted_embeddings(monkeypatch, {})  # nothing may be embedded
     assert gate(tiny_cfg(gate="off"), start, adapted, images) == {"rule": "off", "kept": "adapted"}
 
@@ -391,7 +399,8 @@ def test_a_declined_adaptation_returns_the_starting_backbone_and_keeps_its_check
     not part of its identity (turning the gate off reads the same file)."""
     cfg = tiny_cfg(gate="silhouette")
     backbone, meta = _backbone(cfg)
-    declined = {"rule": "silhouette", "clusters": 4, "images": 80, "before": 0.5, "after": 0.4, "kept": "start"}
+    declined = {"rule": "silhouette", "clusters": 4, "images": 80, "before": 0.5, "after": 0.4,
+                "change_ci": [-0.12, -0.08], "kept": "start"}
     with monkeypatch.context() as patch:
         patch.setattr(transductive, "gate", lambda *args: declined)
         model, model_meta = _adapt(cfg, backbone, meta)
@@ -419,7 +428,10 @@ def test_the_gate_decides_on_real_embeddings_and_is_recorded(fake_data):
     images = hmlib.data.load_split(DATASET, "train", cfg.data).images
     adapted, _ = _adapt(tiny_cfg(gate="off"), backbone, meta)
     sample = gate_images(cfg, images)
-    assert decision["before"] == coarse_silhouette(backbone, sample, cfg.transductive.gate_clusters)
-    assert decision["after"] == coarse_silhouette(adapted, sample, cfg.transductive.gate_clusters)
-    expected = adapted if decision["after"] > decision["before"] else backbone
+    before = coarse_silhouettes(backbone, sample, cfg.transductive.gate_clusters)
+    after = coarse_silhouettes(adapted, sample, cfg.transductive.gate_clusters)
+    assert decision["before"] == before.mean() and decision["after"] == after.mean()
+    half = 1.96 * np.std(after - before, ddof=1) / np.sqrt(len(sample))  # ~ the t-interval at these sizes
+    assert decision["change_ci"][1] == pytest.approx(after.mean() - before.mean() + half, rel=0.05, abs=1e-3)
+    expected = backbone if decision["change_ci"][1] < 0 else adapted
     _assert_same_state(_state(expected), _state(model))
