@@ -19,6 +19,9 @@ def hmlib_home(tmp_path, monkeypatch):
     monkeypatch.delenv("HMLIB_DEVICE", raising=False)  # `hmlib run --device` sets it for kernels; tests choose their own
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    from hmlib.backbone import transductive
+
+    monkeypatch.setattr(transductive, "_DECISIONS", {})  # the transductive gate's per-process memo: per test
     return home
 
 

@@ -249,7 +249,7 @@ def test_define_ablations_covers_the_notebook_with_paired_references():
     assert adapted.reference == "head and FiLM (main)" and cfg.film.adapt == "both"
     assert [dict(v.film_overrides) for v in adapted.variants] == [{}, {"adapt": "head"}, {"adapt": "film"}]
     assert [v.backbone for v in specs["transductive"].variants] == ["zero_shot", "statistics", "transductive",
-                                                                    "gated"]
+                                                                    "ungated"]
     assert specs["transductive"].transductive_only
     names = {fingerprint(config_to_dict(training_config(cfg, v))) for s in specs.values() for v in s.variants}
     assert len(names) == 1 + sum(v.retrained for s in specs.values() for v in s.variants)  # one training each

@@ -87,10 +87,10 @@ def _inputs(cfg: Config, path: Path, dataset: str, memo: dict, backbone: str = "
             bundle = load_bundle(path, resolve_device(cfg.device))
             get_transductive_backbone(stats_cfg, bundle.backbone, bundle.backbone_meta, dataset, progress=False)
             memo[key] = seed_inputs(bundle, stats_cfg, dataset, "transductive", with_train=False)
-        elif setting == "gated":  # the protocol's adapted backbone, declined where the silhouette gate says so
+        elif setting == "ungated":  # the protocol's adapted backbone, used even where the gate declines it
             memo[key] = seed_inputs(load_bundle(path, resolve_device(cfg.device)),
-                                    with_overrides(cfg, {"transductive": {"gate": "silhouette"}}), dataset,
-                                    "transductive", with_train=False)
+                                    with_overrides(cfg, {"transductive": {"gate": "off"}}), dataset, "transductive",
+                                    with_train=False)
         else:
             memo[key] = seed_inputs(load_bundle(path, resolve_device(cfg.device)), cfg, dataset, setting,
                                     with_train=False)

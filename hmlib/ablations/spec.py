@@ -32,8 +32,8 @@ class Variant:
     untrained: bool = False  # the hypernetwork at its initialisation (no meta-training)
     baseline: str | None = None  # a registered baseline scored instead of a hypernetwork (no meta-learning)
     backbone: str = "setting"  # "setting" (ablation.setting's), "zero_shot", "statistics" (the held-out dataset's
-    # normalisation statistics only), "transductive" (adapted to its unlabeled train split, as the protocol's gate
-    # decides) or "gated" (the same, with the silhouette gate that may decline the adaptation)
+    # normalisation statistics only), "transductive" (adapted to its unlabeled train split where the gate keeps the
+    # adaptation) or "ungated" (the adaptation always used)
 
     @property
     def retrained(self) -> bool:
@@ -111,11 +111,11 @@ def define_ablations(cfg: Config) -> list[Ablation]:
         ablations.append(
             Ablation("transductive", "Adapting the backbone to the held-out dataset (transductive)",
                      "What do the held-out dataset's unlabeled train images buy: their normalisation statistics, "
-                     "or the full self-supervised adaptation (and with a label-free gate that may decline it)?",
+                     "or the full self-supervised adaptation (with and without the gate that may decline it)?",
                      (Variant("zero-shot backbone", backbone="zero_shot"),
                       Variant("normalisation statistics only", backbone="statistics"),
                       Variant(f"full adaptation ({cfg.transductive.epochs} epochs)", backbone="transductive"),
-                      Variant("full adaptation, gated (transductive.gate = silhouette)", backbone="gated")),
+                      Variant("full adaptation, always used (no gate)", backbone="ungated")),
                      reference="zero-shot backbone", transductive_only=True))
     ablations.append(
         Ablation("inner_loss", "Inner (unsupervised) loss at test time",
