@@ -293,7 +293,7 @@ def test_hmlib_cluster_adapt_saves_the_adapted_backbone_and_clusters_with_it(ckp
     here, keeps the adaptation; the next test declines it)."""
     monkeypatch.setattr(estimator, "MIN_ADAPT_IMAGES", 50)
     kept = {"rule": "silhouette", "clusters": 4, "images": 120, "before": 0.2, "after": 0.3, "kept": "adapted"}
-    monkeypatch.setattr(estimator, "gate", lambda *args: kept)
+    monkeypatch.setattr(estimator, "gate_decision", lambda *args: kept)
     images, _ = patterns(6, per_class=20)  # 120 images
     export_image_folder(images, tmp_path / "photos")
     checkpoint = ckpt[("zero_shot", 0)]
@@ -335,7 +335,7 @@ def test_hmlib_cluster_adapt_declined_by_the_gate_clusters_as_trained(ckpt, tmp_
     clusters exactly as without --adapt."""
     monkeypatch.setattr(estimator, "MIN_ADAPT_IMAGES", 50)
     declined = {"rule": "silhouette", "clusters": 4, "images": 120, "before": 0.31, "after": 0.27, "kept": "start"}
-    monkeypatch.setattr(estimator, "gate", lambda *args: declined)
+    monkeypatch.setattr(estimator, "gate_decision", lambda *args: declined)
     images, _ = patterns(6, per_class=20)
     export_image_folder(images, tmp_path / "photos")
     base = ["cluster", str(tmp_path / "photos"), "--k", "4", "--quiet"]
@@ -351,3 +351,21 @@ def test_hmlib_cluster_adapt_declined_by_the_gate_clusters_as_trained(ckpt, tmp_
     recorded = json.loads((out / "summary.json").read_text())["estimator"]["adapted_backbone"]
     assert recorded["used"] is False and recorded["gate"] == declined
     np.testing.assert_array_equal(read_labels(out), read_labels(tmp_path / "plain"))
+
+
+def test_hmlib_cluster_no_gate_uses_the_adaptation_regardless_and_needs_adapt(ckpt, tmp_path, capsys, monkeypatch):
+    """--no-gate with --adapt: the adapted backbone is used without asking the gate (recorded as such); --no-gate
+    without --adapt is refused in one line, before anything is read."""
+    monkeypatch.setattr(estimator, "MIN_ADAPT_IMAGES", 50)
+    images, _ = patterns(6, per_class=20)
+    export_image_folder(images, tmp_path / "photos")
+    base = ["cluster", str(tmp_path / "photos"), "--k", "4", "--quiet"]
+    assert cli.main([*base, "--no-gate", "--out", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert "--no-gate applies to --adapt only" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "refused").exists()
+    out = tmp_path / "out"
+    assert cli.main([*base, "--adapt", "--no-gate", "--out", str(out)]) == 0
+    assert "not using the adaptation" not in capsys.readouterr().out
+    recorded = json.loads((out / "summary.json").read_text())["estimator"]["adapted_backbone"]
+    assert recorded["used"] is True and recorded["gate"] == {"rule": "off", "kept": "adapted"}

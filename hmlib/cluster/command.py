@@ -56,7 +56,12 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--adapt", action="store_true",
                         help="first adapt the backbone to these unlabeled images (transductive; SCAN-style, a minute or "
                              "so on a CPU) and save it beside the outputs as backbone_adapted.pt; needs at least "
-                             "1,000 images (below that it says so and clusters without adapting)")
+                             "1,000 images (below that it says so and clusters without adapting); the adapted "
+                             "backbone is not used where k-means separates the images less clearly after it (it says "
+                             "so)")
+    parser.add_argument("--no-gate", action="store_true",
+                        help="with --adapt: use the adapted backbone even where k-means separates the images less "
+                             "clearly after it")
     parser.add_argument("--steps", type=int, metavar="S",
                         help="adaptation steps at test time, 0 for none (default: the checkpoint's)")
     parser.add_argument("--out", metavar="DIR",
@@ -104,6 +109,8 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise ClusterInputError(f"--k-max applies to --k auto only; with --k {args.k} leave it out")
     elif args.k < 2:
         raise ClusterInputError(f"--k must be at least 2 (got {args.k})")
+    if getattr(args, "no_gate", False) and not args.adapt:
+        raise ClusterInputError("--no-gate applies to --adapt only; add --adapt or leave --no-gate out")
     if args.steps is not None and args.steps < 0:
         raise ClusterInputError(f"--steps must be 0 or more (got {args.steps})")
     if args.limit is not None and args.limit < 1:
@@ -141,7 +148,7 @@ def _checkpoint(api: Any, given: str | Path | None) -> Path:
 
 
 def _fit(api: Any, checkpoint: Path, k: int | str, steps: int | None, images: np.ndarray, k_max: int = 10, *,
-         adapt_out: Path | None = None, progress: bool = True, device: str | None = None) -> Any:
+         adapt_out: Path | None = None, gate: bool = True, progress: bool = True, device: str | None = None) -> Any:
     """The fitted estimator (K chosen from the data when ``k`` is 'auto'; the backbone first adapted to the images
     when ``adapt_out`` is given, and saved there); a checkpoint or input it refuses becomes a one-line error."""
     try:
@@ -156,7 +163,7 @@ def _fit(api: Any, checkpoint: Path, k: int | str, steps: int | None, images: np
                   f"neighbours in a sparse set are mostly other classes); these are {len(images):,}. Clustering "
                   "with the backbone as trained.")
         else:
-            adapted = model.adapt_to(images, progress=progress)
+            adapted = model.adapt_to(images, gate=gate, progress=progress)
             save_checkpoint(adapt_out, adapted["state"], adapted["meta"])
             print(f"adapted the backbone to {model.adapted_['images']:,} images in {model.adapted_['seconds']:.0f} s "
                   f"({model.adapted_['epochs']} epochs); saved {adapt_out}")
@@ -216,7 +223,8 @@ def _cluster_into(args: argparse.Namespace, out: Path) -> int:
         raise ClusterInputError(f"--k auto needs at least 3 images (a silhouette compares 2..n-1 clusters); "
                                 f"{collection.location} has {len(collection)}; pass --k instead")
     model = _fit(api, checkpoint, args.k, args.steps, collection.images, args.k_max,
-                 adapt_out=out / ADAPTED_BACKBONE if args.adapt else None, progress=not args.quiet,
+                 adapt_out=out / ADAPTED_BACKBONE if args.adapt else None,
+                 gate=not getattr(args, "no_gate", False), progress=not args.quiet,
                  device=getattr(args, "device", None))
     if args.k == "auto":
         args.k = int(model.n_clusters)

@@ -26,9 +26,10 @@ from sklearn.metrics import silhouette_score
 from hmlib import paths
 from hmlib.artifacts import ArtifactError, read_json, state_fingerprint
 from hmlib.backbone.embeddings import embed_images
-from hmlib.backbone.transductive import evenly_spaced, gate, train_transductive
+from hmlib.backbone.transductive import evenly_spaced, train_transductive
+from hmlib.backbone.transductive import gate as gate_decision
 from hmlib.cluster.images import ClusterInputError
-from hmlib.config import IMAGE_SIZE, config_to_dict
+from hmlib.config import IMAGE_SIZE, config_to_dict, with_overrides
 from hmlib.data.preprocess import preprocess_images
 from hmlib.features import normalize_task_np
 from hmlib.evaluation.evaluate import default_results_path
@@ -149,11 +150,11 @@ class HyperClusterer:
             return TaskInputs(context, torch.as_tensor(images[None]))
         return TaskInputs(context, features=context)
 
-    def adapt_to(self, images: Any, *, progress: bool = False) -> dict[str, Any]:
+    def adapt_to(self, images: Any, *, gate: bool = True, progress: bool = False) -> dict[str, Any]:
         """Adapt the checkpoint's backbone to this unlabeled set (the transductive stage: SCAN-style neighbour
         agreement, :mod:`hmlib.backbone.transductive`), and use it from now on unless the gate declines it
         (k-means separates these images less clearly after it: ``adapted_["used"]`` is False and the backbone stays
-        as trained); returns the adapted backbone's state and a description. Sets smaller than ``MIN_ADAPT_IMAGES`` are refused (a ValueError saying why)."""
+        as trained; ``gate=False``: used regardless); returns the adapted backbone's state and a description. Sets smaller than ``MIN_ADAPT_IMAGES`` are refused (a ValueError saying why)."""
         images = as_images(images)
         if self.bundle.backbone is None:
             raise ValueError(f"{self.bundle.path.name} reads no backbone: there is nothing to adapt")
@@ -164,7 +165,8 @@ class HyperClusterer:
         sample = images[evenly_spaced(len(images), cfg.transductive.max_images)]
         model, record = train_transductive(copy.deepcopy(self.bundle.backbone), sample, cfg, seed=self.bundle.seed,
                                            device=self.device, progress=progress, desc="adapt backbone")
-        decision = gate(cfg, self.bundle.backbone, model, images)
+        decision = gate_decision(cfg if gate else with_overrides(cfg, {"transductive": {"gate": "off"}}),
+                                 self.bundle.backbone, model, images)
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         meta = {**{k: v for k, v in (self.bundle.backbone_meta or {}).items() if k != "history"},
                 "kind": "backbone", "adapted_to": int(len(sample)), "transductive": config_to_dict(cfg.transductive),
