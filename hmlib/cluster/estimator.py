@@ -154,7 +154,8 @@ class HyperClusterer:
         """Adapt the checkpoint's backbone to this unlabeled set (the transductive stage: SCAN-style neighbour
         agreement, :mod:`hmlib.backbone.transductive`), and use it from now on unless the gate declines it
         (k-means separates these images less clearly after it: ``adapted_["used"]`` is False and the backbone stays
-        as trained; ``gate=False``: used regardless); returns the adapted backbone's state and a description. Sets smaller than ``MIN_ADAPT_IMAGES`` are refused (a ValueError saying why)."""
+        as trained; ``gate=False``: used regardless); returns the adapted backbone's state and a description.
+        Sets smaller than ``MIN_ADAPT_IMAGES`` are refused (a ValueError saying why)."""
         images = as_images(images)
         if self.bundle.backbone is None:
             raise ValueError(f"{self.bundle.path.name} reads no backbone: there is nothing to adapt")
