@@ -14,13 +14,14 @@ from hmlib.artifacts import MissingArtifactError, write_json
 from hmlib.config import ConfigError, with_overrides
 from hmlib.stats import paired
 from hmlib.data import CORRUPTIONS, benchmark_corruptions, train_corruptions
-from hmlib.evaluation import evaluate as evaluate_module
+from hmlib.evaluation import benchmark as benchmark_module, evaluate as evaluate_module
 from hmlib.evaluation.benchmark import (BENCHMARK_FILE, BENCHMARK_FILES, benchmark_config, benchmark_datasets,
                                        comparison_markdown, run_benchmark, setting_comparison)
 from hmlib.evaluation.conditions import build_suite, grid
-from hmlib.evaluation.evaluate import load_results, per_task_accuracy, score_hypernet
+from hmlib.evaluation.evaluate import EvalError, load_results, per_task_accuracy, score_hypernet
 from hmlib.evaluation.inputs import seed_inputs
 from hmlib.hyper.bundle import load_bundle
+from hmlib.hyper.metatrain import pipeline_checkpoints
 from hmlib.paths import models_dir, results_dir
 from tinyprotocol import K, N, OVERRIDES, STEPS, tiny_config, train_home, use_home
 
@@ -162,7 +163,7 @@ def test_hmlib_benchmark_end_to_end(trained, home, tmp_path, monkeypatch, capsys
 
 # ------------------------------------------------------------------------------------ the transductive setting
 
-def test_transductive_benchmark_adapts_to_every_dataset_then_scores_its_grid(trained, home):
+def test_transductive_benchmark_adapts_to_every_dataset_then_scores_its_grid(trained, home, monkeypatch):
     """One adapted backbone per dataset (made from the dataset's train split, reused when run again), the grid of
     benchmark.transductive_shapes scored on them as the transductive evaluation scores, written to its own file; the
     zero-shot benchmark's file is not touched."""
@@ -186,8 +187,13 @@ def test_transductive_benchmark_adapts_to_every_dataset_then_scores_its_grid(tra
     folder = path.with_suffix("")
     for condition_file in folder.glob("*.json"):
         condition_file.unlink()  # re-scored, but nothing re-adapted
+    loads = []
+    for module in (evaluate_module, benchmark_module):  # wherever a checkpoint could be read
+        monkeypatch.setattr(module, "load_bundle", lambda *a, **k: loads.append(a[0]) or load_bundle(*a, **k),
+                            raising=False)
     again = run_benchmark(cfg, setting="transductive", progress=False)
     assert {p.name: p.stat().st_mtime_ns for p in models_dir().glob("backbone_seed0_on-*.pt")} == stamps
+    assert sorted(map(str, loads)) == sorted(map(str, pipeline_checkpoints()))  # each checkpoint read once
     for block, first in zip(again["conditions"], result["conditions"]):  # the same accuracies (timings differ)
         assert block["methods"]["hypernet"]["acc_steps"] == first["methods"]["hypernet"]["acc_steps"]
         assert block["methods"]["kmeans_embedding"]["acc"] == first["methods"]["kmeans_embedding"]["acc"]
@@ -212,7 +218,7 @@ def test_setting_comparison_refuses_results_of_other_tasks(trained, home):
     result = run_benchmark(cfg, setting="transductive", progress=False)
     other = json.loads(json.dumps(zero_shot))
     other["conditions"][0]["suite"]["seed"] += 1
-    with pytest.raises(ConfigError, match="the two results hold different tasks"):
+    with pytest.raises(EvalError, match="the two results hold different tasks"):
         setting_comparison(result, other)
     with pytest.raises(ConfigError, match="unknown benchmark setting 'fewshot'"):
         run_benchmark(cfg, setting="fewshot", progress=False)

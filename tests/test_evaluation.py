@@ -566,7 +566,11 @@ def test_duplicated_checkpoints_are_refused(trained, ckpt, tmp_path):
     save_checkpoint(tmp_path / "other.pt", state, meta)
     with pytest.raises(EvalError, match="two checkpoints of replicate seed 0"):
         evaluate(trained, [zero, tmp_path / "other.pt"], tmp_path / "e.json")
-    assert [b.seed for b in load_bundles([ckpt[("zero_shot", 1)], zero])] == [1, 0]
+    loaded = load_bundles([ckpt[("zero_shot", 1)], zero])
+    assert [b.seed for b in loaded] == [1, 0]
+    assert load_bundles(loaded)[0] is loaded[0]  # loaded bundles are taken as they are (not read again)
+    with pytest.raises(EvalError, match="same checkpoint"):
+        load_bundles([loaded[1], zero])
     with pytest.raises(ArtifactError, match="checkpoint not found"):
         load_bundles([tmp_path / "missing.pt"])
     with pytest.raises(EvalError, match="no checkpoint"):

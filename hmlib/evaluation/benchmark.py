@@ -26,9 +26,9 @@ from hmlib.cli import add_device_option
 from hmlib.config import Config, ConfigError, configure_runtime, load_config, resolve_device, with_overrides
 from hmlib.data.corruptions import benchmark_corruptions
 from hmlib.data.registry import parse_shifted
-from hmlib.evaluation.evaluate import evaluate_setting, load_results, per_task_accuracy
+from hmlib.evaluation.evaluate import EvalError, evaluate_setting, load_bundles, load_results, per_task_accuracy
 from hmlib.evaluation.tables import over_conditions, summary_markdown
-from hmlib.hyper.bundle import load_bundle
+from hmlib.hyper.bundle import Bundle
 from hmlib.hyper.metatrain import pipeline_checkpoints
 from hmlib.paths import results_dir
 from hmlib.stats import paired, signed
@@ -49,9 +49,8 @@ def benchmark_config(cfg: Config) -> Config:
     return with_overrides(cfg, {"eval": {"num_tasks": cfg.benchmark.num_tasks}})
 
 
-def adapt_backbones(cfg: Config, checkpoints: list[Path], datasets: list[str], *, progress: bool = True) -> None:
+def adapt_backbones(cfg: Config, bundles: list[Bundle], datasets: list[str], *, progress: bool = True) -> None:
     """Make (or reuse) every checkpoint's backbone adapted to every dataset's unlabeled train split."""
-    bundles = [load_bundle(path, resolve_device(cfg.device)) for path in checkpoints]
     for bundle in bundles:
         if bundle.backbone is None:
             raise ConfigError(f"{bundle.path.name} has no backbone to adapt; the transductive benchmark needs a run "
@@ -75,10 +74,11 @@ def run_benchmark(cfg: Config, checkpoints: list[Path] | None = None, *, setting
     bench = benchmark_config(cfg)
     datasets = benchmark_datasets(cfg)
     shapes = cfg.benchmark.shapes
+    bundles = load_bundles(checkpoints, resolve_device(cfg.device))  # loaded once, for both stages
     if setting == "transductive":
-        adapt_backbones(bench, checkpoints, datasets, progress=progress)
+        adapt_backbones(bench, bundles, datasets, progress=progress)
         shapes = cfg.benchmark.transductive_shapes
-    return evaluate_setting(bench, checkpoints, setting, datasets=datasets, shapes=shapes, path=path,
+    return evaluate_setting(bench, bundles, setting, datasets=datasets, shapes=shapes, path=path,
                             progress=progress, key={"benchmark": True, "profile": cfg.profile})
 
 
@@ -93,7 +93,7 @@ def setting_comparison(transductive: Mapping[str, Any], zero_shot: Mapping[str, 
         if other is None:
             continue
         if other["suite"] != block["suite"]:
-            raise ConfigError(f"{block['condition']['key']}: the two results hold different tasks (other seeds, task "
+            raise EvalError(f"{block['condition']['key']}: the two results hold different tasks (other seeds, task "
                               "counts or data); compare results of the same protocol")
         conditions.append({"key": block["condition"]["key"], "label": block["condition"]["label"],
                            "shift": block["condition"]["shift"],

@@ -52,13 +52,18 @@ def condition_path(summary_path: Path, condition: Condition) -> Path:
     return summary_path.with_suffix("") / f"{condition.key}.json"
 
 
-def load_bundles(checkpoints: Sequence[str | Path], device: torch.device | str | None = None) -> list[Bundle]:
-    """Bundles of distinct checkpoints with distinct seeds (duplicates refused, not double-counted), on ``device``."""
+def load_bundles(checkpoints: Sequence[str | Path | Bundle], device: torch.device | str | None = None
+                 ) -> list[Bundle]:
+    """Bundles of distinct checkpoints with distinct seeds (duplicates refused, not double-counted), on ``device``
+    (a bundle already loaded is taken as it is)."""
     bundles: list[Bundle] = []
     for path in checkpoints:
-        if not Path(path).is_file():
+        if isinstance(path, Bundle):
+            bundle, path = path, path.path
+        elif not Path(path).is_file():
             raise ArtifactError(f"checkpoint not found: {path}")
-        bundle = load_bundle(path, device)
+        else:
+            bundle = load_bundle(path, device)
         same = [b for b in bundles if b.sha256 == bundle.sha256]
         if same:
             raise EvalError(f"{path} is the same checkpoint as {same[0].path}; pass each replicate once")
@@ -129,12 +134,12 @@ def available(method: registry.Method, inputs: SeedInputs) -> bool:
     return method.reads is None or method.reads in inputs.reps
 
 
-def evaluate_setting(cfg: Config, checkpoints: Sequence[str | Path], setting: str = "zero_shot", *,
+def evaluate_setting(cfg: Config, checkpoints: Sequence[str | Path | Bundle], setting: str = "zero_shot", *,
                      datasets: Sequence[str] | None = None, shapes: Sequence[Sequence[int]] | None = None,
                      num_steps: int | None = None, path: str | Path | None = None, recompute: bool = False,
                      progress: bool = True, key: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Score the checkpoints (one per replicate seed) and every baseline on every condition of the grid (``key``:
-    what made this result, recorded in it)."""
+    """Score the checkpoints (one per replicate seed; paths or loaded bundles) and every baseline on every condition
+    of the grid (``key``: what made this result, recorded in it)."""
     check_setting(setting)
     bundles = load_bundles(checkpoints, resolve_device(cfg.device))
     path = Path(path) if path is not None else default_results_path(setting)
