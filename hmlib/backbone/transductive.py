@@ -42,7 +42,7 @@ from hmlib.backbone.embeddings import embed_images
 from hmlib.backbone.model import ConvBackbone, augment
 from hmlib.backbone.train import adapt_batchnorm, backbone_from_state
 from hmlib.config import Config, config_to_dict, resolve_device
-from hmlib.features import images_to_tensor, to_device
+from hmlib.features import images_to_tensor, normalize_task_np, to_device
 from hmlib.reproducibility import seeded
 from hmlib.stats import mean_ci
 from hmlib.vae.train import make_command
@@ -91,9 +91,7 @@ def gate_samples(cfg: Config, count: int) -> list[np.ndarray]:
 def coarse_silhouette(embedding: np.ndarray, clusters: int, seed: int = 0) -> float:
     """Silhouette of k-means (``clusters`` clusters, 3 restarts) on the standardised, L2-normalised rows of an
     embedding (-1 where k-means finds fewer than two clusters)."""
-    z = np.asarray(embedding, dtype=np.float64)
-    z = (z - z.mean(0)) / (z.std(0) + 1e-5)
-    z /= np.linalg.norm(z, axis=1, keepdims=True) + EPS
+    z = normalize_task_np(embedding, l2=True)
     found = KMeans(n_clusters=min(clusters, len(z) - 1), n_init=3, random_state=seed).fit_predict(z)
     return float(silhouette_score(z, found)) if len(np.unique(found)) > 1 else -1.0
 
