@@ -42,7 +42,7 @@ ifeq ($(strip $(HMLIB_DATA_DIR)),)
   endif
 endif
 
-.PHONY: setup setup-venv run test test-fast bench benchmark benchmark-transductive results clean-reports help FORCE
+.PHONY: setup setup-venv run test test-fast bench benchmark benchmark-transductive folds results clean-reports help FORCE
 
 help:
 	@echo "make run        set up, then hmlib run --profile $(PROFILE) (HTML reports in reports/)"
@@ -52,8 +52,10 @@ help:
 	@echo "make bench      set up, then every benchmarks/bench_*.py (after make run: they time its checkpoints)"
 	@echo "make benchmark  set up, then the full held-out grid on the pipeline's checkpoints (after make run; resumable)"
 	@echo "make benchmark-transductive  the same datasets transductively (each train split adapted to first; resumable)"
+	@echo "make folds      set up, then each leave-one-dataset-out fold of docs/lodo/ (its own home: lodo/<dataset>)"
 	@echo "make results    docs/results.json and the README tables from the last make run + make bench"
 	@echo "variables: PROFILE=smoke|default|seed CONFIG=path.json DEVICE=cuda HMLIB_DATA_DIR=... TORCH_INDEX=... VENV=.venv"
+	@echo "           FOLDS='fashion_mnist math_shapes' FOLDS_HOME=lodo (make folds)"
 
 setup: $(STAMP)
 
@@ -92,6 +94,17 @@ benchmark: $(STAMP)
 
 benchmark-transductive: $(STAMP)
 	$(BIN)/hmlib benchmark --setting transductive $(BENCHMARK_ARGS)
+
+# The leave-one-dataset-out folds (docs/METHOD.md): each holds one meta-training dataset back from every stage and
+# runs the whole series on it, in its own home (nothing of the default run is touched); settings may be chosen there.
+FOLDS ?= fashion_mnist math_shapes
+FOLDS_HOME ?= lodo
+FOLD_HOME = $(abspath $(FOLDS_HOME))/$$fold
+FOLD_DEVICE = $(if $(DEVICE),--device $(DEVICE),)
+
+folds: $(STAMP)
+	@set -e; for fold in $(FOLDS); do echo "== fold $$fold: held back from every stage; home $(FOLD_HOME)"; \
+	  HMLIB_HOME=$(FOLD_HOME) $(BIN)/hmlib run --profile $(PROFILE) --config docs/lodo/$$fold.json $(FOLD_DEVICE); done
 
 results: $(STAMP)
 	$(BIN)/hmlib results --write

@@ -88,6 +88,10 @@ DEVIATIONS: tuple[Deviation, ...] = (
               why="every benchmarks/bench_*.py as the recipe runs them (asserted with `make -n`), each with its "
                   "smallest documented options (BENCH_OPTIONS): with none they time the default profile for many "
                   "minutes"),
+    Deviation("make folds", "{folds}", kind="prose",
+              why="= `make folds PROFILE=smoke FOLDS=fashion_mnist`: the recipe `make -n` prints (it is what runs), "
+                  "one fold at the smoke profile's sizes (each fold is a whole pipeline; tests/test_lodo_folds.py "
+                  "checks both folds' configs)"),
     Deviation("hmlib results --write", "{bin}/hmlib results --write", kind="prose", exit_status=2,
               why="the README's tables describe the default protocol: on a smoke run it must refuse in one line"),
     Deviation("make results", "{bin}/hmlib results --write --allow-other-profile", kind="prose",
@@ -119,6 +123,7 @@ LEAVES: dict[str, tuple[str, ...]] = {
     "make benchmark": ("results/benchmark_zero_shot.json",),
     "make benchmark-transductive": ("results/benchmark_transductive.json",),
     "make results": ("docs/results.json",),
+    "make folds": ("lodo/fashion_mnist/reports/index.html", "lodo/fashion_mnist/results/eval_zero_shot.json"),
 }
 
 MIRROR_SUBSET = {"train": 1200, "test": 600}  # rows of the mirror's mnist copied as my_set
@@ -246,7 +251,7 @@ def make_recipe(clone: Path, target: str, *variables: str) -> str:
                            f"VENV={VENV}", "CONFIG=", "DEVICE=", "PYTEST_ARGS=", *variables],
                           cwd=clone, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"make -n {target} failed: {proc.stderr}"
-    return normalise(proc.stdout)
+    return normalise(proc.stdout.replace("\\\n", " "))  # one line: a continued recipe line joined as the shell would
 
 
 def check_ci_runs_make_test(clone: Path) -> None:
@@ -315,7 +320,11 @@ def test_every_readme_command_runs_in_order(tmp_path):
     bench = "set -e; " + " ".join(f'echo "== benchmarks/{s}"; {BIN}/python benchmarks/{s} {BENCH_OPTIONS[s]};'
                                   for s in scripts)
 
-    made: dict[str, str] = {"bin": str(BIN), "bench": bench}
+    folds = make_recipe(clone, "folds", "PROFILE=smoke", "FOLDS=fashion_mnist")
+    fold_run = f"HMLIB_HOME={clone.resolve()}/lodo/$fold {BIN}/hmlib run --profile smoke --config docs/lodo/$fold.json"
+    assert fold_run in folds, f"`make folds` now runs: {folds}"
+
+    made: dict[str, str] = {"bin": str(BIN), "bench": bench, "folds": folds}
 
     def fill(template: str) -> str:
         if "{images}" in template and "images" not in made:
@@ -326,7 +335,8 @@ def test_every_readme_command_runs_in_order(tmp_path):
             found = sorted((clone / "models").glob("hypernet_seed0-*.pt"))
             assert len(found) == 1, f"the python block names one seed-0 checkpoint; models/ holds {found}"
             made["hash"] = found[0].stem.split("-", 1)[1]
-        return template.format(**{k: made.get(k, "{" + k + "}") for k in ("bin", "bench", "images", "mirror", "hash")})
+        return template.format(**{k: made.get(k, "{" + k + "}")
+                                  for k in ("bin", "bench", "folds", "images", "mirror", "hash")})
 
     def substitute(text: str) -> str:
         for d in texts:
