@@ -26,8 +26,7 @@ from sklearn.metrics import silhouette_score
 from hmlib import paths
 from hmlib.artifacts import ArtifactError, read_json, state_fingerprint
 from hmlib.backbone.embeddings import embed_images
-from hmlib.backbone.transductive import evenly_spaced, train_transductive
-from hmlib.backbone.transductive import gate as gate_decision
+from hmlib.backbone.transductive import evenly_spaced, gate as gate_decision, train_transductive
 from hmlib.cluster.images import ClusterInputError
 from hmlib.config import IMAGE_SIZE, config_to_dict, with_overrides
 from hmlib.data.preprocess import preprocess_images

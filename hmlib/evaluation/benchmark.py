@@ -94,7 +94,7 @@ def setting_comparison(transductive: Mapping[str, Any], zero_shot: Mapping[str, 
             continue
         if other["suite"] != block["suite"]:
             raise EvalError(f"{block['condition']['key']}: the two results hold different tasks (other seeds, task "
-                              "counts or data); compare results of the same protocol")
+                            "counts or data); compare results of the same protocol")
         conditions.append({"key": block["condition"]["key"], "label": block["condition"]["label"],
                            "shift": block["condition"]["shift"],
                            "difference": paired(per_task_accuracy(block, method), per_task_accuracy(other, method))})
