@@ -111,6 +111,9 @@ class BackboneConfig:
     label_smoothing: float = checked(0.1, min=0.0, max_exclusive=1.0)
     augment: float = checked(1.0, min=0.0)  # random affine strength: 1 = +-15 deg, scale +-15%, shift +-12%
     shift_prob: float = checked(0.5, min=0.0, max=1.0)  # share of images under a random train-family corruption
+    # the meta-training datasets it learns from (None: all of meta.train_datasets); a proper subset leaves the others
+    # unfamiliar to it, so that meta-training meets episodes the representation has not seen, as at test time
+    datasets: tuple[str, ...] | None = checked(None, min_len=1)
     retrain: str = checked("auto", choices=("auto", "never", "always"))
 
 
@@ -377,6 +380,10 @@ def validate(cfg: Config) -> Config:
     if held_out:
         raise ConfigError(f"meta.train_datasets {held_out} use benchmark corruptions: held-out shifts must not be "
                           f"meta-trained on (train-family corruptions: {', '.join(train_corruptions())})")
+    unknown = sorted(set(cfg.backbone.datasets or ()) - set(cfg.meta.train_datasets))
+    if unknown:
+        raise ConfigError(f"backbone.datasets {unknown} are not meta-training datasets; the backbone learns from a "
+                          f"subset of meta.train_datasets ({', '.join(cfg.meta.train_datasets)})")
     overlap = set(cfg.meta.train_datasets) & set(cfg.meta.test_datasets)
     if overlap:
         raise ConfigError(f"datasets both meta-trained on and held out: {sorted(overlap)}")

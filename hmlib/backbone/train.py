@@ -38,10 +38,16 @@ class BackboneTrainingError(ArtifactError):
     """Backbone training diverged (non-finite loss); no checkpoint was written."""
 
 
+def backbone_datasets(cfg: Config) -> tuple[str, ...]:
+    """The meta-training datasets the backbone learns from (``backbone.datasets``, else all of them)."""
+    return tuple(cfg.backbone.datasets or cfg.meta.train_datasets)
+
+
 def backbone_identity(cfg: Config, seed: int, fingerprints: dict[str, str]) -> dict[str, Any]:
     """Everything that makes two backbones different: settings, seed, training data and its validation part."""
     settings = config_to_dict(cfg.backbone)
     settings.pop("retrain")
+    settings.pop("datasets")  # which datasets it learns from is in the data fingerprints
     return {"kind": "backbone", "seed": int(seed), "settings": settings,
             "val_fraction": cfg.meta.val_fraction, "data_fingerprints": fingerprints}
 
@@ -139,7 +145,7 @@ def get_backbone(cfg: Config, seed: int, *, train: bool = True, progress: bool =
 
     ``train=False`` never trains: a missing backbone is a MissingArtifactError naming the file and the command.
     """
-    image_sets = [data.load_split(d, "train", cfg.data, progress=progress) for d in cfg.meta.train_datasets]
+    image_sets = [data.load_split(d, "train", cfg.data, progress=progress) for d in backbone_datasets(cfg)]
     identity = backbone_identity(cfg, seed, {s.name: s.fingerprint for s in image_sets})
     path = named_path(paths.models_dir(), f"backbone_seed{seed}", identity)
     device = resolve_device(cfg.device)
