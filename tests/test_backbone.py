@@ -22,7 +22,7 @@ from hmlib.backbone import (ConvBackbone, EmbeddingSet, adapt_batchnorm, augment
                             load_backbone, train_backbone)
 from hmlib.backbone.model import batchnorm_layers
 from hmlib.backbone.train import BackboneTrainingError
-from hmlib.config import load_config
+from hmlib.config import ConfigError, load_config
 from hmlib.data import ImageSet
 from hmlib.features import cache_path, images_to_tensor, read_features
 from hmlib.protocol import train_val_indices
@@ -267,6 +267,24 @@ def test_backbone_trains_on_meta_training_datasets_only(fake_data):
     assert sorted(meta["data_fingerprints"]) == sorted(cfg.meta.train_datasets)
     assert meta["kind"] == "backbone" and meta["seed"] == 0 and meta["name"].startswith("backbone_seed0-")
     assert meta["val_fraction"] == cfg.meta.val_fraction and meta["settings"]["channels"] == list(CHANNELS)
+
+
+def test_backbone_datasets_restrict_what_it_learns_from(fake_data):
+    """backbone.datasets: the backbone reads only those meta-training datasets, and is a different checkpoint from
+    the one that learns from all of them; setting it to all of them names the same checkpoint as leaving it unset."""
+    cfg = tiny_cfg()
+    first = cfg.meta.train_datasets[0]
+    _, meta = get_backbone(tiny_cfg(datasets=[first]), 0, progress=False)
+    assert fake_data.loaded == [(first, "train")] and list(meta["data_fingerprints"]) == [first]
+    _, full = get_backbone(cfg, 0, progress=False)
+    assert full["path"] != meta["path"]
+    _, same = get_backbone(tiny_cfg(datasets=list(cfg.meta.train_datasets)), 0, progress=False)
+    assert same["path"] == full["path"] and same["reused"]
+
+
+def test_backbone_datasets_must_be_meta_training_datasets():
+    with pytest.raises(ConfigError, match="backbone.datasets .*'mnist'.* not meta-training datasets"):
+        tiny_cfg(datasets=["mnist"])
 
 
 def test_checkpoint_round_trip_and_reuse(fake_data, capsys):

@@ -16,7 +16,13 @@ from hmlib.data.registry import parse_shifted
 from hmlib.paths import REPO_ROOT
 
 FOLDS = sorted((REPO_ROOT / "docs" / "lodo").glob("*.json"))
+# variants of a fold (docs/lodo/variants/<variant>_<dataset>.json): the fold's file plus the method settings measured
+VARIANTS = sorted((REPO_ROOT / "docs" / "lodo" / "variants").glob("*.json"))
 DEFAULT = load_config("default")
+
+
+def held_back_of(path: Path) -> str:
+    return next(name for name in DEFAULT.meta.train_datasets if path.stem == name or path.stem.endswith(f"_{name}"))
 
 
 def test_there_is_a_fold_per_documented_held_back_dataset():
@@ -26,10 +32,10 @@ def test_there_is_a_fold_per_documented_held_back_dataset():
         assert f"docs/lodo/{fold.name}" in method, f"{fold.name} is not documented in docs/METHOD.md"
 
 
-@pytest.mark.parametrize("fold", FOLDS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("fold", FOLDS + VARIANTS, ids=lambda p: p.stem)
 def test_a_fold_holds_its_dataset_out_of_training_and_shifts_it_by_the_train_family_only(fold: Path):
     cfg = load_config("default", fold)  # validates, as `hmlib run --config` does
-    held_back = fold.stem
+    held_back = held_back_of(fold)
     assert held_back in DEFAULT.meta.train_datasets  # a meta-training dataset, never a held-out one
     assert held_back not in cfg.meta.train_datasets
     assert set(cfg.meta.train_datasets) == set(DEFAULT.meta.train_datasets) - {held_back}
@@ -40,4 +46,14 @@ def test_a_fold_holds_its_dataset_out_of_training_and_shifts_it_by_the_train_fam
     for section in (cfg.transductive.datasets, cfg.ablation.datasets):
         assert section and all(parse_shifted(name)[0] == held_back for name in section)
     raw = json.loads(fold.read_text())
-    assert set(raw) <= {"seeds", "meta", "eval", "transductive", "ablation"}  # no method setting differs
+    if fold in FOLDS:
+        assert set(raw) <= {"seeds", "meta", "eval", "transductive", "ablation"}  # no method setting differs
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda p: p.stem)
+def test_a_variant_is_its_fold_plus_method_settings_and_is_documented(variant: Path):
+    """A variant changes method settings only: every section of its fold's file is there unchanged."""
+    fold = json.loads((REPO_ROOT / "docs" / "lodo" / f"{held_back_of(variant)}.json").read_text())
+    raw = json.loads(variant.read_text())
+    assert {key: raw.get(key) for key in fold} == fold and set(raw) > set(fold)
+    assert f"docs/lodo/variants/{variant.name}" in (REPO_ROOT / "docs" / "METHOD.md").read_text()
