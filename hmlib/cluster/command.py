@@ -109,7 +109,8 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise ClusterInputError(f"--k-max applies to --k auto only; with --k {args.k} leave it out")
     elif args.k < 2:
         raise ClusterInputError(f"--k must be at least 2 (got {args.k})")
-    if getattr(args, "no_gate", False) and not args.adapt:
+    args.no_gate = getattr(args, "no_gate", False)  # Namespaces built by callers may leave it out
+    if args.no_gate and not args.adapt:
         raise ClusterInputError("--no-gate applies to --adapt only; add --adapt or leave --no-gate out")
     if args.steps is not None and args.steps < 0:
         raise ClusterInputError(f"--steps must be 0 or more (got {args.steps})")
@@ -224,7 +225,7 @@ def _cluster_into(args: argparse.Namespace, out: Path) -> int:
                                 f"{collection.location} has {len(collection)}; pass --k instead")
     model = _fit(api, checkpoint, args.k, args.steps, collection.images, args.k_max,
                  adapt_out=out / ADAPTED_BACKBONE if args.adapt else None,
-                 gate=not getattr(args, "no_gate", False), progress=not args.quiet,
+                 gate=not args.no_gate, progress=not args.quiet,
                  device=getattr(args, "device", None))
     if args.k == "auto":
         args.k = int(model.n_clusters)
