@@ -12,6 +12,8 @@ import numpy as np
 from PIL import Image
 from skimage import draw, filters, morphology, transform
 
+from hmlib.paths import REPO_ROOT  # the variants' configs name ./data_cache/glyphs/..., relative to it
+
 
 def style(rng):
     return {"prims": str(rng.choice(["line", "bezier", "ellipse", "polygon", "mixed"])),
@@ -42,14 +44,15 @@ def render(parts, rng, st):
             rr, cc = draw.ellipse_perimeter(int(p[0, 0]), int(p[0, 1]), int(r[0]), int(r[1]), shape=img.shape)
         else:
             rr, cc = draw.polygon_perimeter(p[:, 0], p[:, 1], shape=img.shape)
-        ok = (rr >= 0) & (rr < 28) & (cc >= 0) & (cc < 28)
-        img[rr[ok], cc[ok]] = 1.0
+        img[rr, cc] = 1.0  # inside: points are clipped to [1, 26], ellipses and outlines cut at the image's shape
     if st["thick"]:
         img = morphology.dilation(img, morphology.disk(st["thick"]))
-    ang = np.deg2rad(rng.uniform(-st["rot"], st["rot"])); s = 1 + rng.uniform(-st["scale"], st["scale"])
-    t = transform.AffineTransform(scale=s, rotation=ang)
-    c = transform.AffineTransform(translation=(-14, -14)); c2 = transform.AffineTransform(translation=(14, 14))
-    img = transform.warp(img, (c + t + c2).inverse, order=1)
+    angle = np.deg2rad(rng.uniform(-st["rot"], st["rot"]))
+    scale = 1 + rng.uniform(-st["scale"], st["scale"])
+    about_centre = (transform.AffineTransform(translation=(-14, -14))
+                    + transform.AffineTransform(scale=scale, rotation=angle)
+                    + transform.AffineTransform(translation=(14, 14)))
+    img = transform.warp(img, about_centre.inverse, order=1)
     img = filters.gaussian(img, st["blur"])
     img = img / max(img.max(), 1e-6) + rng.normal(0, st["noise"], img.shape)
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
@@ -61,7 +64,8 @@ def make(root, index, classes=10, per_class=300):
     out = Path(root) / f"glyphs{index}"
     for c in range(classes):
         proto = prototype(rng, st)
-        d = out / f"c{c:02d}"; d.mkdir(parents=True, exist_ok=True)
+        d = out / f"c{c:02d}"
+        d.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
             Image.fromarray(render(proto, rng, st)).save(d / f"{i:04d}.png")
     return st
@@ -69,7 +73,7 @@ def make(root, index, classes=10, per_class=300):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parents[3] / "data_cache" / "glyphs"),
+    parser.add_argument("--out", default=str(REPO_ROOT / "data_cache" / "glyphs"),
                         help="folder of the datasets (default: the repository's data_cache/glyphs)")
     parser.add_argument("--datasets", type=int, default=6, help="how many (glyphs0, glyphs1, ...; default 6)")
     args = parser.parse_args()
