@@ -5,11 +5,13 @@ for an unseen dataset, on which settings may be chosen. Each must hold its datas
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from hmlib.backbone.train import backbone_datasets
 from hmlib.config import load_config
 from hmlib.data.corruptions import CORRUPTIONS, train_corruptions
 from hmlib.data.registry import parse_shifted
@@ -62,3 +64,41 @@ def test_a_variant_is_its_fold_plus_method_settings_and_is_documented(variant: P
     raw["meta"]["train_datasets"] = [name for name in raw["meta"]["train_datasets"] if name not in added]
     assert {key: raw.get(key) for key in fold} == fold and set(raw) > set(fold)
     assert f"docs/lodo/variants/{variant.name}" in (REPO_ROOT / "docs" / "METHOD.md").read_text()
+
+
+def _backbone_recipe():
+    """docs/lodo/variants/backbone_recipe.py as a module (a script of the docs, not of the package)."""
+    path = REPO_ROOT / "docs" / "lodo" / "variants" / "backbone_recipe.py"
+    spec = importlib.util.spec_from_file_location("backbone_recipe", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_backbone_recipe_trains_every_variant_without_the_held_back_dataset():
+    recipe = _backbone_recipe()
+    assert "docs/lodo/variants/backbone_recipe.py" in (REPO_ROOT / "docs" / "METHOD.md").read_text()
+    assert [f"{fold}.json" for fold in recipe.FOLDS] == [f.name for f in FOLDS]
+    for fold in recipe.FOLDS:
+        base = load_config("default", REPO_ROOT / "docs" / "lodo" / f"{fold}.json")
+        for name, settings in recipe.VARIANTS.items():
+            cfg = recipe.variant_config(fold, name)  # validates every setting
+            learns_from = backbone_datasets(cfg)
+            assert fold not in learns_from and set(base.meta.train_datasets) <= set(learns_from)
+            assert cfg.meta.test_datasets == base.meta.test_datasets and cfg.eval == base.eval  # the fold's tasks
+            changed = {key for key in settings if getattr(cfg.backbone, key) != getattr(base.backbone, key)}
+            assert changed == set(settings) - {"datasets"}
+            assert (name == recipe.GLYPHS) == (set(learns_from) != set(base.meta.train_datasets))
+
+
+def test_the_backbone_recipe_table_pairs_each_variant_with_the_shipped_recipe_per_fold_and_seed():
+    recipe = _backbone_recipe()
+    cells = lambda value: {"cells": {"a": [value, value], "b": [value, value]}}  # noqa: E731
+    shipped, variant = recipe.SHIPPED, list(recipe.VARIANTS)[1]
+    results = {fold: {shipped: {"0": cells(0.5), "1": cells(0.6)}, variant: {"0": cells(0.55), "1": cells(0.6),
+                                                                               "2": cells(0.9)}}
+               for fold in recipe.FOLDS}
+    row = next(line for line in recipe.table(results).splitlines() if line.startswith(f"| {variant} |"))
+    # seeds 0 and 1 only (seed 2 has no shipped partner): +5.0 and +0.0 points, on each fold
+    fold = "57.5 | +2.5 ± 31.8 (n = 2)"
+    assert row == f"| {variant} | {fold} | {fold} | +2.5 ± 4.6 (n = 4) |"

@@ -1,0 +1,118 @@
+"""The backbone's training recipe on the leave-one-dataset-out folds (docs/METHOD.md, "The backbone's training
+recipe on the folds"): each fold's backbone (docs/lodo/<dataset>.json: trained without the held-back dataset) is
+trained with the recipe as it ships and with each variant below, for seeds 0-2, and scored by k-means per task on
+the held-back dataset's evaluation suites (the fold's own conditions and tasks, 40 per condition). Paired per
+(fold, seed): the variant's mean over the fold's conditions minus the shipped recipe's. Nothing is written to
+models/ (the backbones live in memory); every (fold, variant, seed) is saved to --out as soon as it is scored, and
+a rerun scores only what is missing. The glyph variant reads the datasets that make_glyphs.py writes (run it first).
+
+    .venv/bin/python docs/lodo/variants/make_glyphs.py
+    .venv/bin/python docs/lodo/variants/backbone_recipe.py                # -> results/backbone_recipe.json + a table
+"""
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+import hmlib
+from hmlib import data, paths
+from hmlib.backbone.embeddings import embed_images
+from hmlib.backbone.train import backbone_datasets, train_backbone
+from hmlib.evaluation.conditions import build_suite, grid
+from hmlib.evaluation.methods import METHODS, MethodContext, score
+from hmlib.evaluation.quality import RowsInputs
+from hmlib.stats import mean_ci
+
+FOLDS = ("fashion_mnist", "math_shapes")
+VARIANTS = {  # backbone settings on top of the fold's
+    "as it ships (4 epochs, 16-32-64)": {},
+    "8 epochs": {"epochs": 8},
+    "12 epochs": {"epochs": 12},
+    "channels 32-64-128": {"channels": [32, 64, 128]},
+    "channels 32-64-128, 8 epochs": {"channels": [32, 64, 128], "epochs": 8},
+    "no label smoothing": {"label_smoothing": 0.0},
+    "no train-family corruptions": {"shift_prob": 0.0},
+    "affine augmentation x 0.5": {"augment": 0.5},
+    "affine augmentation x 1.5": {"augment": 1.5},
+    "+ the six glyph datasets (make_glyphs.py)": {"datasets": None},
+}
+GLYPHS = "+ the six glyph datasets (make_glyphs.py)"  # read from the fold's synthetic_<dataset>.json variant
+SHIPPED = next(iter(VARIANTS))
+
+
+def variant_config(fold: str, name: str) -> hmlib.Config:
+    """The fold's config with the variant's backbone settings (the glyph variant: the fold's synthetic_ variant,
+    whose meta-training datasets include the glyphs, with the backbone learning from all of them)."""
+    folds = paths.REPO_ROOT / "docs" / "lodo"
+    config = folds / "variants" / f"synthetic_{fold}.json" if name == GLYPHS else folds / f"{fold}.json"
+    return hmlib.load_config("default", config, {"backbone": VARIANTS[name]})
+
+
+def score_backbone(fold: str, name: str, seed: int) -> dict:
+    """k-means accuracy per task (per condition) of the fold's held-back dataset on a backbone trained with the
+    variant ``name``."""
+    cfg = variant_config(fold, name)
+    hmlib.configure_runtime(cfg)
+    image_sets = [data.load_split(dataset, "train", cfg.data, progress=False) for dataset in backbone_datasets(cfg)]
+    model, record = train_backbone(image_sets, cfg, seed, progress=False)
+    cells, rows = {}, {}
+    for condition in grid(cfg, verbose=False):
+        if condition.dataset not in rows:
+            rows[condition.dataset] = embed_images(
+                model, data.load_split(condition.dataset, "test", cfg.data, progress=False).images)
+        ctx = MethodContext(cfg, RowsInputs({"embedding": rows[condition.dataset]}), build_suite(cfg, condition, 40), 0)
+        cells[condition.key] = score(METHODS["kmeans_embedding"], ctx)[0].tolist()
+    return {"cells": cells, "train_seconds": record["metrics"]["train_seconds"]}
+
+
+def table(results: dict) -> str:
+    """Markdown: per variant and fold the k-means mean over conditions and seeds, and the paired difference from the
+    shipped recipe (t-interval over the fold's seeds; over both folds' (fold, seed) pairs in the last column)."""
+    def mean_over_conditions(entry: dict) -> float:
+        return 100 * float(np.mean([np.mean(v) for v in entry["cells"].values()]))
+
+    lines = ["| recipe | " + " | ".join(f"{f}: k-means | vs shipped" for f in FOLDS) + " | both folds vs shipped |",
+             "|---|" + "---:|---:|" * len(FOLDS) + "---:|"]
+    for name in VARIANTS:
+        cells, every = [], []
+        for fold in FOLDS:
+            seeds = sorted(s for s in results.get(fold, {}).get(name, {}) if s in results[fold].get(SHIPPED, {}))
+            means = [mean_over_conditions(results[fold][name][s]) for s in seeds]
+            diffs = [m - mean_over_conditions(results[fold][SHIPPED][s]) for m, s in zip(means, seeds)]
+            every += diffs
+            cells += [f"{np.mean(means):.1f}" if means else "", interval(diffs) if name != SHIPPED else ""]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {interval(every) if name != SHIPPED else ''} |")
+    return "\n".join(lines)
+
+
+def interval(diffs: list[float]) -> str:
+    if not diffs:
+        return ""
+    mean, half = mean_ci(np.asarray(diffs))
+    return f"{mean:+.1f}" + (f" ± {half:.1f}" if half is not None else "") + f" (n = {len(diffs)})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--folds", nargs="+", default=list(FOLDS), choices=FOLDS)
+    parser.add_argument("--out", type=Path, default=paths.results_dir() / "backbone_recipe.json")
+    args = parser.parse_args()
+    results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    for fold in args.folds:
+        for name in VARIANTS:
+            for seed in args.seeds:
+                done = results.setdefault(fold, {}).setdefault(name, {})
+                if str(seed) in done:
+                    continue
+                done[str(seed)] = score_backbone(fold, name, seed)
+                args.out.parent.mkdir(parents=True, exist_ok=True)
+                args.out.write_text(json.dumps(results))
+                accuracy = 100 * np.mean([np.mean(v) for v in done[str(seed)]["cells"].values()])
+                print(f"{fold}, {name}, seed {seed}: k-means {accuracy:.2f}", flush=True)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
