@@ -22,9 +22,10 @@ from hmlib.backbone.train import backbone_datasets, train_backbone
 from hmlib.evaluation.conditions import build_suite, grid
 from hmlib.evaluation.methods import METHODS, MethodContext, score
 from hmlib.evaluation.quality import RowsInputs
-from hmlib.stats import mean_ci
+from hmlib.stats import paired, signed
 
 FOLDS = ("fashion_mnist", "math_shapes")
+GLYPHS = "+ the six glyph datasets (make_glyphs.py)"  # read from the fold's synthetic_<dataset>.json variant
 VARIANTS = {  # backbone settings on top of the fold's
     "as it ships (4 epochs, 16-32-64)": {},
     "8 epochs": {"epochs": 8},
@@ -35,9 +36,8 @@ VARIANTS = {  # backbone settings on top of the fold's
     "no train-family corruptions": {"shift_prob": 0.0},
     "affine augmentation x 0.5": {"augment": 0.5},
     "affine augmentation x 1.5": {"augment": 1.5},
-    "+ the six glyph datasets (make_glyphs.py)": {"datasets": None},
+    GLYPHS: {"datasets": None},
 }
-GLYPHS = "+ the six glyph datasets (make_glyphs.py)"  # read from the fold's synthetic_<dataset>.json variant
 SHIPPED = next(iter(VARIANTS))
 
 
@@ -66,31 +66,34 @@ def score_backbone(fold: str, name: str, seed: int) -> dict:
     return {"cells": cells, "train_seconds": record["metrics"]["train_seconds"]}
 
 
-def table(results: dict) -> str:
-    """Markdown: per variant and fold the k-means mean over conditions and seeds, and the paired difference from the
-    shipped recipe (t-interval over the fold's seeds; over both folds' (fold, seed) pairs in the last column)."""
-    def mean_over_conditions(entry: dict) -> float:
-        return 100 * float(np.mean([np.mean(v) for v in entry["cells"].values()]))
+def mean_over_conditions(entry: dict) -> float:
+    """One (fold, recipe, seed)'s k-means accuracy, the mean over the fold's conditions (a fraction)."""
+    return float(np.mean([np.mean(v) for v in entry["cells"].values()]))
 
+
+def table(results: dict) -> str:
+    """Markdown: per recipe and fold the k-means mean over conditions and seeds, and the paired difference from the
+    shipped recipe (t-interval over the fold's seeds; over both folds' (fold, seed) pairs in the last column; '*'
+    where it excludes zero)."""
     lines = ["| recipe | " + " | ".join(f"{f}: k-means | vs shipped" for f in FOLDS) + " | both folds vs shipped |",
              "|---|" + "---:|---:|" * len(FOLDS) + "---:|"]
     for name in VARIANTS:
-        cells, every = [], []
+        cells, every, every_shipped = [], [], []
         for fold in FOLDS:
             seeds = sorted(s for s in results.get(fold, {}).get(name, {}) if s in results[fold].get(SHIPPED, {}))
             means = [mean_over_conditions(results[fold][name][s]) for s in seeds]
-            diffs = [m - mean_over_conditions(results[fold][SHIPPED][s]) for m, s in zip(means, seeds)]
-            every += diffs
-            cells += [f"{np.mean(means):.1f}" if means else "", interval(diffs) if name != SHIPPED else ""]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {interval(every) if name != SHIPPED else ''} |")
+            shipped = [mean_over_conditions(results[fold][SHIPPED][s]) for s in seeds]
+            every, every_shipped = every + means, every_shipped + shipped
+            cells += [f"{100 * np.mean(means):.1f}" if means else "", versus(means, shipped, name)]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {versus(every, every_shipped, name)} |")
     return "\n".join(lines)
 
 
-def interval(diffs: list[float]) -> str:
-    if not diffs:
+def versus(means: list[float], shipped: list[float], name: str) -> str:
+    """The paired difference in points with its interval and the number of pairs ('' for the shipped recipe)."""
+    if name == SHIPPED or not means:
         return ""
-    mean, half = mean_ci(np.asarray(diffs))
-    return f"{mean:+.1f}" + (f" ± {half:.1f}" if half is not None else "") + f" (n = {len(diffs)})"
+    return f"{signed(paired(np.asarray(means), np.asarray(shipped)))} (n = {len(means)})"
 
 
 def main() -> None:
@@ -109,8 +112,8 @@ def main() -> None:
                 done[str(seed)] = score_backbone(fold, name, seed)
                 args.out.parent.mkdir(parents=True, exist_ok=True)
                 args.out.write_text(json.dumps(results))
-                accuracy = 100 * np.mean([np.mean(v) for v in done[str(seed)]["cells"].values()])
-                print(f"{fold}, {name}, seed {seed}: k-means {accuracy:.2f}", flush=True)
+                print(f"{fold}, {name}, seed {seed}: k-means {100 * mean_over_conditions(done[str(seed)]):.2f}",
+                      flush=True)
     print(table(results))
 
 
