@@ -5,6 +5,7 @@ for an unseen dataset, on which settings may be chosen. Each must hold its datas
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 from pathlib import Path
@@ -66,13 +67,17 @@ def test_a_variant_is_its_fold_plus_method_settings_and_is_documented(variant: P
     assert f"docs/lodo/variants/{variant.name}" in (REPO_ROOT / "docs" / "METHOD.md").read_text()
 
 
-def _backbone_recipe():
-    """docs/lodo/variants/backbone_recipe.py as a module (a script of the docs, not of the package)."""
-    path = REPO_ROOT / "docs" / "lodo" / "variants" / "backbone_recipe.py"
-    spec = importlib.util.spec_from_file_location("backbone_recipe", path)
+def _variants_script(name: str):
+    """docs/lodo/variants/<name>.py as a module (a script of the docs, not of the package)."""
+    path = REPO_ROOT / "docs" / "lodo" / "variants" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _backbone_recipe():
+    return _variants_script("backbone_recipe")
 
 
 def test_the_backbone_recipe_trains_every_variant_without_the_held_back_dataset():
@@ -102,3 +107,69 @@ def test_the_backbone_recipe_table_pairs_each_variant_with_the_shipped_recipe_pe
     # seeds 0 and 1 only (seed 2 has no shipped partner): +5.0 and +0.0 points, on each fold
     fold = "57.5 | +2.5 ± 31.8 (n = 2)"
     assert row == f"| {variant} | {fold} | {fold} | +2.5 ± 4.6 (n = 4) |"
+
+
+def _meta_parts():
+    return _variants_script("meta_parts")
+
+
+def test_meta_parts_retrains_arms_on_the_fold_and_differs_from_it_by_the_outer_step_size_only():
+    parts = _meta_parts()
+    assert "docs/lodo/variants/meta_parts.py" in (REPO_ROOT / "docs" / "METHOD.md").read_text()
+    assert [f"{fold}.json" for fold in parts.FOLDS] == [f.name for f in FOLDS]
+    for fold in parts.FOLDS:
+        base = parts.fold_config(fold)
+        assert base == load_config("default", REPO_ROOT / "docs" / "lodo" / f"{fold}.json")
+        for arm in parts.RETRAINED:
+            cfg = parts.fold_config(fold, arm)
+            assert fold not in cfg.meta.train_datasets and cfg.meta.test_datasets == base.meta.test_datasets
+            assert cfg.meta.outer_lr != base.meta.outer_lr
+            assert dataclasses.replace(cfg, meta=dataclasses.replace(cfg.meta, outer_lr=base.meta.outer_lr)) == base
+
+
+def test_meta_parts_hybrids_take_each_part_from_the_right_hypernetwork():
+    import torch
+
+    from hmlib.backbone.model import ConvBackbone
+    from hmlib.hyper.hypernet import HyperNet
+    from hmlib.reproducibility import seeded
+
+    parts = _meta_parts()
+    cfg = load_config("smoke")
+    with seeded(0):
+        trained = HyperNet(cfg, 6, 3, backbone=ConvBackbone((4, 8), 8, 3))
+    with seeded(1):
+        initial = HyperNet(cfg, 6, 3, backbone=ConvBackbone((4, 8), 8, 3))
+    with torch.no_grad():
+        for p in trained.generator.log_lrs.values():
+            p.add_(1.0)  # meta-learned step sizes that differ from the initial ones
+    arms = parts.test_time_arms(trained, initial)
+    assert list(arms) == list(parts.TEST_TIME)
+    lrs = lambda h: torch.cat([p.detach().flatten() for p in h.generator.log_lrs.values()])  # noqa: E731
+    heads = lambda h: [m.weight for m in h.generator.heads]  # noqa: E731
+    first, second, half, constant = arms.values()
+    assert torch.equal(lrs(first), lrs(trained)) and all(torch.equal(a, b) for a, b in zip(heads(first), heads(initial)))
+    assert torch.equal(lrs(second), lrs(initial)) and all(torch.equal(a, b) for a, b in zip(heads(second), heads(trained)))
+    assert all(torch.allclose(a, 0.5 * b) for a, b in zip(heads(half), heads(trained)))
+    codes = torch.randn(2, cfg.hyper.embed_dim)  # a constant adaptation: every task code gives the heads' biases
+    for head in [*constant.generator.heads, constant.generator.tau_head]:
+        assert torch.equal(head(codes)[0], head(codes)[1])
+    assert lrs(trained).ne(lrs(initial)).all()  # the arms are copies: the originals are unchanged
+    assert all(torch.equal(a, b) for a, b in zip(heads(trained), [m.weight for m in trained.generator.heads]))
+
+
+def test_meta_parts_table_pairs_every_arm_per_task_with_the_shipped_hypernetwork_and_its_initialisation():
+    parts = _meta_parts()
+    arm = lambda after, before=None: {"after": after, "before": before or after}  # noqa: E731
+    cell = {name: arm([0.5, 0.7]) for name in parts.ARMS}
+    cell[parts.INITIAL] = arm([0.4, 0.6])
+    cell[parts.TEST_TIME[0]] = arm([0.6, 0.8], [0.5, 0.6])
+    results = {"fashion_mnist": {"0": {"c1": cell, "c2": cell}}}
+    lines = parts.table(results).splitlines()
+    row = next(line for line in lines if line.startswith(f"| {parts.TEST_TIME[0]} |"))
+    # four tasks (two conditions of one seed): +10 points on every one over the shipped, +20 over the initialisation;
+    # the inner steps gained 10 and 20 points
+    assert row == f"| {parts.TEST_TIME[0]} | 70.0 | +10.0 ± 0.0 * | +20.0 ± 0.0 * | +15.0 ± 9.2 * |"
+    assert next(line for line in lines if line.startswith(f"| {parts.SHIPPED} |")).endswith(
+        "| 60.0 |  | +10.0 ± 0.0 * | +0.0 ± 0.0 |")
+    assert "fashion_mnist 0 (4 tasks)" in lines[-1]

@@ -1,0 +1,166 @@
+"""What meta-training changes in the hypernetwork, part by part, on the leave-one-dataset-out folds (docs/METHOD.md,
+"What meta-training changes, part by part"). For each fold (its home as `make folds` leaves it: lodo/<dataset>) and
+seed, the method (every candidate adapted with the default inner steps, the silhouette choice) is scored on the
+held-back dataset's own evaluation suites (the fold's conditions and tasks, 40 per condition) with each arm below:
+
+- the hypernetwork as meta-trained, and its initialisation (what meta-training started from);
+- hybrids of the two: the initial generator with the meta-learned step sizes, and the reverse;
+- the meta-trained generator with the code-dependent part of its output heads scaled by 0.5 and by 0 (a learned
+  constant adaptation, the same for every task);
+- hypernetworks meta-trained with a larger outer step size (``meta.outer_lr``; 1e-3 as it ships).
+
+A missing VAE, backbone or hypernetwork of a (fold, seed) is trained into the fold's home first (the VAE and the
+backbone with the fold's settings, as notebook 02 would; each re-trained arm beside the shipped checkpoint under its
+own name: nothing is overwritten). Every (fold, seed, arm, condition) is saved to --out as soon as it is scored, and a
+rerun scores only what is missing.
+
+    make folds                                                        # the fold homes: lodo/<dataset>
+    .venv/bin/python docs/lodo/variants/meta_parts.py --seeds 0 1     # -> results/meta_parts.json + a table
+"""
+import argparse
+import copy
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import hmlib
+from hmlib import paths
+from hmlib.ablations.run import initial_hypernet
+from hmlib.evaluation.conditions import grid, suite_for, suite_seed
+from hmlib.evaluation.evaluate import score_hypernet
+from hmlib.evaluation.inputs import seed_inputs
+from hmlib.evaluation.methods import METHODS, MethodContext, score
+from hmlib.hyper.bundle import bundle_for, load_bundle
+from hmlib.hyper.hypernet import HyperNet
+from hmlib.hyper.metatrain import meta_train
+from hmlib.stats import paired, signed
+
+FOLDS = ("fashion_mnist", "math_shapes")
+SHIPPED = "meta-trained (as it ships)"
+INITIAL = "initialisation"
+KMEANS = "k-means on the embedding"
+RETRAINED = {"outer step size 3e-3": {"meta": {"outer_lr": 3e-3}},  # config overrides of re-trained arms
+             "outer step size 1e-2": {"meta": {"outer_lr": 1e-2}}}
+TEST_TIME = ("initial generator, meta-learned step sizes", "meta-trained generator, initial step sizes",
+             "code-dependent output x 0.5", "code-dependent output x 0 (a learned constant)")
+ARMS = (SHIPPED, INITIAL, *TEST_TIME, *RETRAINED, KMEANS)
+
+
+def fold_config(fold: str, arm: str | None = None) -> hmlib.Config:
+    """The fold's config (docs/lodo/<fold>.json), with a re-trained arm's overrides."""
+    return hmlib.load_config("default", paths.REPO_ROOT / "docs" / "lodo" / f"{fold}.json", RETRAINED.get(arm, {}))
+
+
+def step_sizes_from(hypernet: HyperNet, source: HyperNet) -> HyperNet:
+    """A copy of ``hypernet`` with the inner loop's (meta-learned) step sizes of ``source``."""
+    out = copy.deepcopy(hypernet)
+    out.generator.log_lrs.load_state_dict(source.generator.log_lrs.state_dict())
+    return out.eval()
+
+
+def code_scaled(hypernet: HyperNet, alpha: float) -> HyperNet:
+    """A copy whose output heads (FiLM, blend, temperature) respond ``alpha`` times as much to the task code (their
+    biases, the part every task shares, kept)."""
+    out = copy.deepcopy(hypernet)
+    with torch.no_grad():
+        for head in [*out.generator.heads, out.generator.tau_head]:
+            head.weight.mul_(alpha)
+    return out.eval()
+
+
+def test_time_arms(trained: HyperNet, initial: HyperNet) -> dict[str, HyperNet]:
+    """The arms made from the meta-trained hypernetwork and its initialisation, without training."""
+    return dict(zip(TEST_TIME, (step_sizes_from(initial, trained), step_sizes_from(trained, initial),
+                                code_scaled(trained, 0.5), code_scaled(trained, 0.0))))
+
+
+def checkpoint(fold: str, arm: str, seed: int) -> Path:
+    """The hypernetwork checkpoint of an arm in the fold's home (trained there if missing: VAE and backbone too)."""
+    cfg = fold_config(fold, arm)
+    hmlib.configure_runtime(cfg)
+    bundle_for(cfg, seed, train=True)
+    return meta_train(cfg, seed, train=True, progress=False).checkpoint_path
+
+
+def score_fold(fold: str, seed: int, done: dict, save) -> None:
+    """Every arm missing from ``done`` (condition key -> arm -> per-task accuracies) on the fold's conditions."""
+    cfg = fold_config(fold)
+    paths_of = {arm: checkpoint(fold, arm, seed) for arm in (SHIPPED, *RETRAINED)}
+    bundles = {arm: load_bundle(path, "cpu") for arm, path in paths_of.items()}
+    for dataset in cfg.meta.test_datasets:
+        inputs = seed_inputs(bundles[SHIPPED], cfg, dataset, "zero_shot", with_train=False)
+        trained = inputs.hypernet.eval()
+        initial = initial_hypernet(inputs, seed)
+        hypernets = {SHIPPED: trained, INITIAL: initial, **test_time_arms(trained, initial),
+                     **{arm: bundles[arm].hypernet.eval() for arm in RETRAINED}}
+        for condition in grid(cfg, [dataset], verbose=False):
+            cell = done.setdefault(condition.key, {})
+            suite = suite_for(cfg, condition, inputs.test.labels)
+            for arm, hypernet in hypernets.items():
+                if arm not in cell:
+                    inputs.hypernet = hypernet
+                    acc, _ = score_hypernet(inputs, cfg, suite, None)
+                    cell[arm] = {"after": acc[:, -1].tolist(), "before": acc[:, 0].tolist()}
+            inputs.hypernet = trained
+            if KMEANS not in cell:
+                ctx = MethodContext(cfg, inputs, suite, suite_seed(cfg.eval.seed, condition))
+                cell[KMEANS] = {"after": score(METHODS["kmeans_embedding"], ctx)[0].tolist()}
+            save()
+            print(f"{fold} seed {seed} {condition.key}: " + ", ".join(
+                f"{arm} {100 * np.mean(v['after']):.1f}" for arm, v in cell.items()), flush=True)
+
+
+def per_task(results: dict, fold: str, arm: str, which: str = "after") -> np.ndarray:
+    """An arm's accuracy on every task of the fold, its seeds and conditions in a fixed order."""
+    return np.concatenate([np.asarray(cell[arm][which]) for seed in sorted(results[fold])
+                           for _, cell in sorted(results[fold][seed].items())])
+
+
+def table(results: dict) -> str:
+    """Markdown: per arm and fold the mean accuracy over every task (conditions and seeds), the paired difference
+    from the hypernetwork as it ships and from its initialisation (per task, '*' where the interval excludes zero),
+    and the test-time gain (after minus before the inner steps)."""
+    folds = [f for f in FOLDS if f in results]
+    head = " | ".join(f"{f}: accuracy | vs as it ships | vs initialisation | test-time gain" for f in folds)
+    lines = [f"| arm | {head} |", "|---|" + "---:|---:|---:|---:|" * len(folds)]
+    for arm in ARMS:
+        row = [arm]
+        for fold in folds:
+            acc = per_task(results, fold, arm)
+            vs = [signed(paired(acc, per_task(results, fold, ref))) if arm != ref else "" for ref in (SHIPPED, INITIAL)]
+            gain = signed(paired(acc, per_task(results, fold, arm, "before"))) if arm != KMEANS else ""
+            row += [f"{100 * acc.mean():.1f}", *vs, gain]
+        lines.append("| " + " | ".join(row) + " |")
+    seeds = {f: sorted(results[f]) for f in folds}
+    lines.append("")
+    lines.append("Seeds: " + "; ".join(f"{f} {', '.join(s)} ({len(per_task(results, f, SHIPPED))} tasks)"
+                                        for f, s in seeds.items()))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--folds", nargs="+", default=list(FOLDS), choices=FOLDS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--home", default="lodo", help="folder of the fold homes (make folds' FOLDS_HOME)")
+    parser.add_argument("--out", default=None, help="results JSON (default: results/meta_parts.json)")
+    args = parser.parse_args()
+    out = Path(args.out) if args.out else paths.results_dir() / "meta_parts.json"
+    results = json.loads(out.read_text()) if out.is_file() else {}
+
+    def save() -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results))
+
+    for fold in args.folds:
+        os.environ["HMLIB_HOME"] = str(Path(args.home).resolve() / fold)  # every artifact of the fold in its home
+        for seed in args.seeds:
+            score_fold(fold, seed, results.setdefault(fold, {}).setdefault(str(seed), {}), save)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
