@@ -113,7 +113,7 @@ def _meta_parts():
     return _variants_script("meta_parts")
 
 
-def test_meta_parts_retrains_arms_on_the_fold_and_differs_from_it_by_the_outer_step_size_only():
+def test_meta_parts_retrains_arms_on_the_fold_and_differs_from_it_by_their_overrides_only():
     parts = _meta_parts()
     assert "docs/lodo/variants/meta_parts.py" in (REPO_ROOT / "docs" / "METHOD.md").read_text()
     assert [f"{fold}.json" for fold in parts.FOLDS] == [f.name for f in FOLDS]
@@ -123,8 +123,11 @@ def test_meta_parts_retrains_arms_on_the_fold_and_differs_from_it_by_the_outer_s
         for arm in parts.RETRAINED:
             cfg = parts.fold_config(fold, arm)
             assert fold not in cfg.meta.train_datasets and cfg.meta.test_datasets == base.meta.test_datasets
-            assert cfg.meta.outer_lr != base.meta.outer_lr
-            assert dataclasses.replace(cfg, meta=dataclasses.replace(cfg.meta, outer_lr=base.meta.outer_lr)) == base
+            assert cfg != base
+            undone = {section: dataclasses.replace(getattr(cfg, section), **{k: getattr(getattr(base, section), k)
+                                                                            for k in keys})
+                      for section, keys in parts.RETRAINED[arm].items()}
+            assert dataclasses.replace(cfg, **undone) == base
 
 
 def test_meta_parts_hybrids_take_each_part_from_the_right_hypernetwork():
@@ -147,13 +150,25 @@ def test_meta_parts_hybrids_take_each_part_from_the_right_hypernetwork():
     assert list(arms) == list(parts.TEST_TIME)
     lrs = lambda h: torch.cat([p.detach().flatten() for p in h.generator.log_lrs.values()])  # noqa: E731
     heads = lambda h: [m.weight for m in h.generator.heads]  # noqa: E731
-    first, second, half, constant = arms.values()
+    first, second, half, constant, film_only, blend_only, tau_only = arms.values()
     assert torch.equal(lrs(first), lrs(trained)) and all(torch.equal(a, b) for a, b in zip(heads(first), heads(initial)))
     assert torch.equal(lrs(second), lrs(initial)) and all(torch.equal(a, b) for a, b in zip(heads(second), heads(trained)))
     assert all(torch.allclose(a, 0.5 * b) for a, b in zip(heads(half), heads(trained)))
     codes = torch.randn(2, cfg.hyper.embed_dim)  # a constant adaptation: every task code gives the heads' biases
     for head in [*constant.generator.heads, constant.generator.tau_head]:
         assert torch.equal(head(codes)[0], head(codes)[1])
+    film = lambda h: [m.weight[:-1] for m in h.generator.heads]  # noqa: E731
+    blend = lambda h: [m.weight[-1] for m in h.generator.heads]  # noqa: E731
+    tau = lambda h: h.generator.tau_head.weight  # noqa: E731
+    same = lambda xs, ys: all(torch.equal(x, y) for x, y in zip(xs, ys))  # noqa: E731
+    for arm, learned in ((film_only, "film"), (blend_only, "blend"), (tau_only, "temperature")):
+        # one generated output from the meta-trained heads, the others from the initial ones; the rest meta-trained
+        assert same(film(arm), film(trained if learned == "film" else initial))
+        assert same(blend(arm), blend(trained if learned == "blend" else initial))
+        assert torch.equal(tau(arm), tau(trained if learned == "temperature" else initial))
+        assert torch.equal(lrs(arm), lrs(trained)) and same(arm.encoder.parameters(), trained.encoder.parameters())
+    assert not same(film(trained), film(initial)) and not same(blend(trained), blend(initial))
+    assert not torch.equal(tau(trained), tau(initial))
     assert lrs(trained).ne(lrs(initial)).all()  # the arms are copies: the originals are unchanged
     assert all(torch.equal(a, b) for a, b in zip(heads(trained), [m.weight for m in trained.generator.heads]))
 
@@ -167,9 +182,15 @@ def test_meta_parts_table_pairs_every_arm_per_task_with_the_shipped_hypernetwork
     results = {"fashion_mnist": {"0": {"c1": cell, "c2": cell}}}
     lines = parts.table(results).splitlines()
     row = next(line for line in lines if line.startswith(f"| {parts.TEST_TIME[0]} |"))
-    # four tasks (two conditions of one seed): +10 points on every one over the shipped, +20 over the initialisation;
-    # the inner steps gained 10 and 20 points
-    assert row == f"| {parts.TEST_TIME[0]} | 70.0 | +10.0 ± 0.0 * | +20.0 ± 0.0 * | +15.0 ± 9.2 * |"
+    # four tasks (two conditions of one seed): +10 points on every one over the shipped and the plain update, +20 over
+    # the initialisation; the inner steps gained 10 and 20 points
+    assert row == f"| {parts.TEST_TIME[0]} | 70.0 | +10.0 ± 0.0 * | +20.0 ± 0.0 * | +10.0 ± 0.0 * | +15.0 ± 9.2 * |"
     assert next(line for line in lines if line.startswith(f"| {parts.SHIPPED} |")).endswith(
-        "| 60.0 |  | +10.0 ± 0.0 * | +0.0 ± 0.0 |")
+        "| 60.0 |  | +10.0 ± 0.0 * | +0.0 ± 0.0 | +0.0 ± 0.0 |")
+    assert next(line for line in lines if line.startswith(f"| {parts.PLAIN} |")).endswith(
+        "| 60.0 | +0.0 ± 0.0 | +10.0 ± 0.0 * |  |  |")  # a baseline: no difference from itself, no test-time gain
     assert "fashion_mnist 0 (4 tasks)" in lines[-1]
+    # an arm not scored on every task of a fold (here on one of its two conditions): no figures
+    results["fashion_mnist"]["0"]["c2"] = {name: v for name, v in cell.items() if name != parts.KMEANS}
+    row = next(line for line in parts.table(results).splitlines() if line.startswith(f"| {parts.KMEANS} |"))
+    assert row == f"| {parts.KMEANS} | n/a | n/a | n/a | n/a | n/a |"

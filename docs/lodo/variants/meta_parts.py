@@ -7,12 +7,20 @@ held-back dataset's own evaluation suites (the fold's conditions and tasks, 40 p
 - hybrids of the two: the initial generator with the meta-learned step sizes, and the reverse;
 - the meta-trained generator with the code-dependent part of its output heads scaled by 0.5 and by 0 (a learned
   constant adaptation, the same for every task);
-- hypernetworks meta-trained with a larger outer step size (``meta.outer_lr``; 1e-3 as it ships).
+- the meta-trained hypernetwork with one of its generated outputs meta-trained and the others at their initial
+  weights: FiLM only, the statistics blend only, the cluster head's temperature only;
+- hypernetworks meta-trained with a larger outer step size (``meta.outer_lr``; 1e-3 as it ships), and one whose inner
+  loop adapts the FiLM of every block (``film.adapt_blocks = 3``; the last block as it ships: the fold variant
+  ``allblocks_<dataset>.json`` of "Making meta-training transfer", here on the fold's own VAE and backbone per seed);
+- the hypernetwork as it ships with 8 and 16 inner steps at test time (3 as it ships and as meta-trained), its
+  initialisation and the one that adapts every block with 8;
+- two label-free baselines on the same tasks: k-means on the embedding and the plain (non-meta-learned) update of
+  every normalisation layer with its label-free choice of statistics.
 
 A missing VAE, backbone or hypernetwork of a (fold, seed) is trained into the fold's home first (the VAE and the
-backbone with the fold's settings, as notebook 02 would; each re-trained arm beside the shipped checkpoint under its
-own name: nothing is overwritten). Every (fold, seed, arm, condition) is saved to --out as soon as it is scored, and a
-rerun scores only what is missing.
+backbone with the fold's settings, as notebook 02 would; the re-trained arms under models/meta_parts/, apart from the
+fold's own checkpoint, which stays the one its pipeline records: nothing is overwritten). Every (fold, seed, arm,
+condition) is saved to --out as soon as it is scored, and a rerun scores only what is missing.
 
     make folds                                                        # the fold homes: lodo/<dataset>
     .venv/bin/python docs/lodo/variants/meta_parts.py --seeds 0 1     # -> results/meta_parts.json + a table
@@ -42,11 +50,22 @@ FOLDS = ("fashion_mnist", "math_shapes")
 SHIPPED = "meta-trained (as it ships)"
 INITIAL = "initialisation"
 KMEANS = "k-means on the embedding"
+PLAIN = "plain update with its label-free choice"
+BASELINES = {KMEANS: "kmeans_embedding", PLAIN: "plain_choice"}  # label-free, on the same tasks (hmlib's methods)
+VARIANTS = "meta_parts"  # models/<this>/ of the fold's home: the re-trained arms, apart from the fold's own checkpoint
 RETRAINED = {"outer step size 3e-3": {"meta": {"outer_lr": 3e-3}},  # config overrides of re-trained arms
-             "outer step size 1e-2": {"meta": {"outer_lr": 1e-2}}}
+             "outer step size 1e-2": {"meta": {"outer_lr": 1e-2}},
+             "every block adapted (re-trained)": {"film": {"adapt_blocks": 3}}}
+STEPS = {"8 inner steps at test time": (SHIPPED, 8),  # (arm, inner steps at test time): 3 as it ships and meta-trains
+         "16 inner steps at test time": (SHIPPED, 16),
+         "initialisation, 8 inner steps at test time": (INITIAL, 8),
+         "every block adapted, 8 inner steps at test time": ("every block adapted (re-trained)", 8)}
 TEST_TIME = ("initial generator, meta-learned step sizes", "meta-trained generator, initial step sizes",
-             "code-dependent output x 0.5", "code-dependent output x 0 (a learned constant)")
-ARMS = (SHIPPED, INITIAL, *TEST_TIME, *RETRAINED, KMEANS)
+             "code-dependent output x 0.5", "code-dependent output x 0 (a learned constant)",
+             "meta-trained FiLM only (initial blend, temperature)", "meta-trained blend only (initial FiLM, temperature)",
+             "meta-trained temperature only (initial FiLM, blend)")
+OUTPUTS = ("film", "blend", "temperature")  # what the generator's output heads emit
+ARMS = (SHIPPED, INITIAL, *TEST_TIME, *RETRAINED, *STEPS, *BASELINES)
 
 
 def fold_config(fold: str, arm: str | None = None) -> hmlib.Config:
@@ -71,25 +90,43 @@ def code_scaled(hypernet: HyperNet, alpha: float) -> HyperNet:
     return out.eval()
 
 
+def outputs_from(hypernet: HyperNet, source: HyperNet, outputs: set[str]) -> HyperNet:
+    """A copy of ``hypernet`` whose output heads emit ``outputs`` (of :data:`OUTPUTS`) with the weights of
+    ``source`` (rows of each layer's head: FiLM scale and shift, then the blend; the temperature's own head)."""
+    out = copy.deepcopy(hypernet)
+    with torch.no_grad():
+        for head, other in zip(out.generator.heads, source.generator.heads):
+            rows = slice(0, head.out_features - 1) if "film" in outputs else slice(0, 0)
+            for r in [rows, *([slice(-1, None)] if "blend" in outputs else [])]:
+                head.weight[r] = other.weight[r]
+                head.bias[r] = other.bias[r]
+        if "temperature" in outputs:
+            out.generator.tau_head.load_state_dict(source.generator.tau_head.state_dict())
+    return out.eval()
+
+
 def test_time_arms(trained: HyperNet, initial: HyperNet) -> dict[str, HyperNet]:
     """The arms made from the meta-trained hypernetwork and its initialisation, without training."""
+    only = [outputs_from(trained, initial, set(OUTPUTS) - {kept}) for kept in OUTPUTS]  # one output meta-trained
     return dict(zip(TEST_TIME, (step_sizes_from(initial, trained), step_sizes_from(trained, initial),
-                                code_scaled(trained, 0.5), code_scaled(trained, 0.0))))
+                                code_scaled(trained, 0.5), code_scaled(trained, 0.0), *only)))
 
 
-def checkpoint(fold: str, arm: str, seed: int) -> Path:
-    """The hypernetwork checkpoint of an arm in the fold's home (trained there if missing: VAE and backbone too)."""
-    cfg = fold_config(fold, arm)
+def checkpoints(fold: str, seed: int) -> dict[str, Path]:
+    """The hypernetwork checkpoint of the shipped and every re-trained arm in the fold's home (trained there if
+    missing; a missing VAE or backbone first, with the fold's settings, which no arm changes)."""
+    cfg = fold_config(fold)
     hmlib.configure_runtime(cfg)
     bundle_for(cfg, seed, train=True)
-    return meta_train(cfg, seed, train=True, progress=False).checkpoint_path
+    shipped = meta_train(cfg, seed, train=True, progress=False).checkpoint_path
+    return {SHIPPED: shipped, **{arm: meta_train(fold_config(fold, arm), seed, train=True, progress=False,
+                                                 folder=VARIANTS).checkpoint_path for arm in RETRAINED}}
 
 
 def score_fold(fold: str, seed: int, done: dict, save) -> None:
     """Every arm missing from ``done`` (condition key -> arm -> per-task accuracies) on the fold's conditions."""
     cfg = fold_config(fold)
-    paths_of = {arm: checkpoint(fold, arm, seed) for arm in (SHIPPED, *RETRAINED)}
-    bundles = {arm: load_bundle(path, "cpu") for arm, path in paths_of.items()}
+    bundles = {arm: load_bundle(path, "cpu") for arm, path in checkpoints(fold, seed).items()}
     for dataset in cfg.meta.test_datasets:
         inputs = seed_inputs(bundles[SHIPPED], cfg, dataset, "zero_shot", with_train=False)
         trained = inputs.hypernet.eval()
@@ -99,15 +136,18 @@ def score_fold(fold: str, seed: int, done: dict, save) -> None:
         for condition in grid(cfg, [dataset], verbose=False):
             cell = done.setdefault(condition.key, {})
             suite = suite_for(cfg, condition, inputs.test.labels)
-            for arm, hypernet in hypernets.items():
+            runs = {**{arm: (h, None) for arm, h in hypernets.items()},
+                    **{arm: (hypernets[of], steps) for arm, (of, steps) in STEPS.items()}}
+            for arm, (hypernet, num_steps) in runs.items():
                 if arm not in cell:
                     inputs.hypernet = hypernet
-                    acc, _ = score_hypernet(inputs, cfg, suite, None)
+                    acc, _ = score_hypernet(inputs, cfg, suite, num_steps)
                     cell[arm] = {"after": acc[:, -1].tolist(), "before": acc[:, 0].tolist()}
             inputs.hypernet = trained
-            if KMEANS not in cell:
-                ctx = MethodContext(cfg, inputs, suite, suite_seed(cfg.eval.seed, condition))
-                cell[KMEANS] = {"after": score(METHODS["kmeans_embedding"], ctx)[0].tolist()}
+            for arm, method in BASELINES.items():
+                if arm not in cell:
+                    ctx = MethodContext(cfg, inputs, suite, suite_seed(cfg.eval.seed, condition))
+                    cell[arm] = {"after": score(METHODS[method], ctx)[0].tolist()}
             save()
             print(f"{fold} seed {seed} {condition.key}: " + ", ".join(
                 f"{arm} {100 * np.mean(v['after']):.1f}" for arm, v in cell.items()), flush=True)
@@ -121,17 +161,24 @@ def per_task(results: dict, fold: str, arm: str, which: str = "after") -> np.nda
 
 def table(results: dict) -> str:
     """Markdown: per arm and fold the mean accuracy over every task (conditions and seeds), the paired difference
-    from the hypernetwork as it ships and from its initialisation (per task, '*' where the interval excludes zero),
-    and the test-time gain (after minus before the inner steps)."""
+    from the hypernetwork as it ships, from its initialisation and from the plain update (per task, '*' where the
+    interval excludes zero),
+    and the test-time gain (after minus before the inner steps); 'n/a' where an arm is not scored on every task
+    of the fold."""
     folds = [f for f in FOLDS if f in results]
-    head = " | ".join(f"{f}: accuracy | vs as it ships | vs initialisation | test-time gain" for f in folds)
-    lines = [f"| arm | {head} |", "|---|" + "---:|---:|---:|---:|" * len(folds)]
+    refs = (SHIPPED, INITIAL, PLAIN)
+    head = " | ".join(f"{f}: accuracy | vs as it ships | vs initialisation | vs plain update | test-time gain"
+                      for f in folds)
+    lines = [f"| arm | {head} |", "|---|" + "---:|" * (len(refs) + 2) * len(folds)]
     for arm in ARMS:
         row = [arm]
         for fold in folds:
+            if any(arm not in cell for cells in results[fold].values() for cell in cells.values()):
+                row += ["n/a"] * (len(refs) + 2)
+                continue
             acc = per_task(results, fold, arm)
-            vs = [signed(paired(acc, per_task(results, fold, ref))) if arm != ref else "" for ref in (SHIPPED, INITIAL)]
-            gain = signed(paired(acc, per_task(results, fold, arm, "before"))) if arm != KMEANS else ""
+            vs = [signed(paired(acc, per_task(results, fold, ref))) if arm != ref else "" for ref in refs]
+            gain = signed(paired(acc, per_task(results, fold, arm, "before"))) if arm not in BASELINES else ""
             row += [f"{100 * acc.mean():.1f}", *vs, gain]
         lines.append("| " + " | ".join(row) + " |")
     seeds = {f: sorted(results[f]) for f in folds}
