@@ -194,3 +194,17 @@ def test_meta_parts_table_pairs_every_arm_per_task_with_the_shipped_hypernetwork
     results["fashion_mnist"]["0"]["c2"] = {name: v for name, v in cell.items() if name != parts.KMEANS}
     row = next(line for line in parts.table(results).splitlines() if line.startswith(f"| {parts.KMEANS} |"))
     assert row == f"| {parts.KMEANS} | n/a | n/a | n/a | n/a | n/a |"
+
+
+def test_meta_parts_scores_the_arms_asked_for_with_the_references_and_the_hypernetworks_they_need():
+    parts = _meta_parts()
+    every_block = "every block adapted (re-trained)"
+    assert parts.retrained_for(["8 inner steps at test time"]) == []  # the shipped hypernetwork, not re-trained
+    assert parts.retrained_for(["every block adapted, 8 inner steps at test time"]) == [every_block]
+    assert parts.retrained_for(parts.ARMS) == list(parts.RETRAINED)
+    assert set(parts.ALWAYS) == {parts.SHIPPED, parts.INITIAL, parts.KMEANS, parts.PLAIN}
+    # a results file of some arms only (another seed, --arms): rows for those, none for the arms never scored
+    cell = {name: {"after": [0.5, 0.7], "before": [0.5, 0.7]} for name in (*parts.ALWAYS, "8 inner steps at test time")}
+    rows = [line.split(" | ")[0][2:] for line in parts.table({"math_shapes": {"2": {"c": cell}}}).splitlines()[2:]
+            if line.startswith("| ")]
+    assert rows == [name for name in parts.ARMS if name in cell]

@@ -20,7 +20,8 @@ held-back dataset's own evaluation suites (the fold's conditions and tasks, 40 p
 A missing VAE, backbone or hypernetwork of a (fold, seed) is trained into the fold's home first (the VAE and the
 backbone with the fold's settings, as notebook 02 would; the re-trained arms under models/meta_parts/, apart from the
 fold's own checkpoint, which stays the one its pipeline records: nothing is overwritten). Every (fold, seed, arm,
-condition) is saved to --out as soon as it is scored, and a rerun scores only what is missing.
+condition) is saved to --out as soon as it is scored, and a rerun scores only what is missing; --arms scores some
+arms only (the shipped hypernetwork, its initialisation and the baselines always: every row's references).
 
     make folds                                                        # the fold homes: lodo/<dataset>
     .venv/bin/python docs/lodo/variants/meta_parts.py --seeds 0 1     # -> results/meta_parts.json + a table
@@ -66,6 +67,7 @@ TEST_TIME = ("initial generator, meta-learned step sizes", "meta-trained generat
              "meta-trained temperature only (initial FiLM, blend)")
 OUTPUTS = ("film", "blend", "temperature")  # what the generator's output heads emit
 ARMS = (SHIPPED, INITIAL, *TEST_TIME, *RETRAINED, *STEPS, *BASELINES)
+ALWAYS = (SHIPPED, INITIAL, *BASELINES)  # scored whatever --arms asks: the references of every row of the table
 
 
 def fold_config(fold: str, arm: str | None = None) -> hmlib.Config:
@@ -112,34 +114,42 @@ def test_time_arms(trained: HyperNet, initial: HyperNet) -> dict[str, HyperNet]:
                                 code_scaled(trained, 0.5), code_scaled(trained, 0.0), *only)))
 
 
-def checkpoints(fold: str, seed: int) -> dict[str, Path]:
-    """The hypernetwork checkpoint of the shipped and every re-trained arm in the fold's home (trained there if
+def retrained_for(arms) -> list[str]:
+    """The re-trained arms that ``arms`` need: asked for, or the hypernetwork of an asked-for arm of :data:`STEPS`."""
+    return [arm for arm in RETRAINED if arm in arms or any(STEPS[a][0] == arm for a in arms if a in STEPS)]
+
+
+def checkpoints(fold: str, seed: int, retrained=tuple(RETRAINED)) -> dict[str, Path]:
+    """The hypernetwork checkpoint of the shipped and each ``retrained`` arm in the fold's home (trained there if
     missing; a missing VAE or backbone first, with the fold's settings, which no arm changes)."""
     cfg = fold_config(fold)
     hmlib.configure_runtime(cfg)
     bundle_for(cfg, seed, train=True)
     shipped = meta_train(cfg, seed, train=True, progress=False).checkpoint_path
     return {SHIPPED: shipped, **{arm: meta_train(fold_config(fold, arm), seed, train=True, progress=False,
-                                                 folder=VARIANTS).checkpoint_path for arm in RETRAINED}}
+                                                 folder=VARIANTS).checkpoint_path for arm in retrained}}
 
 
-def score_fold(fold: str, seed: int, done: dict, save) -> None:
-    """Every arm missing from ``done`` (condition key -> arm -> per-task accuracies) on the fold's conditions."""
+def score_fold(fold: str, seed: int, done: dict, save, arms=ARMS) -> None:
+    """Every arm of ``arms`` (and :data:`ALWAYS`) missing from ``done`` (condition key -> arm -> per-task accuracies)
+    on the fold's conditions."""
     cfg = fold_config(fold)
-    bundles = {arm: load_bundle(path, "cpu") for arm, path in checkpoints(fold, seed).items()}
+    arms = {*arms, *ALWAYS}
+    retrained = retrained_for(arms)
+    bundles = {arm: load_bundle(path, "cpu") for arm, path in checkpoints(fold, seed, retrained).items()}
     for dataset in cfg.meta.test_datasets:
         inputs = seed_inputs(bundles[SHIPPED], cfg, dataset, "zero_shot", with_train=False)
         trained = inputs.hypernet.eval()
         initial = initial_hypernet(inputs, seed)
         hypernets = {SHIPPED: trained, INITIAL: initial, **test_time_arms(trained, initial),
-                     **{arm: bundles[arm].hypernet.eval() for arm in RETRAINED}}
+                     **{arm: bundles[arm].hypernet.eval() for arm in retrained}}
         for condition in grid(cfg, [dataset], verbose=False):
             cell = done.setdefault(condition.key, {})
             suite = suite_for(cfg, condition, inputs.test.labels)
             runs = {**{arm: (h, None) for arm, h in hypernets.items()},
-                    **{arm: (hypernets[of], steps) for arm, (of, steps) in STEPS.items()}}
+                    **{arm: (hypernets[of], steps) for arm, (of, steps) in STEPS.items() if arm in arms}}
             for arm, (hypernet, num_steps) in runs.items():
-                if arm not in cell:
+                if arm in arms and arm not in cell:
                     inputs.hypernet = hypernet
                     acc, _ = score_hypernet(inputs, cfg, suite, num_steps)
                     cell[arm] = {"after": acc[:, -1].tolist(), "before": acc[:, 0].tolist()}
@@ -171,6 +181,8 @@ def table(results: dict) -> str:
                       for f in folds)
     lines = [f"| arm | {head} |", "|---|" + "---:|" * (len(refs) + 2) * len(folds)]
     for arm in ARMS:
+        if not any(arm in cell for fold in folds for cells in results[fold].values() for cell in cells.values()):
+            continue  # not asked for (--arms)
         row = [arm]
         for fold in folds:
             if any(arm not in cell for cells in results[fold].values() for cell in cells.values()):
@@ -194,6 +206,8 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--home", default="lodo", help="folder of the fold homes (make folds' FOLDS_HOME)")
     parser.add_argument("--out", default=None, help="results JSON (default: results/meta_parts.json)")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS, metavar="ARM",
+                        help=f"arms to score (default: all; {', '.join(ALWAYS)} always)")
     args = parser.parse_args()
     out = Path(args.out) if args.out else paths.results_dir() / "meta_parts.json"
     results = json.loads(out.read_text()) if out.is_file() else {}
@@ -205,7 +219,7 @@ def main() -> None:
     for fold in args.folds:
         os.environ["HMLIB_HOME"] = str(Path(args.home).resolve() / fold)  # every artifact of the fold in its home
         for seed in args.seeds:
-            score_fold(fold, seed, results.setdefault(fold, {}).setdefault(str(seed), {}), save)
+            score_fold(fold, seed, results.setdefault(fold, {}).setdefault(str(seed), {}), save, args.arms)
     print(table(results))
 
 
