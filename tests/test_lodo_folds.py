@@ -208,3 +208,14 @@ def test_meta_parts_scores_the_arms_asked_for_with_the_references_and_the_hypern
     rows = [line.split(" | ")[0][2:] for line in parts.table({"math_shapes": {"2": {"c": cell}}}).splitlines()[2:]
             if line.startswith("| ")]
     assert rows == [name for name in parts.ARMS if name in cell]
+
+
+def test_meta_parts_pools_results_files_by_seed_and_refuses_a_seed_twice():
+    parts = _meta_parts()
+    cell = lambda value: {"c": {name: {"after": [value], "before": [value]} for name in parts.ALWAYS}}  # noqa: E731
+    merged = parts.pooled([{"math_shapes": {"0": cell(0.5), "1": cell(0.6)}}, {"math_shapes": {"2": cell(0.7)}},
+                           {"fashion_mnist": {"2": cell(0.4)}}])
+    assert sorted(merged["math_shapes"]) == ["0", "1", "2"] and sorted(merged["fashion_mnist"]) == ["2"]
+    assert "math_shapes 0, 1, 2 (3 tasks)" in parts.table(merged).splitlines()[-1]
+    with pytest.raises(SystemExit, match="seed 1 of math_shapes is in two results files"):
+        parts.pooled([{"math_shapes": {"1": cell(0.5)}}, {"math_shapes": {"1": cell(0.6)}}])

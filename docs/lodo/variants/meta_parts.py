@@ -25,6 +25,7 @@ arms only (the shipped hypernetwork, its initialisation and the baselines always
 
     make folds                                                        # the fold homes: lodo/<dataset>
     .venv/bin/python docs/lodo/variants/meta_parts.py --seeds 0 1     # -> results/meta_parts.json + a table
+    .venv/bin/python docs/lodo/variants/meta_parts.py --table results/meta_parts.json results/<other>.json  # pooled
 """
 import argparse
 import copy
@@ -200,6 +201,18 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def pooled(results_files) -> dict:
+    """Results files (fold -> seed -> condition -> arm) merged per fold; a seed in two files is refused."""
+    out: dict = {}
+    for results in results_files:
+        for fold, seeds in results.items():
+            twice = set(seeds) & set(out.get(fold, {}))
+            if twice:
+                raise SystemExit(f"seed {', '.join(sorted(twice))} of {fold} is in two results files; pool each seed once")
+            out.setdefault(fold, {}).update(seeds)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--folds", nargs="+", default=list(FOLDS), choices=FOLDS)
@@ -208,7 +221,12 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="results JSON (default: results/meta_parts.json)")
     parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS, metavar="ARM",
                         help=f"arms to score (default: all; {', '.join(ALWAYS)} always)")
+    parser.add_argument("--table", nargs="+", type=Path, metavar="JSON",
+                        help="score nothing: print the table of these results files, their seeds pooled per fold")
     args = parser.parse_args()
+    if args.table:
+        print(table(pooled(json.loads(path.read_text()) for path in args.table)))
+        return
     out = Path(args.out) if args.out else paths.results_dir() / "meta_parts.json"
     results = json.loads(out.read_text()) if out.is_file() else {}
 
