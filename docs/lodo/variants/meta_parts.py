@@ -64,7 +64,8 @@ STEPS = {"8 inner steps at test time": (SHIPPED, 8),  # (arm, inner steps at tes
          "every block adapted, 8 inner steps at test time": ("every block adapted (re-trained)", 8)}
 TEST_TIME = ("initial generator, meta-learned step sizes", "meta-trained generator, initial step sizes",
              "code-dependent output x 0.5", "code-dependent output x 0 (a learned constant)",
-             "meta-trained FiLM only (initial blend, temperature)", "meta-trained blend only (initial FiLM, temperature)",
+             "meta-trained FiLM only (initial blend, temperature)",
+             "meta-trained blend only (initial FiLM, temperature)",
              "meta-trained temperature only (initial FiLM, blend)")
 OUTPUTS = ("film", "blend", "temperature")  # what the generator's output heads emit
 ARMS = (SHIPPED, INITIAL, *TEST_TIME, *RETRAINED, *STEPS, *BASELINES)
@@ -99,8 +100,8 @@ def outputs_from(hypernet: HyperNet, source: HyperNet, outputs: set[str]) -> Hyp
     out = copy.deepcopy(hypernet)
     with torch.no_grad():
         for head, other in zip(out.generator.heads, source.generator.heads):
-            rows = slice(0, head.out_features - 1) if "film" in outputs else slice(0, 0)
-            for r in [rows, *([slice(-1, None)] if "blend" in outputs else [])]:
+            rows = [*([slice(0, -1)] if "film" in outputs else []), *([slice(-1, None)] if "blend" in outputs else [])]
+            for r in rows:
                 head.weight[r] = other.weight[r]
                 head.bias[r] = other.bias[r]
         if "temperature" in outputs:
@@ -173,9 +174,8 @@ def per_task(results: dict, fold: str, arm: str, which: str = "after") -> np.nda
 def table(results: dict) -> str:
     """Markdown: per arm and fold the mean accuracy over every task (conditions and seeds), the paired difference
     from the hypernetwork as it ships, from its initialisation and from the plain update (per task, '*' where the
-    interval excludes zero),
-    and the test-time gain (after minus before the inner steps); 'n/a' where an arm is not scored on every task
-    of the fold."""
+    interval excludes zero), and the test-time gain (after minus before the inner steps); 'n/a' where an arm is not
+    scored on every task of the fold, no row where it is scored on none."""
     folds = [f for f in FOLDS if f in results]
     refs = (SHIPPED, INITIAL, PLAIN)
     head = " | ".join(f"{f}: accuracy | vs as it ships | vs initialisation | vs plain update | test-time gain"
@@ -208,7 +208,8 @@ def pooled(results_files) -> dict:
         for fold, seeds in results.items():
             twice = set(seeds) & set(out.get(fold, {}))
             if twice:
-                raise SystemExit(f"seed {', '.join(sorted(twice))} of {fold} is in two results files; pool each seed once")
+                raise SystemExit(f"seed {', '.join(sorted(twice))} of {fold} is in two results files; "
+                                 "pool each seed once")
             out.setdefault(fold, {}).update(seeds)
     return out
 
