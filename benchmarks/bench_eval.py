@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     warmup, suite = suite[0], suite[1:]
     plain_inputs = SimpleNamespace(images=images, backbone=backbone)  # what the plain adaptation rows read
     print(f"{machine}; {models.what}; {len(suite)} tasks of the {source}, K = {K}, N = {N}; method: "
-          f"{cfg.adapt.num_inner_steps} inner steps, candidates {', '.join(cfg.adapt.candidates)}, choice "
+          f"{cfg.adapt.steps_at_test} inner steps, candidates {', '.join(cfg.adapt.candidates)}, choice "
           f"{cfg.adapt.choice!r}; plain adaptation: {cfg.eval.plain_steps} steps, lr {cfg.eval.plain_lr}")
 
     # One task per call.
@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             start = time.perf_counter()
             context = encode_tasks(models.vae, x[None])
             encoded = time.perf_counter()
-            predict_task(models.hypernet, task_inputs(cfg, context, x[None]), cfg.adapt, num_classes=K)[-1].argmax(-1)
+            predict_task(models.hypernet, task_inputs(cfg, context, x[None]), cfg.adapt, cfg.adapt.steps_at_test,
+                         num_classes=K)[-1].argmax(-1)
             done = time.perf_counter()
             pixels = kmeans_clusters(x.reshape(N, -1).astype(np.float32) / 255.0, K, t, n_init)
             pixels_done = time.perf_counter()
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     batched_ms, method_acc = {}, {}
     task_images = images[suite.indices]  # (T, N, 28, 28)
     with torch.no_grad():
-        for steps in sorted(set(range(TARGET_STEPS + 1)) | {cfg.adapt.num_inner_steps}):
+        for steps in sorted(set(range(TARGET_STEPS + 1)) | {cfg.adapt.steps_at_test}):
             start = time.perf_counter()
             logits = predict_task(models.hypernet, task_inputs(cfg, encode_tasks(models.vae, task_images),
                                                                task_images), cfg.adapt, steps, num_classes=K)
@@ -100,11 +101,11 @@ def main(argv: list[str] | None = None) -> int:
     plain_ctx = MethodContext(cfg, plain_inputs, suite, 0)
     plain_acc, plain_batched = score(METHODS["plain_choice"], plain_ctx)
 
-    rows = [(f"the method, one task per call ({cfg.adapt.num_inner_steps} steps)", ms["method"]),
+    rows = [(f"the method, one task per call ({cfg.adapt.steps_at_test} steps)", ms["method"]),
             ("  VAE encoding (the conditioning)", ms["  VAE encoding"]),
             ("  predict_task (backbone, generation, steps, candidates, choice)", ms["  predict_task"]),
-            (f"the method, batched ({len(suite)} tasks in one call)", batched_ms[cfg.adapt.num_inner_steps]),
-            *[(f"  ... with {s} inner steps", v) for s, v in batched_ms.items() if s != cfg.adapt.num_inner_steps],
+            (f"the method, batched ({len(suite)} tasks in one call)", batched_ms[cfg.adapt.steps_at_test]),
+            *[(f"  ... with {s} inner steps", v) for s, v in batched_ms.items() if s != cfg.adapt.steps_at_test],
             (f"k-means on raw pixels (n_init={n_init})", ms["kmeans_pixels"]),
             (f"k-means on the embedding (embedding + k-means, n_init={n_init})", ms["kmeans_embedding"]),
             (f"plain adaptation, both modes + choice ({cfg.eval.plain_steps} steps), one task per call",
@@ -117,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"method no slower than k-means on raw pixels: {speed} ({ms['method']:.1f} vs {ms['kmeans_pixels']:.1f} ms)")
     figures = {f"method ms / task (N={N}, 1 thread)": round(ms["method"], 1),
                "method: VAE encoding ms / task": round(ms["  VAE encoding"], 1),
-               "method ms / task, batched": round(batched_ms[cfg.adapt.num_inner_steps], 1),
+               "method ms / task, batched": round(batched_ms[cfg.adapt.steps_at_test], 1),
                "k-means on raw pixels ms / task": round(ms["kmeans_pixels"], 1),
                "k-means on the embedding ms / task": round(ms["kmeans_embedding"], 1),
                f"plain adaptation ms / task ({cfg.eval.plain_steps} steps, both modes + choice)":

@@ -192,7 +192,11 @@ class AdaptConfig:
     """The unsupervised inner loop, shared by meta-training and test time."""
 
     inner_loss: str = checked("neighbours", choices=_names("hmlib.hyper.losses", "INNER_LOSSES"))
-    num_inner_steps: int = checked(3, min=0)
+    num_inner_steps: int = checked(3, min=0)  # inner steps while meta-training
+    # inner steps at test time (evaluation, ``hmlib cluster``, notebook 04, the explorer); None = num_inner_steps.
+    # Not part of a checkpoint's identity. 8 was chosen on the leave-one-dataset-out folds (docs/METHOD.md, "What
+    # meta-training changes, part by part"): positive in all six fold-seeds, at 1.4-2.4x the per-task time of 3.
+    test_steps: int | None = checked(8, min=0)
     inner_lr: float = checked(0.5, min_exclusive=0.0)  # step size where the generator does not learn its own
     lr_scale: float = checked(1.0, min_exclusive=0.0)  # multiplies every step size (meta-learned ones included)
     adapt_params: str = checked("generated", choices=("generated", "hypernet"))  # generated params, or all of the hypernet
@@ -204,6 +208,16 @@ class AdaptConfig:
     neighbours: int = checked(5, min=1)  # nearest neighbours of the neighbour-agreement loss
     geometry_weight: float = checked(3.0, min=0.0)
     balance_weight: float = checked(1.0, min=0.0)  # weight of the cluster-balance term
+
+    @property
+    def steps_at_test(self) -> int:
+        """Inner steps at test time: ``test_steps``, or the meta-training ``num_inner_steps`` where it is None."""
+        return self.num_inner_steps if self.test_steps is None else self.test_steps
+
+
+# adapt settings read at test time only: not part of a checkpoint's identity, and at evaluation taken from the profile
+# and config, not from what the checkpoint recorded
+TEST_TIME_ONLY = ("test_steps",)
 
 
 @dataclass(frozen=True)
@@ -314,6 +328,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "backbone": {"channels": (8, 16, 16), "embed_dim": 32, "epochs": 1, "images_per_dataset": 300},
         "hyper": {"embed_dim": 16, "num_seeds": 2, "num_heads": 2},
         "film": {"cluster_inits": 3},
+        "adapt": {"test_steps": 4},  # differs from num_inner_steps (3), so the tests exercise the test-time count
         "meta": {"iterations": 10, "meta_batch_size": 2, "eval_every": 5, "eval_tasks": 4, "val_fraction": 0.2,
                  "max_classes": 4, "task_images": 32, "test_datasets": ("mnist", "mnist+rotate"),
                  "selector_episodes": 4},
@@ -332,8 +347,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "hyper": {"conditioning": "attention", "generation": "full"},
         "full": {"target_hidden": (400, 200)},
         "eval": {"shapes": ((4, 64), (4, 256))},
-        "adapt": {"inner_loss": "geometry", "num_inner_steps": 3, "inner_lr": 5e-3, "adapt_params": "hypernet",
-                  "candidates": ("generated",)},
+        "adapt": {"inner_loss": "geometry", "num_inner_steps": 3, "test_steps": None, "inner_lr": 5e-3,
+                  "adapt_params": "hypernet", "candidates": ("generated",)},
     },
 }
 
@@ -450,6 +465,14 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
     data = dict(data)
     profile = data.pop("profile", "default")
     return validate(_merge(Config(profile=profile), data, ""))
+
+
+def with_profile_test_time(cfg: Config) -> Config:
+    """``cfg`` with its test-time-only adapt settings (:data:`TEST_TIME_ONLY`) those of its profile: what a
+    checkpoint recorded for them is not part of it (a reused checkpoint may have been made by a run with others)."""
+    profile = _merge(Config(profile=cfg.profile), PROFILES[cfg.profile], "") if cfg.profile in PROFILES else Config()
+    kept = {k: getattr(profile.adapt, k) for k in TEST_TIME_ONLY}
+    return dataclasses.replace(cfg, adapt=dataclasses.replace(cfg.adapt, **kept))
 
 
 def with_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:

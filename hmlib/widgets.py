@@ -88,7 +88,7 @@ class AdaptationExplorer:
         self.base_adapt = adapt
         self.dataset = next(iter(self.sources))
         self.task = 0
-        self.num_steps = min(adapt.num_inner_steps, self.max_steps)
+        self.num_steps = min(adapt.steps_at_test, self.max_steps)
         self.inner_lr = float(adapt.lr_scale)
         self.inner_loss = adapt.inner_loss
         self._cache: OrderedDict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray, float]] = OrderedDict()

@@ -331,7 +331,7 @@ def test_run_all_scores_every_ablation_of_the_tiny_protocol(trained, home):
         assert result.kmeans.shape == (1, tasks * len(conditions))
         for label, acc in result.acc.items():
             variant = spec.variant(label)
-            steps = cfg.adapt.num_inner_steps if variant.num_steps is None else variant.num_steps
+            steps = cfg.adapt.steps_at_test if variant.num_steps is None else variant.num_steps
             assert acc.shape == (1, tasks * len(conditions), steps + 1) and np.all((acc >= 0) & (acc <= 1))
             assert list(result.by_condition(label)) == conditions
     assert results["transductive"].conditions == ["mnist_K3_N18"]
@@ -405,7 +405,7 @@ def test_variant_curves_match_a_direct_run(trained, home):
     pooled = []
     for condition in ablation_grid(cfg):
         curves = variant_curves(cfg, Variant("main"), condition, 0, {})
-        assert curves.shape == (cfg.ablation.num_tasks, cfg.adapt.num_inner_steps + 1)
+        assert curves.shape == (cfg.ablation.num_tasks, cfg.adapt.steps_at_test + 1)
         suite = build_suite(cfg, condition, cfg.ablation.num_tasks)
         inputs = seed_inputs(bundle, cfg, condition.dataset, "zero_shot", with_train=False)
         for t in range(len(suite)):
@@ -444,7 +444,7 @@ def test_the_plain_baseline_arm_is_the_registered_method_on_the_same_tasks(train
     cfg, result = trained.cfg, trained.results["meta_learning"]
     label = next(v["label"] for v in result.variants if v["baseline"] == "plain_choice")
     acc = result.acc[label][0]
-    assert acc.shape[1] == cfg.adapt.num_inner_steps + 1 and np.all(acc == acc[:, :1])
+    assert acc.shape[1] == cfg.adapt.steps_at_test + 1 and np.all(acc == acc[:, :1])
     bundle = load_bundle(home[("zero_shot", 0)])
     expected = []
     for condition in ablation_grid(cfg):

@@ -23,7 +23,7 @@ from hmlib.evaluation.inputs import seed_inputs
 from hmlib.hyper.bundle import load_bundle
 from hmlib.hyper.metatrain import pipeline_checkpoints
 from hmlib.paths import models_dir, results_dir
-from tinyprotocol import K, N, OVERRIDES, STEPS, tiny_config, train_home, use_home
+from tinyprotocol import K, N, OVERRIDES, TEST_STEPS, tiny_config, train_home, use_home
 
 SHAPES = [[K, N], [2, 12]]
 BENCHMARK = {"corruptions": ["rotate", "shot_noise"], "shapes": SHAPES, "num_tasks": 2}  # eval.num_tasks is 3
@@ -99,7 +99,7 @@ def test_run_benchmark_scores_the_grid_on_the_pipelines_checkpoints(trained, hom
     for condition, block in zip(grid(bench, DATASETS, SHAPES, verbose=False), result["conditions"]):
         assert block["suite"]["num_tasks"] == 2 and "kmeans_embedding" in block["methods"]
         acc = np.asarray(block["methods"]["hypernet"]["acc_steps"])
-        assert acc.shape == (1, 2, STEPS + 1)
+        assert acc.shape == (1, 2, TEST_STEPS + 1)
         inputs = seed_inputs(bundle, bench, condition.dataset, "zero_shot", with_train=False)
         expected, _ = score_hypernet(inputs, bench, build_suite(bench, condition), None)
         np.testing.assert_array_equal(acc[0], expected)

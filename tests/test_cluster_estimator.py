@@ -240,7 +240,8 @@ def test_select_n_clusters_reports_the_candidate_of_the_chosen_k(ckpt, monkeypat
         return results, torch.full((1,), picks[num_classes])
 
     monkeypatch.setattr(estimator, "adapt_candidates", scripted)
-    clusterer = HyperClusterer.from_checkpoint(ckpt[("zero_shot", 0)], n_clusters=2)
+    # 2 steps: a chosen K other than the last one tried (what the test needs; the count is not what it tests)
+    clusterer = HyperClusterer.from_checkpoint(ckpt[("zero_shot", 0)], n_clusters=2, num_steps=2)
     chosen = clusterer.select_n_clusters(patterns(K)[0], candidates=(2, 3, 4, 5))
     assert sorted(picks) == [2, 3, 4, 5] and chosen != 5
     assert picks[chosen] == 2 and clusterer.describe()["candidate"] == clusterer.candidate_ == "task"

@@ -62,6 +62,30 @@ def test_seed_profile_is_the_prototype_protocol():
     assert (cfg.hyper.generation, cfg.full.target_hidden, cfg.task.mode) == ("full", (400, 200), "consecutive")
     assert (cfg.meta.min_classes, cfg.meta.max_classes, cfg.meta.outer_loss) == (4, 4, "aligned")
     assert (cfg.adapt.inner_loss, cfg.adapt.num_inner_steps, cfg.adapt.inner_lr) == ("geometry", 3, 5e-3)
+    assert cfg.adapt.test_steps is None and cfg.adapt.steps_at_test == 3  # the prototype adapts as it meta-trains
+
+
+def test_test_steps_is_a_test_time_setting_outside_the_checkpoint_identity():
+    """adapt.test_steps sets the inner steps at test time (None: the meta-training count) and is not part of what
+    names and reuses a hypernetwork checkpoint; the meta-training count is."""
+    from hmlib.hyper.checkpoints import training_settings
+
+    cfg = load_config("default")
+    assert (cfg.adapt.num_inner_steps, cfg.adapt.test_steps, cfg.adapt.steps_at_test) == (3, 8, 8)
+    for test_steps, at_test in ((0, 0), (16, 16), (None, 3)):
+        other = dataclasses.replace(cfg, adapt=dataclasses.replace(cfg.adapt, test_steps=test_steps))
+        assert other.adapt.steps_at_test == at_test and training_settings(other) == training_settings(cfg)
+    trained_longer = dataclasses.replace(cfg, adapt=dataclasses.replace(cfg.adapt, num_inner_steps=5))
+    assert training_settings(trained_longer) != training_settings(cfg)
+    with pytest.raises(ConfigError, match="adapt.test_steps"):
+        load_config("default", overrides={"adapt": {"test_steps": -1}})
+    # a loaded checkpoint's config takes them from its profile, whatever it recorded (hmlib cluster, the bundles)
+    from hmlib.config import with_profile_test_time
+
+    for profile, expected in (("default", 8), ("smoke", 4), ("seed", None)):
+        recorded = load_config(profile, overrides={"adapt": {"test_steps": 6}})
+        assert with_profile_test_time(recorded).adapt.test_steps == expected
+        assert with_profile_test_time(recorded).adapt == dataclasses.replace(recorded.adapt, test_steps=expected)
 
 
 def test_smoke_profile_is_smaller_than_default():

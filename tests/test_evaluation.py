@@ -42,7 +42,7 @@ from hmlib.plots import evaluation as plots
 from hmlib.reports import record_headline
 from hmlib.stats import mean_ci
 from hmlib.vae.train import get_vae
-from tinyprotocol import K, N, STEPS, TASKS, tiny_config, train_home, use_home
+from tinyprotocol import K, N, STEPS, TASKS, TEST_STEPS, tiny_config, train_home, use_home
 
 DIM, NUM_ALL_CLASSES, PER_CLASS, BLOB_TASKS, BLOB_N = 4, 5, 40, 4, 30
 STORED = ("embedding", "latent", "pixels")  # representations a baseline can read without a backbone
@@ -400,7 +400,7 @@ def test_every_method_scores_every_condition_on_its_suite(trained, ckpt, tmp_pat
         assert cond["identity"]["suite"] == suite_fingerprint(suite) and cond["suite"]["num_tasks"] == TASKS
         assert cond["suite"]["classes"] == suite.classes.tolist()
         hyper = np.asarray(cond["methods"]["hypernet"]["acc_steps"])
-        assert hyper.shape == (1, TASKS, STEPS + 1) and np.all((hyper >= 1 / K) & (hyper <= 1))
+        assert hyper.shape == (1, TASKS, TEST_STEPS + 1) and np.all((hyper >= 1 / K) & (hyper <= 1))
         for name in (m.name for m in baselines()):
             acc = np.asarray(cond["methods"][name]["acc"])
             assert acc.shape == (1, TASKS) and np.all((acc >= 1 / K) & (acc <= 1)), name
@@ -448,13 +448,13 @@ def test_k2_and_k10_tasks_end_to_end(trained, ckpt, monkeypatch, tmp_path):
     monkeypatch.setattr(evaluate_module, "predict_task", spy)
     result = evaluate(trained, [ckpt[("zero_shot", 0)]], tmp_path / "k.json", cfg=cfg, datasets=[TEN],
                       shapes=[(2, 12), (10, 40)])
-    assert shapes == [(STEPS + 1, TASKS, 12, 2), (STEPS + 1, TASKS, 40, 10)]  # logits (S+1, T, N, K)
+    assert shapes == [(TEST_STEPS + 1, TASKS, 12, 2), (TEST_STEPS + 1, TASKS, 40, 10)]  # logits (S+1, T, N, K)
     two, ten = result["conditions"]
     assert (two["condition"]["num_classes"], ten["condition"]["num_classes"]) == (2, 10)
     assert np.asarray(ten["suite"]["classes"]).shape == (TASKS, 10)
     for cond, k in ((two, 2), (ten, 10)):
         hyper = np.asarray(cond["methods"]["hypernet"]["acc_steps"])
-        assert hyper.shape == (1, TASKS, STEPS + 1) and np.all(hyper >= 1 / k)
+        assert hyper.shape == (1, TASKS, TEST_STEPS + 1) and np.all(hyper >= 1 / k)
         assert set(cond["methods"]) == {"hypernet", *(m.name for m in baselines())}
     assert np.mean(per_task_accuracy(ten, "hypernet_adapted")) > 0.3  # three times chance on ten bar angles
     assert np.mean(per_task_accuracy(ten, "kmeans_pixels")) > 0.8
@@ -520,7 +520,7 @@ def test_zero_test_time_steps_score_the_unadapted_hypernetwork(trained, ckpt):
     condition = grid(trained.cfg, ["mnist"], verbose=False)[0]
     suite = build_suite(trained.cfg, condition)
     acc, seconds = score_hypernet(inputs, trained.cfg, suite, None)
-    assert acc.shape == (TASKS, STEPS + 1) and seconds > 0
+    assert acc.shape == (TASKS, TEST_STEPS + 1) and seconds > 0
     generated = with_overrides(trained.cfg, {"adapt": {"candidates": ["generated"]}})
     zero, _ = score_hypernet(inputs, generated, suite, 0)
     assert zero.shape == (TASKS, 1)
@@ -538,7 +538,7 @@ def test_scores_are_aggregated_over_replicate_seeds(trained, ckpt, tmp_path):
     assert result["seeds"] == [0, 1] and len(result["checkpoints"]) == 2
     (cond,) = result["conditions"]
     hyper = np.asarray(cond["methods"]["hypernet"]["acc_steps"])
-    assert hyper.shape == (2, TASKS, STEPS + 1)
+    assert hyper.shape == (2, TASKS, TEST_STEPS + 1)
     for name in (m.name for m in baselines()):
         assert np.asarray(cond["methods"][name]["acc"]).shape == ((2 if METHODS[name].every_seed else 1), TASKS)
     one = load_results("zero_shot")["conditions"][0]  # seed 0 alone
@@ -697,12 +697,12 @@ def test_hmlib_eval_checks_the_results_folder_before_any_work(trained, ckpt, tmp
 def test_hmlib_eval_honours_a_test_time_config_and_refuses_model_changes(trained, ckpt, tmp_path, capsys):
     """--config may change adapt.* (recorded in the result); a model section is refused."""
     steps = tmp_path / "steps.json"
-    steps.write_text(json.dumps({"adapt": {"num_inner_steps": 3}}))
+    steps.write_text(json.dumps({"adapt": {"test_steps": 3}}))
     out = tmp_path / "e.json"
     assert cli.main(["eval", "--checkpoint", str(ckpt[("zero_shot", 0)]), "--dataset", "mnist", "--config",
                      str(steps), "--json", str(out), "--tasks", "2", "--quiet"]) == 0
     result = load_results("zero_shot", out)
-    assert result["num_steps"] == 3 and result["key"]["adapt"]["num_inner_steps"] == 3
+    assert result["num_steps"] == 3 and result["key"]["adapt"]["test_steps"] == 3
     assert np.asarray(result["conditions"][0]["methods"]["hypernet"]["acc_steps"]).shape == (1, 2, 4)
     for section in ("hyper", "film"):
         model = tmp_path / f"{section}.json"
@@ -713,7 +713,7 @@ def test_hmlib_eval_honours_a_test_time_config_and_refuses_model_changes(trained
 
 def test_config_for_checkpoint_keeps_model_settings(tmp_path):
     """Model sections come from the checkpoint; data/eval from the profile (default: the checkpoint's); adapt from
-    the checkpoint, then --config."""
+    the checkpoint, then --config, but for adapt.test_steps (the profile's, then --config)."""
     trained = tiny_config(adapt={"inner_loss": "entropy"}, film={"tau": 3.0})
     meta = {"config": config_to_dict(trained)}
     same = config_for_checkpoint(meta)
@@ -727,6 +727,12 @@ def test_config_for_checkpoint_keeps_model_settings(tmp_path):
     adapt.write_text(json.dumps({"adapt": {"num_inner_steps": 9}}))
     tuned = config_for_checkpoint(meta, config_path=adapt)
     assert tuned.adapt.num_inner_steps == 9 and tuned.adapt.inner_loss == "entropy"
+    # the test-time step count is the profile's or the config's, whatever the checkpoint recorded (not its identity)
+    recorded = {"config": config_to_dict(tiny_config(adapt={"inner_loss": "entropy", "test_steps": 6}))}
+    assert config_for_checkpoint(recorded).adapt.test_steps == load_config("smoke").adapt.test_steps == 4
+    assert config_for_checkpoint(recorded, profile="default").adapt.steps_at_test == 8
+    adapt.write_text(json.dumps({"adapt": {"test_steps": None}}))
+    assert config_for_checkpoint(recorded, config_path=adapt).adapt.steps_at_test == trained.adapt.num_inner_steps
     with pytest.raises(EvalError, match="records no config"):
         config_for_checkpoint({})
 

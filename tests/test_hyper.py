@@ -33,7 +33,7 @@ BASE = {"backbone": {"channels": list(CHANNELS), "embed_dim": EMBED_DIM},
         "hyper": {"embed_dim": 8, "num_seeds": 2, "num_heads": 2, "num_context": 64},
         "film": {"cluster_inits": 2},
         "full": {"head_hidden": 16, "target_hidden": [8]},
-        "adapt": {"inner_loss": "neighbours", "num_inner_steps": STEPS, "neighbours": 3}}
+        "adapt": {"inner_loss": "neighbours", "num_inner_steps": STEPS, "test_steps": None, "neighbours": 3}}
 HYPERNET_LR = 0.05  # inner lr when the inner loop updates every weight of the hypernetwork
 adapt_module = importlib.import_module("hmlib.hyper.adapt")  # the module (hmlib.hyper.adapt is also the function)
 
@@ -151,6 +151,23 @@ def test_batched_tasks_give_the_same_result_as_one_at_a_time(conditioning, gener
         single = TaskInputs(inputs.context[t], None if inputs.images is None else inputs.images[t],
                             None if inputs.features is None else inputs.features[t])
         torch.testing.assert_close(batched[:, t], predict_task(hypernet, single, cfg), atol=1e-4, rtol=1e-4)
+
+
+def test_predict_task_defaults_to_the_test_time_steps_and_adapt_to_the_meta_training_steps():
+    """predict_task / predict_clusters (test time) run adapt.test_steps inner steps unless told otherwise; adapt and
+    adapt_candidates (meta-training's primitives) run num_inner_steps; the same count gives the same logits."""
+    hypernet = make_hypernet()
+    inputs, _ = task_inputs("film")
+    cfg = dataclasses.replace(hypernet.full_cfg.adapt, test_steps=STEPS + 2)
+    logits = predict_task(hypernet, inputs, cfg)
+    assert logits.shape == (STEPS + 3, T, N, K)
+    assert len(adapt(hypernet, inputs, cfg).logits) == len(adapt_candidates(hypernet, inputs, cfg)[0][0].logits) \
+        == STEPS + 1
+    torch.testing.assert_close(logits, predict_task(hypernet, inputs, cfg, STEPS + 2))
+    torch.testing.assert_close(logits[:STEPS + 1], predict_task(hypernet, inputs, cfg, STEPS))
+    clusters = predict_clusters(hypernet, inputs, cfg)
+    assert clusters.shape == (STEPS + 3, T, N)
+    np.testing.assert_array_equal(clusters, logits.argmax(-1).numpy())
 
 
 def test_predict_task_does_not_depend_on_the_chunk_size():

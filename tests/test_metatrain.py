@@ -355,7 +355,7 @@ def test_the_full_generator_meta_trains_on_the_data_the_loader_makes(tmp_path):
     assert result.meta["feature_dim"] == 2 * LATENT_DIM and result.meta["complete"]
     inputs = sets["a"].task_inputs(np.arange(TASK_IMAGES)[None])
     assert inputs.images is None and torch.equal(inputs.features, inputs.context)  # the rows only
-    assert predict_task(result.hypernet, inputs, cfg.adapt).shape == (cfg.adapt.num_inner_steps + 1, 1, TASK_IMAGES, K)
+    assert predict_task(result.hypernet, inputs, cfg.adapt).shape == (cfg.adapt.steps_at_test + 1, 1, TASK_IMAGES, K)
 
 
 # -------------------------------------------------------------------------------------------- the pipeline manifest

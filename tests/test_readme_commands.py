@@ -119,7 +119,7 @@ LEAVES: dict[str, tuple[str, ...]] = {
               ("assignments.csv", "clusters.html", "summary.json", "backbone_adapted.pt")),
     "hmlib cluster path/to/mirror/my_set --k 10 --steps 8 --out results/my_clusters":
         ("results/my_clusters/assignments.csv",),
-    "echo '{\"task\": {\"num_images\": 128}, \"adapt\": {\"num_inner_steps\": 8}}' > my.json": ("my.json",),
+    "echo '{\"task\": {\"num_images\": 128}, \"adapt\": {\"test_steps\": 16}}' > my.json": ("my.json",),
     "make benchmark": ("results/benchmark_zero_shot.json",),
     "make benchmark-transductive": ("results/benchmark_transductive.json",),
     "make results": ("docs/results.json",),

@@ -189,7 +189,7 @@ def test_adapt_candidates_uses_the_fitted_selector_when_the_choice_is_learned(sc
     fit_to_confidence(hypernet.selector)
     results, pick = adapt_candidates(hypernet, inputs, cfg)
     assert pick.tolist() == BY_CONFIDENCE
-    logits = predict_task(hypernet, inputs, cfg)
+    logits = predict_task(hypernet, inputs, cfg, cfg.num_inner_steps)  # the steps adapt_candidates ran
     for t, (c, rule) in enumerate(zip(BY_CONFIDENCE, BY_SILHOUETTE)):
         torch.testing.assert_close(logits[:, t], torch.stack(results[c].logits)[:, t])
         assert not torch.allclose(logits[-1, t], results[rule].logits[-1][t])  # not the rule's candidate

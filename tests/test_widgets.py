@@ -23,11 +23,11 @@ from hmlib.hyper.losses import InnerLoss, task_accuracy
 from hmlib.metrics import clustering_accuracy
 from hmlib.plots.ablations import ExplorerFigure, plot_explorer_state, plot_step_multiples, plot_task_curves
 from hmlib.widgets import AdaptationExplorer, TaskSource, explorer_widget, project_along
-from tinyprotocol import tiny_config, train_home, use_home
+from tinyprotocol import TEST_STEPS, tiny_config, train_home, use_home
 
 NUM_IMAGES, CONTEXT_DIM, K, N, TASKS, MAX_STEPS = 180, 6, 3, 24, 3, 5
 CFG = tiny_config(film={"cluster_inits": 2, "inner_lr": 0.2, "head_lr": 0.2}, adapt={"inner_loss": "neighbours"})
-ADAPT = dataclasses.replace(CFG.adapt, num_inner_steps=2)
+ADAPT = dataclasses.replace(CFG.adapt, num_inner_steps=1, test_steps=2)  # the explorer starts at the test-time count
 
 
 def _source(seed: int) -> TaskSource:
@@ -77,7 +77,7 @@ def test_initial_state_matches_a_direct_run(explorer):
     assert state.accuracy.shape == (MAX_STEPS + 1,)
     source = explorer.sources["a"]
     inputs = source.task_data.task_inputs(source.suite.indices[:1])
-    logits = predict_task(explorer.hypernet, inputs, dataclasses.replace(ADAPT, num_inner_steps=MAX_STEPS))
+    logits = predict_task(explorer.hypernet, inputs, ADAPT, MAX_STEPS)
     np.testing.assert_array_equal(state.accuracy, [task_accuracy(s, source.suite.labels[:1])[0] for s in logits])
     labels = source.suite.labels[0]
     np.testing.assert_array_equal(state.labels, labels)
@@ -309,7 +309,8 @@ def test_from_config_loads_the_protocols_hypernetwork_and_never_trains(trained, 
     cfg = trained.cfg
     explorer = AdaptationExplorer.from_config(cfg)
     assert explorer.datasets == ["mnist", "mnist+rotate"] and explorer.num_tasks() == cfg.ablation.num_tasks
-    assert explorer.max_steps == max(cfg.ablation.step_grid) and explorer.num_steps == cfg.adapt.num_inner_steps
+    assert explorer.max_steps == max(cfg.ablation.step_grid) == TEST_STEPS
+    assert explorer.num_steps == cfg.adapt.steps_at_test == TEST_STEPS != cfg.adapt.num_inner_steps  # at test time
     assert explorer.inner_lr == cfg.adapt.lr_scale
     for condition in ablation_grid(cfg):
         suite = build_suite(cfg, condition, cfg.ablation.num_tasks)

@@ -21,6 +21,7 @@ from hmlib.hyper.metatrain import meta_train
 from hmlib.vae.train import get_vae
 
 K, N, TASKS, STEPS, LATENT_DIM = 3, 18, 3, 2, 4
+TEST_STEPS = 4  # inner steps at test time: the smoke profile's adapt.test_steps (STEPS while meta-training)
 OVERRIDES: dict[str, Any] = {
     "data": {"use_hub": False, "max_images_per_split": None},
     "task": {"num_classes": K, "num_images": N},

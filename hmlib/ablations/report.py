@@ -131,9 +131,10 @@ def describe(cfg: Any, conditions: Sequence[str]) -> str:
             f"{cfg.eval.seed}) in the **{ab.setting.replace('_', '-')}** setting, averaged over the replicate seeds "
             f"{list(cfg.seeds[:ab.num_seeds])}: a re-trained variant is meta-trained ({iterations} iterations) once "
             f"per seed, on that seed's VAE and backbone, and saved under `models/ablations/`. The main configuration "
-            f"adapts with {cfg.adapt.num_inner_steps} steps of `{cfg.adapt.inner_loss}`. Accuracies are means over "
-            "tasks with 95% intervals; differences are paired per task, `*` marks one whose interval excludes zero, "
-            "and k-means on the backbone embedding of the same seed and tasks is the baseline beside every row.")
+            f"adapts with {cfg.adapt.steps_at_test} steps of `{cfg.adapt.inner_loss}` at test time "
+            f"({cfg.adapt.num_inner_steps} while meta-training). Accuracies are means over tasks with 95% intervals; "
+            "differences are paired per task, `*` marks one whose interval excludes zero, and k-means on the backbone "
+            "embedding of the same seed and tasks is the baseline beside every row.")
 
 
 def _interval(stat: Mapping[str, Any]) -> str:

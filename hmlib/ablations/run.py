@@ -149,7 +149,7 @@ def variant_curves(cfg: Config, variant: Variant, condition: Condition, seed: in
     main_path = _checkpoint(cfg, Variant("main"), seed, memo, progress)
     inputs = _inputs(cfg, main_path, condition.dataset, memo, variant.backbone)
     suite = suite_for(cfg, condition, inputs.test.labels, cfg.ablation.num_tasks)
-    steps = cfg.adapt.num_inner_steps if variant.num_steps is None else variant.num_steps
+    steps = cfg.adapt.steps_at_test if variant.num_steps is None else variant.num_steps
     if variant.baseline is not None:
         key = ("baseline", variant.baseline, str(main_path), condition.key)
         if key not in memo:

@@ -26,7 +26,7 @@ class Variant:
     train_overrides: Mapping[str, Any] | None = None  # None: the protocol's hypernetwork (notebook 03)
     adapt_overrides: Mapping[str, Any] = field(default_factory=dict)  # test-time overrides of cfg.adapt
     film_overrides: Mapping[str, Any] = field(default_factory=dict)  # test-time overrides of the generator's section
-    num_steps: int | None = None  # inner steps at test time; None = adapt.num_inner_steps
+    num_steps: int | None = None  # inner steps at test time; None = adapt.test_steps
     context: str = "task"  # conditioning rows: the task's own, those of noise images, or a constant code
     fixed: Mapping[str, float] = field(default_factory=dict)  # generated tensors replaced by constants
     untrained: bool = False  # the hypernetwork at its initialisation (no meta-training)
@@ -63,7 +63,7 @@ class Ablation:
 def define_ablations(cfg: Config) -> list[Ablation]:
     """Every ablation of notebook 04, built from the configuration (order = notebook order)."""
     ab, main = cfg.ablation, Variant("main")
-    steps = cfg.adapt.num_inner_steps
+    steps = cfg.adapt.steps_at_test
     lr_main = Variant("step sizes x 1 (main)")
     loss_main = Variant(f"{cfg.adapt.inner_loss} (main)")
     other_losses = [name for name in INNER_LOSSES if name != cfg.adapt.inner_loss]

@@ -63,7 +63,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="with --adapt: use the adapted backbone even where k-means separates the images less "
                              "clearly after it")
     parser.add_argument("--steps", type=int, metavar="S",
-                        help="adaptation steps at test time, 0 for none (default: the checkpoint's)")
+                        help="adaptation steps at test time, 0 for none (default: adapt.test_steps of the "
+                             "checkpoint's profile)")
     parser.add_argument("--out", metavar="DIR",
                         help="output folder (default: results/cluster/<name of PATH>/ under the artifact home)")
     parser.add_argument("--overwrite", action="store_true",

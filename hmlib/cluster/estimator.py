@@ -98,7 +98,7 @@ class HyperClusterer:
         if int(n_clusters) < 2:
             raise ValueError(f"n_clusters must be at least 2, got {n_clusters}")
         self.bundle, self.n_clusters, self.max_fit_images = bundle, int(n_clusters), int(max_fit_images)
-        self.num_steps = bundle.cfg.adapt.num_inner_steps if num_steps is None else int(num_steps)
+        self.num_steps = bundle.cfg.adapt.steps_at_test if num_steps is None else int(num_steps)
         self.labels_: np.ndarray | None = None
         self.confidence_: np.ndarray | None = None
 

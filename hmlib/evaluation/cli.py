@@ -19,8 +19,8 @@ from hmlib.artifacts import (ArtifactError, check_writable, file_sha256, fingerp
                              refuse_overwrite)
 from hmlib.cli import add_device_option
 from hmlib.data.registry import check_name, parse_shifted
-from hmlib.config import (Config, ConfigError, config_to_dict, configure_runtime, load_config, registered_datasets,
-                          with_overrides)
+from hmlib.config import (TEST_TIME_ONLY, Config, ConfigError, config_to_dict, configure_runtime, load_config,
+                          registered_datasets, with_overrides)
 from hmlib.evaluation.evaluate import EvalError, evaluate_setting
 from hmlib.evaluation.tables import summary_markdown
 from hmlib.hyper.metatrain import pipeline_checkpoints
@@ -77,7 +77,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--shapes", type=_shape, nargs="+", metavar="KxN",
                         help="task shapes, e.g. 4x256 10x500 (default: eval.shapes)")
     parser.add_argument("--tasks", type=_at_least(2), metavar="T", help="tasks per condition, >= 2 (default: eval.num_tasks)")
-    parser.add_argument("--steps", type=_at_least(0), metavar="S", help="inner steps at test time (default: the checkpoint's)")
+    parser.add_argument("--steps", type=_at_least(0), metavar="S",
+                        help="inner steps at test time (default: adapt.test_steps)")
     parser.add_argument("--json", type=Path, metavar="OUT",
                         help="result JSON (default: results/eval/<setting>-<hash of what made it>.json); .md beside it")
     parser.add_argument("--overwrite", action="store_true", help="replace --json if it was made by other inputs")
@@ -93,8 +94,9 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
 
 def config_for_checkpoint(meta: Mapping[str, Any], *, profile: str | None = None, config_path: str | Path | None = None,
                           overrides: Mapping[str, Any] | None = None) -> Config:
-    """Evaluation config: model sections from the checkpoint, the rest from ``profile`` (default the checkpoint's),
-    then ``config_path`` and ``overrides``; a file that changes a model section is refused."""
+    """Evaluation config: model sections and the adaptation the checkpoint was meta-trained with from the checkpoint
+    (but for test-time-only settings such as ``adapt.test_steps``), the rest from ``profile`` (default the
+    checkpoint's), then ``config_path`` and ``overrides``; a file that changes a model section is refused."""
     recorded = dict(meta.get("config") or {})
     if not recorded:
         raise EvalError("the checkpoint records no config; it was not written by hmlib meta-training")
@@ -105,7 +107,8 @@ def config_for_checkpoint(meta: Mapping[str, Any], *, profile: str | None = None
                         "and adapt (test-time adaptation) settings can change at evaluation")
     model = {k: recorded[k] for k in MODEL_SECTIONS if k in recorded}
     base = load_config(profile or recorded.get("profile", "default"), None, model)
-    adapt = {**recorded.get("adapt", {}), **file_overrides.pop("adapt", {})}
+    recorded_adapt = {k: v for k, v in (recorded.get("adapt") or {}).items() if k not in TEST_TIME_ONLY}
+    adapt = {**recorded_adapt, **file_overrides.pop("adapt", {})}
     merged = _deep_merge(_deep_merge(file_overrides, {"adapt": adapt}), overrides or {})
     return with_overrides(base, merged)
 

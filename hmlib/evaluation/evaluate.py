@@ -81,7 +81,8 @@ def load_bundles(checkpoints: Sequence[str | Path | Bundle], device: torch.devic
 @torch.no_grad()
 def score_hypernet(inputs: SeedInputs, cfg: Config, suite: Any, num_steps: int | None,
                    chunk: int = 25) -> tuple[np.ndarray, float]:
-    """(accuracy (T, S+1) after 0..S inner steps, seconds per task) of one replicate's hypernetwork, batched."""
+    """(accuracy (T, S+1) after 0..S inner steps, seconds per task) of one replicate's hypernetwork, batched
+    (``num_steps`` None: ``adapt.test_steps``)."""
     import time
 
     start = time.perf_counter()
@@ -159,7 +160,7 @@ def evaluate_setting(cfg: Config, checkpoints: Sequence[str | Path | Bundle], se
     result = {"schema": RESULT_SCHEMA, "setting": setting, "setting_label": SETTINGS[setting],
               "seeds": [b.seed for b in bundles],
               "checkpoints": [{"path": str(b.path), "sha256": b.sha256, "seed": b.seed} for b in bundles],
-              "num_steps": cfg.adapt.num_inner_steps if num_steps is None else int(num_steps),
+              "num_steps": cfg.adapt.steps_at_test if num_steps is None else int(num_steps),
               "num_tasks": cfg.eval.num_tasks, "profile": cfg.profile, "key": dict(key or {}), "conditions": blocks}
     result["summary"] = grid_summary(result)
     write_results(result, path)

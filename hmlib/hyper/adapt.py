@@ -194,7 +194,10 @@ def predict_task(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, num_s
                  num_classes: int | None = None, context: Tensor | None = None,
                  fixed: Mapping[str, float] | None = None, chunk: int = 25) -> Tensor:
     """Logits after 0..S inner steps of the chosen candidate, (S+1, T, N, K) ((S+1, N, K) for one unbatched task); no
-    graph kept. Tasks are processed ``chunk`` at a time (memory); the result does not depend on ``chunk``."""
+    graph kept. S is ``num_steps``, by default the test-time count ``cfg.steps_at_test`` (:func:`adapt` and
+    :func:`adapt_candidates` default to the meta-training ``cfg.num_inner_steps``). Tasks are processed ``chunk`` at
+    a time (memory); the result does not depend on ``chunk``."""
+    num_steps = cfg.steps_at_test if num_steps is None else int(num_steps)
     batch = hypernet.check(inputs)
     parts = []
     for start in range(0, batch.num_tasks, chunk):
@@ -212,5 +215,6 @@ def predict_task(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, num_s
 
 def predict_clusters(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, num_steps: int | None = None, *,
                      num_classes: int | None = None) -> np.ndarray:
-    """Cluster index of every image after 0..S inner steps: argmax of :func:`predict_task`."""
+    """Cluster index of every image after 0..S inner steps (default ``cfg.steps_at_test``): argmax of
+    :func:`predict_task`."""
     return predict_task(hypernet, inputs, cfg, num_steps, num_classes=num_classes).argmax(-1).cpu().numpy()

@@ -12,7 +12,7 @@ from typing import Any, Mapping
 
 from hmlib.artifacts import ArtifactError, StaleArtifactError, load_checkpoint, set_aside, settings_diff
 from hmlib.backbone.train import backbone_from_state
-from hmlib.config import Config, config_from_dict, config_to_dict
+from hmlib.config import TEST_TIME_ONLY, Config, config_from_dict, config_to_dict, with_profile_test_time
 from hmlib.hyper.hypernet import HyperNet
 from hmlib.hyper.selector import SELECTION_RULE
 
@@ -22,11 +22,13 @@ IDENTITY_KEYS = ("kind", "seed", "training", "upstream", "context_dim", "feature
 
 def training_settings(cfg: Config) -> dict[str, Any]:
     """Every config value that changes what meta-training produces (part of the checkpoint's identity): the
-    shared sections and the section of the configured generator only, and the rule that keeps the selector."""
+    shared sections and the section of the configured generator only, and the rule that keeps the selector (not
+    ``adapt.test_steps``, a test-time setting)."""
     full = config_to_dict(cfg)
     generator = cfg.hyper.generation
     return {"data": {k: v for k, v in full["data"].items() if k not in ("data_dir", "use_hub")},
-            "task": full["task"], "hyper": full["hyper"], generator: full.get(generator, {}), "adapt": full["adapt"],
+            "task": full["task"], "hyper": full["hyper"], generator: full.get(generator, {}),
+            "adapt": {k: v for k, v in full["adapt"].items() if k not in TEST_TIME_ONLY},
             "meta": {k: v for k, v in full["meta"].items() if k not in ("retrain", "test_datasets")},
             "selection": SELECTION_RULE}
 
@@ -57,10 +59,11 @@ def load_existing(path: Path, meta: Mapping[str, Any], retrain: str) -> tuple[di
 def hypernet_from_checkpoint(state: Mapping[str, Any], meta: Mapping[str, Any], path: str | Path
                              ) -> tuple[HyperNet, Config]:
     """The best-validation hypernetwork of a checkpoint, eval mode (for 'film' with the backbone it modulates, as
-    meta-trained: its weights are part of the hypernetwork's state)."""
+    meta-trained: its weights are part of the hypernetwork's state), and its config (test-time-only settings those of
+    its profile)."""
     if meta.get("kind") != CHECKPOINT_KIND or "config" not in meta:
         raise ArtifactError(f"{path} is not a hypernetwork checkpoint (kind={meta.get('kind')!r})")
-    cfg = config_from_dict(meta["config"])
+    cfg = with_profile_test_time(config_from_dict(meta["config"]))  # adapt.test_steps: the profile's, not recorded
     backbone = None
     try:
         bundled = state.get("bundle") or {}

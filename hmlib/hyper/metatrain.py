@@ -92,7 +92,8 @@ def validation_accuracy(hypernet: HyperNet, episodes: Sequence[Episode], cfg: Co
     """Mean clustering accuracy over the validation tasks before and after the inner steps."""
     before, after = [], []
     for episode in episodes:
-        logits = predict_task(hypernet, episode.inputs, cfg.adapt, num_classes=episode.num_classes)  # (S+1, T, N, K)
+        logits = predict_task(hypernet, episode.inputs, cfg.adapt, cfg.adapt.num_inner_steps,  # as meta-trained
+                              num_classes=episode.num_classes)  # (S+1, T, N, K)
         before.append(task_accuracy(logits[0], episode.labels))
         after.append(task_accuracy(logits[-1], episode.labels))
     return float(np.concatenate(before).mean()), float(np.concatenate(after).mean())
