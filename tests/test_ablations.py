@@ -396,6 +396,29 @@ def test_variants_are_scored_on_identical_tasks(trained, home):
     np.testing.assert_array_equal(results["meta_learning"].acc["main"], results["conditioning"].acc["main"])
 
 
+def test_variant_curves_are_computed_once_per_setting_whatever_the_label(trained, home, monkeypatch):
+    """The main configuration recurs in most ablations under other labels: its curves are computed once per memo
+    (and handed out as copies); a variant that changes anything the curves depend on is computed anew."""
+    cfg = trained.cfg
+    condition = ablation_grid(cfg)[0]
+    calls = []
+    real = ablation_run.predict_task
+    monkeypatch.setattr(ablation_run, "predict_task", lambda *a, **k: calls.append(1) or real(*a, **k))
+    memo: dict = {}
+    main = variant_curves(cfg, Variant("main"), condition, 0, memo)
+    assert len(calls) == 1
+    again = variant_curves(cfg, Variant("step sizes x 1 (main)", adapt_overrides={"lr_scale": 1.0}), condition, 0,
+                           memo)
+    assert len(calls) == 1 and np.array_equal(again, main)
+    again[:] = -1  # a copy: the memo's curves are not changed
+    np.testing.assert_array_equal(variant_curves(cfg, Variant("main (again)"), condition, 0, memo), main)
+    for other in (Variant("x", adapt_overrides={"lr_scale": 2.0}), Variant("x", num_steps=1),
+                  Variant("x", fixed={"blend": 0.0}), Variant("x", context="constant"), Variant("x", untrained=True)):
+        variant_curves(cfg, other, condition, 0, memo)
+    assert len(calls) == 6
+    np.testing.assert_array_equal(main, variant_curves(cfg, Variant("main"), condition, 0, {}))  # as computed afresh
+
+
 def test_variant_curves_match_a_direct_run(trained, home):
     """A variant's curve on a condition is the accuracy of predict_task (the candidate the label-free choice keeps,
     task by task) on the first ablation.num_tasks tasks of that condition's evaluation suite, however the tasks are

@@ -170,6 +170,26 @@ def test_predict_task_defaults_to_the_test_time_steps_and_adapt_to_the_meta_trai
     np.testing.assert_array_equal(clusters, logits.argmax(-1).numpy())
 
 
+def test_the_inner_loop_mines_the_neighbours_once_and_adapts_as_if_at_every_step(monkeypatch):
+    """The neighbour-agreement loss reads the reference's neighbours, which no step changes: adapt mines them once
+    per call (not once per step), and adapts exactly as when the loss mines them itself at every step."""
+    hypernet = make_hypernet()
+    inputs, _ = task_inputs("film")
+    cfg = hypernet.full_cfg.adapt
+    assert cfg.inner_loss == "neighbours" and cfg.num_inner_steps == STEPS > 1
+    calls = []
+    real = adapt_module.nearest_neighbours
+    monkeypatch.setattr(adapt_module, "nearest_neighbours", lambda *a: calls.append(1) or real(*a))
+    once = adapt(hypernet, inputs, cfg)
+    assert len(calls) == 1
+    monkeypatch.setattr(adapt_module, "neighbour_index", lambda *a: None)  # the loss mines them at every step
+    every = adapt(hypernet, inputs, cfg)
+    assert len(calls) == 1
+    for a, b in zip(once.logits, every.logits):
+        assert torch.equal(a, b)
+    assert all(torch.equal(once.params[k], every.params[k]) for k in once.params)
+
+
 def test_predict_task_does_not_depend_on_the_chunk_size():
     """Tasks are processed ``chunk`` at a time for memory; the logits are the same for any chunk."""
     hypernet = make_hypernet()

@@ -1,6 +1,7 @@
 """Inner losses (the INNER_LOSSES registry, what an InnerView shows them) and the label-aligned outer losses."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -89,6 +90,21 @@ def test_neighbour_loss_rewards_agreement_with_reference_neighbours():
     assert neighbour_loss(crossing, reference, neighbours=3) > good + 5.0
     collapsed = onehot_logits([0] * N).unsqueeze(0)  # agrees with every neighbour, but one cluster only
     assert neighbour_loss(collapsed, reference, neighbours=3).item() == pytest.approx(0.0, abs=1e-3)
+
+
+def test_neighbour_loss_with_neighbours_mined_once_is_the_same_loss():
+    """The inner loop mines the reference's neighbours once (InnerView.neighbour_index): the loss and its gradient
+    are exactly those of mining them in the loss; other neighbours give another loss."""
+    torch.manual_seed(0)
+    reference, logits = torch.randn(T, N, 5), torch.randn(T, N, K, requires_grad=True)
+    index = losses.nearest_neighbours(reference, 3)
+    cfg = dataclasses.replace(AdaptConfig(), inner_loss="neighbours", neighbours=3)
+    mined = inner_loss(InnerView(logits, reference), cfg)
+    given = inner_loss(InnerView(logits, reference, neighbour_index=index), cfg)
+    assert torch.equal(mined, given) and INNER_LOSSES["neighbours"].neighbours
+    assert torch.equal(torch.autograd.grad(mined.sum(), logits)[0], torch.autograd.grad(given.sum(), logits)[0])
+    other = inner_loss(InnerView(logits, reference, neighbour_index=index.roll(1, dims=1)), cfg)
+    assert not torch.allclose(other, mined)
 
 
 def test_augmentation_loss_compares_an_image_with_its_augmented_copy():

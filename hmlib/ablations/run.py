@@ -156,17 +156,23 @@ def variant_curves(cfg: Config, variant: Variant, condition: Condition, seed: in
             ctx = MethodContext(cfg, inputs, suite, suite_seed(cfg.eval.seed, condition))
             memo[key] = score(METHODS[variant.baseline], ctx)[0]
         return np.repeat(memo[key][:, None], steps + 1, axis=1)
-    if variant.retrained:
-        inputs = _inputs(cfg, _checkpoint(cfg, variant, seed, memo, progress), condition.dataset, memo,
-                         variant.backbone)
-    hypernet = variant_hypernet(variant, inputs, seed, memo)
+    path = _checkpoint(cfg, variant, seed, memo, progress) if variant.retrained else main_path
     adapt_cfg = with_overrides(cfg, {"adapt": dict(variant.adapt_overrides)}).adapt
-    indices, labels = np.asarray(suite.indices), np.asarray(suite.labels)
-    vae = load_bundle(main_path, resolve_device(cfg.device)).vae if variant.context == "noise" else None
-    logits = predict_task(hypernet, inputs.test.task_inputs(indices), adapt_cfg, steps,
-                          num_classes=condition.num_classes, fixed=dict(variant.fixed) or None,
-                          context=_context(variant, inputs, vae, indices, cfg.eval.seed))
-    return np.stack([task_accuracy(step, labels) for step in logits], axis=1)
+    # what the curves depend on (not the label): the main configuration recurs in most ablations, computed once
+    key = ("curves", str(path), condition.key, cfg.ablation.setting if variant.backbone == "setting" else
+           variant.backbone, variant.untrained, tuple(sorted(variant.film_overrides.items())),
+           fingerprint(config_to_dict(adapt_cfg)), steps, variant.context, tuple(sorted(variant.fixed.items())))
+    if key not in memo:
+        if variant.retrained:
+            inputs = _inputs(cfg, path, condition.dataset, memo, variant.backbone)
+        hypernet = variant_hypernet(variant, inputs, seed, memo)
+        indices, labels = np.asarray(suite.indices), np.asarray(suite.labels)
+        vae = load_bundle(main_path, resolve_device(cfg.device)).vae if variant.context == "noise" else None
+        logits = predict_task(hypernet, inputs.test.task_inputs(indices), adapt_cfg, steps,
+                              num_classes=condition.num_classes, fixed=dict(variant.fixed) or None,
+                              context=_context(variant, inputs, vae, indices, cfg.eval.seed))
+        memo[key] = np.stack([task_accuracy(step, labels) for step in logits], axis=1)
+    return memo[key].copy()
 
 
 def kmeans_reference(cfg: Config, condition: Condition, seed: int, memo: dict) -> np.ndarray:

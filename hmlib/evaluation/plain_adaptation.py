@@ -21,7 +21,7 @@ from sklearn.metrics import silhouette_score
 from hmlib.backbone import modulation as mod
 from hmlib.backbone.model import ConvBackbone
 from hmlib.features import standardize
-from hmlib.hyper.cluster_ops import cosine_logits, kmeans_prototypes
+from hmlib.hyper.cluster_ops import cosine_logits, kmeans_prototypes, nearest_neighbours
 from hmlib.hyper.losses import neighbour_loss
 
 REFRESH_EVERY = 5  # steps between k-means refreshes of the prototypes
@@ -74,13 +74,14 @@ def _adapt_chunk(backbone: ConvBackbone, x: torch.Tensor, K: int, blend: float, 
     with torch.no_grad():
         reference = task_embedding(mod.top(backbone, pre, modulation, 0, T))
     z = reference
+    index = nearest_neighbours(reference, NEIGHBOURS)  # the reference does not change over the steps: mined once
     log_tau = torch.full((T, 1), float(np.log(TEMPERATURE)), device=x.device)
     for step in range(steps):
         with torch.enable_grad():
             z = task_embedding(mod.top(backbone, pre, modulation, 0, T))
             if step % REFRESH_EVERY == 0:
                 prototypes = kmeans_prototypes(z.detach(), K, iters=10, inits=5)
-            loss = neighbour_loss(cosine_logits(z, prototypes, log_tau), reference, NEIGHBOURS).sum()
+            loss = neighbour_loss(cosine_logits(z, prototypes, log_tau), reference, NEIGHBOURS, index=index).sum()
             optimizer.zero_grad()
             loss.backward()
         optimizer.step()

@@ -26,6 +26,7 @@ from torch.func import functional_call
 from hmlib.config import AdaptConfig
 from hmlib.hyper.generators import Params, TaskInputs, TaskState
 from hmlib.hyper.hypernet import HyperNet
+from hmlib.hyper.cluster_ops import nearest_neighbours
 from hmlib.hyper.losses import INNER_LOSSES, InnerView
 from hmlib.hyper.selector import FEATURES, candidate_features
 
@@ -76,6 +77,7 @@ def adapt(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, *, num_steps
             params = {k: v.detach().requires_grad_(k in names) for k, v in params.items()}
             state = _detached(state)
         logits, losses, path, task_losses = [], [], [], []
+        index = neighbour_index(state.reference, cfg, loss_spec.neighbours and num_steps > 0)
         for step in range(num_steps + 1):
             out = hypernet.logits(params, state)
             logits.append(out if create_graph else out.detach())
@@ -84,7 +86,7 @@ def adapt(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, *, num_steps
             if step == num_steps:
                 break
             augmented = hypernet.logits(params, state, augmented=True) if loss_spec.augmented else None
-            loss = loss_spec.fn(InnerView(out, state.reference, augmented), cfg)
+            loss = loss_spec.fn(InnerView(out, state.reference, augmented, index), cfg)
             grads = torch.autograd.grad(loss.sum(), [params[k] for k in names], create_graph=create_graph)
             losses.append(loss.mean().detach())
             task_losses.append(loss.detach())
@@ -94,6 +96,12 @@ def adapt(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, *, num_steps
                 updated = {k: v.detach().requires_grad_() for k, v in updated.items()}
             params = {**params, **updated}
     return AdaptResult(logits, losses, params, state, path if trajectory else None, task_losses)
+
+
+def neighbour_index(reference: Tensor, cfg: AdaptConfig, needed: bool) -> Tensor | None:
+    """Each image's ``cfg.neighbours`` nearest neighbours in the reference features, (T, N, k), mined once for all
+    the inner steps (the reference does not change over them); None where the loss does not read them."""
+    return nearest_neighbours(reference, cfg.neighbours) if needed else None
 
 
 def _adapt_hypernet(hypernet: HyperNet, inputs: TaskInputs, context: Tensor, state: TaskState, cfg: AdaptConfig,
@@ -107,13 +115,14 @@ def _adapt_hypernet(hypernet: HyperNet, inputs: TaskInputs, context: Tensor, sta
         if not create_graph:
             weights = {k: v.detach().requires_grad_() for k, v in weights.items()}
         logits, losses = [], []
+        index = neighbour_index(task_state.reference, cfg, loss_spec.neighbours and num_steps > 0)
         for step in range(num_steps + 1):
             params = functional_call(hypernet, weights, (context[t:t + 1], task_state))
             out = hypernet.logits(params, task_state)
             logits.append(out if create_graph else out.detach())
             if step == num_steps:
                 break
-            loss = loss_spec.fn(InnerView(out, task_state.reference), cfg).sum()
+            loss = loss_spec.fn(InnerView(out, task_state.reference, neighbour_index=index), cfg).sum()
             grads = torch.autograd.grad(loss, list(weights.values()), create_graph=create_graph, allow_unused=True)
             losses.append(loss.detach())
             lr = cfg.inner_lr * cfg.lr_scale

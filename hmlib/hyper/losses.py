@@ -31,6 +31,9 @@ class InnerView:
     logits: Tensor  # (T, N, K) under the current (adapted) parameters
     reference: Tensor  # (T, N, F) the task's features before any inner step (neighbours are mined there)
     augmented: Tensor | None = None  # (T, N, K) logits of augmented copies of the same images, if asked for
+    # (T, N, k) each image's nearest neighbours in ``reference``, mined once per batch of tasks (the reference does
+    # not change over the inner steps); None: the loss mines them itself
+    neighbour_index: Tensor | None = None
 
 
 def entropy_loss(logits: Tensor) -> Tensor:
@@ -57,11 +60,14 @@ def agreement_loss(probs: Tensor, partner_probs: Tensor) -> Tensor:
     return -torch.log((probs * partner_probs).sum(-1) + EPS).flatten(1).mean(-1)
 
 
-def neighbour_loss(logits: Tensor, reference: Tensor, neighbours: int = 5, balance_weight: float = 1.0) -> Tensor:
+def neighbour_loss(logits: Tensor, reference: Tensor, neighbours: int = 5, balance_weight: float = 1.0,
+                   index: Tensor | None = None) -> Tensor:
     """SCAN: each image's soft assignment should agree with those of its nearest neighbours in the reference
-    features, minus balance_weight * the entropy of the mean assignment (every cluster in use), per task."""
+    features, minus balance_weight * the entropy of the mean assignment (every cluster in use), per task.
+    ``index``: those neighbours, ``nearest_neighbours(reference, neighbours)``, where the caller mined them once."""
     probs = torch.softmax(logits, dim=-1)
-    partners = gather_rows(probs, nearest_neighbours(reference, neighbours))  # (T, N, k, K)
+    index = nearest_neighbours(reference, neighbours) if index is None else index
+    partners = gather_rows(probs, index)  # (T, N, k, K)
     return agreement_loss(probs, partners) - balance_weight * marginal_entropy(logits)
 
 
@@ -84,17 +90,20 @@ def geometry_loss(logits: Tensor, reference: Tensor, weight: float = 3.0) -> Ten
 
 @dataclass(frozen=True)
 class InnerLoss:
-    """A registered inner loss: the function (InnerView, AdaptConfig) -> (T,), a label, and whether it reads the
-    logits of augmented copies of the task's images (the generator then makes them, once per task)."""
+    """A registered inner loss: the function (InnerView, AdaptConfig) -> (T,), a label, whether it reads the
+    logits of augmented copies of the task's images (the generator then makes them, once per task), and whether it
+    reads the reference's nearest neighbours (the inner loop then mines them once, not at every step)."""
 
     fn: Callable[[InnerView, AdaptConfig], Tensor]
     label: str
     augmented: bool = False
+    neighbours: bool = False
 
 
 INNER_LOSSES: dict[str, InnerLoss] = {
     "neighbours": InnerLoss(lambda view, cfg: neighbour_loss(view.logits, view.reference, cfg.neighbours,
-                                                             cfg.balance_weight), "neighbour agreement (SCAN)"),
+                                                             cfg.balance_weight, view.neighbour_index),
+                            "neighbour agreement (SCAN)", neighbours=True),
     "augmentation": InnerLoss(lambda view, cfg: augmentation_loss(view.logits, view.augmented, cfg.balance_weight),
                               "augmentation consistency (IIC / MT3)", augmented=True),
     "infomax": InnerLoss(lambda view, cfg: infomax_loss(view.logits, cfg.balance_weight),
