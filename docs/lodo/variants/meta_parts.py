@@ -12,8 +12,8 @@ held-back dataset's own evaluation suites (the fold's conditions and tasks, 40 p
 - hypernetworks meta-trained with a larger outer step size (``meta.outer_lr``; 1e-3 as it ships), and one whose inner
   loop adapts the FiLM of every block (``film.adapt_blocks = 3``; the last block as it ships: the fold variant
   ``allblocks_<dataset>.json`` of "Making meta-training transfer", here on the fold's own VAE and backbone per seed);
-- the hypernetwork as it ships with 8 and 16 inner steps at test time (every other arm: 3, as meta-trained; this study
-  chose ``adapt.test_steps = 8``, the default since), its initialisation and the one that adapts every block with 8;
+- the hypernetwork as it ships with 8 and 16 inner steps at test time (every other arm: 3, as meta-trained and as
+  ``adapt.test_steps`` defaults), its initialisation and the one that adapts every block with 8;
 - two label-free baselines on the same tasks: k-means on the embedding and the plain (non-meta-learned) update of
   every normalisation layer with its label-free choice of statistics.
 
