@@ -348,8 +348,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "hyper": {"conditioning": "attention", "generation": "full"},
         "full": {"target_hidden": (400, 200)},
         "eval": {"shapes": ((4, 64), (4, 256))},
-        "adapt": {"inner_loss": "geometry", "num_inner_steps": 3, "test_steps": None, "inner_lr": 5e-3,
-                  "adapt_params": "hypernet", "candidates": ("generated",)},
+        "adapt": {"inner_loss": "geometry", "num_inner_steps": 3, "inner_lr": 5e-3, "adapt_params": "hypernet",
+                  "candidates": ("generated",)},
     },
 }
 
@@ -471,7 +471,7 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
 def with_profile_test_time(cfg: Config) -> Config:
     """``cfg`` with its test-time-only adapt settings (:data:`TEST_TIME_ONLY`) those of its profile: what a
     checkpoint recorded for them is not part of it (a reused checkpoint may have been made by a run with others)."""
-    profile = _merge(Config(profile=cfg.profile), PROFILES[cfg.profile], "") if cfg.profile in PROFILES else Config()
+    profile = load_config(cfg.profile) if cfg.profile in PROFILES else Config()
     kept = {k: getattr(profile.adapt, k) for k in TEST_TIME_ONLY}
     return dataclasses.replace(cfg, adapt=dataclasses.replace(cfg.adapt, **kept))
 

@@ -115,14 +115,14 @@ def _adapt_hypernet(hypernet: HyperNet, inputs: TaskInputs, context: Tensor, sta
         if not create_graph:
             weights = {k: v.detach().requires_grad_() for k, v in weights.items()}
         logits, losses = [], []
-        index = neighbour_index(task_state.reference, cfg, loss_spec.neighbours and num_steps > 0)
         for step in range(num_steps + 1):
             params = functional_call(hypernet, weights, (context[t:t + 1], task_state))
             out = hypernet.logits(params, task_state)
             logits.append(out if create_graph else out.detach())
             if step == num_steps:
                 break
-            loss = loss_spec.fn(InnerView(out, task_state.reference, neighbour_index=index), cfg).sum()
+            # the reference comes from the generator's forward, run again at every step here: mined every step
+            loss = loss_spec.fn(InnerView(out, task_state.reference), cfg).sum()
             grads = torch.autograd.grad(loss, list(weights.values()), create_graph=create_graph, allow_unused=True)
             losses.append(loss.detach())
             lr = cfg.inner_lr * cfg.lr_scale
