@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from hmlib.features import normalize_task
+from hmlib.hyper import cluster_ops
 from hmlib.hyper.cluster_ops import (class_centroid_logits, cosine_logits, gather_rows, kmeans_prototypes,
                                      nearest_neighbours)
 from hmlib.metrics import clustering_accuracy
@@ -87,6 +88,16 @@ def test_kmeans_prototypes_are_deterministic_batch_independent_and_differentiabl
     centres.pow(2).sum().backward()
     assert h.grad is not None and h.grad.abs().sum() > 0
     assert not torch.equal(kmeans_prototypes(h, K, iters=3, inits=2, seed=1), centres)  # the seed is the seeding's
+
+
+def test_squared_distances_from_rows_computed_once_are_the_same():
+    """k-means reads each row's squared norm and doubled row once for all its distances (_sq_dist's ``rows``): the
+    same distances to the last bit as computing them in every call, and they are the squared distances."""
+    h, centres = rows(), rows(seed=1)[:, :K]
+    direct = cluster_ops._sq_dist(h, centres)
+    assert torch.equal(cluster_ops._sq_dist(h, centres, ((h * h).sum(-1, keepdim=True), 2 * h)), direct)
+    torch.testing.assert_close(direct, ((h.unsqueeze(-2) - centres.unsqueeze(-3)) ** 2).sum(-1), atol=1e-4,
+                               rtol=1e-4)
 
 
 def test_the_seeding_with_the_lowest_inertia_wins():

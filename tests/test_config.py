@@ -71,7 +71,7 @@ def test_test_steps_is_a_test_time_setting_outside_the_checkpoint_identity():
     from hmlib.hyper.checkpoints import training_settings
 
     cfg = load_config("default")
-    assert (cfg.adapt.num_inner_steps, cfg.adapt.test_steps, cfg.adapt.steps_at_test) == (3, None, 3)
+    assert (cfg.adapt.num_inner_steps, cfg.adapt.test_steps, cfg.adapt.steps_at_test) == (3, 8, 8)
     for test_steps, at_test in ((0, 0), (8, 8), (16, 16), (None, 3)):
         other = dataclasses.replace(cfg, adapt=dataclasses.replace(cfg.adapt, test_steps=test_steps))
         assert other.adapt.steps_at_test == at_test and training_settings(other) == training_settings(cfg)
@@ -82,7 +82,7 @@ def test_test_steps_is_a_test_time_setting_outside_the_checkpoint_identity():
     # a loaded checkpoint's config takes them from its profile, whatever it recorded (hmlib cluster, the bundles)
     from hmlib.config import with_profile_test_time
 
-    for profile, expected in (("default", None), ("smoke", 4), ("seed", None)):
+    for profile, expected in (("default", 8), ("smoke", 4), ("seed", None)):
         recorded = load_config(profile, overrides={"adapt": {"test_steps": 6}})
         assert with_profile_test_time(recorded).adapt.test_steps == expected
         assert with_profile_test_time(recorded).adapt == dataclasses.replace(recorded.adapt, test_steps=expected)

@@ -730,7 +730,7 @@ def test_config_for_checkpoint_keeps_model_settings(tmp_path):
     # the test-time step count is the profile's or the config's, whatever the checkpoint recorded (not its identity)
     recorded = {"config": config_to_dict(tiny_config(adapt={"inner_loss": "entropy", "test_steps": 6}))}
     assert config_for_checkpoint(recorded).adapt.test_steps == load_config("smoke").adapt.test_steps == 4
-    assert config_for_checkpoint(recorded, profile="default").adapt.steps_at_test == trained.adapt.num_inner_steps
+    assert config_for_checkpoint(recorded, profile="default").adapt.steps_at_test == 8 != trained.adapt.num_inner_steps
     adapt.write_text(json.dumps({"adapt": {"test_steps": None}}))
     assert config_for_checkpoint(recorded, config_path=adapt).adapt.steps_at_test == trained.adapt.num_inner_steps
     with pytest.raises(EvalError, match="records no config"):

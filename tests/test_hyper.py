@@ -12,6 +12,7 @@ import torch
 from sklearn.metrics import silhouette_score
 
 from datafactory import balanced_labels, class_patterns, perturbed_backbone
+from hmlib.backbone import modulation as mod
 from hmlib.backbone.model import ConvBackbone, batch_statistics
 from hmlib.config import ConfigError, load_config
 from hmlib.features import images_to_tensor, normalize_task, standardize
@@ -188,6 +189,33 @@ def test_the_inner_loop_mines_the_neighbours_once_and_adapts_as_if_at_every_step
     for a, b in zip(once.logits, every.logits):
         assert torch.equal(a, b)
     assert all(torch.equal(once.params[k], every.params[k]) for k in once.params)
+
+
+def test_candidates_share_one_preparation_and_adapt_as_if_each_prepared_its_own(monkeypatch):
+    """adapt_candidates prepares the tasks once for all candidates (the first convolution of their images); each
+    candidate adapts from a copy with a cache of its own, exactly as adapt with its own preparation; at test time
+    the adapted block's task moments are computed once and give the same logits as computing them at every step."""
+    hypernet = make_hypernet()
+    inputs, _ = task_inputs("film")
+    cfg = hypernet.full_cfg.adapt
+    assert len(cfg.candidates) > 1
+    calls = []
+    real = hypernet.prepare
+    monkeypatch.setattr(hypernet, "prepare", lambda *a, **k: calls.append(1) or real(*a, **k))
+    results, _ = adapt_candidates(hypernet, inputs, cfg)
+    assert len(calls) == 1
+    for name, result in zip(cfg.candidates, results):
+        alone = adapt(hypernet, inputs, cfg, fixed=CANDIDATES[name] or None)
+        assert all(torch.equal(a, b) for a, b in zip(result.logits, alone.logits)), name
+    state = real(hypernet.check(inputs))
+    copy = state.copy()
+    copy.cache["pre"] = torch.zeros(1)
+    assert "pre" not in state.cache and copy.cache["first"] is state.cache["first"]
+    monkeypatch.setattr(mod, "pre_moments", lambda pre, T: None)  # every step computes the moments itself
+    every = adapt(hypernet, inputs, cfg)
+    once = results[0]
+    assert once.state.cache["pre_moments"] is not None and every.state.cache["pre_moments"] is None
+    assert all(torch.equal(a, b) for a, b in zip(once.logits, every.logits))
 
 
 def test_predict_task_does_not_depend_on_the_chunk_size():

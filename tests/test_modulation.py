@@ -136,6 +136,41 @@ def test_trunk_then_top_is_embed_at_every_split(split):
     torch.testing.assert_close(out, whole, atol=ATOL, rtol=1e-5)
 
 
+@pytest.mark.parametrize("split", range(len(CHANNELS)))
+def test_what_is_computed_once_changes_nothing(split):
+    """The first convolution computed once (first_conv, shared by every modulation of the same images) and the
+    task moments of the split block's input computed once (pre_moments): the same embedding to the last bit."""
+    model, x = backbone(), task_images()
+    modulation = random_modulation(model)
+    with torch.no_grad():
+        pre = mod.trunk(model, x, modulation, split)
+        given = mod.trunk(model, x, modulation, split, mod.first_conv(model, x))
+        assert torch.equal(given, pre)
+        out = mod.top(model, pre, modulation, split, T)
+        assert torch.equal(mod.top(model, pre, modulation, split, T, mod.pre_moments(pre, T)), out)
+        other = mod.pre_moments(mod.trunk(model, 1.0 - x, modulation, split), T)  # moments of other activations
+        assert not torch.allclose(mod.top(model, pre, modulation, split, T, other), out, atol=1e-3)
+
+
+def test_constant_stored_statistics_skip_the_task_moments(monkeypatch):
+    """Where every blend is a constant 0 the task's moments are not computed (they are weighted 0): the same
+    gain and bias to the last bit; a blend that is not 0, or that carries a gradient, computes them."""
+    model, x = backbone(), task_images()
+    conv, bn = blocks(model)[0]
+    grouped = conv(x.flatten(0, 1)).detach().view(T, N, -1, 14, 14)
+    scale, shift = 0.3 * torch.randn(T, CHANNELS[0]), 0.3 * torch.randn(T, CHANNELS[0])
+    zero = torch.zeros(T)
+    mixture = mod.affine(grouped, bn, zero, scale, shift, mod.task_moments(grouped))  # the moments given, weighted 0
+    calls = []
+    real = mod.task_moments
+    monkeypatch.setattr(mod, "task_moments", lambda g: calls.append(1) or real(g))
+    skipped = mod.affine(grouped, bn, zero, scale, shift)
+    assert calls == [] and all(torch.equal(a, b) for a, b in zip(skipped, mixture))
+    mod.affine(grouped, bn, zero.clone().requires_grad_(True), scale, shift)
+    mod.affine(grouped, bn, torch.full((T,), 0.5), scale, shift)
+    assert len(calls) == 2
+
+
 def test_a_split_beyond_the_last_block_is_refused():
     """trunk at a split the backbone does not have: a ValueError naming the number of blocks."""
     model = backbone()

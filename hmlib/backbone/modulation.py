@@ -59,17 +59,35 @@ def identity(backbone: ConvBackbone, num_tasks: int, blend: float = 0.0) -> Modu
                       [torch.full((num_tasks,), float(blend), device=device) for _ in widths])
 
 
-def affine(grouped: Tensor, bn: torch.nn.BatchNorm2d, blend: Tensor, scale: Tensor, shift: Tensor
-           ) -> tuple[Tensor, Tensor]:
-    """Per-task gain and bias (T, C) that normalise activations (T, N, C, H, W) with blended statistics and FiLM."""
+Moments = tuple[Tensor, Tensor]
+
+
+def task_moments(grouped: Tensor) -> Moments:
+    """Each task's per-channel mean and variance (T, C) of activations (T, N, C, H, W), in one pass (about as fast
+    as BatchNorm's kernel)."""
+    flat = grouped.flatten(3)  # (T, N, C, H*W)
+    mean = flat.mean(dim=(1, 3))
+    return mean, ((flat * flat).mean(dim=(1, 3)) - mean * mean).clamp_min(0.0)
+
+
+def affine(grouped: Tensor, bn: torch.nn.BatchNorm2d, blend: Tensor, scale: Tensor, shift: Tensor,
+           moments: Moments | None = None) -> tuple[Tensor, Tensor]:
+    """Per-task gain and bias (T, C) that normalise activations (T, N, C, H, W) with blended statistics and FiLM.
+
+    ``moments``: the task's moments of ``grouped`` where they were computed before (:func:`task_moments`; an input
+    that does not change over an inner loop). On the CPU, where every blend is a constant 0 (the stored statistics)
+    the task's moments are not read, and not computed: the result is the same to the last bit (elsewhere the check
+    would wait for the device, so the mixture weighted 0 is computed).
+    """
     C = grouped.shape[2]
-    flat = grouped.flatten(3)  # (T, N, C, H*W): one pass for both moments (about as fast as BatchNorm's kernel)
-    task_mean = flat.mean(dim=(1, 3))  # (T, C)
-    task_var = ((flat * flat).mean(dim=(1, 3)) - task_mean * task_mean).clamp_min(0.0)
-    w = blend.view(-1, 1)
     run_mean, run_var = bn.running_mean.view(1, C), bn.running_var.view(1, C)
-    mean = w * task_mean + (1 - w) * run_mean
-    var = w * task_var + (1 - w) * run_var + w * (1 - w) * (task_mean - run_mean) ** 2  # TaskNorm's mixture
+    if blend.device.type == "cpu" and not blend.requires_grad and not bool(blend.any()):
+        mean, var = run_mean, run_var
+    else:
+        task_mean, task_var = task_moments(grouped) if moments is None else moments
+        w = blend.view(-1, 1)
+        mean = w * task_mean + (1 - w) * run_mean
+        var = w * task_var + (1 - w) * run_var + w * (1 - w) * (task_mean - run_mean) ** 2  # TaskNorm's mixture
     gain = bn.weight.view(1, C) * (1 + scale) / torch.sqrt(var + bn.eps)
     return gain, bn.bias.view(1, C) + shift - mean * gain
 
@@ -80,34 +98,51 @@ def _apply(grouped: Tensor, gain: Tensor, bias: Tensor) -> Tensor:
     return torch.relu(out).view_as(grouped).flatten(0, 1)
 
 
-def normalise(h: Tensor, bn: torch.nn.BatchNorm2d, blend: Tensor, scale: Tensor, shift: Tensor, num_tasks: int
-              ) -> Tensor:
-    """BatchNorm + ReLU of activations (T*N, C, H, W) with blended statistics and FiLM, per task."""
+def normalise(h: Tensor, bn: torch.nn.BatchNorm2d, blend: Tensor, scale: Tensor, shift: Tensor, num_tasks: int,
+              moments: Moments | None = None) -> Tensor:
+    """BatchNorm + ReLU of activations (T*N, C, H, W) with blended statistics and FiLM, per task (``moments``: see
+    :func:`affine`)."""
     grouped = h.view(num_tasks, -1, *h.shape[1:])
-    return _apply(grouped, *affine(grouped, bn, blend, scale, shift))
+    return _apply(grouped, *affine(grouped, bn, blend, scale, shift, moments))
 
 
-def trunk(backbone: ConvBackbone, images: Tensor, modulation: Modulation, split: int) -> Tensor:
-    """Activations (T*N, C, H, W) entering the normalisation of block ``split`` (its convolution applied)."""
+def pre_moments(pre: Tensor, num_tasks: int) -> Moments:
+    """The task moments of :func:`trunk`'s output, for :func:`top`'s ``moments`` when ``pre`` stays fixed over an
+    inner loop (computed once instead of at every step)."""
+    return task_moments(pre.view(num_tasks, -1, *pre.shape[1:]))
+
+
+def first_conv(backbone: ConvBackbone, images: Tensor) -> Tensor:
+    """The first block's convolution of task images (T, N, 1, 28, 28): (T*N, C, H, W). No modulation acts before
+    it, so every modulation of the same images shares it (:func:`trunk`'s ``first``)."""
+    return blocks(backbone)[0][0](images.flatten(0, 1))
+
+
+def trunk(backbone: ConvBackbone, images: Tensor, modulation: Modulation, split: int, first: Tensor | None = None
+          ) -> Tensor:
+    """Activations (T*N, C, H, W) entering the normalisation of block ``split`` (its convolution applied);
+    ``first``: :func:`first_conv` of the same images where computed before."""
     num_tasks = images.shape[0]
-    h = images.flatten(0, 1)
     for l, (conv, bn) in enumerate(blocks(backbone)):
-        h = conv(h)
+        h = (first_conv(backbone, images) if first is None else first) if l == 0 else conv(h)
         if l == split:
             return h
         h = normalise(h, bn, modulation.blend[l], modulation.scale[l], modulation.shift[l], num_tasks)
     raise ValueError(f"split = {split} but the backbone has {l + 1} blocks")
 
 
-def top(backbone: ConvBackbone, pre: Tensor, modulation: Modulation, split: int, num_tasks: int) -> Tensor:
-    """Embeddings (T, N, D) from the activations that :func:`trunk` returned for the same ``split``."""
+def top(backbone: ConvBackbone, pre: Tensor, modulation: Modulation, split: int, num_tasks: int,
+        moments: Moments | None = None) -> Tensor:
+    """Embeddings (T, N, D) from the activations that :func:`trunk` returned for the same ``split`` (``moments``:
+    their task moments, :func:`pre_moments`, where computed once)."""
     h = pre
     for l, (conv, bn) in enumerate(blocks(backbone)):
         if l < split:
             continue
         if l > split:
             h = conv(h)
-        h = normalise(h, bn, modulation.blend[l], modulation.scale[l], modulation.shift[l], num_tasks)
+        h = normalise(h, bn, modulation.blend[l], modulation.scale[l], modulation.shift[l], num_tasks,
+                      moments if l == split else None)
     return backbone.embedding(h.flatten(1)).view(num_tasks, -1, backbone.embed_dim)
 
 

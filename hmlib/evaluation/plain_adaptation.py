@@ -67,18 +67,19 @@ def _adapt_chunk(backbone: ConvBackbone, x: torch.Tensor, K: int, blend: float, 
     T = x.shape[0]
     modulation = mod.identity(backbone, T, blend)
     pre = mod.trunk(backbone, x, modulation, 0)  # the first convolution does not change: once
+    moments = mod.pre_moments(pre, T)  # nor its task statistics
     tensors = modulation.scale + modulation.shift
     for t in tensors:
         t.requires_grad_(True)
     optimizer = torch.optim.Adam(tensors, lr=lr)
     with torch.no_grad():
-        reference = task_embedding(mod.top(backbone, pre, modulation, 0, T))
+        reference = task_embedding(mod.top(backbone, pre, modulation, 0, T, moments))
     z = reference
     index = nearest_neighbours(reference, NEIGHBOURS)  # the reference does not change over the steps: mined once
     log_tau = torch.full((T, 1), float(np.log(TEMPERATURE)), device=x.device)
     for step in range(steps):
         with torch.enable_grad():
-            z = task_embedding(mod.top(backbone, pre, modulation, 0, T))
+            z = task_embedding(mod.top(backbone, pre, modulation, 0, T, moments))
             if step % REFRESH_EVERY == 0:
                 prototypes = kmeans_prototypes(z.detach(), K, iters=10, inits=5)
             loss = neighbour_loss(cosine_logits(z, prototypes, log_tau), reference, NEIGHBOURS, index=index).sum()
@@ -86,7 +87,7 @@ def _adapt_chunk(backbone: ConvBackbone, x: torch.Tensor, K: int, blend: float, 
             loss.backward()
         optimizer.step()
     with torch.no_grad():
-        return task_embedding(mod.top(backbone, pre, modulation, 0, T))
+        return task_embedding(mod.top(backbone, pre, modulation, 0, T, moments))
 
 
 def silhouettes(embeddings: np.ndarray, clusters: np.ndarray) -> np.ndarray:

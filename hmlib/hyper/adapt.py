@@ -51,12 +51,14 @@ def _detached(state: TaskState) -> TaskState:
 
 def adapt(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, *, num_steps: int | None = None,
           create_graph: bool = False, num_classes: int | None = None, context: Tensor | None = None,
-          fixed: Mapping[str, float] | None = None, trajectory: bool = False) -> AdaptResult:
+          fixed: Mapping[str, float] | None = None, trajectory: bool = False,
+          prepared: TaskState | None = None) -> AdaptResult:
     """Generate each task's network, then S steps of the unsupervised loss (batched over tasks).
 
     ``context`` replaces the conditioning rows (the pixel-noise and constant-code ablations) while the network
     still reads the task's own images; ``fixed`` replaces generated tensors by constants (e.g. ``{'blend': 0}``:
-    the stored statistics everywhere); ``trajectory`` keeps the (detached) parameters after every step.
+    the stored statistics everywhere); ``trajectory`` keeps the (detached) parameters after every step;
+    ``prepared``: ``hypernet.prepare`` of the same inputs, where several adaptations share it (a copy is used).
     """
     num_steps = cfg.num_inner_steps if num_steps is None else int(num_steps)
     if num_steps < 0:
@@ -65,7 +67,8 @@ def adapt(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, *, num_steps
     context = inputs.context if context is None else context.to(inputs.context.device)
     loss_spec = INNER_LOSSES[cfg.inner_loss]
     with torch.enable_grad():
-        state = hypernet.prepare(inputs, augmented=loss_spec.augmented and num_steps > 0)
+        state = (hypernet.prepare(inputs, augmented=loss_spec.augmented and num_steps > 0) if prepared is None
+                 else prepared.copy())
         if cfg.adapt_params == "hypernet":
             if num_classes not in (None, hypernet.num_classes):
                 raise ValueError("adapt_params='hypernet' clusters into the checkpoint's K only")
@@ -177,8 +180,15 @@ def adapt_candidates(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, *
     adapted representation. ``fixed`` (an ablation forcing generated tensors) leaves only the generated candidate."""
     names = ["generated"] if fixed else [n for n in cfg.candidates if n in hypernet.generator.candidates]
     names = names or ["generated"]
+    inputs = hypernet.check(inputs)
+    prepared = None
+    if len(names) > 1:  # the candidates read the same images: prepared once (no graph: test time)
+        with torch.no_grad():
+            num_steps = cfg.num_inner_steps if num_steps is None else int(num_steps)
+            prepared = hypernet.prepare(inputs, augmented=INNER_LOSSES[cfg.inner_loss].augmented and num_steps > 0)
     results = [adapt(hypernet, inputs, cfg, num_steps=num_steps, num_classes=num_classes, context=context,
-                     fixed={**(fixed or {}), **CANDIDATES[name]} or None, trajectory=trajectory) for name in names]
+                     fixed={**(fixed or {}), **CANDIDATES[name]} or None, trajectory=trajectory, prepared=prepared)
+               for name in names]
     if len(results) == 1:
         return results, torch.zeros(results[0].logits[0].shape[0], dtype=torch.long, device=hypernet.device)
     with torch.no_grad():

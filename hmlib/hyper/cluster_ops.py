@@ -28,9 +28,11 @@ def gather_rows(values: Tensor, index: Tensor) -> Tensor:
     return picked.view(T, N, k, *values.shape[2:])
 
 
-def _sq_dist(h: Tensor, centers: Tensor) -> Tensor:
-    """Squared distances (..., M, K) between rows h (..., M, E) and centers (..., K, E) (one matrix product)."""
-    dist = (h * h).sum(-1, keepdim=True) - 2 * h @ centers.transpose(-1, -2) + (centers * centers).sum(-1).unsqueeze(-2)
+def _sq_dist(h: Tensor, centers: Tensor, rows: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    """Squared distances (..., M, K) between rows h (..., M, E) and centers (..., K, E) (one matrix product).
+    ``rows``: ``(h * h).sum(-1, keepdim=True)`` and ``2 * h`` where computed once for many calls (same result)."""
+    norms, doubled = ((h * h).sum(-1, keepdim=True), 2 * h) if rows is None else rows
+    dist = norms - doubled @ centers.transpose(-1, -2) + (centers * centers).sum(-1).unsqueeze(-2)
     return dist.clamp_min(0.0)
 
 
@@ -45,23 +47,24 @@ def kmeans_prototypes(h: Tensor, num_clusters: int, iters: int = 10, inits: int 
     T, M, E = h.shape
     K, R = num_clusters, max(1, inits)
     with torch.no_grad():
-        hd = h.detach().unsqueeze(1).expand(T, R, M, E)
+        hd = h.detach().unsqueeze(1).expand(T, R, M, E).contiguous()  # once, not copied again by every product
+        rows = (hd * hd).sum(-1, keepdim=True), 2 * hd  # what every distance reads of the rows, once
         u = torch.rand(R, K, generator=torch.Generator().manual_seed(seed)).to(h.device, h.dtype)
         first = (u[:, 0] * M).long().clamp(max=M - 1)  # (R,)
         centers = hd.gather(2, first.view(1, R, 1, 1).expand(T, R, 1, E))
-        d2 = _sq_dist(hd, centers).squeeze(-1)  # (T, R, M)
+        d2 = _sq_dist(hd, centers, rows).squeeze(-1)  # (T, R, M)
         for k in range(1, K):  # k-means++: inverse-CDF draw proportional to the squared distance
             cdf = d2.cumsum(-1)
             target = u[:, k].view(1, R, 1) * cdf[..., -1:]
             idx = torch.searchsorted(cdf.contiguous(), target.contiguous()).clamp(max=M - 1)  # (T, R, 1)
             new = hd.gather(2, idx.unsqueeze(-1).expand(T, R, 1, E))
             centers = torch.cat([centers, new], dim=2)
-            d2 = torch.minimum(d2, _sq_dist(hd, new).squeeze(-1))
+            d2 = torch.minimum(d2, _sq_dist(hd, new, rows).squeeze(-1))
         for _ in range(iters):
-            onehot = F.one_hot(_sq_dist(hd, centers).argmin(-1), K).to(h.dtype)  # (T, R, M, K)
+            onehot = F.one_hot(_sq_dist(hd, centers, rows).argmin(-1), K).to(h.dtype)  # (T, R, M, K)
             counts = onehot.sum(2).unsqueeze(-1)  # (T, R, K, 1)
             centers = torch.where(counts > 0, onehot.transpose(-1, -2) @ hd / counts.clamp_min(1), centers)
-        dist = _sq_dist(hd, centers)
+        dist = _sq_dist(hd, centers, rows)
         best = dist.min(-1).values.sum(-1).argmin(-1)  # (T,): the seeding with the lowest inertia
         arange = torch.arange(T, device=h.device)
         onehot = F.one_hot(dist.argmin(-1)[arange, best], K).to(h.dtype)  # (T, M, K)

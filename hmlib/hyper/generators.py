@@ -18,7 +18,7 @@ registry that ``hyper.generation`` chooses from.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Mapping
 
 import torch
@@ -92,6 +92,11 @@ class TaskState:
     std: Tensor | None = None
     augmented: Tensor | None = None  # (T, N, 1, 28, 28) augmented copies, for inner losses that ask for them
     cache: dict[str, Any] = field(default_factory=dict)
+
+    def copy(self) -> "TaskState":
+        """The same tasks with a cache of their own (what :meth:`Generator.prepare` computed, shared, not copied):
+        one preparation for several adaptations of the same tasks."""
+        return replace(self, cache=dict(self.cache))
 
     @property
     def reference(self) -> Tensor:
@@ -188,11 +193,13 @@ class FilmGenerator(Generator):
         if inputs.images is None:
             raise ValueError("the 'film' generator reads the task's images (TaskInputs.images)")
         state = TaskState(images=inputs.images)
+        state.cache["first"] = mod.first_conv(self.backbone, inputs.images)  # the same for every modulation
         if augmented:
             T, N = inputs.images.shape[:2]
             generator = torch.Generator().manual_seed(0)  # the same augmentation every call: deterministic
             state.augmented = augment(inputs.images.flatten(0, 1).cpu(), generator).to(inputs.images).view_as(
                 inputs.images)
+            state.cache["first_augmented"] = mod.first_conv(self.backbone, state.augmented)
         return state
 
     def modulation(self, params: Params) -> mod.Modulation:
@@ -215,16 +222,24 @@ class FilmGenerator(Generator):
     def begin(self, params: Params, state: TaskState) -> None:
         """Compute, once, the blocks below the adapted ones and the starting embedding (the inner losses' reference)."""
         modulation = self.modulation(params)
-        state.cache["pre"] = mod.trunk(self.backbone, state.images, modulation, self.split)
+        for key in ("pre_moments", "pre_augmented_moments"):  # of an earlier trunk
+            state.cache.pop(key, None)
+        state.cache["pre"] = mod.trunk(self.backbone, state.images, modulation, self.split, state.cache.get("first"))
         if state.augmented is not None:
-            state.cache["pre_augmented"] = mod.trunk(self.backbone, state.augmented, modulation, self.split)
+            state.cache["pre_augmented"] = mod.trunk(self.backbone, state.augmented, modulation, self.split,
+                                                     state.cache.get("first_augmented"))
         state.cache["reference"] = self.embedding(params, state)
 
     def embedding(self, params: Params, state: TaskState, *, augmented: bool = False) -> Tensor:
         """The modulated embedding (T, N, D), standardised over each task and L2-normalised per image."""
-        pre = state.cache["pre_augmented" if augmented else "pre"]
-        T = state.images.shape[0]
-        z = mod.top(self.backbone, pre, self.modulation(params), self.split, T)
+        key = "pre_augmented" if augmented else "pre"
+        pre, T = state.cache[key], state.images.shape[0]
+        moments = None
+        if not pre.requires_grad:  # a test-time inner loop (no graph): its task moments once, not at every step
+            moments = state.cache.get(f"{key}_moments")
+            if moments is None:
+                moments = state.cache[f"{key}_moments"] = mod.pre_moments(pre, T)
+        z = mod.top(self.backbone, pre, self.modulation(params), self.split, T, moments)
         return F.normalize(standardize(z)[0], dim=-1)
 
     def logits(self, params: Params, state: TaskState, *, augmented: bool = False) -> Tensor:
