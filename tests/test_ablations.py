@@ -26,7 +26,7 @@ from hmlib.evaluation.conditions import Condition, build_suite, suite_seed
 from hmlib.evaluation.inputs import seed_inputs
 from hmlib.evaluation.methods import METHODS, MethodContext, score
 from hmlib.hyper import losses
-from hmlib.hyper.adapt import CANDIDATES, adapt_candidates, predict_task
+from hmlib.hyper.adapt import CANDIDATES, adapt_candidates, choice_rule, predict_task
 from hmlib.hyper.bundle import load_bundle
 from hmlib.hyper.losses import InnerLoss, task_accuracy
 from hmlib.plots.ablations import plot_comparison, plot_step_curve
@@ -416,6 +416,12 @@ def test_variant_curves_are_computed_once_per_setting_whatever_the_label(trained
                   Variant("x", fixed={"blend": 0.0}), Variant("x", context="constant"), Variant("x", untrained=True)):
         variant_curves(cfg, other, condition, 0, memo)
     assert len(calls) == 6
+    # the silhouette rule asked for: the same curves as the main configuration where no selector was kept
+    hypernet = load_bundle(home[("zero_shot", 0)]).hypernet
+    silhouette = Variant("silhouette rule", adapt_overrides={"choice": "silhouette"})
+    rule = variant_curves(cfg, silhouette, condition, 0, memo)
+    assert len(calls) == (6 if choice_rule(hypernet, cfg.adapt) == "silhouette" else 7)
+    np.testing.assert_array_equal(rule, variant_curves(cfg, silhouette, condition, 0, {}))
     np.testing.assert_array_equal(main, variant_curves(cfg, Variant("main"), condition, 0, {}))  # as computed afresh
 
 

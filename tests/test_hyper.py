@@ -17,8 +17,8 @@ from hmlib.backbone.model import ConvBackbone, batch_statistics
 from hmlib.config import ConfigError, load_config
 from hmlib.features import images_to_tensor, normalize_task, standardize
 from hmlib.hyper import encoders, generators
-from hmlib.hyper.adapt import (CANDIDATES, adapt, adapt_candidates, predict_clusters, predict_task, representation,
-                              silhouette)
+from hmlib.hyper.adapt import (CANDIDATES, adapt, adapt_candidates, candidate_names, choice_rule, predict_clusters,
+                              predict_task, representation, silhouette)
 from hmlib.hyper.cluster_ops import cosine_logits, kmeans_prototypes
 from hmlib.hyper.encoders import ENCODERS
 from hmlib.hyper.generators import GENERATORS, Generator, TaskInputs, TaskState, fix
@@ -216,6 +216,28 @@ def test_candidates_share_one_preparation_and_adapt_as_if_each_prepared_its_own(
     once = results[0]
     assert once.state.cache["pre_moments"] is not None and every.state.cache["pre_moments"] is None
     assert all(torch.equal(a, b) for a, b in zip(once.logits, every.logits))
+
+
+def test_choice_rule_is_how_the_candidates_are_chosen():
+    """choice_rule names the rule adapt_candidates applies: the silhouette rule while no selector was kept (whatever
+    adapt.choice asks), the selector once one is, and no choice with one candidate (or generated tensors fixed)."""
+    hypernet = make_hypernet()
+    cfg = hypernet.full_cfg.adapt
+    assert cfg.choice == "learned" and not hypernet.selector.trained
+    silhouette = dataclasses.replace(cfg, choice="silhouette")
+    assert choice_rule(hypernet, cfg) == choice_rule(hypernet, silhouette) == "silhouette"
+    assert choice_rule(hypernet, cfg, {"blend": 0.0}) == "none"
+    assert choice_rule(hypernet, dataclasses.replace(cfg, candidates=("generated",))) == "none"
+    assert candidate_names(hypernet, cfg) == list(cfg.candidates)
+    inputs, _ = task_inputs("film")
+    _, rule = adapt_candidates(hypernet, inputs, silhouette)
+    _, asked = adapt_candidates(hypernet, inputs, cfg)
+    assert torch.equal(rule, asked)  # no selector kept: the same choice
+    with torch.no_grad():
+        hypernet.selector.fitted.fill_(True)
+        hypernet.selector.bias.copy_(torch.tensor([0.0, 50.0, 0.0]))  # the selector's: always the second candidate
+    assert choice_rule(hypernet, cfg) == "learned" and choice_rule(hypernet, silhouette) == "silhouette"
+    assert torch.equal(adapt_candidates(hypernet, inputs, cfg)[1], torch.ones_like(asked))
 
 
 def test_predict_task_does_not_depend_on_the_chunk_size():

@@ -29,7 +29,7 @@ from hmlib.config import Config, ConfigError, config_to_dict, resolve_device, wi
 from hmlib.evaluation.conditions import Condition, grid, suite_fingerprint, suite_for, suite_seed
 from hmlib.evaluation.inputs import SeedInputs, seed_inputs
 from hmlib.evaluation.methods import METHODS, MethodContext, score
-from hmlib.hyper.adapt import predict_task
+from hmlib.hyper.adapt import choice_rule, predict_task
 from hmlib.hyper.bundle import load_bundle
 from hmlib.hyper.hypernet import HyperNet
 from hmlib.hyper.losses import task_accuracy
@@ -158,14 +158,16 @@ def variant_curves(cfg: Config, variant: Variant, condition: Condition, seed: in
         return np.repeat(memo[key][:, None], steps + 1, axis=1)
     path = _checkpoint(cfg, variant, seed, memo, progress) if variant.retrained else main_path
     adapt_cfg = with_overrides(cfg, {"adapt": dict(variant.adapt_overrides)}).adapt
-    # what the curves depend on (not the label): the main configuration recurs in most ablations, computed once
+    if variant.retrained:
+        inputs = _inputs(cfg, path, condition.dataset, memo, variant.backbone)
+    hypernet = variant_hypernet(variant, inputs, seed, memo)
+    # what the curves depend on (not the label): the main configuration recurs in most ablations, computed once; the
+    # choice as it is made (the silhouette rule where no selector was kept, whatever adapt.choice asks)
+    effective = dataclasses.replace(adapt_cfg, choice=choice_rule(hypernet, adapt_cfg, variant.fixed or None))
     key = ("curves", str(path), condition.key, cfg.ablation.setting if variant.backbone == "setting" else
            variant.backbone, variant.untrained, tuple(sorted(variant.film_overrides.items())),
-           fingerprint(config_to_dict(adapt_cfg)), steps, variant.context, tuple(sorted(variant.fixed.items())))
+           fingerprint(config_to_dict(effective)), steps, variant.context, tuple(sorted(variant.fixed.items())))
     if key not in memo:
-        if variant.retrained:
-            inputs = _inputs(cfg, path, condition.dataset, memo, variant.backbone)
-        hypernet = variant_hypernet(variant, inputs, seed, memo)
         indices, labels = np.asarray(suite.indices), np.asarray(suite.labels)
         vae = load_bundle(main_path, resolve_device(cfg.device)).vae if variant.context == "noise" else None
         logits = predict_task(hypernet, inputs.test.task_inputs(indices), adapt_cfg, steps,

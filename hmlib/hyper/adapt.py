@@ -178,8 +178,7 @@ def adapt_candidates(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, *
     """Every candidate of ``adapt.candidates`` adapted (no graph), and the label-free choice per task (T,), an index
     into ``adapt.candidates`` (those the generator supports): the highest silhouette of its clusters on its own
     adapted representation. ``fixed`` (an ablation forcing generated tensors) leaves only the generated candidate."""
-    names = ["generated"] if fixed else [n for n in cfg.candidates if n in hypernet.generator.candidates]
-    names = names or ["generated"]
+    names = candidate_names(hypernet, cfg, fixed)
     inputs = hypernet.check(inputs)
     prepared = None
     if len(names) > 1:  # the candidates read the same images: prepared once (no graph: test time)
@@ -193,11 +192,30 @@ def adapt_candidates(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, *
         return results, torch.zeros(results[0].logits[0].shape[0], dtype=torch.long, device=hypernet.device)
     with torch.no_grad():
         features = torch.stack([features_of(hypernet, r) for r in results])  # (C, T, F)
-        if cfg.choice == "learned" and hypernet.selector.trained and len(results) == hypernet.selector.bias.shape[0]:
+        if choice_rule(hypernet, cfg, fixed) == "learned":
             scores = hypernet.selector(features)
         else:
             scores = features[..., FEATURES.index("silhouette")]
     return results, scores.argmax(0)
+
+
+def candidate_names(hypernet: HyperNet, cfg: AdaptConfig, fixed: Mapping[str, float] | None = None) -> list[str]:
+    """The candidates adapted at test time: those of ``adapt.candidates`` the generator supports (only the generated
+    one where ``fixed`` forces generated tensors)."""
+    names = ["generated"] if fixed else [n for n in cfg.candidates if n in hypernet.generator.candidates]
+    return names or ["generated"]
+
+
+def choice_rule(hypernet: HyperNet, cfg: AdaptConfig, fixed: Mapping[str, float] | None = None) -> str:
+    """How :func:`adapt_candidates` chooses among the candidates: 'learned' (the meta-learned selector, where
+    ``adapt.choice`` asks for it and meta-training kept one for this many candidates), 'silhouette', or 'none'
+    (one candidate)."""
+    count = len(candidate_names(hypernet, cfg, fixed))
+    if count == 1:
+        return "none"
+    if cfg.choice == "learned" and hypernet.selector.trained and count == hypernet.selector.bias.shape[0]:
+        return "learned"
+    return "silhouette"
 
 
 def features_of(hypernet: HyperNet, result: AdaptResult) -> Tensor:
