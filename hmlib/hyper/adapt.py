@@ -67,8 +67,7 @@ def adapt(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, *, num_steps
     context = inputs.context if context is None else context.to(inputs.context.device)
     loss_spec = INNER_LOSSES[cfg.inner_loss]
     with torch.enable_grad():
-        state = (hypernet.prepare(inputs, augmented=loss_spec.augmented and num_steps > 0) if prepared is None
-                 else prepared.copy())
+        state = prepare(hypernet, inputs, cfg, num_steps) if prepared is None else prepared.copy()
         if cfg.adapt_params == "hypernet":
             if num_classes not in (None, hypernet.num_classes):
                 raise ValueError("adapt_params='hypernet' clusters into the checkpoint's K only")
@@ -99,6 +98,12 @@ def adapt(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, *, num_steps
                 updated = {k: v.detach().requires_grad_() for k, v in updated.items()}
             params = {**params, **updated}
     return AdaptResult(logits, losses, params, state, path if trajectory else None, task_losses)
+
+
+def prepare(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, num_steps: int) -> TaskState:
+    """``hypernet.prepare`` of checked inputs for ``num_steps`` inner steps of ``cfg.inner_loss`` (its augmented
+    views only where the loss reads them and a step is taken): what :func:`adapt` starts from."""
+    return hypernet.prepare(inputs, augmented=INNER_LOSSES[cfg.inner_loss].augmented and num_steps > 0)
 
 
 def neighbour_index(reference: Tensor, cfg: AdaptConfig, needed: bool) -> Tensor | None:
@@ -180,11 +185,11 @@ def adapt_candidates(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, *
     adapted representation. ``fixed`` (an ablation forcing generated tensors) leaves only the generated candidate."""
     names = candidate_names(hypernet, cfg, fixed)
     inputs = hypernet.check(inputs)
+    num_steps = cfg.num_inner_steps if num_steps is None else int(num_steps)
     prepared = None
     if len(names) > 1:  # the candidates read the same images: prepared once (no graph: test time)
         with torch.no_grad():
-            num_steps = cfg.num_inner_steps if num_steps is None else int(num_steps)
-            prepared = hypernet.prepare(inputs, augmented=INNER_LOSSES[cfg.inner_loss].augmented and num_steps > 0)
+            prepared = prepare(hypernet, inputs, cfg, num_steps)
     results = [adapt(hypernet, inputs, cfg, num_steps=num_steps, num_classes=num_classes, context=context,
                      fixed={**(fixed or {}), **CANDIDATES[name]} or None, trajectory=trajectory, prepared=prepared)
                for name in names]
