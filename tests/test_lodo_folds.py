@@ -219,3 +219,36 @@ def test_meta_parts_pools_results_files_by_seed_and_refuses_a_seed_twice():
     assert "math_shapes 0, 1, 2 (3 tasks)" in parts.table(merged).splitlines()[-1]
     with pytest.raises(SystemExit, match="seed 1 of math_shapes is in two results files"):
         parts.pooled([{"math_shapes": {"1": cell(0.5)}}, {"math_shapes": {"1": cell(0.6)}}])
+
+
+def _steps_by_size():
+    return _variants_script("steps_by_size")
+
+
+def test_steps_by_size_scores_the_small_task_sizes_and_the_folds_own_on_fold_data_only():
+    script = _steps_by_size()
+    assert "docs/lodo/variants/steps_by_size.py" in (REPO_ROOT / "docs" / "METHOD.md").read_text()
+    assert set(script.meta_parts.FOLDS) == {f.stem for f in FOLDS}
+    for fold in FOLDS:
+        cfg = load_config("default", fold)
+        shapes = script.fold_shapes(fold.stem)
+        assert shapes[:2] == [(2, 64), (4, 64)] and set(shapes[2:]) == {tuple(s) for s in cfg.eval.shapes}
+        assert script.meta_parts.fold_config(fold.stem).meta.test_datasets == cfg.meta.test_datasets  # held back only
+
+
+def test_steps_by_size_table_pairs_counts_per_task_averaged_over_seeds():
+    script = _steps_by_size()
+    counts = lambda a, b, c: {"3": a, "5": b, "8": c}  # noqa: E731
+    results = {"fashion_mnist": {"0": {"fashion_mnist_K4_N64": counts([0.5, 0.5], [0.5, 0.6], [0.6, 0.7])},
+                                 "1": {"fashion_mnist_K4_N64": counts([0.5, 0.7], [0.5, 0.6], [0.6, 0.7])}}}
+    lines = script.table(results).splitlines()
+    assert lines[0] == "| fold | K, N | tasks | 8 minus 3 steps | 5 minus 3 steps | 8 minus 5 steps |"
+    # per task, over the two seeds: 3 steps 0.5 / 0.6, 5 steps 0.5 / 0.6, 8 steps 0.6 / 0.7: +10 points on both tasks
+    assert lines[2] == "| fashion_mnist | 4, 64 | 2 | +10.0 ± 0.0 * | +0.0 ± 0.0 | +10.0 ± 0.0 * |"
+    assert len(lines) == 3  # one fold: no pooled rows
+    results["math_shapes"] = {"0": {"math_shapes_K8_N400": counts([0.4], [0.4], [0.3]),
+                                    "math_shapes_K4_N64": counts([0.4], [0.5], [0.4])}}
+    rows = script.table(results).splitlines()[2:]
+    assert [r.split(" | ")[:3] for r in rows] == [
+        ["| fashion_mnist", "4, 64", "2"], ["| math_shapes", "4, 64", "1"], ["| math_shapes", "8, 400", "1"],
+        ["| both folds", "4, 64", "3"], ["| both folds", "8, 400", "1"]]
