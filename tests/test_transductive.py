@@ -185,6 +185,20 @@ def test_epochs_zero_re_estimates_the_statistics_only(fake_data):
     assert _adapt(cfg, backbone, meta)[1]["reused"]
 
 
+def test_the_same_settings_make_the_same_checkpoint_head_included(fake_data, tmp_path, monkeypatch):
+    """Two homes, the same settings: the adapted checkpoints hold the same tensors, the clustering head included, with
+    training (epochs > 0) and without (epochs = 0, where the head is the seeded initial one, never a fresh random one)."""
+    for epochs in (0, EPOCHS):
+        cfg = tiny_cfg(epochs=epochs)
+        states = []
+        for run in ("first", "second"):
+            _use_home(monkeypatch, tmp_path / f"{run}_{epochs}")
+            backbone, meta = _backbone(cfg)
+            states.append(load_checkpoint(_adapt(cfg, backbone, meta)[1]["path"])[0])
+        _assert_same_state(states[0]["model"], states[1]["model"])
+        _assert_same_state(states[0]["head"], states[1]["head"])
+
+
 def test_adaptation_never_reads_the_test_split_or_any_label(fake_data, tmp_path, monkeypatch):
     """Shuffled and poisoned labels of the train split give bit-identical adapted weights: labels are never read;
     nor is the test split ever loaded."""

@@ -198,7 +198,7 @@ def train_transductive(backbone: ConvBackbone, images: np.ndarray, cfg: Config, 
         if on_epoch is not None:
             on_epoch(epoch + 1, model, head, {"optimizer": optimizer.state_dict(), "history": history})
     return model.eval(), {"history": history, "seconds": time.perf_counter() - started,
-                          "images": int(len(images))}
+                          "images": int(len(images)), "head": head}
 
 
 def get_transductive_backbone(cfg: Config, backbone: ConvBackbone, backbone_meta: dict[str, Any], dataset: str, *,
@@ -288,8 +288,7 @@ def _adapted_backbone(cfg: Config, backbone: ConvBackbone, backbone_meta: dict[s
     model, record = train_transductive(copy.deepcopy(backbone), images, cfg, seed=seed, start=resume, on_epoch=save,
                                        device=device, progress=progress, desc=stem)
     if cfg.transductive.epochs == 0 or (resume is not None and int(resume["epoch"]) >= cfg.transductive.epochs):
-        save(cfg.transductive.epochs, model, nn.Linear(model.embed_dim, cfg.transductive.clusters),
-             {"optimizer": {}, "history": record["history"]})
+        save(cfg.transductive.epochs, model, record["head"], {"optimizer": {}, "history": record["history"]})
     state, meta = load_checkpoint(path)
     return model, {**backbone_meta, **meta, "path": str(path), "name": path.stem, "backbone_id": meta["adapted_id"],
                    "reused": False}
