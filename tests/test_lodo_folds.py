@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -252,3 +253,23 @@ def test_steps_by_size_table_pairs_counts_per_task_averaged_over_seeds():
     assert [r.split(" | ")[:3] for r in rows] == [
         ["| fashion_mnist", "4, 64", "2"], ["| math_shapes", "4, 64", "1"], ["| math_shapes", "8, 400", "1"],
         ["| both folds", "4, 64", "3"], ["| both folds", "8, 400", "1"]]
+
+
+def test_score_folds_runs_each_fold_in_its_home_saves_as_it_goes_and_resumes(tmp_path, monkeypatch):
+    parts = _meta_parts()
+    monkeypatch.setenv("HMLIB_HOME", str(tmp_path / "elsewhere"))
+    out, calls = tmp_path / "results" / "r.json", []
+
+    def score(fold, seed, done, save):
+        calls.append((fold, seed, Path(os.environ["HMLIB_HOME"]).name))
+        done.setdefault("cell", seed)
+        save()
+
+    results = parts.score_folds(out, ["fashion_mnist", "math_shapes"], [0, 1], str(tmp_path / "lodo"), score)
+    assert calls == [("fashion_mnist", 0, "fashion_mnist"), ("fashion_mnist", 1, "fashion_mnist"),
+                     ("math_shapes", 0, "math_shapes"), ("math_shapes", 1, "math_shapes")]
+    assert json.loads(out.read_text()) == results == {f: {"0": {"cell": 0}, "1": {"cell": 1}}
+                                                      for f in ("fashion_mnist", "math_shapes")}
+    out.write_text(json.dumps({"fashion_mnist": {"0": {"cell": 7}}}))  # a rerun starts from what was saved
+    assert parts.score_folds(out, ["fashion_mnist"], [0], str(tmp_path / "lodo"), score)["fashion_mnist"]["0"] == {
+        "cell": 7}

@@ -229,17 +229,25 @@ def main() -> None:
         print(table(pooled(json.loads(path.read_text()) for path in args.table)))
         return
     out = Path(args.out) if args.out else paths.results_dir() / "meta_parts.json"
+    results = score_folds(out, args.folds, args.seeds, args.home,
+                          lambda fold, seed, done, save: score_fold(fold, seed, done, save, args.arms))
+    print(table(results))
+
+
+def score_folds(out: Path, folds, seeds, home: str, score) -> dict:
+    """The results file ``out`` (fold -> seed -> ...; resumed where it exists) after ``score(fold, seed, done, save)``
+    of every fold and seed, each fold with its home (``home``/<fold>) as HMLIB_HOME; ``save()`` writes the file."""
     results = json.loads(out.read_text()) if out.is_file() else {}
 
     def save() -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results))
 
-    for fold in args.folds:
-        os.environ["HMLIB_HOME"] = str(Path(args.home).resolve() / fold)  # every artifact of the fold in its home
-        for seed in args.seeds:
-            score_fold(fold, seed, results.setdefault(fold, {}).setdefault(str(seed), {}), save, args.arms)
-    print(table(results))
+    for fold in folds:
+        os.environ["HMLIB_HOME"] = str(Path(home).resolve() / fold)  # every artifact of the fold in its home
+        for seed in seeds:
+            score(fold, seed, results.setdefault(fold, {}).setdefault(str(seed), {}), save)
+    return results
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ meta_parts.py does).
 """
 import argparse
 import json
-import os
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -65,8 +64,9 @@ def shape_of(key: str) -> str:
 
 
 def table(results: dict) -> str:
-    """Markdown: per fold (and both pooled, where there are two) and task shape, the paired difference between step counts, each task's
-    difference averaged over the seeds that scored it ('*' where the 95% interval over tasks excludes zero)."""
+    """Markdown: per fold (and both pooled, where there are two) and task shape, the paired difference between step
+    counts, each task's difference averaged over the seeds that scored it ('*' where the 95% interval over tasks
+    excludes zero)."""
     diffs: dict = defaultdict(lambda: defaultdict(list))  # (fold, shape) -> pair -> per-task differences
     for fold, seeds in results.items():
         keys = sorted({key for cells in seeds.values() for key in cells})
@@ -100,17 +100,7 @@ def main() -> None:
         print(table(meta_parts.pooled(json.loads(path.read_text()) for path in args.table)))
         return
     out = Path(args.out) if args.out else paths.results_dir() / "steps_by_size.json"
-    results = json.loads(out.read_text()) if out.is_file() else {}
-
-    def save() -> None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results))
-
-    for fold in args.folds:
-        os.environ["HMLIB_HOME"] = str(Path(args.home).resolve() / fold)  # every artifact of the fold in its home
-        for seed in args.seeds:
-            score_fold(fold, seed, results.setdefault(fold, {}).setdefault(str(seed), {}), save)
-    print(table(results))
+    print(table(meta_parts.score_folds(out, args.folds, args.seeds, args.home, score_fold)))
 
 
 if __name__ == "__main__":
