@@ -55,7 +55,7 @@ help:
 	@echo "make folds      set up, then each leave-one-dataset-out fold of docs/lodo/ (its own home: lodo/<dataset>)"
 	@echo "make results    docs/results.json and the README tables from the last make run + make bench"
 	@echo "variables: PROFILE=smoke|default|seed CONFIG=path.json DEVICE=cuda HMLIB_DATA_DIR=... TORCH_INDEX=... VENV=.venv"
-	@echo "           FOLDS='fashion_mnist math_shapes' FOLDS_HOME=lodo (make folds)"
+	@echo "           FOLDS='fashion_mnist hebrew_chars math_shapes' FOLDS_HOME=lodo (make folds)"
 
 setup: $(STAMP)
 
@@ -97,7 +97,7 @@ benchmark-transductive: $(STAMP)
 
 # The leave-one-dataset-out folds (docs/METHOD.md): each holds one meta-training dataset back from every stage and
 # runs the whole series on it, in its own home (nothing of the default run is touched); settings may be chosen there.
-FOLDS ?= fashion_mnist math_shapes
+FOLDS ?= fashion_mnist hebrew_chars math_shapes
 FOLDS_HOME ?= lodo
 FOLD_HOME = $(abspath $(FOLDS_HOME))/$$fold
 FOLD_DEVICE = $(if $(DEVICE),--device $(DEVICE),)

@@ -64,22 +64,23 @@ def shape_of(key: str) -> str:
 
 
 def table(results: dict) -> str:
-    """Markdown: per fold (and both pooled, where there are two) and task shape, the paired difference between step
-    counts, each task's difference averaged over the seeds that scored it ('*' where the 95% interval over tasks
-    excludes zero)."""
+    """Markdown: per fold (and the folds pooled, where there are several) and task shape, the paired difference
+    between step counts, each task's difference averaged over the seeds that scored it ('*' where the 95% interval
+    over tasks excludes zero)."""
     diffs: dict = defaultdict(lambda: defaultdict(list))  # (fold, shape) -> pair -> per-task differences
+    every = "both folds" if len(results) == 2 else f"all {len(results)} folds"
     for fold, seeds in results.items():
         keys = sorted({key for cells in seeds.values() for key in cells})
         for key in keys:
             cells = [cells[key] for cells in seeds.values() if key in cells]
             mean = {n: np.mean([np.asarray(c[str(n)]) for c in cells], axis=0) for n in COUNTS}
             for low, high in PAIRS:
-                for group in (fold, "both folds") if len(results) > 1 else (fold,):
+                for group in (fold, every) if len(results) > 1 else (fold,):
                     diffs[(group, shape_of(key))][(low, high)].append(mean[high] - mean[low])
     lines = ["| fold | K, N | tasks | " + " | ".join(f"{h} minus {l} steps" for l, h in PAIRS) + " |",
              "|---|---|---:|" + "---:|" * len(PAIRS)]
     size = lambda shape: tuple(int(part[1:]) for part in reversed(shape.split("_")))  # noqa: E731  (N, K)
-    for (group, shape), by_pair in sorted(diffs.items(), key=lambda kv: (kv[0][0] == "both folds", kv[0][0],
+    for (group, shape), by_pair in sorted(diffs.items(), key=lambda kv: (kv[0][0] == every, kv[0][0],
                                                                           size(kv[0][1]))):
         cells = [np.concatenate(by_pair[pair]) for pair in PAIRS]
         N, K = size(shape)
@@ -90,7 +91,7 @@ def table(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--folds", nargs="+", default=list(meta_parts.FOLDS), choices=meta_parts.FOLDS)
+    parser.add_argument("--folds", nargs="+", default=list(meta_parts.FOLDS), choices=meta_parts.EVERY_FOLD)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--home", default="lodo", help="folder of the fold homes (make folds' FOLDS_HOME)")
     parser.add_argument("--out", default=None, help="results JSON (default: results/steps_by_size.json)")
