@@ -143,6 +143,18 @@ def test_no_images_is_one_clear_error(empty):
         as_images(empty)
 
 
+def test_a_28x28_array_of_dark_ink_on_light_is_inverted_like_every_other_input():
+    """The estimator's 28 x 28 array path used to pass arrays through untouched, so dark-on-light images reached the
+    model inverted (on 500 inverted mnist test images, K = 10: 57% against 80% for the same images as PIL images)."""
+    bright_on_dark = class_patterns(np.repeat(np.arange(4), 5), 4, seed=2)
+    dark_on_light = 255 - bright_on_dark
+    np.testing.assert_array_equal(as_images(dark_on_light), bright_on_dark)
+    np.testing.assert_array_equal(as_images(bright_on_dark), bright_on_dark)  # already right: untouched
+    from PIL import Image
+    as_pil = as_images([Image.fromarray(a) for a in dark_on_light])  # the other paths agree on the polarity
+    assert np.mean(as_pil[:, 0, :]) < 128 and np.mean(as_images(dark_on_light)[:, 0, :]) < 128
+
+
 # ------------------------------------------------------------------------------------- the output folder
 
 def _slow_fit(monkeypatch, seconds: float) -> None:

@@ -29,7 +29,7 @@ from hmlib.backbone.embeddings import embed_images
 from hmlib.backbone.transductive import evenly_spaced, gate as gate_decision, train_transductive
 from hmlib.cluster.images import ClusterInputError
 from hmlib.config import IMAGE_SIZE, config_to_dict, with_overrides
-from hmlib.data.preprocess import preprocess_images
+from hmlib.data.preprocess import normalise_polarity, preprocess_images
 from hmlib.features import normalize_task_np
 from hmlib.evaluation.evaluate import default_results_path
 from hmlib.hyper.adapt import adapt_candidates
@@ -73,14 +73,15 @@ def default_checkpoint() -> Path:
 
 
 def as_images(images: Any) -> np.ndarray:
-    """uint8 (N, 28, 28) from uint8 arrays of any size (N, H, W) or a list of PIL images (hmlib's preprocessing);
-    no images at all is a ClusterInputError (a ValueError)."""
+    """uint8 (N, 28, 28), ink bright on dark, from uint8 arrays of any size (N, H, W) or a list of PIL images (hmlib's
+    preprocessing; arrays already 28 x 28 only have their polarity normalised, as every other input has); no images
+    at all is a ClusterInputError (a ValueError)."""
     if isinstance(images, np.ndarray):
         if images.ndim != 3 or images.dtype != np.uint8:
             raise ValueError(f"expected uint8 images (N, H, W) or a list of PIL images, got {images.dtype} "
                              f"{images.shape}")
         if len(images) and images.shape[1:] == (IMAGE_SIZE, IMAGE_SIZE):
-            return images
+            return normalise_polarity(images)[0]
         images = [Image.fromarray(a, mode="L") for a in images]
     images = list(images)
     if not images:
