@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from hmlib import cli
-from hmlib.artifacts import MissingArtifactError, write_json
+from hmlib.artifacts import ArtifactError, MissingArtifactError, read_json, write_json
 from hmlib.config import ConfigError, with_overrides
 from hmlib.stats import paired
 from hmlib.data import CORRUPTIONS, benchmark_corruptions, train_corruptions
@@ -159,6 +159,38 @@ def test_hmlib_benchmark_end_to_end(trained, home, tmp_path, monkeypatch, capsys
     assert [b["condition"]["dataset"] for b in result["conditions"]] == DATASETS
     calls = count_scorings(monkeypatch)
     assert cli.main(args) == 0 and not calls and "Recomputing" not in capsys.readouterr().out
+
+    # the same command with other settings: refused in one line, the finished benchmark untouched (it used to be
+    # recomputed in place and the summary replaced by the smaller grid); --overwrite replaces it
+    before = {p: p.read_bytes() for p in [path, *path.with_suffix("").glob("*.json")]}
+    overrides.write_text(json.dumps({**OVERRIDES, "benchmark": {**BENCHMARK, "shapes": [[K, N]], "num_tasks": 3}}))
+    assert cli.main(args) == 2 and not calls
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds a finished benchmark made with other settings (its task count)" in err[0]
+    assert "--overwrite" in err[0] and {p: p.read_bytes() for p in before} == before
+    assert cli.main([*args, "--overwrite"]) == 0 and load_results("zero_shot", path)["num_tasks"] == 3
+
+
+def test_a_finished_benchmark_grows_but_is_never_replaced_by_other_settings(trained, home, monkeypatch):
+    """A larger grid that holds a finished one resumes it (nothing lost); a grid without some of its datasets or
+    shapes, or other checkpoints or test-time steps, is refused unless overwrite."""
+    small = bench_cfg(trained, shapes=[[K, N]], corruptions=["rotate"])
+    run_benchmark(small, progress=False)
+    calls = count_scorings(monkeypatch)
+    larger = run_benchmark(bench_cfg(trained, shapes=[[K, N]]), progress=False)  # + shot_noise: one new condition
+    assert len(calls) == 1 and len(larger["conditions"]) == 3
+    for other, what in ((small, "its datasets"), (bench_cfg(trained, shapes=[[2, 12]]), "its task shapes"),
+                        (with_overrides(bench_cfg(trained, shapes=[[K, N]]), {"adapt": {"test_steps": 1}}),
+                         "its test-time steps, its test-time settings")):
+        with pytest.raises(ArtifactError, match=f"made with other settings \\({what}\\)"):
+            run_benchmark(other, progress=False)
+    path = results_dir() / BENCHMARK_FILE
+    made_by_others = {**read_json(path), "checkpoints": [{"sha256": "0" * 64}]}
+    write_json(path, made_by_others)
+    with pytest.raises(ArtifactError, match="made with other settings \\(its checkpoints\\)"):
+        run_benchmark(bench_cfg(trained, shapes=[[K, N]]), progress=False)
+    assert read_json(path) == made_by_others
+    assert len(run_benchmark(small, progress=False, overwrite=True)["conditions"]) == 2
 
 
 # ------------------------------------------------------------------------------------ the transductive setting

@@ -20,10 +20,11 @@ from typing import Any, Mapping
 
 from tqdm.auto import tqdm
 
-from hmlib.artifacts import MissingArtifactError, check_writable, load_checkpoint
+from hmlib.artifacts import ArtifactError, MissingArtifactError, check_writable, load_checkpoint, read_json
 from hmlib.backbone.transductive import get_transductive_backbone
 from hmlib.cli import add_device_option
-from hmlib.config import Config, ConfigError, configure_runtime, load_config, resolve_device, with_overrides
+from hmlib.config import (Config, ConfigError, config_to_dict, configure_runtime, load_config, resolve_device,
+                          with_overrides)
 from hmlib.data.corruptions import benchmark_corruptions
 from hmlib.data.registry import parse_shifted
 from hmlib.evaluation.evaluate import EvalError, evaluate_setting, load_bundles, load_results, per_task_accuracy
@@ -61,9 +62,10 @@ def adapt_backbones(cfg: Config, bundles: list[Bundle], datasets: list[str], *, 
 
 
 def run_benchmark(cfg: Config, checkpoints: list[Path] | None = None, *, setting: str = "zero_shot",
-                  progress: bool = True) -> dict[str, Any]:
+                  progress: bool = True, overwrite: bool = False) -> dict[str, Any]:
     """Evaluate the pipeline's checkpoints (``models/pipeline.json``) on the full grid in ``setting``; resumable per
-    condition (and per adapted backbone)."""
+    condition (and per adapted backbone). A finished benchmark made with other settings (checkpoints, grid, task
+    count, evaluation or test-time settings) is an ArtifactError unless ``overwrite``: it is replaced, not resumed."""
     if setting not in BENCHMARK_FILES:
         raise ConfigError(f"unknown benchmark setting {setting!r}; choose one of: {', '.join(BENCHMARK_FILES)}")
     checkpoints = checkpoints or [p for p in pipeline_checkpoints() if p.is_file()]
@@ -73,13 +75,41 @@ def run_benchmark(cfg: Config, checkpoints: list[Path] | None = None, *, setting
     check_writable(path.parent, what="the results folder")
     bench = benchmark_config(cfg)
     datasets = benchmark_datasets(cfg)
-    shapes = cfg.benchmark.shapes
+    shapes = cfg.benchmark.shapes if setting == "zero_shot" else cfg.benchmark.transductive_shapes
     bundles = load_bundles(checkpoints, resolve_device(cfg.device))  # loaded once, for both stages
+    if path.is_file() and not overwrite:
+        differs = other_settings(read_json(path), bench, [b.sha256 for b in bundles], datasets, shapes)
+        if differs:
+            raise ArtifactError(f"{path} holds a finished benchmark made with other settings ({differs}); pass "
+                                "--overwrite to replace it, or run this one in another home (HMLIB_HOME=<folder>)")
     if setting == "transductive":
         adapt_backbones(bench, bundles, datasets, progress=progress)
-        shapes = cfg.benchmark.transductive_shapes
     return evaluate_setting(bench, bundles, setting, datasets=datasets, shapes=shapes, path=path,
                             progress=progress, key={"benchmark": True, "profile": cfg.profile})
+
+
+def other_settings(result: Mapping[str, Any], cfg: Config, shas: list[str], datasets: list[str],
+                   shapes) -> str:
+    """What differs between a finished benchmark ``result`` and one of ``cfg`` (the benchmark's config) on the
+    checkpoints ``shas``, ``datasets`` and ``shapes``; '' where nothing does (the same benchmark, or a larger grid
+    that holds all of it: it resumes, and loses nothing)."""
+    blocks = [b for b in result.get("conditions", []) if "condition" in b]
+    identity = blocks[0].get("identity", {}) if blocks else {}
+    made = {(b["condition"]["num_classes"], b["condition"]["num_images"]) for b in blocks}
+    checks = {"profile": result.get("profile") == cfg.profile,
+              "checkpoints": [c.get("sha256") for c in result.get("checkpoints", [])] == shas,
+              "task count": result.get("num_tasks") == cfg.eval.num_tasks,
+              "test-time steps": result.get("num_steps") == cfg.adapt.steps_at_test,
+              "datasets": {b["condition"]["dataset"] for b in blocks} <= set(datasets),
+              "task shapes": made <= {(int(k), int(n)) for k, n in shapes},
+              "evaluation settings": without_count(identity.get("eval")) == without_count(config_to_dict(cfg.eval)),
+              "test-time settings": identity.get("adapt") == config_to_dict(cfg.adapt)}
+    return ", ".join(f"its {what}" for what, same in checks.items() if not same)
+
+
+def without_count(settings: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Evaluation settings without the task count (compared on its own)."""
+    return {key: value for key, value in (settings or {}).items() if key != "num_tasks"}
 
 
 def setting_comparison(transductive: Mapping[str, Any], zero_shot: Mapping[str, Any],
@@ -132,6 +162,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser.add_argument("--profile", default="default", help="config profile (default: default)")
     parser.add_argument("--config", type=Path, default=None, metavar="FILE", help="JSON overrides")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a finished benchmark of this setting made with other settings (refused without)")
     add_device_option(parser, "the benchmark")
     parser.set_defaults(func=run_benchmark_command)
     return parser
@@ -150,7 +182,7 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
     recorded = load_checkpoint(checkpoints[0])[1].get("config", {})
     if recorded.get("profile") != cfg.profile:
         print(f"note: the pipeline's checkpoints were made by the '{recorded.get('profile')}' profile")
-    result = run_benchmark(cfg, checkpoints, setting=args.setting, progress=not args.quiet)
+    result = run_benchmark(cfg, checkpoints, setting=args.setting, progress=not args.quiet, overwrite=args.overwrite)
     print(summary_markdown(result))
     zero_shot = results_dir() / BENCHMARK_FILES["zero_shot"]
     if args.setting == "transductive" and zero_shot.is_file():
