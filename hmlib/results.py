@@ -63,6 +63,21 @@ def gather(home: Path | None = None, *, allow_other_profile: bool = False) -> di
     return record
 
 
+KEPT_PARTS = {"benchmark": "`make benchmark`", "benchmark_transductive": "`make benchmark-transductive`",
+              "pipeline": "the notebooks' wall times (reports/runs.json)", "benchmarks": "`make bench`"}
+
+
+def keep_missing(record: dict[str, Any], previous: Mapping[str, Any]) -> list[str]:
+    """Fill the parts of :data:`KEPT_PARTS` that the gathered ``record`` lacks (that run was not made in this home)
+    from the ``previous`` record, so a home without a benchmark never wipes the committed one; what was kept."""
+    kept = []
+    for part, what in KEPT_PARTS.items():
+        if not record.get(part) and previous.get(part):
+            record[part] = previous[part]
+            kept.append(what)
+    return kept
+
+
 def _summary_entry(result: Mapping[str, Any]) -> dict[str, Any]:
     """What the record keeps of an evaluation or benchmark result: its protocol and its grid summary."""
     return {"profile": result.get("profile"), "seeds": result["seeds"], "num_steps": result["num_steps"],
@@ -199,10 +214,13 @@ def run_results_command(args: argparse.Namespace) -> int:
     """Handler of ``hmlib results``."""
     if args.write:
         record = gather(args.home, allow_other_profile=args.allow_other_profile)
+        kept = keep_missing(record, read_json(RESULTS_FILE) if RESULTS_FILE.is_file() else {})
         write_json(RESULTS_FILE, record)
         with atomic_path(README) as tmp:
             tmp.write_text(render_readme(README.read_text(), record))
         print(f"wrote {RESULTS_FILE} and regenerated the results sections of {README}")
+        if kept:
+            print(f"kept from the previous {RESULTS_FILE.name} (no such run in the artifact folder): {'; '.join(kept)}")
         return 0
     try:
         stale = check_readme()
@@ -215,4 +233,4 @@ def run_results_command(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["RESULTS_FILE", "check_readme", "cluster_accuracy_note", "gather", "render_readme"]
+__all__ = ["RESULTS_FILE", "check_readme", "cluster_accuracy_note", "gather", "keep_missing", "render_readme"]

@@ -160,6 +160,27 @@ def test_hmlib_results_write_refuses_a_smoke_run_and_leaves_both_files(files, hm
     assert "profile `smoke`" in readme.read_text() and json.loads(path.read_text())["evaluation"]
 
 
+def test_a_home_without_a_benchmark_keeps_the_committed_one(files, hmlib_home, tmp_path, capsys):
+    """--write from a home that has a run but no benchmark, bench figures or run log keeps those parts of the
+    committed record (it used to replace them by 'no run recorded' with rc 0) and says so; what the home has is
+    new."""
+    path, readme = files
+    committed = {**RECORD, "benchmark": {"profile": "default", "summary": {}}}
+    write_json(path, committed)
+    other = tmp_path / "run_only"
+    for setting in ("zero_shot", "transductive"):
+        write_json(other / "results" / f"eval_{setting}.json", evaluation(setting))
+    assert cli.main(["results", "--write", "--home", str(other)]) == 0
+    out = capsys.readouterr().out
+    assert "kept from the previous results.json" in out and "`make benchmark`;" in out and "`make bench`" in out
+    assert "`make benchmark-transductive`" not in out  # nothing committed to keep
+    written = read_json(path)
+    for part in ("benchmark", "pipeline", "benchmarks"):
+        assert written[part] == committed[part]
+    assert written["evaluation"] == results.gather(other)["evaluation"] and "benchmark_transductive" not in written
+    assert "01_data 60 s" in readme.read_text()  # the committed run log's wall time, not "no run recorded"
+
+
 def test_a_readme_that_cannot_be_rendered_is_left_as_it_was(files, hmlib_home, capsys):
     """The README is replaced atomically: a failure while rendering leaves the old file and no temporary one."""
     path, readme = files
