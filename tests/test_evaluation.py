@@ -18,7 +18,8 @@ from sklearn.cluster import AgglomerativeClustering
 import hmlib.backbone.transductive as transductive
 from datafactory import write_tiny_dataset
 from hmlib import cli
-from hmlib.artifacts import ArtifactError, MissingArtifactError, StaleArtifactError, load_checkpoint, save_checkpoint
+from hmlib.artifacts import (ArtifactError, MissingArtifactError, StaleArtifactError, load_checkpoint, save_checkpoint,
+                             write_json)
 from hmlib.config import config_to_dict, load_config, with_overrides
 from hmlib.data import sample_tasks
 from hmlib.errors import HmlibError
@@ -39,10 +40,11 @@ from hmlib.evaluation.tables import (condition_rows, grid_summary, headline_rows
 from hmlib.hyper.bundle import load_bundle
 from hmlib.metrics import clustering_accuracy
 from hmlib.plots import evaluation as plots
+from hmlib.paths import models_dir
 from hmlib.reports import record_headline
 from hmlib.stats import mean_ci
 from hmlib.vae.train import get_vae
-from tinyprotocol import K, N, STEPS, TASKS, TEST_STEPS, tiny_config, train_home, use_home
+from tinyprotocol import K, N, OVERRIDES, STEPS, TASKS, TEST_STEPS, tiny_config, train_home, use_home
 
 DIM, NUM_ALL_CLASSES, PER_CLASS, BLOB_TASKS, BLOB_N = 4, 5, 40, 4, 30
 STORED = ("embedding", "latent", "pixels")  # representations a baseline can read without a backbone
@@ -759,6 +761,41 @@ def test_hmlib_eval_refuses_bad_arguments(trained, ckpt, tmp_path, capsys):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     assert "corrupt" in refused(["--checkpoint", garbage, "--dataset", "mnist"], capsys)
+
+
+def test_hmlib_eval_faults_of_the_first_hour(trained, ckpt, tmp_path, capsys):
+    """Found by a first-hour audit: --json naming a .md (the table then overwrote the JSON), a grid left empty by
+    its shapes (an empty result, rc 0), a replicate recorded in models/pipeline.json but missing (silently dropped),
+    the same dataset name from two --data-dir mirrors (one default result file: the second replaced the first), and
+    --setting transductive without --dataset (it took the test datasets, of which notebook 03 adapted to few)."""
+    zero = ckpt[("zero_shot", 0)]
+    for name in ("e.md", "e.txt"):
+        assert "name a .json file" in refused(["--checkpoint", zero, "--dataset", "mnist", "--json", tmp_path / name],
+                                              capsys)
+        assert not (tmp_path / name).exists()
+    assert "no condition to evaluate" in refused(["--checkpoint", zero, "--dataset", "mnist", "--shapes", "11x60",
+                                                  "--json", tmp_path / "none.json"], capsys)
+    assert not (tmp_path / "none.json").exists()
+    write_json(models_dir() / "pipeline.json", {"0": zero.name, "1": "hypernet_seed1-gone.pt"})
+    message = refused(["--dataset", "mnist", "--tasks", "2", "--quiet"], capsys)
+    assert "hypernet_seed1-gone.pt, which is missing" in message and "--checkpoint" in message
+    mirrors = []
+    for name in ("a", "b"):
+        mirror = tmp_path / name / TEN
+        shutil.copytree(trained.ten, mirror)
+        mirrors.append(mirror.parent)
+    args = ["eval", "--checkpoint", str(zero), "--dataset", TEN, "--shapes", "2x12", "--tasks", "2", "--quiet"]
+    for mirror in mirrors:
+        assert cli.main([*args, "--data-dir", str(mirror)]) == 0
+    made = sorted((default_results_path("zero_shot").parent / "eval").glob("zero_shot-*.json"))
+    assert sorted(load_results("zero_shot", p)["key"]["data"][TEN] for p in made) == \
+        sorted(str((m / TEN).resolve()) for m in mirrors)
+    capsys.readouterr()
+    overrides = tmp_path / "tiny.json"  # the tiny protocol's data and transductive settings (default: the profile's)
+    overrides.write_text(json.dumps({k: v for k, v in OVERRIDES.items() if k not in eval_cli.MODEL_SECTIONS}))
+    assert cli.main(["eval", "--checkpoint", str(zero), "--setting", "transductive", "--tasks", "2", "--quiet",
+                     "--config", str(overrides), "--json", str(tmp_path / "t.json")]) == 0
+    assert load_results("transductive", tmp_path / "t.json")["key"]["datasets"] == list(trained.cfg.transductive.datasets)
 
 
 def test_hmlib_eval_on_a_never_seen_mirror_folder_with_ten_classes(trained, ckpt, tmp_path, capsys):

@@ -262,8 +262,12 @@ def _adapted_backbone(cfg: Config, backbone: ConvBackbone, backbone_meta: dict[s
             moved = set_aside(path, "stale" if isinstance(err, StaleArtifactError) else "corrupt")
             print(f"{path.name} cannot be reused ({str(err).splitlines()[0]}); kept it as {moved.name}.")
     if not train or cfg.transductive.retrain == "never":
-        raise MissingArtifactError(f"transductive backbone {path} {'is unfinished' if resume else 'not found'}; make "
-                                   f"it with: {make_command(cfg, '03')}")
+        how = f"make it with: {make_command(cfg, '03')}"
+        if dataset not in cfg.transductive.datasets:  # notebook 03 adapts to transductive.datasets only
+            how = (f"notebook 03 adapts only to transductive.datasets ({', '.join(cfg.transductive.datasets)}); "
+                   f"`hmlib benchmark --setting transductive` adapts to every benchmark dataset, or list {dataset} in "
+                   f"transductive.datasets of a --config for `{make_command(cfg, '03')}`")
+        raise MissingArtifactError(f"transductive backbone {path} {'is unfinished' if resume else 'not found'}; {how}")
     images = adaptation_images(cfg, image_set)
     curve_points: list[float] = list((resume or {}).get("curve", []))
     if resume is None and curve is not None:

@@ -30,7 +30,7 @@ from hmlib.data.registry import parse_shifted
 from hmlib.evaluation.evaluate import EvalError, evaluate_setting, load_bundles, load_results, per_task_accuracy
 from hmlib.evaluation.tables import over_conditions, summary_markdown
 from hmlib.hyper.bundle import Bundle
-from hmlib.hyper.metatrain import pipeline_checkpoints
+from hmlib.hyper.metatrain import recorded_checkpoints
 from hmlib.paths import results_dir
 from hmlib.stats import paired, signed
 
@@ -68,7 +68,7 @@ def run_benchmark(cfg: Config, checkpoints: list[Path] | None = None, *, setting
     count, evaluation or test-time settings) is an ArtifactError unless ``overwrite``: it is replaced, not resumed."""
     if setting not in BENCHMARK_FILES:
         raise ConfigError(f"unknown benchmark setting {setting!r}; choose one of: {', '.join(BENCHMARK_FILES)}")
-    checkpoints = checkpoints or [p for p in pipeline_checkpoints() if p.is_file()]
+    checkpoints = checkpoints or recorded_checkpoints()
     if not checkpoints:
         raise MissingArtifactError("no pipeline checkpoint recorded in models/pipeline.json; make them with `make run`")
     path = results_dir() / BENCHMARK_FILES[setting]
@@ -175,7 +175,7 @@ def run_benchmark_command(args: argparse.Namespace) -> int:
     device = getattr(args, "device", None)
     cfg = load_config(args.profile, args.config, {"device": device} if device is not None else None)
     configure_runtime(cfg)  # deterministic kernels, the profile's threads, as in the notebooks
-    checkpoints = [p for p in pipeline_checkpoints() if p.is_file()]
+    checkpoints = recorded_checkpoints()
     if not checkpoints:
         raise MissingArtifactError("no pipeline checkpoint recorded in models/pipeline.json; make them with "
                                    f"`hmlib run --profile {args.profile}`")

@@ -23,7 +23,7 @@ from hmlib.config import (TEST_TIME_ONLY, Config, ConfigError, config_to_dict, c
                           registered_datasets, with_overrides)
 from hmlib.evaluation.evaluate import EvalError, evaluate_setting
 from hmlib.evaluation.tables import summary_markdown
-from hmlib.hyper.metatrain import pipeline_checkpoints
+from hmlib.hyper.metatrain import recorded_checkpoints
 from hmlib.paths import results_dir
 from hmlib.validation import read_config_file
 
@@ -68,7 +68,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="hypernetwork checkpoint(s) models/hypernet_seed<s>-<hash>.pt, one per replicate seed "
                              "(default: those of the last `hmlib run`, listed in models/pipeline.json)")
     parser.add_argument("--dataset", nargs="+", metavar="NAME",
-                        help="held-out dataset(s), e.g. mnist mnist+rotate (default: the checkpoint's test datasets)")
+                        help="held-out dataset(s), e.g. mnist mnist+rotate (default: the checkpoint's test datasets; "
+                             "with --setting transductive its transductive.datasets, those notebook 03 adapted to)")
     parser.add_argument("--setting", default="zero_shot", choices=("zero_shot", "transductive"),
                         help="zero_shot (default) or transductive (the backbone adapted to each dataset's unlabeled "
                              "train split; made by notebook 03)")
@@ -152,7 +153,7 @@ def run_eval_command(args: argparse.Namespace) -> int:
     if args.config is not None:
         read_config_file(args.config)  # a bad file fails before any checkpoint is read
     if not args.checkpoint:
-        args.checkpoint = [p for p in pipeline_checkpoints() if p.is_file()]
+        args.checkpoint = recorded_checkpoints(", or pass --checkpoint for the ones to evaluate")
         if not args.checkpoint:
             raise EvalError("no checkpoint given and none recorded in models/pipeline.json; run `make run` first or "
                             "pass --checkpoint")
@@ -162,7 +163,10 @@ def run_eval_command(args: argparse.Namespace) -> int:
     meta = load_checkpoint(args.checkpoint[0])[1]  # settings first: bad arguments fail before models load
     recorded = meta.get("config") or {}
     custom = dict((recorded.get("data") or {}).get("custom_datasets") or {})
-    datasets = list(args.dataset or (recorded.get("meta") or {}).get("test_datasets") or [])
+    if args.json is not None and Path(args.json).suffix != ".json":
+        raise EvalError(f"--json {args.json}: name a .json file (the table is written beside it, as .md)")
+    default = ((recorded.get("transductive") or {}).get("datasets") if args.setting == "transductive" else None)
+    datasets = list(args.dataset or default or (recorded.get("meta") or {}).get("test_datasets") or [])
     if not datasets:
         raise EvalError("no dataset to evaluate: pass --dataset NAME")
     overrides: dict[str, Any] = {"data": _dataset_overrides(args, datasets, custom), "eval": {}}
@@ -185,7 +189,8 @@ def run_eval_command(args: argparse.Namespace) -> int:
               "held-out evaluation", file=sys.stderr)
     key = {"checkpoints": sorted(file_sha256(p) for p in args.checkpoint), "datasets": datasets,
            "setting": args.setting, "eval": config_to_dict(cfg.eval), "adapt": config_to_dict(cfg.adapt),
-           "steps": args.steps}
+           "steps": args.steps, "data": {name: str(Path(where).resolve()) if Path(where).exists() else where
+                                         for name, where in sorted(cfg.data.custom_datasets.items())}}
     out = args.json or results_dir() / "eval" / f"{args.setting}-{fingerprint(key)[:10]}.json"
     if args.json is not None and out.exists() and not args.overwrite and not _same_evaluation(out, key):
         raise EvalError(f"--json {out} holds another evaluation (other checkpoints, conditions or settings); choose "

@@ -145,6 +145,9 @@ def evaluate_setting(cfg: Config, checkpoints: Sequence[str | Path | Bundle], se
     bundles = load_bundles(checkpoints, resolve_device(cfg.device))
     path = Path(path) if path is not None else default_results_path(setting)
     conditions = grid(cfg, datasets, shapes)
+    if not conditions:
+        raise EvalError("no condition to evaluate: every task shape asks for more classes than its dataset has "
+                        "(see the notes above); ask for a smaller K")
     shas = [b.sha256 for b in bundles]
     blocks, cache = [], {}
     bar = tqdm(conditions, desc=f"evaluate {setting}", disable=not progress)

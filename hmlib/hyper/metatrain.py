@@ -321,6 +321,20 @@ def pipeline_checkpoints() -> list[Path]:
         return []
 
 
+def recorded_checkpoints(otherwise: str = "") -> list[Path]:
+    """The pipeline's checkpoints (:func:`pipeline_checkpoints`) that exist; one recorded but missing while others
+    exist is a MissingArtifactError naming it (going on without it would silently drop a replicate seed;
+    ``otherwise``: what else the user may do)."""
+    recorded = pipeline_checkpoints()
+    missing = [p.name for p in recorded if not p.is_file()]
+    if missing and len(missing) < len(recorded):
+        raise MissingArtifactError(
+            f"models/pipeline.json names {', '.join(missing)}, which {'is' if len(missing) == 1 else 'are'} missing; "
+            f"re-make {'it' if len(missing) == 1 else 'them'} with `hmlib run --only 03` and the profile that made "
+            f"the others{otherwise}")
+    return [p for p in recorded if p.is_file()]
+
+
 def meta_train(cfg: Config, seed: int, *, train: bool = True, progress: bool = True,
                folder: str | None = None) -> MetaResult:
     """Meta-train (or reuse / resume) the hypernetwork of a replicate seed on the protocol's datasets (the VAE and
