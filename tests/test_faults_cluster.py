@@ -104,6 +104,21 @@ def test_named_pipes_and_broken_links_are_skipped_and_listed_not_opened(mixed):
     assert sorted(collection.names) == sorted(files["images"] + ["link_to_image.png"])
 
 
+def test_links_to_folders_are_followed_once_and_loops_are_listed(tmp_path):
+    """A linked subfolder used to be dropped without a word (os.walk does not follow links); now its images are
+    read, and a link that leads back to a folder already listed is skipped and listed, never walked forever."""
+    root, elsewhere = tmp_path / "set", tmp_path / "elsewhere"
+    export_image_folder(class_patterns(np.arange(3) % 3, 3, seed=1), root / "real")
+    export_image_folder(class_patterns(np.arange(4) % 2, 3, seed=2), elsewhere)
+    os.symlink(elsewhere, root / "more", target_is_directory=True)
+    os.symlink(root, root / "real" / "loop", target_is_directory=True)
+    os.symlink(elsewhere, root / "again", target_is_directory=True)
+    collection = load_images(root, progress=False)
+    assert len(collection.names) == 7 and sum(n.startswith("again/") for n in collection.names) == 4  # sorted first
+    twice = "a link to a folder listed already; not read twice"
+    assert dict(collection.skipped) == {"more/": twice, "real/loop/": twice}
+
+
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes on this platform")
 def test_hmlib_cluster_on_a_folder_with_a_pipe_finishes_and_lists_it(mixed, checkpoint, capsys, tmp_path):
     root, files = mixed

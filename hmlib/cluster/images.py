@@ -128,17 +128,28 @@ def _not_regular(path: Path) -> str | None:
 
 def list_files(folder: Path) -> tuple[list[str], list[tuple[str, str]]]:
     """``(files, skipped)``: relative posix paths of the non-hidden regular files under ``folder``, sorted, and
-    ``(path, reason)`` for unreadable folders and entries that are not regular files (pipes, sockets, devices)."""
+    ``(path, reason)`` for unreadable folders and entries that are not regular files (pipes, sockets, devices).
+    Links to folders are followed, each folder listed once: a link back to a folder already listed (a loop, or a
+    second way into it) is skipped and listed."""
     found: list[str] = []
     errors: list[tuple[str, str]] = []
+    seen = {os.path.realpath(folder)}
 
     def on_error(err: OSError) -> None:
         where = Path(err.filename).relative_to(folder).as_posix() if err.filename else "."
         errors.append((where + "/", one_line(err)))
 
-    for root, dirs, names in os.walk(folder, onerror=on_error):
-        dirs[:] = [d for d in dirs if not d.startswith(".")]
+    for root, dirs, names in os.walk(folder, onerror=on_error, followlinks=True):
         base = Path(root).relative_to(folder)
+        kept = []
+        for name in sorted(d for d in dirs if not d.startswith(".")):
+            real = os.path.realpath(os.path.join(root, name))
+            if real in seen:
+                errors.append(((base / name).as_posix() + "/", "a link to a folder listed already; not read twice"))
+            else:
+                seen.add(real)
+                kept.append(name)
+        dirs[:] = kept
         for name in names:
             if name.startswith("."):
                 continue
