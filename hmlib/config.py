@@ -440,7 +440,11 @@ def load_config(profile: str = "default", path: str | Path | None = None,
         raise ConfigError(f"unknown profile '{profile}'; choose one of: {', '.join(PROFILES)}")
     cfg = _merge(Config(profile=profile), PROFILES[profile], "")
     if path is not None:
-        cfg = _merge(cfg, read_config_file(path), "")
+        settings = read_config_file(path)
+        if "profile" in settings and settings["profile"] != profile:  # it would relabel the run, not change it
+            raise ConfigError(f"{path}: \"profile\": {settings['profile']!r} is not the profile asked for "
+                              f"('{profile}'); a config file cannot choose the profile: pass --profile instead")
+        cfg = _merge(cfg, settings, "")
     if os.environ.get(DEVICE_VARIABLE, "").strip():
         cfg = _merge(cfg, {"device": os.environ[DEVICE_VARIABLE].strip()}, "")
     if overrides:

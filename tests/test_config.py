@@ -132,6 +132,15 @@ def test_json_file_overrides_nested_fields_and_lists_become_tuples(tmp_path):
     assert cfg.vae.epochs == load_config("smoke").vae.epochs  # the profile still applies underneath
 
 
+def test_a_config_file_cannot_relabel_the_profile(tmp_path):
+    """A file's "profile" key used to be taken as it was: the settings stayed the profile's, but results recorded
+    the file's name (so a smoke run could pass as the default protocol). The profile's own name is harmless."""
+    for other in ("default", "nosuch"):
+        with pytest.raises(ConfigError, match=f"'{other}' is not the profile asked for \\('smoke'\\).*--profile"):
+            load_config("smoke", _write(tmp_path, {"profile": other}))
+    assert load_config("smoke", _write(tmp_path, {"profile": "smoke"})) == load_config("smoke")
+
+
 def test_overrides_apply_after_the_file(tmp_path):
     """Explicit overrides win over the file."""
     path = _write(tmp_path, {"task": {"num_images": 32}})
