@@ -232,20 +232,33 @@ def load_checkpoint(path: str | Path, expected_meta: Mapping[str, Any] | None = 
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"checkpoint not found: {path}")
+    # an artifact of this home may be deleted and made again; a user's own file (or the manifest) never
+    remedy = "; delete it to retrain" if path.suffix == ".pt" and _under(path, paths.models_dir()) else ""
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch raises several types for truncated/garbage/unsafe files
+        text = str(err).splitlines()[0] if str(err) else ""
+        if "weights_only" in str(err):  # torch's advice to load it unsafely is not ours to give
+            text = "it holds objects other than tensors and plain values, which hmlib never writes"
         raise ArtifactError(f"checkpoint {path} is corrupt or not an hmlib checkpoint ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0] if str(err) else ''}); delete it to retrain") from err
+                            f"{text}){remedy}") from err
     if not isinstance(payload, dict) or "meta" not in payload or "state" not in payload:
-        raise ArtifactError(f"{path} is not an hmlib checkpoint (no meta/state); delete it to retrain")
+        raise ArtifactError(f"{path} is not an hmlib checkpoint (no meta/state){remedy}")
     if payload.get("schema_version") != SCHEMA_VERSION:
         raise StaleArtifactError(f"{path} has schema version {payload.get('schema_version')}, "
-                                 f"this hmlib writes {SCHEMA_VERSION}; delete it to retrain")
+                                 f"this hmlib writes {SCHEMA_VERSION}{remedy or '; re-make it with this hmlib'}")
     meta = payload["meta"]
     if expected_meta is not None:
         check_meta(meta, expected_meta, str(path))
     return payload["state"], meta
+
+
+def _under(path: Path, folder: Path) -> bool:
+    """Whether ``path`` lies in ``folder`` (resolved; False where either cannot be resolved)."""
+    try:
+        return path.resolve().is_relative_to(folder.resolve())
+    except OSError:
+        return False
 
 
 def load_named_kind(path: str | Path, kind: str, what: str) -> tuple[dict[str, Any], dict[str, Any]]:

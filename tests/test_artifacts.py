@@ -135,11 +135,13 @@ def test_check_meta_passes_on_match_and_fails_on_nested_difference():
 
 
 @pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", b"PK\x03\x04garbage"])
-def test_corrupt_checkpoint_is_a_clear_error(tmp_path, content):
-    """Garbage is an ArtifactError that says what to do."""
-    (tmp_path / "bad.pt").write_bytes(content)
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path, content, monkeypatch):
+    """Garbage among the home's models is an ArtifactError that says what to do."""
+    monkeypatch.setenv("HMLIB_HOME", str(tmp_path))
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "bad.pt").write_bytes(content)
     with pytest.raises(ArtifactError, match="corrupt or not an hmlib checkpoint.*delete it"):
-        load_checkpoint(tmp_path / "bad.pt")
+        load_checkpoint(tmp_path / "models" / "bad.pt")
 
 
 def test_truncated_checkpoint_is_a_clear_error(tmp_path):
@@ -182,6 +184,25 @@ def test_unsafe_pickle_is_refused_without_running_it(tmp_path):
     with pytest.raises(ArtifactError, match="corrupt or not an hmlib checkpoint"):
         load_checkpoint(tmp_path / "evil.pt")
     assert not _Evil.ran
+
+
+def test_a_file_that_is_not_a_checkpoint_gets_advice_fit_for_whose_it_is(tmp_path, monkeypatch):
+    """Torch's "re-run torch.load with weights_only=False" is never passed on, and "delete it to retrain" is said of
+    a .pt in this home's models/ only: a user's own file (or the pipeline manifest) is not ours to delete."""
+    monkeypatch.setenv("HMLIB_HOME", str(tmp_path / "home"))
+    torch.save({"schema_version": SCHEMA_VERSION, "meta": {"x": _Evil()}, "state": {}}, tmp_path / "evil.pt")
+    with pytest.raises(ArtifactError) as err:
+        load_checkpoint(tmp_path / "evil.pt")
+    assert "objects other than tensors" in str(err.value) and "weights_only" not in str(err.value)
+    assert "delete" not in str(err.value)
+    models = tmp_path / "home" / "models"
+    models.mkdir(parents=True)
+    for name in ("photo.png", "pipeline.json", "garbage.pt"):
+        for folder in (tmp_path, models):
+            (folder / name).write_bytes(b"not a checkpoint")
+            with pytest.raises(ArtifactError, match="corrupt or not an hmlib checkpoint") as err:
+                load_checkpoint(folder / name)
+            assert ("delete it to retrain" in str(err.value)) == (folder == models and name == "garbage.pt")
 
 
 def test_failed_save_leaves_old_checkpoint_and_no_temp(tmp_path):

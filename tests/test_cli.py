@@ -37,7 +37,8 @@ def notebooks(tmp_path):
 @pytest.fixture()
 def checkpoint(tmp_path):
     """A minimal checkpoint carrying what `hmlib eval` reads before evaluating: its config (no weights)."""
-    return save_checkpoint(tmp_path / "hyper.pt", {}, {"config": config_to_dict(load_config("smoke"))})
+    return save_checkpoint(tmp_path / "hyper.pt", {}, {"kind": "hypernet",
+                                                       "config": config_to_dict(load_config("smoke"))})
 
 
 def _write(tmp_path, content, name="cfg.json"):

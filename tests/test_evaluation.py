@@ -761,6 +761,8 @@ def test_hmlib_eval_refuses_bad_arguments(trained, ckpt, tmp_path, capsys):
     garbage = tmp_path / "garbage.pt"
     garbage.write_bytes(b"not a checkpoint")
     assert "corrupt" in refused(["--checkpoint", garbage, "--dataset", "mnist"], capsys)
+    (backbone,) = models_dir().glob("backbone_seed0-*.pt")
+    assert "is a backbone checkpoint, not a hypernetwork one" in refused(["--checkpoint", backbone], capsys)
 
 
 def test_hmlib_eval_faults_of_the_first_hour(trained, ckpt, tmp_path, capsys):
@@ -779,6 +781,8 @@ def test_hmlib_eval_faults_of_the_first_hour(trained, ckpt, tmp_path, capsys):
     write_json(models_dir() / "pipeline.json", {"0": zero.name, "1": "hypernet_seed1-gone.pt"})
     message = refused(["--dataset", "mnist", "--tasks", "2", "--quiet"], capsys)
     assert "hypernet_seed1-gone.pt, which is missing" in message and "--checkpoint" in message
+    (models_dir() / "pipeline.json").write_text("{not json")
+    assert "pipeline.json cannot be read as the manifest" in refused(["--dataset", "mnist", "--quiet"], capsys)
     mirrors = []
     for name in ("a", "b"):
         mirror = tmp_path / name / TEN

@@ -23,6 +23,7 @@ from hmlib.config import (TEST_TIME_ONLY, Config, ConfigError, config_to_dict, c
                           registered_datasets, with_overrides)
 from hmlib.evaluation.evaluate import EvalError, evaluate_setting
 from hmlib.evaluation.tables import summary_markdown
+from hmlib.hyper.checkpoints import CHECKPOINT_KIND
 from hmlib.hyper.metatrain import recorded_checkpoints
 from hmlib.paths import results_dir
 from hmlib.validation import read_config_file
@@ -161,6 +162,10 @@ def run_eval_command(args: argparse.Namespace) -> int:
         if not Path(path).is_file():
             raise EvalError(f"checkpoint not found: {path}")
     meta = load_checkpoint(args.checkpoint[0])[1]  # settings first: bad arguments fail before models load
+    if meta.get("kind") != CHECKPOINT_KIND:
+        raise EvalError(f"{args.checkpoint[0]} is a {meta.get('kind') or 'foreign'} checkpoint, not a hypernetwork "
+                        "one; hmlib eval scores the hypernetwork checkpoints of meta-training "
+                        "(models/hypernet_seed<s>-<id>.pt)")
     recorded = meta.get("config") or {}
     custom = dict((recorded.get("data") or {}).get("custom_datasets") or {})
     if args.json is not None and Path(args.json).suffix != ".json":

@@ -326,6 +326,10 @@ def recorded_checkpoints(otherwise: str = "") -> list[Path]:
     exist is a MissingArtifactError naming it (going on without it would silently drop a replicate seed;
     ``otherwise``: what else the user may do)."""
     recorded = pipeline_checkpoints()
+    manifest = paths.models_dir() / PIPELINE_MANIFEST
+    if not recorded and manifest.is_file():
+        raise MissingArtifactError(f"{manifest} cannot be read as the manifest meta-training writes; re-make it with "
+                                   f"`hmlib run --only 03` and the profile of the run{otherwise}")
     missing = [p.name for p in recorded if not p.is_file()]
     if missing and len(missing) < len(recorded):
         raise MissingArtifactError(
