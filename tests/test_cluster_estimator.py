@@ -78,6 +78,20 @@ def test_bad_inputs_are_clear_errors(ckpt, tmp_path):
         HyperClusterer.from_checkpoint(ckpt[("zero_shot", 0)], n_clusters=1)
     with pytest.raises(FileNotFoundError, match="checkpoint not found"):
         HyperClusterer.from_checkpoint(tmp_path / "nope.pt", n_clusters=3)
+    # numbers that are not whole, or below what they count, used to be truncated (2.5 clusters became 2) or to fail
+    # deep inside numpy (max_fit_images = -5)
+    bundle = load_bundle(ckpt[("zero_shot", 0)])
+    for kwargs, name in (({"n_clusters": 2.5}, "n_clusters"), ({"n_clusters": True}, "n_clusters"),
+                         ({"n_clusters": "3"}, "n_clusters"), ({"n_clusters": float("nan")}, "n_clusters"),
+                         ({"n_clusters": 3, "num_steps": 2.7}, "num_steps"),
+                         ({"n_clusters": 3, "num_steps": -1}, "num_steps"),
+                         ({"n_clusters": 4, "max_fit_images": 3}, "max_fit_images"),
+                         ({"n_clusters": 3, "max_fit_images": -5}, "max_fit_images")):
+        with pytest.raises(ValueError, match=f"{name} must be a whole number"):
+            HyperClusterer(bundle, **kwargs)
+    assert HyperClusterer(bundle, n_clusters=np.int64(3), num_steps=2.0).num_steps == 2  # whole numbers of any type
+    with pytest.raises(ValueError, match="a candidate K must be a whole number"):
+        HyperClusterer(bundle, n_clusters=2).select_n_clusters(patterns(3)[0], candidates=(2.5, 3))
     clusterer = HyperClusterer.from_checkpoint(ckpt[("zero_shot", 0)], n_clusters=3)
     with pytest.raises(ValueError, match="call fit"):
         clusterer.predict(patterns(3)[0])

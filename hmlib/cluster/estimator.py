@@ -89,6 +89,15 @@ def as_images(images: Any) -> np.ndarray:
     return preprocess_images(images, progress=False, num_workers=1)
 
 
+def whole(value: Any, name: str, minimum: int) -> int:
+    """``value`` as an int if it is a whole number >= ``minimum`` (2.0 is 2; 2.5, True or '3' are a ValueError, never
+    silently truncated)."""
+    number = isinstance(value, (int, np.integer, float, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if not (number and float(value).is_integer() and int(value) >= minimum):  # inf and nan are not integers
+        raise ValueError(f"{name} must be a whole number, at least {minimum}; got {value!r}")
+    return int(value)
+
+
 class HyperClusterer:
     """Cluster an unlabeled image set with a meta-trained hypernetwork (its zero-shot checkpoint)."""
 
@@ -96,10 +105,10 @@ class HyperClusterer:
                  max_fit_images: int = MAX_FIT_IMAGES) -> None:
         if reads_images(bundle.cfg) and bundle.backbone is None:
             raise ValueError(f"{bundle.path.name} carries no backbone; re-run meta-training to rewrite it")
-        if int(n_clusters) < 2:
-            raise ValueError(f"n_clusters must be at least 2, got {n_clusters}")
-        self.bundle, self.n_clusters, self.max_fit_images = bundle, int(n_clusters), int(max_fit_images)
-        self.num_steps = bundle.cfg.adapt.steps_at_test if num_steps is None else int(num_steps)
+        n_clusters = whole(n_clusters, "n_clusters", 2)
+        self.bundle, self.n_clusters = bundle, n_clusters
+        self.max_fit_images = whole(max_fit_images, "max_fit_images", n_clusters)
+        self.num_steps = bundle.cfg.adapt.steps_at_test if num_steps is None else whole(num_steps, "num_steps", 0)
         self.labels_: np.ndarray | None = None
         self.confidence_: np.ndarray | None = None
 
@@ -226,7 +235,7 @@ class HyperClusterer:
 
         A silhouette is defined for 2..N-1 clusters of N images, so larger candidates are dropped."""
         images = as_images(images)
-        candidates = sorted({int(k) for k in candidates if int(k) < len(images)})
+        candidates = sorted({k for k in (whole(k, "a candidate K", 2) for k in candidates) if k < len(images)})
         if not candidates or candidates[0] < 2:
             raise ClusterInputError(f"candidates for K must be at least 2 and below the number of images "
                                     f"({len(images)}): a silhouette needs 2..N-1 clusters")
