@@ -222,6 +222,9 @@ def run_results_command(args: argparse.Namespace) -> int:
         if kept:
             print(f"kept from the previous {RESULTS_FILE.name} (no such run in the artifact folder): {'; '.join(kept)}")
         return 0
+    if args.home is not None:  # --check compares the committed files; it reads no artifact folder
+        raise ResultsError("--home applies to --write (the run to gather from); --check compares README.md with "
+                           "docs/results.json only")
     try:
         stale = check_readme()
     except ArtifactError as err:

@@ -294,8 +294,15 @@ def test_hmlib_cluster_adapt_below_the_minimum_says_why_and_clusters_as_trained(
     assert f"not adapting the backbone: --adapt needs at least {estimator.MIN_ADAPT_IMAGES:,} images" in printed
     assert f"these are {len(images)}" in printed and "adapted the backbone" not in printed
     assert not (out / "backbone_adapted.pt").exists()
-    assert "adapted_backbone" not in json.loads((out / "summary.json").read_text())["estimator"]
+    assert json.loads((out / "summary.json").read_text())["estimator"]["adapted_backbone"] == {
+        "used": False, "reason": f"--adapt needs at least {estimator.MIN_ADAPT_IMAGES:,} images; these are {len(images)}"}
     np.testing.assert_array_equal(read_labels(out), read_labels(tmp_path / "plain"))
+    # --overwrite into a folder where an earlier run saved an adapted backbone: that file does not stay beside the
+    # new outputs (it would pass for this run's)
+    (out / "backbone_adapted.pt").write_bytes(b"an earlier run's")
+    assert cli.main([*base, "--out", str(out), "--overwrite"]) == 0
+    assert not (out / "backbone_adapted.pt").exists()
+    assert "adapted_backbone" not in json.loads((out / "summary.json").read_text())["estimator"]
     with pytest.raises(ValueError, match="at least 1,000 images"):
         HyperClusterer.from_checkpoint(ckpt[("zero_shot", 0)], n_clusters=K).adapt_to(images)
 

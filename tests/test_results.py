@@ -147,6 +147,8 @@ def test_hmlib_results_write_then_check(files, hmlib_home, tmp_path, capsys):
     readme.write_text(readme.read_text().replace("01_data 62 s", "01_data 10 s"))
     assert cli.main(["results", "--check"]) == 2
     assert "README sections pipeline disagree" in capsys.readouterr().err
+    assert cli.main(["results", "--check", "--home", str(tmp_path / "nonexistent")]) == 2  # was ignored: passed
+    assert "--home applies to --write" in capsys.readouterr().err
 
 
 def test_hmlib_results_write_refuses_a_smoke_run_and_leaves_both_files(files, hmlib_home, tmp_path, capsys):

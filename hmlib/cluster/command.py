@@ -224,6 +224,7 @@ def _cluster_into(args: argparse.Namespace, out: Path) -> int:
     if args.k == "auto" and len(collection) < 3:
         raise ClusterInputError(f"--k auto needs at least 3 images (a silhouette compares 2..n-1 clusters); "
                                 f"{collection.location} has {len(collection)}; pass --k instead")
+    (out / ADAPTED_BACKBONE).unlink(missing_ok=True)  # an earlier run's (--overwrite): never left beside new outputs
     model = _fit(api, checkpoint, args.k, args.steps, collection.images, args.k_max,
                  adapt_out=out / ADAPTED_BACKBONE if args.adapt else None,
                  gate=not args.no_gate, progress=not args.quiet,
@@ -235,6 +236,9 @@ def _cluster_into(args: argparse.Namespace, out: Path) -> int:
     labels, confidence = _results(model, len(collection), args.k)
     summary = build_summary(collection, model, input_path=args.path, k=args.k, requested_steps=args.steps,
                             labels=labels, confidence=confidence)
+    if args.adapt and "adapted_backbone" not in summary["estimator"]:  # asked for, declined for the set's size
+        summary["estimator"]["adapted_backbone"] = {"used": False, "reason": f"--adapt needs at least "
+                                                    f"{api.MIN_ADAPT_IMAGES:,} images; these are {len(collection):,}"}
     write_assignments(out / ASSIGNMENTS, collection.names, labels, confidence)
     write_contact_sheet(out / CONTACT_SHEET, collection.images, labels, confidence, names=collection.names,
                         n_clusters=args.k, per_cluster=args.per_cluster, summary=summary,
