@@ -226,8 +226,8 @@ class MetaConfig:
     """Meta-training (outer loop) and the protocol's datasets."""
 
     train_datasets: tuple[str, ...] = checked(("fashion_mnist", "hebrew_chars", "math_shapes"), min_len=1)
-    test_datasets: tuple[str, ...] = ("mnist", "mnist+shot_noise", "mnist+glass_blur", "mnist+scale", "mnist+rotate",
-                                      "mnist+fog")  # held out; shifted variants by name (dataset+corruption)
+    test_datasets: tuple[str, ...] = checked(  # held out; shifted variants by name (dataset+corruption)
+        ("mnist", "mnist+shot_noise", "mnist+glass_blur", "mnist+scale", "mnist+rotate", "mnist+fog"), min_len=1)
     iterations: int = checked(150, min=1)
     meta_batch_size: int = checked(8, min=1)
     min_classes: int = checked(2, min=2)  # K of each meta-batch drawn from min..max (capped by the dataset)

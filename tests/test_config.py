@@ -315,6 +315,8 @@ def test_dataset_rules():
                                                           "math_shapes"}
     with pytest.raises(ConfigError, match="non-empty"):
         load_config(overrides={"meta": {"train_datasets": []}})
+    with pytest.raises(ConfigError, match="meta.test_datasets must be a non-empty list"):  # nothing to evaluate
+        load_config(overrides={"meta": {"test_datasets": []}})
 
 
 # ------------------------------------------------------------------------------------ round trip and runtime
