@@ -96,7 +96,13 @@ def check_writable(folder: str | Path, *, what: str = "folder", elsewhere: str |
     if folder.exists() and not folder.is_dir():
         raise StorageError(f"{what} {folder} is a file, not a folder; {storage_fix(folder, errno.EROFS, elsewhere)}")
     with storage_errors(folder, elsewhere):
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:  # e.g. under /proc: not a storage errno, yet the folder cannot be made
+            if storage_error(err, folder, elsewhere) is not None:
+                raise
+            raise StorageError(f"cannot create {what} {folder} ({err.strerror or type(err).__name__}); "
+                               f"{storage_fix(folder, err.errno or 0, elsewhere)}") from err
         fd, probe = tempfile.mkstemp(prefix=".hmlib-write-check-", dir=folder)
         try:
             os.write(fd, b"hmlib")

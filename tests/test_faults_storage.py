@@ -155,6 +155,19 @@ def test_check_writable_refuses_with_the_fix(tmp_path, monkeypatch, code, words)
     assert str(err.value) == f"cannot write {tmp_path / 'out'}: {words}"
 
 
+def test_a_folder_that_cannot_be_created_names_itself_and_the_fix(tmp_path, monkeypatch):
+    """A mkdir failing with an errno that is not about storage (ENOENT under /proc) used to reach the user as
+    "No such file or directory: /proc/x", with no word on which folder or what to do."""
+    def mkdir(self, *args, **kwargs):
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(self))
+
+    monkeypatch.setattr(artifacts.Path, "mkdir", mkdir)
+    with pytest.raises(StorageError) as err:
+        check_writable(tmp_path / "x", what="the output folder", elsewhere="choose another --out")
+    assert str(err.value) == (f"cannot create the output folder {tmp_path / 'x'} (No such file or directory); "
+                              "choose another --out")
+
+
 def test_check_writable_refuses_a_nearly_full_disk_and_a_file(tmp_path, monkeypatch):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(StorageError, match="is a file, not a folder"):
