@@ -408,6 +408,17 @@ def validate(cfg: Config) -> Config:
                           f"{cfg.hyper.num_heads}")
     if len(set(cfg.seeds)) != len(cfg.seeds):
         raise ConfigError(f"seeds must be distinct, got {list(cfg.seeds)}")
+    lists = {"meta.train_datasets": cfg.meta.train_datasets, "meta.test_datasets": cfg.meta.test_datasets,
+             "backbone.datasets": cfg.backbone.datasets, "transductive.datasets": cfg.transductive.datasets,
+             "ablation.datasets": cfg.ablation.datasets, "eval.shapes": cfg.eval.shapes,
+             "eval.shifted_shapes": cfg.eval.shifted_shapes, "benchmark.shapes": cfg.benchmark.shapes,
+             "benchmark.transductive_shapes": cfg.benchmark.transductive_shapes, "ablation.shapes": cfg.ablation.shapes}
+    for name, values in lists.items():  # a repeated condition would count twice in every mean and interval
+        values = list(values or ())
+        repeated = sorted({str(list(v) if isinstance(v, tuple) else v) for v in values if values.count(v) > 1})
+        if repeated:
+            raise ConfigError(f"{name} lists {', '.join(repeated)} more than once; each must appear once (a repeated "
+                              "dataset or shape would count twice in every mean and interval)")
     if cfg.ablation.num_seeds > len(cfg.seeds):
         raise ConfigError(f"ablation.num_seeds = {cfg.ablation.num_seeds} but only {len(cfg.seeds)} seeds are "
                           "configured (seeds)")

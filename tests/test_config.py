@@ -317,6 +317,13 @@ def test_dataset_rules():
         load_config(overrides={"meta": {"train_datasets": []}})
     with pytest.raises(ConfigError, match="meta.test_datasets must be a non-empty list"):  # nothing to evaluate
         load_config(overrides={"meta": {"test_datasets": []}})
+    # a repeated dataset or shape used to be evaluated twice, and counted twice in every mean and interval
+    with pytest.raises(ConfigError, match="meta.test_datasets lists mnist\\+rotate more than once"):
+        load_config(overrides={"meta": {"test_datasets": ["mnist", "mnist+rotate", "mnist+rotate"]}})
+    with pytest.raises(ConfigError, match=r"eval.shapes lists \[4, 64\] more than once"):
+        load_config(overrides={"eval": {"shapes": [[4, 64], [2, 32], [4, 64]]}})
+    with pytest.raises(ConfigError, match="transductive.datasets lists mnist more than once"):
+        load_config(overrides={"transductive": {"datasets": ["mnist", "mnist"]}})
 
 
 # ------------------------------------------------------------------------------------ round trip and runtime

@@ -580,6 +580,17 @@ def test_duplicated_checkpoints_are_refused(trained, ckpt, tmp_path):
     assert not (tmp_path / "e.json").exists() and not (tmp_path / "e").exists()
 
 
+def test_replicates_made_with_other_settings_are_refused(trained, ckpt, tmp_path):
+    """Found by a first-hour audit: models/pipeline.json keeps the newest checkpoint per seed, so a run with other
+    settings (a smoke run, more iterations) left seeds of two protocols side by side, and they were averaged as one."""
+    state, meta = load_checkpoint(ckpt[("zero_shot", 1)])
+    meta["training"]["meta"]["iterations"] += 1  # as a run with other meta-training settings records it
+    save_checkpoint(tmp_path / "other_run.pt", state, meta)
+    with pytest.raises(EvalError, match=r"\(seed 1\) was made with other meta-training settings .* \(seed 0\)"):
+        load_bundles([ckpt[("zero_shot", 0)], tmp_path / "other_run.pt"])
+    assert [b.seed for b in load_bundles([ckpt[("zero_shot", 0)], ckpt[("zero_shot", 1)]])] == [0, 1]
+
+
 def test_adding_a_baseline_is_one_register_call(trained, ckpt, monkeypatch, capsys):
     """register(Method(...)) with a new clusterer makes it a row of every table and of the heatmap; results cached
     before it existed are recomputed."""

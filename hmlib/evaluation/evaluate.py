@@ -72,6 +72,15 @@ def load_bundles(checkpoints: Sequence[str | Path | Bundle], device: torch.devic
             raise EvalError(f"two checkpoints of replicate seed {bundle.seed} ({other} and {path}); pass one per seed "
                             "(the last `hmlib run`'s are listed in models/pipeline.json, and `hmlib eval` without "
                             "--checkpoint takes them)")
+        differs = [what for what, of in (("meta-training", lambda b: b.meta.get("training")),
+                                         ("VAE", lambda b: b.vae_meta.get("settings")),
+                                         ("backbone", lambda b: (b.backbone_meta or {}).get("settings")))
+                   if bundles and of(bundle) != of(bundles[0])]
+        if differs:  # e.g. a smoke run's seed 0 recorded beside a default run's seeds 1 and 2
+            raise EvalError(f"{path} (seed {bundle.seed}) was made with other {' and '.join(differs)} settings than "
+                            f"{bundles[0].path} (seed {bundles[0].seed}): replicates must come from one protocol; "
+                            "re-run `hmlib run` so every seed is made with one config, or pass --checkpoint for the "
+                            "ones that belong together")
         bundles.append(bundle)
     if not bundles:
         raise EvalError("no checkpoint to evaluate")
