@@ -53,8 +53,11 @@ help:
 	@echo "make benchmark  set up, then the full held-out grid on the pipeline's checkpoints (after make run; resumable)"
 	@echo "make benchmark-transductive  the same datasets transductively (each train split adapted to first; resumable)"
 	@echo "make folds      set up, then each leave-one-dataset-out fold of docs/lodo/ (its own home: lodo/<dataset>)"
-	@echo "make results    docs/results.json and the README tables from the last make run + make bench"
+	@echo "make results    docs/results.json and the README tables from the last make run, make benchmark(-transductive)"
+	@echo "                and make bench (a part with no run in the artifact home is kept as committed)"
+	@echo "make clean-reports  remove the HTML reports of the artifact home (\$$HMLIB_HOME/reports, else reports/)"
 	@echo "variables: PROFILE=smoke|default|seed CONFIG=path.json DEVICE=cuda HMLIB_DATA_DIR=... TORCH_INDEX=... VENV=.venv"
+	@echo "           PYTEST_ARGS='...' (make test, make test-fast)"
 	@echo "           FOLDS='fashion_mnist hebrew_chars math_shapes' FOLDS_HOME=lodo (make folds)"
 
 setup: $(STAMP)
@@ -109,5 +112,5 @@ folds: $(STAMP)
 results: $(STAMP)
 	$(BIN)/hmlib results --write
 
-clean-reports:
-	rm -rf reports
+clean-reports:  # the reports of the artifact home the commands write to: $HMLIB_HOME/reports where it is set
+	rm -rf "$(if $(HMLIB_HOME),$(HMLIB_HOME),.)/reports"

@@ -165,7 +165,9 @@ def _describe_failure(nb: nbformat.NotebookNode, cell_index: int | None, injecte
     first_line = next((ln for ln in cell.source.splitlines() if ln.strip()), "").strip()
     ename = getattr(err, "ename", type(err).__name__)
     evalue = getattr(err, "evalue", None)
-    if evalue is None:
+    if ename == "CellTimeoutError":  # nbclient's message ends in a row of dashes
+        evalue = "the cell ran past the per-cell timeout; raise --timeout (0 for none) and run it again"
+    elif evalue is None:
         evalue = str(err).strip().splitlines()[-1] if str(err).strip() else ""
     where = "the injected parameters cell" if cell_index == injected_at else f"cell {original}"
     return f"{source_name}, {where} [first line: {first_line[:100]}]: {ename}: {evalue}", original

@@ -171,3 +171,18 @@ def test_kernel_environment_makes_paths_absolute_and_leaves_the_rest(tmp_path, m
     monkeypatch.setenv("HMLIB_DATA_DIR", "")
     env = kernel_environment()
     assert "HMLIB_HOME" not in env and env["HMLIB_DATA_DIR"] == ""  # unset stays unset: the repository root
+
+
+def test_make_clean_reports_removes_the_artifact_homes_reports(tmp_path):
+    """A second first-hour audit: with HMLIB_HOME set, `make clean-reports` removed reports/ of the repository and
+    left the home's, which every command had written to."""
+    import shutil
+
+    from hmlib.paths import REPO_ROOT
+    if shutil.which("make") is None:
+        pytest.fail("make is needed to run the README's commands")
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}  # under make test
+    for home, removed in ((str(tmp_path), f'rm -rf "{tmp_path}/reports"'), ("", 'rm -rf "./reports"')):
+        proc = subprocess.run(["make", "--no-print-directory", "-n", "clean-reports"], cwd=REPO_ROOT,
+                              env={**env, "HMLIB_HOME": home}, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and proc.stdout.strip() == removed

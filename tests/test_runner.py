@@ -130,6 +130,17 @@ def test_failure_names_notebook_cell_and_error_and_stops(tmp_path, hmlib_home, c
     assert reports.read_run_log()["02_broken"]["status"] == "failed"
 
 
+def test_a_cell_past_the_timeout_says_so_and_how_to_raise_it(tmp_path, hmlib_home, capsys):
+    """nbclient's CellTimeoutError message ends in a row of dashes, which used to be all the user was told."""
+    folder = tmp_path / "nbs"
+    folder.mkdir()
+    _write_notebook(folder, "01_slow.ipynb", "import time\ntime.sleep(30)")
+    assert cli.main(["run", "--profile", "smoke", "--notebooks", str(folder), "--quiet", "--timeout", "2"]) != 0
+    err = capsys.readouterr().err
+    assert "01_slow.ipynb, cell 2 [first line: import time]: CellTimeoutError: the cell ran past the per-cell " \
+           "timeout; raise --timeout (0 for none)" in err and "----" not in err
+
+
 def test_bad_profile_or_config_fails_before_any_kernel(series, hmlib_home, tmp_path, capsys):
     assert cli.main(["run", "--profile", "nope", "--notebooks", str(series), "--quiet"]) == 2
     assert "unknown profile 'nope'" in capsys.readouterr().err

@@ -406,3 +406,14 @@ def test_pick_examples_spreads_over_classes():
     assert sorted(labels[picked]) == [0, 1, 2, 3, 4]
     picked = pick_examples(labels, num=8)
     assert len(set(picked)) == 8 and np.bincount(labels[picked], minlength=5).max() == 2
+
+
+def test_the_command_that_makes_a_missing_artifact_keeps_the_runs_config():
+    """A second first-hour audit: a run whose --config changed the VAE was told to make it with the profile alone,
+    which makes the profile's VAE, not the missing one, so the same error came back."""
+    from hmlib.config import with_overrides
+    from hmlib.vae.train import make_command
+    smoke = load_config("smoke")
+    assert make_command(smoke, "02") == MAKE_IT
+    assert make_command(with_overrides(smoke, {"vae": {"latent_dim": 8}}), "02") == \
+        f"{MAKE_IT} --config <the file this run read>"

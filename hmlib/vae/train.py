@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from hmlib import data, paths
 from hmlib.artifacts import ArtifactError, load_named_kind, load_or_build, named_path, save_checkpoint, state_fingerprint
-from hmlib.config import SETTINGS, Config, ConfigError, VAEConfig, config_to_dict, resolve_device
+from hmlib.config import SETTINGS, Config, ConfigError, VAEConfig, config_to_dict, load_config, resolve_device
 from hmlib.features import encode_batches, images_to_tensor, to_device
 from hmlib.reproducibility import seeded
 from hmlib.vae.model import VAE, beta_schedule, build_vae, vae_loss
@@ -190,8 +190,15 @@ def get_vae(cfg: Config, scope: str, seed: int, *, train: bool = True, progress:
 
 
 def make_command(cfg: Config, notebook: str) -> str:
-    """The command that makes a stage's artifacts for this profile (for 'missing artifact' messages)."""
-    return f"hmlib run --profile {cfg.profile} --only {notebook}"
+    """The command that makes a stage's artifacts for this config (for 'missing artifact' messages): the profile's,
+    and the run's --config where its settings are not the profile's (the command without it would make the
+    profile's artifact, not the one missing)."""
+    command = f"hmlib run --profile {cfg.profile} --only {notebook}"
+    try:
+        plain = load_config(cfg.profile)
+    except ConfigError:
+        return command
+    return command if config_to_dict(plain) == config_to_dict(cfg) else f"{command} --config <the file this run read>"
 
 
 def encode_images(vae: VAE, images: np.ndarray, *, batch_size: int = 2048, progress: bool = False
