@@ -591,6 +591,25 @@ def test_replicates_made_with_other_settings_are_refused(trained, ckpt, tmp_path
     assert [b.seed for b in load_bundles([ckpt[("zero_shot", 0)], ckpt[("zero_shot", 1)]])] == [0, 1]
 
 
+def test_a_result_of_other_checkpoints_or_settings_is_kept_not_overwritten(trained, ckpt, tmp_path, capsys):
+    """A second first-hour audit: a run with other settings in the same home rewrote results/eval_<setting>.json
+    without a word. Now the finished result is set aside (kept, with its .md) and the run says so; the same
+    evaluation again simply replaces it."""
+    path = tmp_path / "e.json"
+    first = evaluate(trained, [ckpt[("zero_shot", 0)]], path)
+    capsys.readouterr()
+    again = evaluate(trained, [ckpt[("zero_shot", 0)]], path)
+    assert again["conditions"] == first["conditions"] and not list(tmp_path.glob("e.replaced-*"))
+    assert "kept as" not in capsys.readouterr().out
+    evaluate(trained, [ckpt[("zero_shot", 1)]], path)  # other checkpoints
+    assert "e.json held a result of other checkpoints or settings; it is kept as e.replaced-1.json" in \
+        capsys.readouterr().out
+    assert load_results("zero_shot", tmp_path / "e.replaced-1.json") == first
+    assert (tmp_path / "e.replaced-1.md").is_file() and load_results("zero_shot", path)["seeds"] == [1]
+    evaluate(trained, [ckpt[("zero_shot", 1)]], path, num_steps=0)  # other settings: a second copy, none lost
+    assert sorted(p.name for p in tmp_path.glob("e.replaced-*.json")) == ["e.replaced-1.json", "e.replaced-2.json"]
+
+
 def test_adding_a_baseline_is_one_register_call(trained, ckpt, monkeypatch, capsys):
     """register(Method(...)) with a new clusterer makes it a row of every table and of the heatmap; results cached
     before it existed are recomputed."""
