@@ -112,6 +112,21 @@ def test_every_row_bad_is_an_error_naming_the_file_and_rows(tmp_path, monkeypatc
     assert read_manifest("mnist", "train") is None  # nothing cached
 
 
+def test_a_few_rows_without_labels_do_not_fail_a_sampled_split(tmp_path, monkeypatch, capsys):
+    """A second first-hour audit: with max_images_per_split (the smoke profile), every unlabelled row of the source
+    was counted against the sample alone, so a file the default profile loads (a few rows without a label) was
+    refused as mostly unusable."""
+    given: list[int | None] = list(balanced_labels(NUM_ROWS, NUM_CLASSES))
+    given[3] = None  # 1 of 30 rows
+    row_mirror(tmp_path, monkeypatch, labels=given)
+    loaded = load_split("mnist", "train", data_cfg(max_images_per_split=6), progress=False)
+    assert len(loaded.labels) == 6 and "skipped 1 of 30 rows" in capsys.readouterr().out
+    given = [None if i % 3 else label for i, label in enumerate(given)]  # 2 of 3 rows: still refused
+    row_mirror(tmp_path, monkeypatch, labels=given)
+    with pytest.raises(DatasetError, match="rows of .*train.parquet can be used"):
+        load_split("mnist", "train", data_cfg(max_images_per_split=6), progress=False, rebuild=True)
+
+
 def test_mostly_bad_rows_are_an_error(tmp_path, monkeypatch):
     train_file, _, _ = row_mirror(tmp_path, monkeypatch, {i: b"junk" for i in range(NUM_ROWS) if i % 3})
     with pytest.raises(DatasetError, match=r"only 10 of the 30 rows of .*train\.parquet can be used.*rows 1, 2, 4"):

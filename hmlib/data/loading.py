@@ -293,11 +293,13 @@ def _rows_text(skipped: dict[int, str], shown: int = 5) -> str:
 
 
 def _check_rows(name: str, split: str, location: str, skipped: dict[int, str], considered: int,
-               labels: np.ndarray, label_names: list[str]) -> None:
+               labels: np.ndarray, label_names: list[str], share: float | None = None) -> None:
     """DatasetError when the rows left after skipping cannot make a usable split: none left, more than
-    ``MAX_SKIPPED_FRACTION`` of them skipped, or fewer than two classes."""
+    ``MAX_SKIPPED_FRACTION`` of them unusable (``share``; default: the skipped among ``considered``), or fewer than
+    two classes."""
     where = f"dataset '{name}' split '{split}'"
-    if skipped and (labels.shape[0] == 0 or len(skipped) > MAX_SKIPPED_FRACTION * considered):
+    share = len(skipped) / max(considered, 1) if share is None else share
+    if skipped and (labels.shape[0] == 0 or share > MAX_SKIPPED_FRACTION):
         amount = "none" if labels.shape[0] == 0 else f"only {labels.shape[0]}"
         raise DatasetError(f"{where}: {amount} of the {considered} rows of {location} can be used; "
                            f"skipped {_rows_text(skipped)}; fix or replace the file (is it the right image and "
@@ -320,11 +322,17 @@ def _build(spec: DatasetSpec, split: str, cfg: DataConfig, progress: bool, num_w
     images, failed = preprocess_batch(source.take(indices), cfg.image_size, cfg.polarity, num_workers=num_workers,
                                       progress=progress, desc=f"{spec.name}/{split}")
     skipped = {**source.bad_rows, **{int(indices[p]): reason for p, reason in failed.items()}}
+    chosen = indices.shape[0]
     if failed:
         indices = np.delete(indices, sorted(failed))
     labels = source.labels[indices]
     considered = indices.shape[0] + len(skipped)
-    _check_rows(spec.name, split, source.location, skipped, considered, labels, source.label_names)
+    share = None
+    if cfg.max_images_per_split is not None:  # rows without a label are left out of the whole source before the
+        total = int(source.labels.shape[0])   # sample is drawn, undecodable ones are found in the sample only
+        considered, label_share = total, len(source.bad_rows) / max(total, 1)
+        share = label_share + (1 - label_share) * len(failed) / max(chosen, 1)
+    _check_rows(spec.name, split, source.location, skipped, considered, labels, source.label_names, share)
     settings = preprocess_settings(spec, cfg, derived)
     fp = fingerprint(spec.name, split, comparable(source.identity), settings)
     rows = sorted(skipped)
