@@ -175,11 +175,15 @@ def _describe_failure(nb: nbformat.NotebookNode, cell_index: int | None, injecte
 
 def kernel_environment() -> dict[str, str]:
     """The environment of a notebook kernel: this one, with HMLIB_HOME / HMLIB_DATA_DIR made absolute (a kernel's
-    cwd is the notebooks folder, where a relative path names another folder)."""
+    cwd is the notebooks folder, where a relative path names another folder): HMLIB_HOME from the working directory,
+    HMLIB_DATA_DIR from the repository root, as every hmlib command and a notebook opened in Jupyter read it."""
+    from hmlib.data.registry import repo_relative  # how every hmlib command reads a relative HMLIB_DATA_DIR
+
     env = dict(os.environ)
     for name in PATH_VARIABLES:
         if env.get(name, "").strip():
-            env[name] = str(Path(env[name]).expanduser().resolve())
+            absolute = repo_relative(env[name]) if name == "HMLIB_DATA_DIR" else Path(env[name]).expanduser().resolve()
+            env[name] = str(absolute)
     if env.get("PYTHONPATH"):  # the same for the kernel's imports ('' or '.' meant this working directory)
         env["PYTHONPATH"] = os.pathsep.join(str(Path(p or ".").expanduser().resolve())
                                             for p in env["PYTHONPATH"].split(os.pathsep))

@@ -18,6 +18,8 @@ import nbformat
 import pytest
 
 from hmlib import artifacts, cli
+from hmlib.data.registry import repo_relative
+from hmlib.paths import REPO_ROOT
 from hmlib.runner import RunnerError, discover_notebooks, kernel_environment, run_notebooks, select_notebooks
 from test_faults_storage import _fail_under, tiny_disk  # noqa: F401  (tiny_disk is a fixture used by name)
 
@@ -151,7 +153,9 @@ def test_relative_home_is_the_same_folder_in_the_kernel(tmp_path, monkeypatch, c
     home = work / "rel" / "home"
     seen = json.loads((home / "from-kernel.json").read_text())
     assert seen["home"] == seen["HMLIB_HOME"] == str(home)
-    assert seen["HMLIB_DATA_DIR"] == str(work / "mirror") and seen["cwd"] == str(folder)  # cwd is still the notebooks'
+    # a relative HMLIB_DATA_DIR is taken from the repository root, as `hmlib eval`, `hmlib cluster` and a notebook
+    # opened in Jupyter take it (the kernels used to take it from the cwd: one setting, two folders)
+    assert seen["HMLIB_DATA_DIR"] == str(repo_relative("mirror")) and seen["cwd"] == str(folder)  # the notebooks'
     assert (home / "reports" / "01_where.html").is_file()  # the runner's own writes: the same folder
     assert not (folder / "rel").exists()  # nothing under the notebooks folder
 
@@ -164,7 +168,7 @@ def test_kernel_environment_makes_paths_absolute_and_leaves_the_rest(tmp_path, m
     monkeypatch.setenv("OTHER", "relative/kept")
     env = kernel_environment()
     assert env["HMLIB_HOME"] == os.path.expanduser("~/h")
-    assert env["HMLIB_DATA_DIR"] == str(tmp_path.parent / "data")
+    assert env["HMLIB_DATA_DIR"] == str(repo_relative("../data")) == str((REPO_ROOT.parent / "data").resolve())
     assert env["PYTHONPATH"].split(os.pathsep) == [str(tmp_path / "src"), str(tmp_path), "/abs/lib"]
     assert env["OTHER"] == "relative/kept"
     monkeypatch.delenv("HMLIB_HOME")
