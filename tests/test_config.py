@@ -374,3 +374,13 @@ def test_configure_runtime_applies_thread_limit_and_returns_device():
         assert all(pool["num_threads"] == 1 for pool in threadpool_info())
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_corruption_in_another_case_is_named_as_such():
+    """A second first-hour audit: 'mnist+Rotate' was refused as an invalid dataset name ("use letters ..."), which it
+    is not; the part at fault is the corruption, whose names are lower case."""
+    from hmlib.errors import DatasetError
+    with pytest.raises(DatasetError, match=r"unknown corruption 'Rotate' in dataset name 'mnist\+Rotate'.*lower case"):
+        load_config(overrides={"meta": {"test_datasets": ["mnist+Rotate"]}})
+    with pytest.raises(DatasetError, match="invalid dataset name"):  # a path is still not a name
+        load_config(overrides={"meta": {"test_datasets": ["../mnist"]}})

@@ -56,6 +56,10 @@ def check_name(name: object, what: str = "dataset name", *, shifted: bool = True
     patterns = (NAME_PATTERN, SHIFTED_PATTERN) if shifted else (NAME_PATTERN,)
     if isinstance(name, str) and any(p.fullmatch(name) for p in patterns) and ".." not in name:
         return name
+    base, _, corruption = name.partition("+") if isinstance(name, str) else ("", "", "")
+    if shifted and corruption and NAME_PATTERN.fullmatch(base) and ".." not in base and "+" not in corruption:
+        raise DatasetError(f"unknown corruption {corruption!r} in {what} {name!r}; corruptions are named in lower "
+                           f"case: {', '.join(sorted(corruptions.CORRUPTIONS))}")
     plus = (", optionally followed by one '+<corruption>' (e.g. 'mnist+rotate')" if shifted
             else "; '+' is reserved for '<dataset>+<corruption>'")
     raise DatasetError(f"invalid {what} {name!r}: use up to 100 letters, digits, '_', '-' or '.', starting with a "
