@@ -463,6 +463,15 @@ def load_config(profile: str = "default", path: str | Path | None = None,
     return validate(cfg)
 
 
+VOLATILE = ("profile", "device", "num_threads")  # where and under which name a run computes, not what it computes
+
+
+def settings_of(cfg: "Config") -> dict[str, Any]:
+    """What ``cfg`` computes: :func:`config_to_dict` without :data:`VOLATILE` (results made under another profile
+    name, device or thread count with the same settings are the same results)."""
+    return {k: v for k, v in config_to_dict(cfg).items() if k not in VOLATILE}
+
+
 def config_to_dict(obj: Any) -> dict[str, Any]:
     """Plain-primitive dict of a config (or sub-config): tuples become lists, mappings dicts."""
 

@@ -30,9 +30,9 @@ from typing import Any, Iterable, Mapping, Sequence
 import nbformat
 
 from hmlib import paths, reports
-from hmlib.artifacts import check_writable
+from hmlib.artifacts import check_writable, fingerprint
 from hmlib.cli import add_device_option
-from hmlib.config import DEVICE_VARIABLE, load_config, resolve_device
+from hmlib.config import DEVICE_VARIABLE, load_config, resolve_device, settings_of
 from hmlib.errors import HmlibError
 
 NOTEBOOK_PATTERN = re.compile(r"^\d\d_.+\.ipynb$")
@@ -305,6 +305,7 @@ def run_notebooks(profile: str = "default", config_path: str | Path | None = Non
     check_writable(paths.home(), what="the artifact folder (HMLIB_HOME)")  # before hours of work, not after
     out_dir = paths.reports_dir()
     parameters = {"profile": profile, "config_path": config_path}
+    settings = fingerprint(settings_of(cfg))  # recorded per notebook: index.html says when reports mix settings
     runs: list[NotebookRun] = []
     _say(f"hmlib run: profile={profile!r} config={config_path!r} device={cfg.device!r}; {len(selected)} notebook(s) "
          f"-> {out_dir}", progress)
@@ -315,7 +316,7 @@ def run_notebooks(profile: str = "default", config_path: str | Path | None = Non
         record = reports.NotebookRecord(
             name=run.name, title=_title(run.executed_path) or run.name, status=run.status,
             wall_s=round(run.wall_s, 2), profile=profile, finished_at=reports.utc_now(),
-            html=run.html_path.name if run.html_path else None, error=run.error)
+            html=run.html_path.name if run.html_path else None, error=run.error, settings=settings)
         reports.update_run_log([record])
         _say(f"[{position}/{len(selected)}] {source.name}: {run.status} in {run.wall_s:.1f} s", progress)
         if run.status != "ok":

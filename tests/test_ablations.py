@@ -17,9 +17,9 @@ from hmlib import paths
 from hmlib.ablations import (AblationResult, Variant, ablation_grid, ablation_seeds, conclusions, define_ablations,
                              describe, headline_rows, run_ablation, run_all, step_table, step_table_rows, table_rows)
 from hmlib.ablations import run as ablation_run
-from hmlib.ablations.run import (_context, initial_hypernet, load_cached, result_path, training_config,
+from hmlib.ablations.run import (_context, initial_hypernet, keep_other, load_cached, result_path, training_config,
                                  variant_curves, variant_hypernet)
-from hmlib.artifacts import fingerprint, load_checkpoint, save_checkpoint, write_json
+from hmlib.artifacts import fingerprint, load_checkpoint, read_json, save_checkpoint, write_json
 from hmlib.cluster.estimator import default_checkpoint
 from hmlib.config import ConfigError, config_to_dict, load_config, with_overrides
 from hmlib.evaluation.conditions import Condition, build_suite, suite_seed
@@ -208,6 +208,21 @@ def test_cache_round_trip_and_staleness(capsys):
     assert load_cached("other", result.meta) is None  # absent
     path.write_text("{torn")
     assert load_cached("toy", result.meta) is None  # corrupt: recompute
+
+
+def test_a_result_of_other_settings_is_kept_aside_not_overwritten(capsys):
+    """Before a recomputed ablation is written, a finished one of other inputs is renamed aside; the same one is
+    replaced in place (nothing to keep), and a torn file is not worth keeping."""
+    result = make_result()
+    result.meta = {"config": {"a": 1}}
+    path = write_json(result_path("toy"), result.to_json())
+    assert keep_other(path, {"config": {"a": 1}}) is None and path.is_file()
+    moved = keep_other(path, {"config": {"a": 2}})
+    assert moved == path.with_name("toy.replaced-1.json") and not path.exists()
+    assert read_json(moved)["meta"] == {"config": {"a": 1}}
+    assert "kept as toy.replaced-1.json" in capsys.readouterr().out
+    path.write_text("{torn")
+    assert keep_other(path, {"config": {"a": 2}}) is None and path.is_file()
 
 
 # -------------------------------------------------------------------------------------------------- specs
@@ -532,6 +547,8 @@ def test_a_cached_result_is_reused_then_recomputed_when_a_checkpoint_changes(tra
     recomputed = run_ablation(cfg, spec, progress=False)
     assert "Recomputing step_size" in capsys.readouterr().out
     assert recomputed.meta["checkpoints"] != trained.results["step_size"].meta["checkpoints"]
+    kept = read_json(result_path("step_size").with_name("step_size.replaced-1.json"))  # the finished one survives
+    assert kept["meta"]["checkpoints"] == trained.results["step_size"].meta["checkpoints"]
     run_ablation(cfg, spec, progress=False)
     assert "Loaded step_size" in capsys.readouterr().out
 

@@ -63,6 +63,18 @@ def test_index_lists_reports_wall_times_and_headlines(hmlib_home):
     assert "<script" not in page
 
 
+def test_index_warns_only_where_records_differ_in_profile_or_settings(hmlib_home):
+    """Records without a settings fingerprint (older logs) are compared by profile alone."""
+    reports.update_run_log([NotebookRecord("01_a", "A", "ok", 1.0, "smoke", "t", None),
+                            NotebookRecord("02_b", "B", "ok", 1.0, "smoke", "t", None, settings="abc")])
+    assert "different settings" not in reports.write_index().read_text()
+    reports.update_run_log([NotebookRecord("03_c", "C", "ok", 1.0, "smoke", "t", None, settings="def")])
+    assert "different settings" in reports.write_index().read_text()
+    reports.update_run_log([NotebookRecord("03_c", "C", "ok", 1.0, "default", "t", None)])
+    page = reports.write_index().read_text()
+    assert "different settings" in page and "03_c: default · ?" in page
+
+
 def test_run_log_merges_records(hmlib_home):
     reports.update_run_log([NotebookRecord("01_a", "A", "ok", 1.0, "smoke", "t", None)])
     reports.update_run_log([NotebookRecord("02_b", "B", "ok", 2.0, "smoke", "t", None)])

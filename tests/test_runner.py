@@ -110,6 +110,24 @@ def test_only_and_from_run_just_those(series, hmlib_home):
     assert not (hmlib_home / "reports" / "01_first.html").exists()
     index = (hmlib_home / "reports" / "index.html").read_text()
     assert "not run" in index  # 01_first is listed although it never ran
+    assert "different settings" not in index
+
+
+def test_the_index_says_when_reports_come_from_runs_with_other_settings(series, hmlib_home, tmp_path):
+    """Each notebook's record keeps a fingerprint of the settings it ran with; a later run of one notebook with
+    another config leaves the series mixed, and index.html says so instead of presenting one run."""
+    assert cli.main(["run", "--profile", "smoke", "--notebooks", str(series), "--quiet"]) == 0
+    log = reports.read_run_log()
+    assert len({r["settings"] for r in log.values()}) == 1 and all(r["settings"] for r in log.values())
+    assert "different settings" not in (hmlib_home / "reports" / "index.html").read_text()
+    config = tmp_path / "other.json"
+    config.write_text(json.dumps({"task": {"num_images": 32}}))
+    assert cli.main(["run", "--profile", "smoke", "--config", str(config), "--only", "02", "--notebooks", str(series),
+                     "--quiet"]) == 0
+    log = reports.read_run_log()
+    assert log["02_second"]["settings"] != log["01_first"]["settings"] == log["03_third"]["settings"]
+    index = (hmlib_home / "reports" / "index.html").read_text()
+    assert "different settings" in index and "02_second: smoke · " + log["02_second"]["settings"][:8] in index
 
 
 def test_failure_names_notebook_cell_and_error_and_stops(tmp_path, hmlib_home, capsys):

@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 
 from hmlib.ablations.report import AblationResult
 from hmlib.ablations.spec import Ablation, Variant, define_ablations
-from hmlib.artifacts import ArtifactError, file_sha256, fingerprint, read_json, write_json
+from hmlib.artifacts import ArtifactError, file_sha256, fingerprint, read_json, set_aside, write_json
 from hmlib.backbone.transductive import get_transductive_backbone
-from hmlib.config import Config, ConfigError, config_to_dict, resolve_device, with_overrides
+from hmlib.config import Config, ConfigError, config_to_dict, resolve_device, settings_of, with_overrides
 from hmlib.evaluation.conditions import Condition, grid, suite_fingerprint, suite_for, suite_seed
 from hmlib.evaluation.inputs import SeedInputs, seed_inputs
 from hmlib.evaluation.methods import METHODS, MethodContext, score
@@ -195,11 +195,8 @@ def result_path(key: str) -> Path:
 
 
 def _cache_identity(cfg: Config, ablation: Ablation, conditions: Sequence[Condition]) -> dict[str, Any]:
-    settings = config_to_dict(cfg)
-    for volatile in ("profile", "device", "num_threads"):
-        settings.pop(volatile, None)
     return {"version": RESULT_VERSION, "spec": [config_to_dict(v) for v in ablation.variants],
-            "reference": ablation.reference, "config": settings, "conditions": [c.key for c in conditions]}
+            "reference": ablation.reference, "config": settings_of(cfg), "conditions": [c.key for c in conditions]}
 
 
 def run_ablation(cfg: Config, ablation: Ablation, *, recompute: bool = False, progress: bool = True,
@@ -231,21 +228,42 @@ def run_ablation(cfg: Config, ablation: Ablation, *, recompute: bool = False, pr
                             acc=acc, kmeans=kmeans, conditions=[c.key for c in conditions], condition_tasks=counts,
                             setting=cfg.ablation.setting, seeds=list(ablation_seeds(cfg)), meta=identity,
                             seconds=time.perf_counter() - started)
+    keep_other(result_path(ablation.key), identity)
     write_json(result_path(ablation.key), result.to_json())
     return result
 
 
-def load_cached(key: str, identity: Mapping[str, Any]) -> AblationResult | None:
-    """The cached result if it exists and was made with exactly ``identity``; None if absent, corrupt or stale."""
-    path = result_path(key)
+def _saved(path: Path) -> dict | None:
+    """The ablation result saved at ``path``; None if absent or not readable as one."""
     if not path.is_file():
         return None
     try:
         saved = read_json(path)
     except ArtifactError:
         return None
-    if not isinstance(saved, dict) or fingerprint(saved.get("meta")) != fingerprint(dict(identity)):
-        print(f"Recomputing {key}: the cached result was made by other inputs or settings.")
+    return saved if isinstance(saved, dict) and isinstance(saved.get("meta"), dict) else None
+
+
+def keep_other(path: Path, identity: Mapping[str, Any]) -> Path | None:
+    """Set the result at ``path`` aside (as ``<key>.replaced-<n>.json``) where other inputs or settings made it, so
+    a run with other settings never destroys a finished ablation (a recomputation of the same is replaced); the old
+    file's new path, or None."""
+    saved = _saved(path)
+    if saved is None or fingerprint(saved["meta"]) == fingerprint(dict(identity)):
+        return None
+    moved = set_aside(path, "replaced")
+    print(f"note: {path.name} held a result of other inputs or settings; it is kept as {moved.name}")
+    return moved
+
+
+def load_cached(key: str, identity: Mapping[str, Any]) -> AblationResult | None:
+    """The cached result if it exists and was made with exactly ``identity``; None if absent, corrupt or stale."""
+    saved = _saved(result_path(key))
+    if saved is None:
+        return None
+    if fingerprint(saved["meta"]) != fingerprint(dict(identity)):
+        print(f"Recomputing {key}: the cached result was made by other inputs or settings "
+              "(it is kept beside the new one).")
         return None
     return AblationResult.from_json(saved)
 

@@ -94,6 +94,7 @@ class NotebookRecord:
     finished_at: str
     html: str | None  # file name inside reports/, or None if export failed
     error: str | None = None
+    settings: str | None = None  # fingerprint of what the run computed with (config.settings_of); None: not recorded
 
 
 def run_log_path() -> Path:
@@ -141,16 +142,37 @@ def write_index(notebook_names: Iterable[str] | None = None) -> Path:
             status += f"<div class='err'>{html.escape(str(rec['error']))}</div>"
         rows.append(f"<tr><td>{link}</td><td>{html.escape(str(rec.get('title') or ''))}</td>"
                     f"<td class='{status_class}'>{status}</td><td class='num'>{float(rec.get('wall_s') or 0):.1f}</td>"
-                    f"<td class='muted'>{html.escape(str(rec.get('profile', '')))} · "
+                    f"<td class='muted'>{html.escape(_run_label(rec))} · "
                     f"{html.escape(str(rec.get('finished_at', '')))}</td></tr>")
-    notebook_table = ("<table><thead><tr><th>notebook</th><th>title</th><th>status</th><th>wall time (s)</th>"
-                      "<th>profile · finished (UTC)</th></tr></thead><tbody>" + "".join(rows) +
+    mixed = _mixed_settings(log, names)
+    notebook_table = mixed + ("<table><thead><tr><th>notebook</th><th>title</th><th>status</th><th>wall time (s)</th>"
+                      "<th>profile · settings · finished (UTC)</th></tr></thead><tbody>" + "".join(rows) +
                       f"</tbody><tfoot><tr><td colspan='3'>total</td><td class='num'>{total:.1f}</td><td></td></tr>"
                       "</tfoot></table>") if rows else "<p class='muted'>No notebook has run yet.</p>"
     tables = "".join(_headline_html(t) for t in read_headlines()) or \
         "<p class='muted'>No headline numbers recorded yet (notebooks call hmlib.reports.record_headline).</p>"
     page = _INDEX_PAGE.format(generated=utc_now(), notebooks=notebook_table, headlines=tables)
     return write_text_file(paths.reports_dir() / "index.html", page)
+
+
+def _run_label(record: Mapping[str, Any]) -> str:
+    """``profile · settings`` of a run record (settings: a short fingerprint, or "?" where the record has none)."""
+    return f"{record.get('profile', '')} · {str(record.get('settings') or '?')[:8]}"
+
+
+def _mixed_settings(log: Mapping[str, Mapping[str, Any]], names: Sequence[str]) -> str:
+    """A warning where the notebooks' latest runs used different settings (their reports and headline numbers are
+    then not one run's); empty otherwise."""
+    records = {name: log[name] for name in names if name in log}
+    profiles = {str(r.get("profile", "")) for r in records.values()}
+    fingerprints = {r["settings"] for r in records.values() if r.get("settings")}  # older records have none
+    if len(profiles) < 2 and len(fingerprints) < 2:
+        return ""
+    runs = {name: _run_label(record) for name, record in records.items()}
+    listed = "; ".join(f"{name}: {label}" for name, label in runs.items())
+    return ("<p class='failed'>These reports come from runs with different settings (" + html.escape(listed) +
+            "), so their numbers are not one run's. Run the series again with one profile and config "
+            "(<code>hmlib run</code>) to make them agree.</p>")
 
 
 def _headline_html(table: Mapping[str, Any]) -> str:
