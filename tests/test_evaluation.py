@@ -649,6 +649,11 @@ def test_transductive_setting_reads_the_adapted_backbone_on_the_same_tasks(train
     assert cond["identity"]["inputs"][0]["backbone_id"] == zero["identity"]["inputs"][0]["backbone_id"]
     assert cond["identity"]["inputs"][0]["transductive_gate"] == declined
     assert cond["methods"]["kmeans_embedding"]["acc"] == zero["methods"]["kmeans_embedding"]["acc"]
+    # a dataset no backbone was adapted to fails before the first condition is scored, not after it
+    with pytest.raises(MissingArtifactError, match=r"backbone_seed0_on-mnist\+brightness.*transductive.datasets"):
+        evaluate(trained, [ckpt[("zero_shot", 0)]], tmp_path / "late.json", setting="transductive",
+                 datasets=["mnist", "mnist+brightness"])
+    assert not (tmp_path / "late").exists()
     fresh = tmp_path / "fresh_home"
     fresh.mkdir()
     monkeypatch.setenv("HMLIB_HOME", str(fresh))
@@ -805,6 +810,8 @@ def test_hmlib_eval_faults_of_the_first_hour(trained, ckpt, tmp_path, capsys):
         assert "name a .json file" in refused(["--checkpoint", zero, "--dataset", "mnist", "--json", tmp_path / name],
                                               capsys)
         assert not (tmp_path / name).exists()
+    # checked with the other arguments, before any checkpoint is read (a missing one is not what it reports)
+    assert "name a .json file" in refused(["--checkpoint", tmp_path / "nope.pt", "--json", tmp_path / "e.md"], capsys)
     assert "no condition to evaluate" in refused(["--checkpoint", zero, "--dataset", "mnist", "--shapes", "11x60",
                                                   "--json", tmp_path / "none.json"], capsys)
     assert not (tmp_path / "none.json").exists()

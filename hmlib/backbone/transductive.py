@@ -232,6 +232,13 @@ def get_transductive_backbone(cfg: Config, backbone: ConvBackbone, backbone_meta
         **meta, "backbone_id": backbone_meta["backbone_id"], "gate": decision}
 
 
+def require_adapted(cfg: Config, backbone: ConvBackbone, backbone_meta: dict[str, Any], dataset: str) -> None:
+    """Raise (one line naming the file and the command that makes it) unless the backbone adapted to ``dataset``
+    exists, finished and matching: what an evaluation checks for every dataset before it scores the first one."""
+    image_set = data.load_split(dataset, "train", cfg.data, progress=False)
+    _adapted_backbone(cfg, backbone, backbone_meta, dataset, image_set, train=False, progress=False, curve=None)
+
+
 def _adapted_backbone(cfg: Config, backbone: ConvBackbone, backbone_meta: dict[str, Any], dataset: str,
                       image_set: Any, *, train: bool, progress: bool, curve: Callable[[ConvBackbone], float] | None
                       ) -> tuple[ConvBackbone, dict[str, Any]]:

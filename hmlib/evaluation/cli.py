@@ -151,6 +151,8 @@ def _dataset_overrides(args: argparse.Namespace, names: Sequence[str], custom: M
 
 def run_eval_command(args: argparse.Namespace) -> int:
     """Handler of ``hmlib eval``: validate, evaluate, print the tables; returns 0."""
+    if args.json is not None and Path(args.json).suffix != ".json":
+        raise EvalError(f"--json {args.json}: name a .json file (the table is written beside it, as .md)")
     if args.config is not None:
         read_config_file(args.config)  # a bad file fails before any checkpoint is read
     if not args.checkpoint:
@@ -168,8 +170,6 @@ def run_eval_command(args: argparse.Namespace) -> int:
                         "(models/hypernet_seed<s>-<id>.pt)")
     recorded = meta.get("config") or {}
     custom = dict((recorded.get("data") or {}).get("custom_datasets") or {})
-    if args.json is not None and Path(args.json).suffix != ".json":
-        raise EvalError(f"--json {args.json}: name a .json file (the table is written beside it, as .md)")
     default = ((recorded.get("transductive") or {}).get("datasets") if args.setting == "transductive" else None)
     datasets = list(args.dataset or default or (recorded.get("meta") or {}).get("test_datasets") or [])
     if not datasets:

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hmlib.artifacts import ArtifactError, StaleArtifactError, check_meta, read_json, set_aside, write_json
+from hmlib.backbone.transductive import require_adapted
 from hmlib.config import SETTINGS, Config, ConfigError, config_to_dict, resolve_device
 from hmlib.evaluation import methods as registry
 from hmlib.evaluation.conditions import Condition, grid, suite_fingerprint, suite_for, suite_seed
@@ -157,6 +158,11 @@ def evaluate_setting(cfg: Config, checkpoints: Sequence[str | Path | Bundle], se
     if not conditions:
         raise EvalError("no condition to evaluate: every task shape asks for more classes than its dataset has "
                         "(see the notes above); ask for a smaller K")
+    if setting == "transductive":  # every adapted backbone first: a missing one fails here, not conditions later
+        for dataset in dict.fromkeys(c.dataset for c in conditions):
+            for bundle in bundles:
+                if bundle.backbone is not None:
+                    require_adapted(cfg, bundle.backbone, bundle.backbone_meta, dataset)
     shas = [b.sha256 for b in bundles]
     blocks, cache = [], {}
     bar = tqdm(conditions, desc=f"evaluate {setting}", disable=not progress)
