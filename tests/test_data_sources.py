@@ -76,14 +76,22 @@ def test_error_when_every_source_fails_names_paths_hub_and_fix(monkeypatch, tmp_
         raise ConnectionError("hub unreachable")
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
+    (tmp_path / "empty_mirror").mkdir()
     monkeypatch.setenv("HMLIB_DATA_DIR", str(tmp_path / "empty_mirror"))
     with pytest.raises(DatasetError) as err:
         load_split("kmnist", "train", data_cfg(), progress=False)
     message = str(err.value)
     assert str(cache_paths("kmnist", "train")[0]) in message
-    assert str(tmp_path / "empty_mirror" / "kmnist") in message
+    assert f"local: {tmp_path / 'empty_mirror' / 'kmnist'} (no such folder)" in message
     assert "tanganke/kmnist" in message and "ConnectionError" in message
     assert "HMLIB_DATA_DIR" in message and "hub only" in message
+    # a mirror folder that does not exist is named as such (it used to read as a folder without the dataset)
+    monkeypatch.setenv("HMLIB_DATA_DIR", str(tmp_path / "typo"))
+    with pytest.raises(DatasetError, match=rf"mirror: {tmp_path / 'typo'} \(from HMLIB_DATA_DIR\) does not exist"):
+        load_split("kmnist", "train", data_cfg(), progress=False)
+    monkeypatch.delenv("HMLIB_DATA_DIR")
+    with pytest.raises(DatasetError, match=r"mirror: not configured .*\.\./shared/data beside the repository"):
+        load_split("kmnist", "train", data_cfg(), progress=False)
 
 
 def test_use_hub_false_skips_the_hub(monkeypatch):

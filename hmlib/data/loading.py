@@ -109,7 +109,14 @@ def _open_local(spec: DatasetSpec, cfg: DataConfig, split: str, progress: bool, 
     for folder in local_folders(spec, cfg):
         files, available = _folder_splits(folder)
         if not available:
-            attempts.append(f"local: {folder} (no <split>.parquet files or class image folders there)")
+            root = mirror_root(cfg)
+            if root is not None and folder == root / spec.name and not root.is_dir():
+                origin = "data.data_dir" if cfg.data_dir else "HMLIB_DATA_DIR"
+                attempts.append(f"mirror: {root} (from {origin}) does not exist")
+            elif not folder.is_dir():
+                attempts.append(f"local: {folder} (no such folder)")
+            else:
+                attempts.append(f"local: {folder} (no <split>.parquet files or class image folders there)")
             continue
         resolved = _resolve_split(available, split)
         if resolved is None:
@@ -163,7 +170,8 @@ def _not_found(spec: DatasetSpec, cfg: DataConfig, split: str, attempts: list[st
     corrupt = cache_state is not None and cache_state.startswith("corrupt")
     lines = [f"cache: {arrays_path} ({cache_state or 'missing'})"]
     if mirror_root(cfg) is None:
-        lines.append("mirror: not configured (HMLIB_DATA_DIR unset and data.data_dir is None)")
+        lines.append("mirror: not configured (HMLIB_DATA_DIR unset and data.data_dir is None; make sets "
+                     "HMLIB_DATA_DIR to ../shared/data beside the repository where that folder exists)")
     lines += attempts
     if spec.hub_id is None:
         lines.append("hub: none (the dataset is a local folder)")
