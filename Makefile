@@ -42,7 +42,7 @@ ifeq ($(strip $(HMLIB_DATA_DIR)),)
   endif
 endif
 
-.PHONY: setup setup-venv run test test-fast bench benchmark benchmark-transductive folds results clean-reports help FORCE
+.PHONY: setup setup-venv check-args run test test-fast bench benchmark benchmark-transductive folds results clean-reports help FORCE
 
 help:
 	@echo "make run        set up, then hmlib run --profile $(PROFILE) (HTML reports in reports/)"
@@ -78,7 +78,15 @@ $(STAMP): pyproject.toml $(if $(VENV_OK),,FORCE)
 
 FORCE:
 
-run: $(STAMP)
+# Arguments a run reads, checked before anything is installed (hmlib checks them again, with the config's details).
+PROFILES = default smoke seed
+check-args:
+	@case " $(PROFILES) " in *" $(PROFILE) "*) ;; *) echo "make: PROFILE=$(PROFILE) is not a profile; choose one of:" \
+	  "$(PROFILES)" >&2; exit 2;; esac
+	@$(if $(CONFIG),test -f "$(CONFIG)" || { echo "make: CONFIG=$(CONFIG) is not a file; give the path of a JSON" \
+	  "config file or leave CONFIG out" >&2; exit 2; },:)
+
+run: check-args $(STAMP)
 	$(BIN)/hmlib run --profile $(PROFILE) $(if $(CONFIG),--config $(CONFIG),) $(if $(DEVICE),--device $(DEVICE),)
 
 test: $(STAMP)
@@ -92,10 +100,10 @@ bench: $(STAMP)
 
 BENCHMARK_ARGS = --profile $(PROFILE) $(if $(CONFIG),--config $(CONFIG),) $(if $(DEVICE),--device $(DEVICE),)
 
-benchmark: $(STAMP)
+benchmark: check-args $(STAMP)
 	$(BIN)/hmlib benchmark $(BENCHMARK_ARGS)
 
-benchmark-transductive: $(STAMP)
+benchmark-transductive: check-args $(STAMP)
 	$(BIN)/hmlib benchmark --setting transductive $(BENCHMARK_ARGS)
 
 # The leave-one-dataset-out folds (docs/METHOD.md): each holds one meta-training dataset back from every stage and
@@ -105,7 +113,7 @@ FOLDS_HOME ?= lodo
 FOLD_HOME = $(abspath $(FOLDS_HOME))/$$fold
 FOLD_DEVICE = $(if $(DEVICE),--device $(DEVICE),)
 
-folds: $(STAMP)
+folds: check-args $(STAMP)
 	@set -e; for fold in $(FOLDS); do echo "== fold $$fold: held back from every stage; home $(FOLD_HOME)"; \
 	  HMLIB_HOME=$(FOLD_HOME) $(BIN)/hmlib run --profile $(PROFILE) --config docs/lodo/$$fold.json $(FOLD_DEVICE); done
 

@@ -79,3 +79,20 @@ def test_a_working_venv_with_its_stamp_is_up_to_date(broken_venv):
     (broken_venv / ".hmlib-installed").touch()
     dry = make("-n", "setup", f"VENV={broken_venv}")
     assert dry.returncode == 0 and "pip install" not in dry.stdout, dry.stdout
+
+
+def test_a_bad_profile_or_config_is_refused_before_anything_is_installed(broken_venv, tmp_path):
+    """`make run PROFILE=nope` used to install the environment (minutes, gigabytes) before hmlib refused it."""
+    for target in ("run", "benchmark", "benchmark-transductive", "folds"):
+        result = make(target, "PROFILE=nope", f"VENV={broken_venv}")
+        assert result.returncode != 0 and "PROFILE=nope is not a profile; choose one of: default smoke seed" in \
+            result.stderr, result.stdout + result.stderr
+        assert "creating it afresh" not in result.stdout and not has_pip(broken_venv)  # nothing repaired or installed
+    result = make("run", f"CONFIG={tmp_path / 'missing.json'}", f"VENV={broken_venv}")
+    assert result.returncode != 0 and "missing.json is not a file" in result.stderr and not has_pip(broken_venv)
+
+
+def test_the_makefile_knows_the_profiles_of_the_package():
+    from hmlib.config import PROFILES
+    line = next(line for line in (REPO / "Makefile").read_text().splitlines() if line.startswith("PROFILES = "))
+    assert line.split("=", 1)[1].split() == list(PROFILES)

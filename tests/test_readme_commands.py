@@ -245,9 +245,10 @@ class Session:
 def make_recipe(clone: Path, target: str, *variables: str) -> str:
     """The command(s) ``make TARGET VARIABLES`` runs in the clone, with VENV the environment running pytest: a dry
     run (``make -n``, executing nothing) with the install stamp taken as up to date (``-o``), so only TARGET's own
-    recipe is printed; the variables the README's Makefile reads from the environment are set empty."""
+    recipe is printed (the argument check too is taken as done: tests/test_faults_make.py tests it); the variables the
+    README's Makefile reads from the environment are set empty."""
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}  # under make test
-    proc = subprocess.run(["make", "--no-print-directory", "-n", "-o", f"{VENV}/.hmlib-installed", target,
+    proc = subprocess.run(["make", "--no-print-directory", "-n", "-o", f"{VENV}/.hmlib-installed", "-o", "check-args", target,
                            f"VENV={VENV}", "CONFIG=", "DEVICE=", "PYTEST_ARGS=", *variables],
                           cwd=clone, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"make -n {target} failed: {proc.stderr}"
