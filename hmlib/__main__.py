@@ -1,4 +1,4 @@
 """``python -m hmlib``: same as the ``hmlib`` console script."""
-from hmlib.cli import main
+from hmlib.console import main
 
 raise SystemExit(main())

@@ -158,3 +158,40 @@ def test_sigterm_outside_a_notebook_is_terminated_143(tmp_path):
                           text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})  # a hang guard only
     assert proc.returncode == 143, (proc.returncode, proc.stderr)
     assert proc.stderr.strip() == "hmlib: terminated (SIGTERM)"
+
+
+INTERRUPT_AT_TORCH = """
+import sys
+
+class CtrlC:  # a Ctrl-C that lands while torch loads: the first second of every hmlib command
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            raise KeyboardInterrupt
+        return None
+
+sys.meta_path.insert(0, CtrlC())
+{call}
+"""
+
+
+@pytest.mark.parametrize("call", ["from hmlib.console import main; raise SystemExit(main(['--version']))",
+                                  "import runpy; runpy.run_module('hmlib', run_name='__main__')"])
+def test_ctrl_c_while_hmlib_loads_is_an_interruption_not_a_traceback(call):
+    """The console script and `python -m hmlib` import the command line under the interrupt handler: a Ctrl-C in
+    the first second (torch loading) used to print the import's traceback."""
+    proc = subprocess.run([sys.executable, "-c", INTERRUPT_AT_TORCH.format(call=call)], capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
+    assert proc.returncode == 130 and proc.stderr.strip() == "hmlib: interrupted", proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_the_console_script_is_the_light_entry_point():
+    """pyproject's script is hmlib.console:main, which loads neither torch nor numpy before its handler is in place,
+    and exits as hmlib.cli does on an interruption."""
+    from hmlib import cli, console
+
+    assert 'hmlib = "hmlib.console:main"' in (REPO / "pyproject.toml").read_text()
+    assert console.EXIT_INTERRUPTED == cli.EXIT_INTERRUPTED
+    proc = subprocess.run([sys.executable, "-c", "import sys, hmlib.console; print(sorted({'torch', 'numpy'} & "
+                           "set(sys.modules)))"], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
