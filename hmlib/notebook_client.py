@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from typing import Any
+from typing import Any, Callable
 
 from jupyter_core.utils import ensure_async
 from nbclient import NotebookClient
@@ -35,8 +35,11 @@ class InterruptibleClient(NotebookClient):
     running (or, between cells, had run last) when it came, and ``cell_was_running`` which of the two it was.
     """
 
-    def __init__(self, *args: Any, interrupt_grace_s: float = INTERRUPT_GRACE_S, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, interrupt_grace_s: float = INTERRUPT_GRACE_S,
+                 on_stdout_line: Callable[[str], None] | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.on_stdout_line = on_stdout_line  # called with every complete line a cell prints, as it prints it
+        self._partial_line = ""
         self.interrupted = False
         self.stop_signal: signal.Signals | None = None
         self.interrupted_cell: int | None = None
@@ -86,6 +89,15 @@ class InterruptibleClient(NotebookClient):
         if self.interrupted:  # it finished although interrupted (the interrupt never reached it): go no further
             raise RunInterrupted(f"stopped by {self.stop_signal.name if self.stop_signal else 'a signal'}")
         return result
+
+    def output(self, outs: list, msg: dict, display_id: str | None, cell_index: int) -> Any:
+        """nbclient's output handling; complete lines of the cells' stdout also go to ``on_stdout_line``."""
+        content = msg.get("content") or {}
+        if self.on_stdout_line is not None and msg.get("msg_type") == "stream" and content.get("name") == "stdout":
+            *lines, self._partial_line = (self._partial_line + str(content.get("text", ""))).split("\n")
+            for line in lines:
+                self.on_stdout_line(line)
+        return super().output(outs, msg, display_id, cell_index)
 
     def _on_signal(self, signum: int = signal.SIGINT) -> None:
         """First signal: interrupt the kernel, stop after the grace period; a later one (or no kernel yet): stop now."""

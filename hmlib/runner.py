@@ -39,6 +39,8 @@ NOTEBOOK_PATTERN = re.compile(r"^\d\d_.+\.ipynb$")
 PARAMETERS_TAG = "parameters"
 INJECTED_TAG = "injected-parameters"
 DEFAULT_CELL_TIMEOUT_S = 3600
+# lines a notebook prints that `hmlib run` repeats on the terminal: a stage resumed, retrained or set aside, notes
+ANNOUNCED = ("Resuming ", "Retraining ", "note: ")
 PATH_VARIABLES = ("HMLIB_HOME", "HMLIB_DATA_DIR")  # resolved once by the runner, passed to kernels absolute
 
 
@@ -215,6 +217,10 @@ def execute_notebook(source: Path, parameters: Mapping[str, Any], out_dir: Path,
         if cell.cell_type == "code":
             bar.update(1)
 
+    def on_stdout_line(line: str) -> None:  # what the terminal should hear of, not only the HTML report
+        if progress and (line.startswith(ANNOUNCED) or "cannot be reused" in line):
+            bar.write(f"  {source.stem}: {line.strip()}", file=sys.stderr)
+
     started = time.perf_counter()
     error = cell_index = None
     interrupted = False
@@ -223,7 +229,8 @@ def execute_notebook(source: Path, parameters: Mapping[str, Any], out_dir: Path,
     with tempfile.TemporaryDirectory(prefix="hmlib-kernel-") as socket_dir:
         client = InterruptibleClient(nb, km=_kernel_manager(socket_dir), timeout=timeout, allow_errors=False,
                                      resources={"metadata": {"path": str(source.parent)}},
-                                     on_cell_start=on_cell_start, on_cell_executed=on_cell_executed)
+                                     on_cell_start=on_cell_start, on_cell_executed=on_cell_executed,
+                                     on_stdout_line=on_stdout_line)
         try:  # we own the kernel manager: shut the kernel down here
             client.execute(cleanup_kc=True, env=dict(kernel_environment() if env is None else env))
         except (Exception, asyncio.CancelledError, KeyboardInterrupt) as err:  # CellExecutionError, timeouts, ...

@@ -204,3 +204,23 @@ def test_cli_registers_run_and_eval_subcommands(capsys):
     args = parser.parse_args(["run", "--profile", "smoke", "--only", "01", "--only", "03", "--timeout", "5"])
     assert (args.profile, args.only, args.timeout, args.start) == ("smoke", ["01", "03"], 5, None)
     assert cli.main([]) == 2 and "COMMAND" in capsys.readouterr().err
+
+
+def test_a_resumed_or_retrained_stage_is_announced_on_the_terminal(tmp_path, hmlib_home, capsys):
+    """A notebook's "Resuming ..." line used to reach only its HTML report; now `hmlib run` repeats resumes,
+    retrains, set-aside artifacts and notes on stderr as they are printed, and nothing else of the cells' output."""
+    folder = tmp_path / "nbs"
+    folder.mkdir()
+    _write_notebook(folder, "01_stage.ipynb",
+                    "import sys\nprint('epoch 1 of 3, a routine line')\n"
+                    "print('Resuming meta-training from hypernet_seed0-x.pt at iteration 3/10.', end='')\n"
+                    "sys.stdout.flush()\nprint(' ')\nprint('backbone_seed0-y.pt cannot be reused: made with other "
+                    "settings; kept it as backbone_seed0-y.stale-1.pt and building a new one.')\n"
+                    "print('Resuming on stderr is not announced', file=sys.stderr)")
+    assert cli.main(["run", "--profile", "smoke", "--notebooks", str(folder)]) == 0
+    err = capsys.readouterr().err
+    assert "  01_stage: Resuming meta-training from hypernet_seed0-x.pt at iteration 3/10." in err
+    assert "  01_stage: backbone_seed0-y.pt cannot be reused: made with other settings" in err
+    assert "a routine line" not in err and "on stderr is not announced" not in err
+    assert cli.main(["run", "--profile", "smoke", "--notebooks", str(folder), "--quiet"]) == 0
+    assert "Resuming" not in capsys.readouterr().err  # --quiet: nothing
