@@ -51,6 +51,18 @@ def test_every_mode_gives_the_same_picture(mode):
     assert correlation(out, reference()) > 0.95
 
 
+@pytest.mark.parametrize("bits", [10, 12, 14, 16])
+def test_a_16_bit_file_of_fewer_significant_bits_keeps_its_brightness_and_grey_levels(bits, tmp_path):
+    """12-bit data in a 16-bit PNG (cameras, microscopes) used to be divided by 257: nearly black, 17 grey levels."""
+    grey = bar_image()
+    full = 2 ** bits - 1
+    path = tmp_path / f"depth{bits}.png"
+    Image.fromarray(np.round(grey.astype(np.float64) * full / 255).astype(np.uint16)).save(path)
+    out = preprocess_image(str(path), grey.shape[0])
+    assert np.abs(out.astype(int) - grey.astype(int)).max() <= 1
+    assert out.max() >= 254 and len(np.unique(out)) == len(np.unique(grey))
+
+
 def pillow_mode(grey: np.ndarray, mode: str) -> Image.Image:
     """The picture in any of Pillow's modes, built from bands where ``convert`` cannot reach the mode."""
     img = Image.fromarray(grey, mode="L")

@@ -48,8 +48,16 @@ def open_image(item: Any) -> Image.Image:
     raise TypeError(f"cannot read an image from {type(item).__name__}")
 
 
+# Bits per sample of the images 16-bit files hold (cameras, scanners, microscopes). Scaling by these changed the pixels
+# of 16-bit sources only; PREPROCESS_VERSION was kept so that the caches (and fingerprints) of every 8-bit dataset stay
+# valid: a custom 16-bit dataset cached before it is rebuilt by deleting its data_cache/images/<name>/ folder.
+SAMPLE_DEPTHS = (10, 12, 14, 16)
+
+
 def _scale_to_uint8(values: np.ndarray) -> np.ndarray:
-    """Pixel values of unknown range -> uint8: [0, 1] (floats, binary) x 255; 16-bit / 257; other ranges min-max."""
+    """Pixel values of unknown range -> uint8: [0, 1] (floats, binary) x 255; above 255, the full range of the
+    smallest of :data:`SAMPLE_DEPTHS` holding the brightest pixel (12-bit data in a 16-bit PNG is scaled by 4095,
+    not 65535, which left it nearly black in 17 grey levels); other ranges min-max."""
     values = np.asarray(values, dtype=np.float64)
     low, high = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
     if low >= 0.0 and high <= 1.0:
@@ -57,7 +65,8 @@ def _scale_to_uint8(values: np.ndarray) -> np.ndarray:
     elif low < 0.0 or high > 65535:
         values = (values - low) * (255.0 / max(high - low, 1e-12))
     elif high > 255:
-        values = values / 257.0
+        full = next(2 ** bits - 1 for bits in SAMPLE_DEPTHS if high <= 2 ** bits - 1)
+        values = values * (255.0 / full)
     return np.clip(np.round(values), 0, 255).astype(np.uint8)
 
 
