@@ -21,7 +21,7 @@ from hmlib.backbone import (ConvBackbone, EmbeddingSet, adapt_batchnorm, augment
                             embed_images, embed_split, get_all_backbones, get_backbone, get_embeddings,
                             load_backbone, train_backbone)
 from hmlib.backbone.model import batchnorm_layers
-from hmlib.backbone.train import BackboneTrainingError
+from hmlib.backbone.train import BackboneTrainingError, nt_xent
 from hmlib.config import ConfigError, load_config
 from hmlib.data import ImageSet
 from hmlib.features import cache_path, images_to_tensor, read_features
@@ -224,6 +224,34 @@ def test_training_on_class_patterns_raises_accuracy():
     with torch.no_grad():
         predicted = model(images_to_tensor(class_patterns(labels, 2 * PATTERN_CLASSES, seed=9))).argmax(1).numpy()
     assert (predicted == labels).mean() >= 0.8  # chance: 1/8
+
+
+def test_nt_xent_rewards_views_that_find_each_other():
+    """SimCLR's loss is low where each view's nearest row is its partner, high where the pairing is random, and it
+    reaches both views' embeddings through the gradient."""
+    base = torch.randn(16, 8, generator=torch.Generator().manual_seed(0))
+    paired_views = torch.cat([base, base + 0.01 * torch.randn(16, 8, generator=torch.Generator().manual_seed(1))])
+    shuffled = torch.cat([base, base[torch.randperm(16, generator=torch.Generator().manual_seed(2))]])
+    assert float(nt_xent(paired_views, 0.2)) < 0.5 < 2.0 < float(nt_xent(shuffled, 0.2))
+    embedded = paired_views.clone().requires_grad_(True)
+    nt_xent(embedded, 0.2).backward()
+    assert torch.isfinite(embedded.grad).all() and embedded.grad[:16].abs().sum() > 0 < embedded.grad[16:].abs().sum()
+
+
+def test_the_contrastive_term_trains_another_backbone_and_names_it_apart():
+    """With backbone.contrastive > 0 the backbone learns from two views per image (other weights, still the classes);
+    at 0 the identity has no contrastive settings, so every backbone made before the option keeps its name."""
+    sets = [pattern_set("fashion_mnist", 0, seed=0), pattern_set("hebrew_chars", 1, seed=1)]
+    plain_cfg = learn_cfg()
+    contrast_cfg = dataclasses.replace(plain_cfg, backbone=dataclasses.replace(plain_cfg.backbone, contrastive=1.0))
+    plain, _ = train_backbone(sets, plain_cfg, seed=0, progress=False)
+    contrast, record = train_backbone(sets, contrast_cfg, seed=0, progress=False)
+    assert record["history"][-1]["train_accuracy"] >= 0.9
+    assert not torch.equal(plain.embedding.weight, contrast.embedding.weight)
+    identity = train_mod.backbone_identity(plain_cfg, 0, {})
+    assert not [key for key in identity["settings"] if key.startswith("contrastive")]
+    other = train_mod.backbone_identity(contrast_cfg, 0, {})["settings"]
+    assert other["contrastive"] == 1.0 and other["contrastive_temperature"] == plain_cfg.backbone.contrastive_temperature
 
 
 def test_the_validation_part_is_never_trained_on():

@@ -20,6 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from hmlib import data, paths
@@ -48,6 +49,10 @@ def backbone_identity(cfg: Config, seed: int, fingerprints: dict[str, str]) -> d
     settings = config_to_dict(cfg.backbone)
     settings.pop("retrain")
     settings.pop("datasets")  # which datasets it learns from is in the data fingerprints
+    if not settings["contrastive"]:  # cross-entropy only: the identity of every backbone made before the option
+        settings.pop("contrastive")
+        settings.pop("contrastive_temperature")
+        settings.pop("contrastive_head")
     return {"kind": "backbone", "seed": int(seed), "settings": settings,
             "val_fraction": cfg.meta.val_fraction, "data_fingerprints": fingerprints}
 
@@ -79,10 +84,16 @@ def train_backbone(image_sets: Sequence[Any], cfg: Config, seed: int, *, device:
         offset += int(np.max(image_set.labels)) + 1
     with seeded(seed):
         model = ConvBackbone(bb.channels, bb.embed_dim, offset)
+        # the contrastive term's projection (training only, not part of the backbone): identity where unset
+        project = nn.Sequential(nn.Linear(bb.embed_dim, bb.contrastive_head), nn.ReLU(),
+                                nn.Linear(bb.contrastive_head, bb.contrastive_head)) if bb.contrastive_head else \
+            nn.Identity()
     model.to(device)
+    project.to(device)
     generator = torch.Generator().manual_seed(seed)
     steps_per_epoch = math.ceil(bb.images_per_dataset * len(images) / bb.batch_size)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=bb.lr, weight_decay=bb.weight_decay)
+    optimizer = torch.optim.AdamW([*model.parameters(), *project.parameters()], lr=bb.lr,
+                                  weight_decay=bb.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=bb.lr, total_steps=bb.epochs * steps_per_epoch)
     history: list[dict[str, float]] = []
     started = time.perf_counter()
@@ -95,11 +106,17 @@ def train_backbone(image_sets: Sequence[Any], cfg: Config, seed: int, *, device:
         total, correct, seen = 0.0, 0, 0
         shift_rng = np.random.default_rng([seed, epoch])
         for batch in torch.randperm(len(x_epoch), generator=generator).split(bb.batch_size):
-            x = augment(images_to_tensor(shifted(x_epoch[batch].numpy(), shift_rng, bb.shift_prob)), generator,
-                        bb.augment)
-            x, y = to_device(x, device), to_device(y_epoch[batch], device)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, label_smoothing=bb.label_smoothing)
+            view = lambda: augment(images_to_tensor(shifted(x_epoch[batch].numpy(), shift_rng, bb.shift_prob)),  # noqa: E731
+                                   generator, bb.augment)
+            x, y = to_device(view(), device), to_device(y_epoch[batch], device)
+            if bb.contrastive > 0:
+                embedded = model.embed(torch.cat([x, to_device(view(), device)]))
+                logits = model.head(embedded[:len(batch)])
+                loss = F.cross_entropy(logits, y, label_smoothing=bb.label_smoothing) + bb.contrastive * nt_xent(
+                    project(embedded), bb.contrastive_temperature)
+            else:
+                logits = model(x)
+                loss = F.cross_entropy(logits, y, label_smoothing=bb.label_smoothing)
             if not torch.isfinite(loss):
                 raise BackboneTrainingError(f"{desc}: loss became {loss.item()} in epoch {epoch}; no checkpoint "
                                             f"was written. Lower backbone.lr (now {bb.lr}).")
@@ -119,6 +136,17 @@ def train_backbone(image_sets: Sequence[Any], cfg: Config, seed: int, *, device:
                "train_images_per_second": bb.epochs * steps_per_epoch * bb.batch_size / max(seconds, 1e-9),
                "final_loss": history[-1]["loss"], "final_train_accuracy": history[-1]["train_accuracy"]}
     return model.eval(), {"history": history, "metrics": metrics}
+
+
+def nt_xent(embedded: torch.Tensor, temperature: float) -> torch.Tensor:
+    """SimCLR's NT-Xent loss of embeddings (2B, D) whose rows i and i + B are two views of one image: each view's
+    other view should be its most similar row (cosine similarity / ``temperature``) among the other 2B - 1."""
+    z = F.normalize(embedded, dim=1)
+    similarity = z @ z.T / temperature
+    similarity.fill_diagonal_(float("-inf"))
+    half = len(z) // 2
+    partner = torch.cat([torch.arange(half, len(z)), torch.arange(half)]).to(z.device)
+    return F.cross_entropy(similarity, partner)
 
 
 def backbone_from_state(state: dict[str, Any], meta: dict[str, Any]) -> ConvBackbone:

@@ -24,7 +24,8 @@ from hmlib.evaluation.methods import METHODS, MethodContext, score
 from hmlib.evaluation.quality import RowsInputs
 from hmlib.stats import paired, signed
 
-FOLDS = ("fashion_mnist", "math_shapes")
+FOLDS = ("fashion_mnist", "math_shapes")  # the default --folds: the folds docs/METHOD.md's first table was measured on
+EVERY_FOLD = tuple(sorted(p.stem for p in (paths.REPO_ROOT / "docs" / "lodo").glob("*.json")))  # what --folds may name
 GLYPHS = "+ the six glyph datasets (make_glyphs.py)"  # read from the fold's synthetic_<dataset>.json variant
 VARIANTS = {  # backbone settings on top of the fold's
     "as it ships (4 epochs, 16-32-64)": {},
@@ -37,6 +38,12 @@ VARIANTS = {  # backbone settings on top of the fold's
     "affine augmentation x 0.5": {"augment": 0.5},
     "affine augmentation x 1.5": {"augment": 1.5},
     GLYPHS: {"datasets": None},
+    "+ contrastive views, weight 1": {"contrastive": 1.0},
+    "+ contrastive views, weight 0.3": {"contrastive": 0.3},
+    "+ contrastive views, weight 1, temperature 0.5": {"contrastive": 1.0, "contrastive_temperature": 0.5},
+    "+ contrastive views, weight 1, projection head 128": {"contrastive": 1.0, "contrastive_head": 128},
+    "+ contrastive views, weight 3": {"contrastive": 3.0},
+    "+ contrastive views, weight 3, projection head 128": {"contrastive": 3.0, "contrastive_head": 128},
 }
 SHIPPED = next(iter(VARIANTS))
 
@@ -71,15 +78,16 @@ def mean_over_conditions(entry: dict) -> float:
     return float(np.mean([np.mean(v) for v in entry["cells"].values()]))
 
 
-def table(results: dict) -> str:
+def table(results: dict, folds=FOLDS) -> str:
     """Markdown: per recipe and fold the k-means mean over conditions and seeds, and the paired difference from the
-    shipped recipe (t-interval over the fold's seeds; over both folds' (fold, seed) pairs in the last column; '*'
+    shipped recipe (t-interval over the fold's seeds; over every fold's (fold, seed) pairs in the last column; '*'
     where it excludes zero)."""
-    lines = ["| recipe | " + " | ".join(f"{f}: k-means | vs shipped" for f in FOLDS) + " | both folds vs shipped |",
-             "|---|" + "---:|---:|" * len(FOLDS) + "---:|"]
+    lines = ["| recipe | " + " | ".join(f"{f}: k-means | vs shipped" for f in folds) +
+             f" | {'both' if len(folds) == 2 else f'all {len(folds)}'} folds vs shipped |",
+             "|---|" + "---:|---:|" * len(folds) + "---:|"]
     for name in VARIANTS:
         cells, every, every_shipped = [], [], []
-        for fold in FOLDS:
+        for fold in folds:
             seeds = sorted(s for s in results.get(fold, {}).get(name, {}) if s in results[fold].get(SHIPPED, {}))
             means = [mean_over_conditions(results[fold][name][s]) for s in seeds]
             shipped = [mean_over_conditions(results[fold][SHIPPED][s]) for s in seeds]
@@ -99,12 +107,14 @@ def versus(means: list[float], shipped: list[float], name: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--folds", nargs="+", default=list(FOLDS), choices=FOLDS)
+    parser.add_argument("--folds", nargs="+", default=list(FOLDS), choices=EVERY_FOLD)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, metavar="VARIANT",
+                        help="the recipes to score (the shipped one always)")
     parser.add_argument("--out", type=Path, default=paths.results_dir() / "backbone_recipe.json")
     args = parser.parse_args()
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     for fold in args.folds:
-        for name in VARIANTS:
+        for name in dict.fromkeys([SHIPPED, *args.variants]):
             for seed in args.seeds:
                 done = results.setdefault(fold, {}).setdefault(name, {})
                 if str(seed) in done:
@@ -114,7 +124,7 @@ def main() -> None:
                 args.out.write_text(json.dumps(results))
                 print(f"{fold}, {name}, seed {seed}: k-means {100 * mean_over_conditions(done[str(seed)]):.2f}",
                       flush=True)
-    print(table(results))
+    print(table(results, tuple(args.folds)))
 
 
 if __name__ == "__main__":
