@@ -56,6 +56,11 @@ def variant_config(fold: str, name: str) -> hmlib.Config:
     return hmlib.load_config("default", config, {"backbone": VARIANTS[name]})
 
 
+def has_variant(fold: str, name: str) -> bool:
+    """Whether the fold has the variant (the glyph variant: only where its synthetic_<fold>.json exists)."""
+    return name != GLYPHS or (paths.REPO_ROOT / "docs" / "lodo" / "variants" / f"synthetic_{fold}.json").is_file()
+
+
 def score_backbone(fold: str, name: str, seed: int) -> dict:
     """k-means accuracy per task (per condition) of the fold's held-back dataset on a backbone trained with the
     variant ``name``."""
@@ -114,7 +119,7 @@ def main() -> None:
     args = parser.parse_args()
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     for fold in args.folds:
-        for name in dict.fromkeys([SHIPPED, *args.variants]):
+        for name in [n for n in dict.fromkeys([SHIPPED, *args.variants]) if has_variant(fold, n)]:
             for seed in args.seeds:
                 done = results.setdefault(fold, {}).setdefault(name, {})
                 if str(seed) in done:
