@@ -141,6 +141,9 @@ class TransductiveConfig:
     head_lr: float = checked(1e-2, min_exclusive=0.0)
     entropy_weight: float = checked(5.0, min=0.0)
     augment: float = checked(1.0, min=0.0)  # random affine strength of both views
+    # > 0: weight of a contrastive term (the backbone's NT-Xent and temperature, on a fresh projection head of
+    # backbone.contrastive_head units, else on the embedding) between two augmented views of each image, beside SCAN's
+    contrastive: float = checked(0.0, min=0.0)
     # when not to adapt (chosen on the folds and the meta-training datasets: docs/METHOD.md "When not to adapt a
     # backbone to a dataset"): the adaptation is declined where k-means with gate_clusters clusters separates
     # unlabeled train images less clearly (silhouette) in the adapted embedding than in the starting one, beyond the

@@ -169,6 +169,20 @@ def test_a_matching_checkpoint_is_reused_and_other_settings_make_another(fake_da
     assert other["path"] != first_meta["path"] and not other["reused"] and Path(first_meta["path"]).is_file()
 
 
+def test_a_contrastive_term_adapts_otherwise_and_names_its_checkpoint_apart(fake_data):
+    """transductive.contrastive > 0 adds two-view NT-Xent to SCAN's loss: other weights, another checkpoint; at 0
+    the identity has no such setting, so every adaptation made before the option keeps its name."""
+    cfg, contrast = tiny_cfg(), tiny_cfg(contrastive=1.0)
+    backbone, meta = _backbone(cfg)
+    plain, plain_meta = _adapt(cfg, backbone, meta)
+    adapted, adapted_meta = _adapt(contrast, backbone, meta)
+    assert adapted_meta["path"] != plain_meta["path"] and not adapted_meta["reused"]
+    assert not torch.equal(plain.embedding.weight, adapted.embedding.weight)
+    image_set = hmlib.data.load_split(DATASET, "train", cfg.data)
+    assert "contrastive" not in transductive.transductive_identity(cfg, meta, image_set)["settings"]
+    assert transductive.transductive_identity(contrast, meta, image_set)["settings"]["contrastive"] == 1.0
+
+
 def test_epochs_zero_re_estimates_the_statistics_only(fake_data):
     """transductive.epochs = 0: the weights are the backbone's, the normalisation statistics those of the dataset's
     train images (AdaBN); the checkpoint is complete and reused."""

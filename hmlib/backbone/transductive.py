@@ -40,7 +40,7 @@ from hmlib.artifacts import (ArtifactError, MissingArtifactError, StaleArtifactE
                              save_checkpoint, set_aside, settings_diff, state_fingerprint)
 from hmlib.backbone.embeddings import embed_images
 from hmlib.backbone.model import ConvBackbone, augment
-from hmlib.backbone.train import adapt_batchnorm, backbone_from_state
+from hmlib.backbone.train import adapt_batchnorm, backbone_from_state, nt_xent
 from hmlib.config import Config, config_to_dict, resolve_device
 from hmlib.features import images_to_tensor, normalize_task_np, to_device
 from hmlib.reproducibility import seeded
@@ -59,6 +59,8 @@ def transductive_identity(cfg: Config, backbone_meta: dict[str, Any], image_set:
     # what reads an adaptation, not what makes it
     for name in ("retrain", "gate", "gate_clusters", "gate_images", "gate_repeats"):
         settings.pop(name)
+    if not settings["contrastive"]:  # SCAN's loss only: the identity of every adaptation made before the option
+        settings.pop("contrastive")
     return {"kind": KIND, "settings": settings, "backbone_id": backbone_meta["backbone_id"],
             "dataset": image_set.name, "data_fingerprint": image_set.fingerprint}
 
@@ -159,11 +161,15 @@ def train_transductive(backbone: ConvBackbone, images: np.ndarray, cfg: Config, 
     model = adapt_batchnorm(backbone, images).to(device)
     with seeded(seed):
         head = nn.Linear(model.embed_dim, tc.clusters).to(device)
+        width = cfg.backbone.contrastive_head
+        project = (nn.Sequential(nn.Linear(model.embed_dim, width), nn.ReLU(), nn.Linear(width, width)) if width
+                   else nn.Identity()).to(device) if tc.contrastive else None
     neighbours = mine_neighbours(model, images, tc.neighbours)
     history: list[dict[str, float]] = []
     first_epoch = 0
+    heads = [*head.parameters(), *(project.parameters() if project is not None else ())]
     optimizer = torch.optim.Adam([{"params": [p for n, p in model.named_parameters() if not n.startswith("head.")],
-                                   "lr": tc.lr}, {"params": head.parameters(), "lr": tc.head_lr}])
+                                   "lr": tc.lr}, {"params": heads, "lr": tc.head_lr}])
     if start is not None:
         model.load_state_dict(start["model"])
         head.load_state_dict(start["head"])
@@ -184,8 +190,15 @@ def train_transductive(backbone: ConvBackbone, images: np.ndarray, cfg: Config, 
             partner = torch.as_tensor(neighbours[batch.numpy(), pick[batch].numpy()])
             x = augment(images_to_tensor(x_all[batch]), generator, tc.augment)
             y = augment(images_to_tensor(x_all[partner]), generator, tc.augment)
-            logits = head(model.embed(to_device(torch.cat([x, y]), device)))
-            loss = scan_loss(logits[: len(batch)], logits[len(batch):], tc.entropy_weight)
+            if project is None:
+                logits = head(model.embed(to_device(torch.cat([x, y]), device)))
+                loss = scan_loss(logits[: len(batch)], logits[len(batch):], tc.entropy_weight)
+            else:  # a second view of the batch's own images, for the contrastive term
+                view = augment(images_to_tensor(x_all[batch]), generator, tc.augment)
+                embedded = model.embed(to_device(torch.cat([x, y, view]), device))
+                logits = head(embedded[: 2 * len(batch)])
+                loss = scan_loss(logits[: len(batch)], logits[len(batch):], tc.entropy_weight) + tc.contrastive * \
+                    nt_xent(project(torch.cat([embedded[: len(batch)], embedded[2 * len(batch):]])), cfg.backbone.contrastive_temperature)
             if not torch.isfinite(loss):
                 raise ArtifactError(f"{desc}: the loss became {loss.item()} in epoch {epoch}; lower transductive.lr")
             optimizer.zero_grad(set_to_none=True)
