@@ -113,6 +113,35 @@ def test_the_backbone_recipe_table_pairs_each_variant_with_the_shipped_recipe_pe
     assert row == f"| {variant} | {fold} | {fold} | +2.5 ± 4.6 (n = 4) |"
 
 
+def test_the_transductive_recipe_adapts_each_folds_backbone_to_its_held_back_dataset_only():
+    """Each (recipe, stage) is the fold's config with its backbone and transductive settings only, the stage runs
+    (the folds' own runs skip it), and the backbone never learns from the held-back dataset."""
+    script = _variants_script("transductive_recipe")
+    assert "docs/lodo/variants/transductive_recipe.py" in (REPO_ROOT / "docs" / "METHOD.md").read_text()
+    assert set(script.FOLDS) <= set(script.EVERY_FOLD) == {f.stem for f in FOLDS}
+    for fold in script.EVERY_FOLD:
+        base = load_config("default", REPO_ROOT / "docs" / "lodo" / f"{fold}.json")
+        for recipe, backbone in script.RECIPES.items():
+            for stage, settings in script.STAGES.items():
+                cfg = script.fold_config(fold, recipe, stage)
+                assert fold not in backbone_datasets(cfg) and cfg.eval == base.eval and cfg.meta == base.meta
+                assert cfg.transductive.epochs == load_config("default").transductive.epochs > 0
+                assert all(getattr(cfg.backbone, key) == value for key, value in backbone.items())
+                assert all(getattr(cfg.transductive, key) == value for key, value in settings.items())
+
+
+def test_the_transductive_recipe_table_pairs_adapted_and_gated_with_the_start_per_seed():
+    script = _variants_script("transductive_recipe")
+    cells = lambda value: {"a": [value, value]}  # noqa: E731
+    run = lambda start, adapted, kept: {"cells": {"start": cells(start), "adapted": cells(adapted),  # noqa: E731
+                                                  "gate": cells(adapted if kept else start)},
+                                        "gate": {"kept": "adapted" if kept else "start"}}
+    recipe, stage = next(iter(script.RECIPES)), next(iter(script.STAGES))
+    results = {"f": {f"{recipe} / {stage}": {"0": run(0.5, 0.6, True), "1": run(0.6, 0.6, False)}}}
+    row = next(line for line in script.table(results, ("f",)).splitlines() if line.startswith(f"| {recipe}, {stage}"))
+    assert row == f"| {recipe}, {stage} | 55.0 | +5.0 ± 63.5 | +5.0 ± 63.5 (1/2) |"
+
+
 def _meta_parts():
     return _variants_script("meta_parts")
 
