@@ -33,6 +33,7 @@ STAGES = {"as it ships": {"epochs": SHIPPED_EPOCHS},  # transductive settings on
           "+ contrastive views, weight 1": {"epochs": SHIPPED_EPOCHS, "contrastive": 1.0},
           "backbone step 1e-3, head 1e-3": {"epochs": SHIPPED_EPOCHS, "head_lr": 1e-3}}
 ARMS = ("start", "adapted", "gate")  # the backbone k-means reads
+FAMILIAR = "familiar: "  # results key prefix of --familiar (the default backbone on its own meta-training datasets)
 
 
 def fold_config(fold: str, recipe: str, stage: str) -> hmlib.Config:
@@ -67,6 +68,26 @@ def score_stage(fold: str, recipe: str, stage: str, seed: int) -> dict:
     return {"cells": cells, "gate": decision, "seconds": record["seconds"]}
 
 
+def score_familiar(recipe: str, stage: str, seed: int) -> dict:
+    """The same on data the backbone learned from: the default config's backbone (every meta-training dataset, in
+    memory, with the recipe) adapted to each meta-training dataset's unlabeled train split, k-means per task on its
+    test split at the default shapes (where adaptation should be declined: docs/METHOD.md, "When not to adapt")."""
+    cfg = hmlib.load_config("default", overrides={"backbone": RECIPES[recipe], "transductive": STAGES[stage]})
+    hmlib.configure_runtime(cfg)
+    image_sets = {dataset: data.load_split(dataset, "train", cfg.data, progress=False)
+                  for dataset in backbone_datasets(cfg)}
+    start, _ = train_backbone(list(image_sets.values()), cfg, seed, progress=False)
+    out = {}
+    for dataset, image_set in image_sets.items():
+        adapted, record = train_transductive(start, adaptation_images(cfg, image_set), cfg, seed=seed, progress=False)
+        decision = gate(cfg, start, adapted, image_set.images)
+        conditions = grid(cfg, [dataset], verbose=False)
+        cells = {"start": kmeans_cells(cfg, start, conditions), "adapted": kmeans_cells(cfg, adapted, conditions)}
+        cells["gate"] = cells["adapted" if decision["kept"] == "adapted" else "start"]
+        out[dataset] = {"cells": cells, "gate": decision, "seconds": record["seconds"]}
+    return out
+
+
 def mean_of(entry: dict, arm: str) -> float:
     return float(np.mean([np.mean(v) for v in entry["cells"][arm].values()]))
 
@@ -99,9 +120,28 @@ def main() -> None:
     parser.add_argument("--folds", nargs="+", default=list(FOLDS), choices=EVERY_FOLD)
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=RECIPES)
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
+    parser.add_argument("--familiar", action="store_true",
+                        help="instead of the folds: the default backbone adapted to its own meta-training datasets")
     parser.add_argument("--out", type=Path, default=paths.results_dir() / "transductive_recipe.json")
     args = parser.parse_args()
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if args.familiar:
+        for recipe in args.recipes:
+            for stage in args.stages:
+                for seed in args.seeds:
+                    keys = [f"{FAMILIAR}{dataset}" for dataset in hmlib.load_config("default").meta.train_datasets]
+                    if all(str(seed) in results.get(key, {}).get(f"{recipe} / {stage}", {}) for key in keys):
+                        continue
+                    for dataset, entry in score_familiar(recipe, stage, seed).items():
+                        results.setdefault(f"{FAMILIAR}{dataset}", {}).setdefault(f"{recipe} / {stage}", {})[
+                            str(seed)] = entry
+                        print(f"familiar {dataset}, {recipe} / {stage}, seed {seed}: k-means start "
+                              f"{100 * mean_of(entry, 'start'):.2f}, adapted {100 * mean_of(entry, 'adapted'):.2f}, "
+                              f"gate kept {entry['gate']['kept']}", flush=True)
+                    args.out.parent.mkdir(parents=True, exist_ok=True)
+                    args.out.write_text(json.dumps(results))
+        print(table(results, tuple(k for k in results if k.startswith(FAMILIAR))))
+        return
     for fold in args.folds:
         for recipe in args.recipes:
             for stage in args.stages:
