@@ -100,6 +100,20 @@ def test_the_backbone_recipe_trains_every_variant_without_the_held_back_dataset(
             assert (name == recipe.GLYPHS) == (set(learns_from) != set(base.meta.train_datasets))
 
 
+def test_the_backbone_recipe_on_familiar_data_is_the_default_backbone_with_the_variant():
+    """--folds familiar: the default config's backbone (every meta-training dataset) with the variant's settings."""
+    recipe = _backbone_recipe()
+    default = load_config("default")
+    assert not recipe.has_variant(recipe.FAMILIAR, recipe.GLYPHS)
+    for name, settings in recipe.VARIANTS.items():
+        if name == recipe.GLYPHS:
+            continue
+        cfg = recipe.variant_config(recipe.FAMILIAR, name)
+        assert cfg.meta == default.meta and set(backbone_datasets(cfg)) == set(default.meta.train_datasets)
+        assert all(getattr(cfg.backbone, key) == (tuple(value) if isinstance(value, list) else value)
+                   for key, value in settings.items())
+
+
 def test_the_backbone_recipe_table_pairs_each_variant_with_the_shipped_recipe_per_fold_and_seed():
     recipe = _backbone_recipe()
     cells = lambda value: {"cells": {"a": [value, value], "b": [value, value]}}  # noqa: E731

@@ -26,6 +26,9 @@ from hmlib.stats import paired, signed
 
 FOLDS = ("fashion_mnist", "math_shapes")  # the default --folds: the folds docs/METHOD.md's first table was measured on
 EVERY_FOLD = tuple(sorted(p.stem for p in (paths.REPO_ROOT / "docs" / "lodo").glob("*.json")))  # what --folds may name
+# --folds familiar: not a fold but the default config's backbone (every meta-training dataset) scored on the test
+# splits of its own meta-training datasets: what a recipe does to the classes it learned
+FAMILIAR = "familiar"
 GLYPHS = "+ the six glyph datasets (make_glyphs.py)"  # read from the fold's synthetic_<dataset>.json variant
 VARIANTS = {  # backbone settings on top of the fold's
     "as it ships (4 epochs, 16-32-64)": {},
@@ -44,6 +47,8 @@ VARIANTS = {  # backbone settings on top of the fold's
     "+ contrastive views, weight 1, projection head 128": {"contrastive": 1.0, "contrastive_head": 128},
     "+ contrastive views, weight 3": {"contrastive": 3.0},
     "+ contrastive views, weight 3, projection head 128": {"contrastive": 3.0, "contrastive_head": 128},
+    "+ contrastive views, weight 0.3, projection head 128": {"contrastive": 0.3, "contrastive_head": 128},
+    "+ contrastive views, weight 0.1, projection head 128": {"contrastive": 0.1, "contrastive_head": 128},
 }
 SHIPPED = next(iter(VARIANTS))
 
@@ -52,13 +57,15 @@ def variant_config(fold: str, name: str) -> hmlib.Config:
     """The fold's config with the variant's backbone settings (the glyph variant: the fold's synthetic_ variant,
     whose meta-training datasets include the glyphs, with the backbone learning from all of them)."""
     folds = paths.REPO_ROOT / "docs" / "lodo"
-    config = folds / "variants" / f"synthetic_{fold}.json" if name == GLYPHS else folds / f"{fold}.json"
+    config = None if fold == FAMILIAR else \
+        folds / "variants" / f"synthetic_{fold}.json" if name == GLYPHS else folds / f"{fold}.json"
     return hmlib.load_config("default", config, {"backbone": VARIANTS[name]})
 
 
 def has_variant(fold: str, name: str) -> bool:
     """Whether the fold has the variant (the glyph variant: only where its synthetic_<fold>.json exists)."""
-    return name != GLYPHS or (paths.REPO_ROOT / "docs" / "lodo" / "variants" / f"synthetic_{fold}.json").is_file()
+    return name != GLYPHS or fold != FAMILIAR and \
+        (paths.REPO_ROOT / "docs" / "lodo" / "variants" / f"synthetic_{fold}.json").is_file()
 
 
 def score_backbone(fold: str, name: str, seed: int) -> dict:
@@ -69,7 +76,7 @@ def score_backbone(fold: str, name: str, seed: int) -> dict:
     image_sets = [data.load_split(dataset, "train", cfg.data, progress=False) for dataset in backbone_datasets(cfg)]
     model, record = train_backbone(image_sets, cfg, seed, progress=False)
     cells, rows = {}, {}
-    for condition in grid(cfg, verbose=False):
+    for condition in grid(cfg, cfg.meta.train_datasets if fold == FAMILIAR else None, verbose=False):
         if condition.dataset not in rows:
             rows[condition.dataset] = embed_images(
                 model, data.load_split(condition.dataset, "test", cfg.data, progress=False).images)
@@ -112,7 +119,7 @@ def versus(means: list[float], shipped: list[float], name: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--folds", nargs="+", default=list(FOLDS), choices=EVERY_FOLD)
+    parser.add_argument("--folds", nargs="+", default=list(FOLDS), choices=(*EVERY_FOLD, FAMILIAR))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, metavar="VARIANT",
                         help="the recipes to score (the shipped one always)")
     parser.add_argument("--out", type=Path, default=paths.results_dir() / "backbone_recipe.json")
