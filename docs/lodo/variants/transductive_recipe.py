@@ -27,7 +27,8 @@ from hmlib.stats import paired, signed
 FOLDS = ("fashion_mnist", "hebrew_chars", "math_shapes")
 EVERY_FOLD = tuple(sorted(p.stem for p in (paths.REPO_ROOT / "docs" / "lodo").glob("*.json")))
 RECIPES = {"cross-entropy backbone": {"contrastive": 0.0},  # backbone settings on top of the fold's
-           "contrastive backbone": {"contrastive": 1.0, "contrastive_head": 128}}
+           "contrastive backbone": {"contrastive": 1.0, "contrastive_head": 128},
+           "contrastive backbone, weight 0.3": {"contrastive": 0.3, "contrastive_head": 128}}
 SHIPPED_EPOCHS = hmlib.load_config("default").transductive.epochs  # the folds' own runs skip the stage (epochs 0)
 STAGES = {"as it ships": {"epochs": SHIPPED_EPOCHS},  # transductive settings on top of the fold's
           "+ contrastive views, weight 1": {"epochs": SHIPPED_EPOCHS, "contrastive": 1.0},
