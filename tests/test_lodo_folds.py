@@ -156,6 +156,22 @@ def test_the_transductive_recipe_table_pairs_adapted_and_gated_with_the_start_pe
     assert row == f"| {recipe}, {stage} | 55.0 | +5.0 ± 63.5 | +5.0 ± 63.5 (1/2) |"
 
 
+def test_the_gate_criteria_table_scores_each_rule_by_the_accuracy_of_its_choices():
+    """Two runs of one recipe: adapting pays on the first (its criterion rises clearly) and costs on the second (it
+    falls clearly); every rule that follows the criterion picks the better of the two on both."""
+    script = _variants_script("transductive_recipe")
+    run = lambda start, adapted, change: {  # noqa: E731
+        "cells": {"start": {"a": [start]}, "adapted": {"a": [adapted]}, "gate": {"a": [start]}},
+        "gate": {"kept": "start"}, "criteria": {"silhouette_k4": [change, change * 1.1, change * 0.9]}}
+    results = {"f": {"r / s": {"0": run(0.5, 0.7, 0.1)}}, f"{script.FAMILIAR}g": {"r / s": {"0": run(0.8, 0.6, -0.1)}}}
+    lines = script.criteria_table(results).splitlines()
+    assert lines[0] == "| choice | r, familiar (n = 1) | r, held back (n = 1) |"
+    rows = {line[2:].split(" | ")[0]: line.rstrip(" |").split(" | ")[1:] for line in lines[2:]}
+    assert rows["never adapt"] == ["80.0", "50.0"] and rows["always adapt"] == ["60.0", "70.0"]
+    assert rows["the better (labels)"] == ["80.0", "70.0"]
+    assert all(rows[f"silhouette_k4: {rule}"] == ["80.0", "70.0"] for rule in script.RULES)
+
+
 def _meta_parts():
     return _variants_script("meta_parts")
 

@@ -13,15 +13,18 @@ import json
 from pathlib import Path
 
 import numpy as np
+from sklearn.cluster import KMeans
+from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score, silhouette_score
 
 import hmlib
 from hmlib import data, paths
 from hmlib.backbone.embeddings import embed_images
 from hmlib.backbone.train import backbone_datasets, train_backbone
-from hmlib.backbone.transductive import adaptation_images, gate, train_transductive
+from hmlib.backbone.transductive import adaptation_images, gate, gate_samples, train_transductive
 from hmlib.evaluation.conditions import build_suite, grid
 from hmlib.evaluation.methods import METHODS, MethodContext, score
 from hmlib.evaluation.quality import RowsInputs
+from hmlib.features import normalize_task_np
 from hmlib.stats import paired, signed
 
 FOLDS = ("fashion_mnist", "hebrew_chars", "math_shapes")
@@ -41,6 +44,27 @@ def fold_config(fold: str, recipe: str, stage: str) -> hmlib.Config:
     """The fold's config with the recipe's backbone and the stage's transductive settings."""
     return hmlib.load_config("default", paths.REPO_ROOT / "docs" / "lodo" / f"{fold}.json",
                              {"backbone": RECIPES[recipe], "transductive": STAGES[stage]})
+
+
+def criteria(cfg: hmlib.Config, start, adapted, images: np.ndarray) -> dict:
+    """Label-free criteria a gate could read, each on the gate's subsamples before and after adaptation (k-means on the
+    standardised, normalised embedding, as the gate's): the silhouette at k = 4 (the gate's own) and k = 10, and the
+    Calinski-Harabasz and Davies-Bouldin scores at k = 4; per criterion, the change of each subsample (after minus
+    before; Davies-Bouldin negated, so that up is better for every criterion)."""
+    samples = gate_samples(cfg, len(images))
+    out = {name: [] for name in ("silhouette_k4", "silhouette_k10", "calinski_harabasz_k4", "davies_bouldin_k4")}
+    for repeat, sample in enumerate(samples):
+        scores = {}
+        for when, model in (("before", start), ("after", adapted)):
+            z = normalize_task_np(embed_images(model, images[sample]), l2=True)
+            k4 = KMeans(n_clusters=4, n_init=3, random_state=repeat).fit_predict(z)
+            k10 = KMeans(n_clusters=10, n_init=3, random_state=repeat).fit_predict(z)
+            scores[when] = {"silhouette_k4": silhouette_score(z, k4), "silhouette_k10": silhouette_score(z, k10),
+                            "calinski_harabasz_k4": calinski_harabasz_score(z, k4),
+                            "davies_bouldin_k4": -davies_bouldin_score(z, k4)}
+        for name in out:
+            out[name].append(float(scores["after"][name] - scores["before"][name]))
+    return out
 
 
 def kmeans_cells(cfg: hmlib.Config, model, conditions) -> dict:
@@ -66,7 +90,8 @@ def score_stage(fold: str, recipe: str, stage: str, seed: int) -> dict:
     conditions = [c for c in grid(cfg, verbose=False) if c.dataset == fold]
     cells = {"start": kmeans_cells(cfg, start, conditions), "adapted": kmeans_cells(cfg, adapted, conditions)}
     cells["gate"] = cells["adapted" if decision["kept"] == "adapted" else "start"]
-    return {"cells": cells, "gate": decision, "seconds": record["seconds"]}
+    return {"cells": cells, "gate": decision, "seconds": record["seconds"],
+            "criteria": criteria(cfg, start, adapted, held_back.images)}
 
 
 def score_familiar(recipe: str, stage: str, seed: int) -> dict:
@@ -85,7 +110,8 @@ def score_familiar(recipe: str, stage: str, seed: int) -> dict:
         conditions = grid(cfg, [dataset], verbose=False)
         cells = {"start": kmeans_cells(cfg, start, conditions), "adapted": kmeans_cells(cfg, adapted, conditions)}
         cells["gate"] = cells["adapted" if decision["kept"] == "adapted" else "start"]
-        out[dataset] = {"cells": cells, "gate": decision, "seconds": record["seconds"]}
+        out[dataset] = {"cells": cells, "gate": decision, "seconds": record["seconds"],
+                        "criteria": criteria(cfg, start, adapted, image_set.images)}
     return out
 
 
@@ -115,6 +141,44 @@ def table(results: dict, folds) -> str:
     return "\n".join(lines)
 
 
+RULES = {"decline where the change's interval is below zero (the gate's rule)": lambda low, high: high >= 0,
+         "adapt where the mean change is above zero": lambda low, high: low + high > 0,
+         "adapt only where the change's interval is above zero": lambda low, high: low > 0}
+
+
+def criteria_table(results: dict) -> str:
+    """Markdown: for every recorded criterion and rule, k-means after the choice it makes, averaged over the held-back
+    runs and over the familiar runs of each recipe (every (dataset, seed) run that recorded criteria), beside never
+    adapting, always adapting and the better of the two per run (labels: the oracle)."""
+    from scipy import stats
+
+    runs = {}  # (recipe, held back or familiar) -> [(start, adapted, criteria)]
+    for key, by_recipe in results.items():
+        kind = "familiar" if key.startswith(FAMILIAR) else "held back"
+        for name, seeds in by_recipe.items():
+            for entry in seeds.values():
+                if "criteria" in entry:
+                    runs.setdefault((name.split(" / ")[0], kind), []).append(
+                        (mean_of(entry, "start"), mean_of(entry, "adapted"), entry["criteria"]))
+    groups = sorted(runs)
+    lines = ["| choice | " + " | ".join(f"{recipe}, {kind} (n = {len(runs[(recipe, kind)])})"
+                                        for recipe, kind in groups) + " |", "|---|" + "---:|" * len(groups)]
+    fixed = {"never adapt": lambda s, a, c: s, "always adapt": lambda s, a, c: a, "the better (labels)": lambda s, a, c: max(s, a)}
+    for label, pick in fixed.items():
+        lines.append(f"| {label} | " + " | ".join(f"{100 * np.mean([pick(s, a, c) for s, a, c in runs[g]]):.1f}"
+                                                   for g in groups) + " |")
+    names = sorted({name for g in groups for *_, c in runs[g] for name in c})
+    for name in names:
+        for rule, adapt in RULES.items():
+            def choose(start, adapted, crit):
+                changes = np.asarray(crit[name])
+                half = stats.t.ppf(0.975, len(changes) - 1) * changes.std(ddof=1) / np.sqrt(len(changes))
+                return adapted if adapt(changes.mean() - half, changes.mean() + half) else start
+            lines.append(f"| {name}: {rule} | " + " | ".join(
+                f"{100 * np.mean([choose(s, a, c) for s, a, c in runs[g]]):.1f}" for g in groups) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -124,8 +188,13 @@ def main() -> None:
     parser.add_argument("--familiar", action="store_true",
                         help="instead of the folds: the default backbone adapted to its own meta-training datasets")
     parser.add_argument("--out", type=Path, default=paths.results_dir() / "transductive_recipe.json")
+    parser.add_argument("--criteria", action="store_true",
+                        help="print the gate criteria table of the runs in --out (nothing is computed)")
     args = parser.parse_args()
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
+    if args.criteria:
+        print(criteria_table(results))
+        return
     if args.familiar:
         for recipe in args.recipes:
             for stage in args.stages:
