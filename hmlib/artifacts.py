@@ -352,6 +352,27 @@ def set_aside(path: Path, reason: str) -> Path | None:
     raise ArtifactError(f"too many set-aside copies of {path}; delete some")
 
 
+def set_aside_unless_same(path: Path, same: Callable[[dict], bool], what: str, also: tuple[str, ...] = ()
+                          ) -> Path | None:
+    """Set the JSON result at ``path`` (and its siblings with the suffixes ``also``) aside as
+    ``<name>.replaced-<n><suffix>`` unless ``same(old)`` says it was made by the same inputs, so that a run with other
+    settings never destroys a finished result (a file that is not a JSON object is not a result: nothing to keep);
+    the old file's new path, or None."""
+    if not path.is_file():
+        return None
+    try:
+        old = read_json(path)
+    except ArtifactError:
+        return None
+    if not isinstance(old, dict) or same(old):
+        return None
+    moved = set_aside(path, "replaced")
+    for suffix in also:
+        set_aside(path.with_suffix(suffix), "replaced")
+    print(f"note: {path.name} held a result of {what}; it is kept as {moved.name}")
+    return moved
+
+
 def refuse_overwrite(path: str | Path, overwrite: bool, what: str = "output") -> Path:
     """``path`` if it may be written: a file that exists is replaced only with ``overwrite``."""
     path = Path(path)

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from hmlib.ablations.report import AblationResult
 from hmlib.ablations.spec import Ablation, Variant, define_ablations
-from hmlib.artifacts import ArtifactError, file_sha256, fingerprint, read_json, set_aside, write_json
+from hmlib.artifacts import ArtifactError, file_sha256, fingerprint, read_json, set_aside_unless_same, write_json
 from hmlib.backbone.transductive import get_transductive_backbone
 from hmlib.config import Config, ConfigError, config_to_dict, resolve_device, settings_of, with_overrides
 from hmlib.evaluation.conditions import Condition, grid, suite_fingerprint, suite_for, suite_seed
@@ -248,12 +248,8 @@ def keep_other(path: Path, identity: Mapping[str, Any]) -> Path | None:
     """Set the result at ``path`` aside (as ``<key>.replaced-<n>.json``) where other inputs or settings made it, so
     a run with other settings never destroys a finished ablation (a recomputation of the same is replaced); the old
     file's new path, or None."""
-    saved = _saved(path)
-    if saved is None or fingerprint(saved["meta"]) == fingerprint(dict(identity)):
-        return None
-    moved = set_aside(path, "replaced")
-    print(f"note: {path.name} held a result of other inputs or settings; it is kept as {moved.name}")
-    return moved
+    return set_aside_unless_same(path, lambda old: not isinstance(old.get("meta"), dict) or  # not a result
+                                 fingerprint(old["meta"]) == fingerprint(dict(identity)), "other inputs or settings")
 
 
 def load_cached(key: str, identity: Mapping[str, Any]) -> AblationResult | None:

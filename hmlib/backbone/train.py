@@ -84,10 +84,7 @@ def train_backbone(image_sets: Sequence[Any], cfg: Config, seed: int, *, device:
         offset += int(np.max(image_set.labels)) + 1
     with seeded(seed):
         model = ConvBackbone(bb.channels, bb.embed_dim, offset)
-        # the contrastive term's projection (training only, not part of the backbone): identity where unset
-        project = nn.Sequential(nn.Linear(bb.embed_dim, bb.contrastive_head), nn.ReLU(),
-                                nn.Linear(bb.contrastive_head, bb.contrastive_head)) if bb.contrastive_head else \
-            nn.Identity()
+        project = projection_head(bb.embed_dim, bb.contrastive_head if bb.contrastive else 0)
     model.to(device)
     project.to(device)
     generator = torch.Generator().manual_seed(seed)
@@ -105,12 +102,15 @@ def train_backbone(image_sets: Sequence[Any], cfg: Config, seed: int, *, device:
         model.train()
         total, correct, seen = 0.0, 0, 0
         shift_rng = np.random.default_rng([seed, epoch])
+
+        def view(batch: torch.Tensor) -> torch.Tensor:  # one shifted, augmented view of the batch's images
+            return augment(images_to_tensor(shifted(x_epoch[batch].numpy(), shift_rng, bb.shift_prob)), generator,
+                           bb.augment)
+
         for batch in torch.randperm(len(x_epoch), generator=generator).split(bb.batch_size):
-            view = lambda: augment(images_to_tensor(shifted(x_epoch[batch].numpy(), shift_rng, bb.shift_prob)),  # noqa: E731
-                                   generator, bb.augment)
-            x, y = to_device(view(), device), to_device(y_epoch[batch], device)
-            if bb.contrastive > 0:
-                embedded = model.embed(torch.cat([x, to_device(view(), device)]))
+            x, y = to_device(view(batch), device), to_device(y_epoch[batch], device)
+            if bb.contrastive > 0:  # a second view for the contrastive term
+                embedded = model.embed(torch.cat([x, to_device(view(batch), device)]))
                 logits = model.head(embedded[:len(batch)])
                 loss = F.cross_entropy(logits, y, label_smoothing=bb.label_smoothing) + bb.contrastive * nt_xent(
                     project(embedded), bb.contrastive_temperature)
@@ -136,6 +136,14 @@ def train_backbone(image_sets: Sequence[Any], cfg: Config, seed: int, *, device:
                "train_images_per_second": bb.epochs * steps_per_epoch * bb.batch_size / max(seconds, 1e-9),
                "final_loss": history[-1]["loss"], "final_train_accuracy": history[-1]["train_accuracy"]}
     return model.eval(), {"history": history, "metrics": metrics}
+
+
+def projection_head(embed_dim: int, width: int) -> nn.Module:
+    """The contrastive term's projection (SimCLR's g: embedding -> width -> width; training only, never part of a
+    saved backbone); the identity where ``width`` is 0 (the term on the embedding itself)."""
+    if not width:
+        return nn.Identity()
+    return nn.Sequential(nn.Linear(embed_dim, width), nn.ReLU(), nn.Linear(width, width))
 
 
 def nt_xent(embedded: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -40,7 +40,7 @@ from hmlib.artifacts import (ArtifactError, MissingArtifactError, StaleArtifactE
                              save_checkpoint, set_aside, settings_diff, state_fingerprint)
 from hmlib.backbone.embeddings import embed_images
 from hmlib.backbone.model import ConvBackbone, augment
-from hmlib.backbone.train import adapt_batchnorm, backbone_from_state, nt_xent
+from hmlib.backbone.train import adapt_batchnorm, backbone_from_state, nt_xent, projection_head
 from hmlib.config import Config, config_to_dict, resolve_device
 from hmlib.features import images_to_tensor, normalize_task_np, to_device
 from hmlib.reproducibility import seeded
@@ -161,9 +161,7 @@ def train_transductive(backbone: ConvBackbone, images: np.ndarray, cfg: Config, 
     model = adapt_batchnorm(backbone, images).to(device)
     with seeded(seed):
         head = nn.Linear(model.embed_dim, tc.clusters).to(device)
-        width = cfg.backbone.contrastive_head
-        project = (nn.Sequential(nn.Linear(model.embed_dim, width), nn.ReLU(), nn.Linear(width, width)) if width
-                   else nn.Identity()).to(device) if tc.contrastive else None
+        project = projection_head(model.embed_dim, cfg.backbone.contrastive_head).to(device) if tc.contrastive else None
     neighbours = mine_neighbours(model, images, tc.neighbours)
     history: list[dict[str, float]] = []
     first_epoch = 0
@@ -197,8 +195,9 @@ def train_transductive(backbone: ConvBackbone, images: np.ndarray, cfg: Config, 
                 view = augment(images_to_tensor(x_all[batch]), generator, tc.augment)
                 embedded = model.embed(to_device(torch.cat([x, y, view]), device))
                 logits = head(embedded[: 2 * len(batch)])
-                loss = scan_loss(logits[: len(batch)], logits[len(batch):], tc.entropy_weight) + tc.contrastive * \
-                    nt_xent(project(torch.cat([embedded[: len(batch)], embedded[2 * len(batch):]])), cfg.backbone.contrastive_temperature)
+                views = project(torch.cat([embedded[: len(batch)], embedded[2 * len(batch):]]))
+                loss = scan_loss(logits[: len(batch)], logits[len(batch):], tc.entropy_weight) + \
+                    tc.contrastive * nt_xent(views, cfg.backbone.contrastive_temperature)
             if not torch.isfinite(loss):
                 raise ArtifactError(f"{desc}: the loss became {loss.item()} in epoch {epoch}; lower transductive.lr")
             optimizer.zero_grad(set_to_none=True)

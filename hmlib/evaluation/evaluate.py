@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from hmlib.artifacts import ArtifactError, StaleArtifactError, check_meta, read_json, set_aside, write_json
+from hmlib.artifacts import (ArtifactError, StaleArtifactError, check_meta, read_json, set_aside_unless_same,
+                             write_json)
 from hmlib.backbone.transductive import require_adapted
 from hmlib.config import SETTINGS, Config, ConfigError, config_to_dict, resolve_device
 from hmlib.evaluation import methods as registry
@@ -190,21 +191,11 @@ def keep_previous(path: Path, result: Mapping[str, Any]) -> Path | None:
     """Set the result at ``path`` (and its .md) aside where other checkpoints, another grid, task count, step count or
     key made it, so a run with other settings never destroys a finished one (a re-run of the same is replaced); the
     old file's new path, or None."""
-    if not path.is_file():
-        return None
-    try:
-        old = read_json(path)
-    except ArtifactError:
-        return None  # not a result: nothing good to keep
     made = lambda r: ([c.get("sha256") for c in r.get("checkpoints", [])],  # noqa: E731
                       [b.get("condition", {}).get("key") for b in r.get("conditions", [])],
                       r.get("num_tasks"), r.get("num_steps"), r.get("key"), r.get("setting"))
-    if not isinstance(old, dict) or made(old) == made(result):
-        return None
-    moved = set_aside(path, "replaced")
-    set_aside(path.with_suffix(".md"), "replaced")
-    print(f"note: {path.name} held a result of other checkpoints or settings; it is kept as {moved.name}")
-    return moved
+    return set_aside_unless_same(path, lambda old: made(old) == made(result), "other checkpoints or settings",
+                                 also=(".md",))
 
 
 def load_results(setting: str, path: str | Path | None = None) -> dict[str, Any]:
