@@ -239,11 +239,12 @@ def test_nt_xent_rewards_views_that_find_each_other():
 
 
 def test_the_contrastive_term_trains_another_backbone_and_names_it_apart():
-    """With backbone.contrastive > 0 the backbone learns from two views per image (other weights, still the classes);
-    at 0 the identity has no contrastive settings, so every backbone made before the option keeps its name."""
+    """With backbone.contrastive > 0 (the default) the backbone learns from two views per image (other weights, still
+    the classes); at 0 the identity has no contrastive settings, so a backbone made before the option keeps its name."""
     sets = [pattern_set("fashion_mnist", 0, seed=0), pattern_set("hebrew_chars", 1, seed=1)]
-    plain_cfg = learn_cfg()
-    contrast_cfg = dataclasses.replace(plain_cfg, backbone=dataclasses.replace(plain_cfg.backbone, contrastive=1.0))
+    contrast_cfg = learn_cfg()
+    assert contrast_cfg.backbone.contrastive == 0.3 and contrast_cfg.backbone.contrastive_head == 128  # the default
+    plain_cfg = dataclasses.replace(contrast_cfg, backbone=dataclasses.replace(contrast_cfg.backbone, contrastive=0.0))
     plain, _ = train_backbone(sets, plain_cfg, seed=0, progress=False)
     contrast, record = train_backbone(sets, contrast_cfg, seed=0, progress=False)
     assert record["history"][-1]["train_accuracy"] >= 0.9

@@ -1,8 +1,9 @@
 """The backbone's training recipe on the leave-one-dataset-out folds (docs/METHOD.md, "The backbone's training
 recipe on the folds"): each fold's backbone (docs/lodo/<dataset>.json: trained without the held-back dataset) is
-trained with the recipe as it ships and with each variant below, for seeds 0-2, and scored by k-means per task on
+trained with the reference recipe and with each variant below, for seeds 0-2, and scored by k-means per task on
 the held-back dataset's evaluation suites (the fold's own conditions and tasks, 40 per condition). Paired per
-(fold, seed): the variant's mean over the fold's conditions minus the shipped recipe's. Nothing is written to
+(fold, seed): the variant's mean over the fold's conditions minus the reference recipe's (the first row:
+cross-entropy only, as the backbone shipped before the contrastive term). Nothing is written to
 models/ (the backbones live in memory); every (fold, variant, seed) is saved to --out as soon as it is scored, and
 a rerun scores only what is missing. The glyph variant reads the datasets that make_glyphs.py writes (run it first).
 
@@ -30,27 +31,30 @@ EVERY_FOLD = tuple(sorted(p.stem for p in (paths.REPO_ROOT / "docs" / "lodo").gl
 # splits of its own meta-training datasets: what a recipe does to the classes it learned
 FAMILIAR = "familiar"
 GLYPHS = "+ the six glyph datasets (make_glyphs.py)"  # read from the fold's synthetic_<dataset>.json variant
-VARIANTS = {  # backbone settings on top of the fold's
-    "as it ships (4 epochs, 16-32-64)": {},
-    "8 epochs": {"epochs": 8},
-    "12 epochs": {"epochs": 12},
-    "channels 32-64-128": {"channels": [32, 64, 128]},
-    "channels 32-64-128, 8 epochs": {"channels": [32, 64, 128], "epochs": 8},
-    "no label smoothing": {"label_smoothing": 0.0},
-    "no train-family corruptions": {"shift_prob": 0.0},
-    "affine augmentation x 0.5": {"augment": 0.5},
-    "affine augmentation x 1.5": {"augment": 1.5},
-    GLYPHS: {"datasets": None},
-    "+ contrastive views, weight 1": {"contrastive": 1.0},
-    "+ contrastive views, weight 0.3": {"contrastive": 0.3},
-    "+ contrastive views, weight 1, temperature 0.5": {"contrastive": 1.0, "contrastive_temperature": 0.5},
+CE = {"contrastive": 0.0}  # cross-entropy only: the recipe every row but the contrastive ones starts from
+ON_EMBEDDING = {"contrastive_head": 0}  # the contrastive term on the embedding itself, no projection head
+VARIANTS = {  # backbone settings on top of the fold's (whose default is the recipe as it ships)
+    "cross-entropy only (4 epochs, 16-32-64; the recipe before the contrastive term)": CE,
+    "8 epochs": {**CE, "epochs": 8},
+    "12 epochs": {**CE, "epochs": 12},
+    "channels 32-64-128": {**CE, "channels": [32, 64, 128]},
+    "channels 32-64-128, 8 epochs": {**CE, "channels": [32, 64, 128], "epochs": 8},
+    "no label smoothing": {**CE, "label_smoothing": 0.0},
+    "no train-family corruptions": {**CE, "shift_prob": 0.0},
+    "affine augmentation x 0.5": {**CE, "augment": 0.5},
+    "affine augmentation x 1.5": {**CE, "augment": 1.5},
+    GLYPHS: {**CE, "datasets": None},
+    "+ contrastive views, weight 1": {"contrastive": 1.0, **ON_EMBEDDING},
+    "+ contrastive views, weight 0.3": {"contrastive": 0.3, **ON_EMBEDDING},
+    "+ contrastive views, weight 1, temperature 0.5": {"contrastive": 1.0, "contrastive_temperature": 0.5,
+                                                       **ON_EMBEDDING},
+    "+ contrastive views, weight 3": {"contrastive": 3.0, **ON_EMBEDDING},
     "+ contrastive views, weight 1, projection head 128": {"contrastive": 1.0, "contrastive_head": 128},
-    "+ contrastive views, weight 3": {"contrastive": 3.0},
     "+ contrastive views, weight 3, projection head 128": {"contrastive": 3.0, "contrastive_head": 128},
-    "+ contrastive views, weight 0.3, projection head 128": {"contrastive": 0.3, "contrastive_head": 128},
+    "+ contrastive views, weight 0.3, projection head 128 (as it ships)": {},
     "+ contrastive views, weight 0.1, projection head 128": {"contrastive": 0.1, "contrastive_head": 128},
 }
-SHIPPED = next(iter(VARIANTS))
+REFERENCE = next(iter(VARIANTS))
 
 
 def variant_config(fold: str, name: str) -> hmlib.Config:
@@ -92,28 +96,28 @@ def mean_over_conditions(entry: dict) -> float:
 
 def table(results: dict, folds=FOLDS) -> str:
     """Markdown: per recipe and fold the k-means mean over conditions and seeds, and the paired difference from the
-    shipped recipe (t-interval over the fold's seeds; over every fold's (fold, seed) pairs in the last column; '*'
+    reference recipe (t-interval over the fold's seeds; over every fold's (fold, seed) pairs in the last column; '*'
     where it excludes zero)."""
-    lines = ["| recipe | " + " | ".join(f"{f}: k-means | vs shipped" for f in folds) +
-             f" | {'both' if len(folds) == 2 else f'all {len(folds)}'} folds vs shipped |",
+    lines = ["| recipe | " + " | ".join(f"{f}: k-means | vs cross-entropy only" for f in folds) +
+             f" | {'both' if len(folds) == 2 else f'all {len(folds)}'} folds vs cross-entropy only |",
              "|---|" + "---:|---:|" * len(folds) + "---:|"]
     for name in VARIANTS:
-        cells, every, every_shipped = [], [], []
+        cells, every, every_reference = [], [], []
         for fold in folds:
-            seeds = sorted(s for s in results.get(fold, {}).get(name, {}) if s in results[fold].get(SHIPPED, {}))
+            seeds = sorted(s for s in results.get(fold, {}).get(name, {}) if s in results[fold].get(REFERENCE, {}))
             means = [mean_over_conditions(results[fold][name][s]) for s in seeds]
-            shipped = [mean_over_conditions(results[fold][SHIPPED][s]) for s in seeds]
-            every, every_shipped = every + means, every_shipped + shipped
-            cells += [f"{100 * np.mean(means):.1f}" if means else "", versus(means, shipped, name)]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {versus(every, every_shipped, name)} |")
+            reference = [mean_over_conditions(results[fold][REFERENCE][s]) for s in seeds]
+            every, every_reference = every + means, every_reference + reference
+            cells += [f"{100 * np.mean(means):.1f}" if means else "", versus(means, reference, name)]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {versus(every, every_reference, name)} |")
     return "\n".join(lines)
 
 
-def versus(means: list[float], shipped: list[float], name: str) -> str:
-    """The paired difference in points with its interval and the number of pairs ('' for the shipped recipe)."""
-    if name == SHIPPED or not means:
+def versus(means: list[float], reference: list[float], name: str) -> str:
+    """The paired difference in points with its interval and the number of pairs ('' for the reference)."""
+    if name == REFERENCE or not means:
         return ""
-    return f"{signed(paired(np.asarray(means), np.asarray(shipped)))} (n = {len(means)})"
+    return f"{signed(paired(np.asarray(means), np.asarray(reference)))} (n = {len(means)})"
 
 
 def main() -> None:
@@ -121,12 +125,12 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--folds", nargs="+", default=list(FOLDS), choices=(*EVERY_FOLD, FAMILIAR))
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS, metavar="VARIANT",
-                        help="the recipes to score (the shipped one always)")
+                        help="the recipes to score (the reference always)")
     parser.add_argument("--out", type=Path, default=paths.results_dir() / "backbone_recipe.json")
     args = parser.parse_args()
     results = json.loads(args.out.read_text()) if args.out.exists() else {}
     for fold in args.folds:
-        for name in [n for n in dict.fromkeys([SHIPPED, *args.variants]) if has_variant(fold, n)]:
+        for name in [n for n in dict.fromkeys([REFERENCE, *args.variants]) if has_variant(fold, n)]:
             for seed in args.seeds:
                 done = results.setdefault(fold, {}).setdefault(name, {})
                 if str(seed) in done:
