@@ -252,7 +252,7 @@ def test_the_contrastive_term_trains_another_backbone_and_names_it_apart():
     identity = train_mod.backbone_identity(plain_cfg, 0, {})
     assert not [key for key in identity["settings"] if key.startswith("contrastive")]
     other = train_mod.backbone_identity(contrast_cfg, 0, {})["settings"]
-    assert other["contrastive"] == 1.0 and other["contrastive_temperature"] == plain_cfg.backbone.contrastive_temperature
+    assert other["contrastive"] == 0.3 and other["contrastive_temperature"] == plain_cfg.backbone.contrastive_temperature
 
 
 def test_the_validation_part_is_never_trained_on():
