@@ -4,7 +4,9 @@ The backbone learns with labels from the meta-training datasets only (their trai
 validation part), cross-entropy over the union of their classes with label smoothing, random affine
 augmentation and, for a share ``backbone.shift_prob`` of the images, a random corruption of the *train* family
 (noise, blur, elastic, contrast, occlusion, ...; never a held-out benchmark corruption), AdamW with a one-cycle
-schedule.
+schedule. Beside the cross-entropy, a contrastive term (``backbone.contrastive``: SimCLR's NT-Xent on a projection
+head) asks two independently shifted and augmented views of each image to find each other among the batch's
+views: an objective that does not specialise to the training classes, chosen on the leave-one-dataset-out folds.
 
 Checkpoints: ``models/backbone_seed<s>-<hash>.pt`` with settings, data fingerprints,
 metrics and per-epoch history; the identity ``backbone_id`` is a hash of the weights.
