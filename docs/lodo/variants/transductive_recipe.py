@@ -25,7 +25,7 @@ from hmlib.evaluation.conditions import build_suite, grid
 from hmlib.evaluation.methods import METHODS, MethodContext, score
 from hmlib.evaluation.quality import RowsInputs
 from hmlib.features import normalize_task_np
-from hmlib.stats import paired, signed
+from hmlib.stats import mean_ci, paired, signed
 
 FOLDS = ("fashion_mnist", "hebrew_chars", "math_shapes")
 EVERY_FOLD = tuple(sorted(p.stem for p in (paths.REPO_ROOT / "docs" / "lodo").glob("*.json")))
@@ -150,8 +150,6 @@ def criteria_table(results: dict) -> str:
     """Markdown: for every recorded criterion and rule, k-means after the choice it makes, averaged over the held-back
     runs and over the familiar runs of each recipe (every (dataset, seed) run that recorded criteria), beside never
     adapting, always adapting and the better of the two per run (labels: the oracle)."""
-    from scipy import stats
-
     runs = {}  # (recipe, held back or familiar) -> [(start, adapted, criteria)]
     for key, by_recipe in results.items():
         kind = "familiar" if key.startswith(FAMILIAR) else "held back"
@@ -171,9 +169,8 @@ def criteria_table(results: dict) -> str:
     for name in names:
         for rule, adapt in RULES.items():
             def choose(start, adapted, crit):
-                changes = np.asarray(crit[name])
-                half = stats.t.ppf(0.975, len(changes) - 1) * changes.std(ddof=1) / np.sqrt(len(changes))
-                return adapted if adapt(changes.mean() - half, changes.mean() + half) else start
+                mean, half = mean_ci(crit[name])  # the gate's interval (hmlib.stats)
+                return adapted if adapt(mean - half, mean + half) else start
             lines.append(f"| {name}: {rule} | " + " | ".join(
                 f"{100 * np.mean([choose(s, a, c) for s, a, c in runs[g]]):.1f}" for g in groups) + " |")
     return "\n".join(lines)
