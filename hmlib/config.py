@@ -145,12 +145,15 @@ class TransductiveConfig:
     # > 0: weight of a contrastive term (the backbone's NT-Xent and temperature, on a fresh projection head of
     # backbone.contrastive_head units, else on the embedding) between two augmented views of each image, beside SCAN's
     contrastive: float = checked(0.0, min=0.0)
-    # when not to adapt (chosen on the folds and the meta-training datasets: docs/METHOD.md "When not to adapt a
-    # backbone to a dataset"): the adaptation is declined where k-means with gate_clusters clusters separates
-    # unlabeled train images less clearly (silhouette) in the adapted embedding than in the starting one, beyond the
-    # noise (a 95% t-interval over gate_repeats subsamples of gate_images below zero); "off" always uses it. Not
-    # part of the adapted checkpoint's identity (decided when it is read).
-    gate: str = checked("silhouette", choices=("silhouette", "off"))
+    # when not to adapt (docs/METHOD.md "When not to adapt a backbone to a dataset"): "confidence" declines the
+    # adaptation where the backbone already recognises the data, i.e. its training head's mean largest softmax
+    # probability on unlabeled train images (gate_repeats subsamples of gate_images) is at least gate_confidence beyond
+    # the noise (a 95% t-interval above it); "silhouette" declines it where k-means with gate_clusters clusters
+    # separates those images less clearly in the adapted embedding than in the starting one beyond the noise (the
+    # rule chosen with the cross-entropy backbone); "off" always uses it. Not part of the adapted checkpoint's identity
+    # (decided when it is read).
+    gate: str = checked("confidence", choices=("confidence", "silhouette", "off"))
+    gate_confidence: float = checked(0.53, min_exclusive=0.0, max_exclusive=1.0)
     gate_clusters: int = checked(4, min=2)
     gate_images: int = checked(2000, min=10)  # per subsample
     gate_repeats: int = checked(5, min=2)  # subsamples (each with its own k-means restarts)

@@ -18,7 +18,8 @@ from hmlib.artifacts import (ArtifactError, MissingArtifactError, StaleArtifactE
                              save_checkpoint, state_fingerprint)
 from hmlib.backbone import adapt_batchnorm, embed_images, embed_split, get_backbone, get_transductive_backbone
 from hmlib.backbone.model import ConvBackbone, batchnorm_layers
-from hmlib.backbone.transductive import (adaptation_images, coarse_silhouette, gate, gate_samples,
+from hmlib.backbone.embeddings import training_confidence
+from hmlib.backbone.transductive import (adaptation_images, coarse_silhouette, gate, gate_message, gate_samples,
                                         mine_neighbours, scan_loss)
 from hmlib.config import load_config
 from hmlib.features import cache_path
@@ -424,6 +425,58 @@ def test_the_gate_declines_an_adaptation_only_where_clusters_become_less_clear_b
         assert calls == [union, union]
     calls = _scripted_embeddings(monkeypatch, {})
     assert gate(tiny_cfg(gate="off"), start, adapted, images) == {"rule": "off", "kept": "adapted"} and not calls
+
+
+class _Head(torch.nn.Module):
+    """A backbone stand-in for training_confidence: each image's embedding is its first pixel, mapped by a fixed
+    two-class head to logits (0, pixel / 10), so its largest softmax probability rises with the pixel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = torch.nn.Linear(1, 2, bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[0.0], [0.1]]))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(len(x), -1)[:, :1] * 255.0
+
+
+def test_training_confidence_is_the_largest_softmax_probability_of_the_training_head():
+    """Per image, max softmax of head(embed(image)); 0.5 where the two classes tie, rising with the logit gap."""
+    images = np.zeros((3, 28, 28), np.uint8)
+    images[:, 0, 0] = (0, 10, 40)  # logit gaps 0, 1, 4
+    expected = 1 / (1 + np.exp(-np.array([0.0, 1.0, 4.0])))
+    np.testing.assert_allclose(training_confidence(_Head(), images), expected, rtol=1e-5)
+
+
+def test_the_confidence_gate_declines_only_where_the_backbone_recognises_the_images_beyond_the_noise():
+    """'confidence': declined where the starting backbone's mean confidence over the subsamples is at least
+    transductive.gate_confidence with its whole interval; kept where it is below, and where the interval straddles
+    the threshold; the adapted backbone is not read."""
+    rng = np.random.default_rng(0)
+    cfg = tiny_cfg(gate="confidence", gate_confidence=0.75, max_images=100, gate_images=50, gate_repeats=5)
+    for gap, kept in ((60, "start"), (5, "adapted")):  # confidence 0.998 / 0.62
+        images = np.zeros((300, 28, 28), np.uint8)
+        images[:, 0, 0] = gap
+        decision = gate(cfg, _Head(), object(), images)
+        assert decision["rule"] == "confidence" and decision["threshold"] == 0.75 and decision["kept"] == kept
+        assert decision["images"] == 50 and decision["repeats"] == 5
+        low, high = decision["confidence_ci"]
+        assert low <= decision["confidence"] <= high and (low >= 0.75) == (kept == "start")
+    # half the images sure (1.0), half unsure (0.505), 10 per subsample: a wide interval. A threshold between its low
+    # end and the mean is not beyond the noise (kept); one just below its low end is (declined)
+    images = np.zeros((300, 28, 28), np.uint8)
+    images[:, 0, 0] = rng.choice([2, 255], 300)
+    wide = {"max_images": 100, "gate_images": 10, "gate_repeats": 5}
+    decision = gate(tiny_cfg(gate="confidence", **wide), _Head(), object(), images)
+    low, mean = decision["confidence_ci"][0], decision["confidence"]
+    assert mean - low > 0.02
+    assert gate(tiny_cfg(gate="confidence", gate_confidence=(low + mean) / 2, **wide), _Head(), object(),
+                images)["kept"] == "adapted"
+    assert gate(tiny_cfg(gate="confidence", gate_confidence=low - 1e-3, **wide), _Head(), object(),
+                images)["kept"] == "start"
+    assert "recognises these images" in gate_message("x", gate(cfg, _Head(), object(), np.full((300, 28, 28), 60,
+                                                                                                np.uint8)))
 
 
 def test_a_declined_adaptation_returns_the_starting_backbone_and_keeps_its_checkpoint(fake_data, monkeypatch,

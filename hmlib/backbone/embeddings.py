@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import torch
 
 from hmlib import data
 from hmlib.backbone.model import ConvBackbone
@@ -33,6 +34,17 @@ def embed_images(model: ConvBackbone, images: np.ndarray, *, progress: bool = Fa
     device = next(model.parameters()).device
     model.eval()
     return encode_batches(lambda x: model.embed(x.to(device)), images, progress=progress, desc="embed")[0]
+
+
+def training_confidence(model: ConvBackbone, images: np.ndarray) -> np.ndarray:
+    """Per image (n,), the largest softmax probability of the backbone's training head over its meta-training classes
+    (eval mode): how sure the backbone is that an image is one of the classes it was trained on (the maximum softmax
+    probability of Hendrycks and Gimpel's out-of-distribution baseline)."""
+    rows = torch.as_tensor(embed_images(model, images))
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        probabilities = torch.softmax(model.head(rows.to(device)), dim=1)
+    return probabilities.max(dim=1).values.cpu().numpy()
 
 
 def embed_split(model: ConvBackbone, meta: dict[str, Any], image_set: Any, *, progress: bool = False) -> EmbeddingSet:

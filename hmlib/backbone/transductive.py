@@ -7,13 +7,14 @@ augmented image and one of its neighbours (augmented too) get the same soft assi
 that keeps every cluster in use. The normalisation statistics are re-estimated on the same images first (AdaBN)
 and kept up to date during training. ``transductive.epochs = 0`` is the statistics-only variant.
 
-When not to adapt (:func:`gate`): an adaptation is declined where k-means with ``transductive.gate_clusters``
-clusters separates the dataset's unlabeled train images less clearly (silhouette) in the adapted embedding than in
-the starting one, beyond the noise (a t-interval over several subsamples, each with its own k-means restarts); then
-the backbone is used as trained. On data the backbone already knows, SCAN's 20-way over-clustering reorganises an
-embedding that was right (default backbone on math_shapes: 84.6% -> 59.4%, K = 4 and 8 averaged) and the coarse
-silhouette drops; where adaptation pays it rises or holds (docs/METHOD.md). ``transductive.gate = "off"`` always
-uses the adaptation.
+When not to adapt (:func:`gate`): on data the backbone already knows, SCAN's 20-way over-clustering reorganises an
+embedding that was right (default backbone on math_shapes: k-means 77.5% -> 63.0%, K = 4 and 8 averaged). The default
+rule (``transductive.gate = "confidence"``) declines the adaptation where the backbone recognises the dataset's
+unlabeled train images as its training classes: the mean largest softmax probability of its training head is at
+least ``transductive.gate_confidence`` beyond the noise (a t-interval over several subsamples); then the backbone is
+used as trained. ``"silhouette"`` (the rule chosen with the cross-entropy backbone) declines it where k-means with
+``transductive.gate_clusters`` clusters separates the images less clearly after adaptation; on the contrastive
+backbone it also declines adaptations that pay (docs/METHOD.md). ``"off"`` always uses the adaptation.
 
 Checkpoints ``models/backbone_seed<s>_on-<dataset>-<hash>.pt`` are self-describing (settings, the identity of the
 backbone they started from, the dataset's fingerprint), reused only when all of them match, written after every
@@ -38,7 +39,7 @@ from tqdm.auto import tqdm
 from hmlib import data, paths
 from hmlib.artifacts import (ArtifactError, MissingArtifactError, StaleArtifactError, load_checkpoint, named_path,
                              save_checkpoint, set_aside, settings_diff, state_fingerprint)
-from hmlib.backbone.embeddings import embed_images
+from hmlib.backbone.embeddings import embed_images, training_confidence
 from hmlib.backbone.model import ConvBackbone, augment
 from hmlib.backbone.train import adapt_batchnorm, backbone_from_state, nt_xent, projection_head
 from hmlib.config import Config, config_to_dict, resolve_device
@@ -100,16 +101,29 @@ def coarse_silhouette(embedding: np.ndarray, clusters: int, seed: int = 0) -> fl
 
 def gate(cfg: Config, start: ConvBackbone, adapted: ConvBackbone, images: np.ndarray) -> dict[str, Any]:
     """Whether to use ``adapted`` rather than ``start`` on this unlabeled set (label-free): ``{"rule", "kept":
-    "adapted" | "start", ...}``. Declined only where k-means with ``transductive.gate_clusters`` clusters separates
-    the images less clearly after adaptation beyond the noise: the change of :func:`coarse_silhouette`, measured on
-    each of :func:`gate_samples` (its own sample and k-means restarts), has a 95% t-interval below zero (as the
-    meta-learned selector is kept only where it wins beyond the noise)."""
+    "adapted" | "start", ...}``, measured on each of :func:`gate_samples` and declined only beyond the noise (a 95%
+    t-interval over the subsamples, the standard the meta-learned selector is held to). ``transductive.gate``:
+
+    - ``"confidence"``: declined where the starting backbone already recognises the images as its training classes:
+      the mean of :func:`~hmlib.backbone.embeddings.training_confidence` is at least ``transductive.gate_confidence``;
+    - ``"silhouette"``: declined where k-means with ``transductive.gate_clusters`` clusters separates the images less
+      clearly after adaptation: the change of :func:`coarse_silhouette` (each subsample with its own k-means
+      restarts) is below zero.
+    """
     tc = cfg.transductive
     if tc.gate == "off":
         return {"rule": "off", "kept": "adapted"}
     samples = gate_samples(cfg, len(images))
     used = np.unique(np.concatenate(samples))  # each image embedded once; samples index into these rows
     positions = [np.searchsorted(used, sample) for sample in samples]
+    if tc.gate == "confidence":
+        confidence = training_confidence(start, images[used])
+        mean, half = mean_ci(np.array([confidence[p].mean() for p in positions]))
+        declined = half is not None and mean - half >= tc.gate_confidence
+        return {"rule": "confidence", "threshold": tc.gate_confidence, "images": int(len(samples[0])),
+                "repeats": len(samples), "confidence": float(mean),
+                "confidence_ci": [None if half is None else mean - half, None if half is None else mean + half],
+                "kept": "start" if declined else "adapted"}
     scores = {}
     for name, model in (("before", start), ("after", adapted)):
         rows = embed_images(model, images[used])
@@ -124,6 +138,10 @@ def gate(cfg: Config, start: ConvBackbone, adapted: ConvBackbone, images: np.nda
 
 def gate_message(name: str, decision: dict[str, Any]) -> str:
     """One line saying that an adaptation was declined, and why."""
+    if decision["rule"] == "confidence":
+        return (f"{name}: not using the adaptation: the backbone already recognises these images as its training "
+                f"classes (mean confidence {decision['confidence']:.3f} >= transductive.gate_confidence "
+                f"{decision['threshold']:.3f}, beyond the noise); the backbone is used as trained")
     return (f"{name}: not using the adaptation: k-means separates the unlabeled images less clearly after it "
             f"(silhouette {decision['before']:.3f} -> {decision['after']:.3f}, beyond the noise); the backbone is "
             "used as trained")
@@ -229,8 +247,8 @@ def get_transductive_backbone(cfg: Config, backbone: ConvBackbone, backbone_meta
     model, meta = _adapted_backbone(cfg, backbone, backbone_meta, dataset, image_set, train=train,
                                     progress=progress, curve=curve)
     tc = cfg.transductive
-    key = (meta["adapted_id"], backbone_meta["backbone_id"], image_set.fingerprint, tc.gate_clusters, tc.gate_images,
-           tc.gate_repeats)
+    key = (meta["adapted_id"], backbone_meta["backbone_id"], image_set.fingerprint, tc.gate, tc.gate_clusters,
+           tc.gate_confidence, tc.gate_images, tc.gate_repeats)
     if tc.gate == "off":
         decision = gate(cfg, backbone, model, image_set.images)
     elif key not in _DECISIONS:  # a few seconds; every reader of one adapted backbone in a process asks the same

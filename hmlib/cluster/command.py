@@ -57,11 +57,11 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                         help="first adapt the backbone to these unlabeled images (transductive; SCAN-style, a minute or "
                              "so on a CPU) and save it beside the outputs as backbone_adapted.pt; needs at least "
                              "1,000 images (below that it says so and clusters without adapting); the adapted "
-                             "backbone is not used where k-means separates the images less clearly after it (it says "
-                             "so)")
+                             "backbone is not used where the label-free gate declines it (transductive.gate: by "
+                             "default, where the backbone already recognises the images as its training classes; it "
+                             "says so)")
     parser.add_argument("--no-gate", action="store_true",
-                        help="with --adapt: use the adapted backbone even where k-means separates the images less "
-                             "clearly after it")
+                        help="with --adapt: use the adapted backbone even where the gate declines it")
     parser.add_argument("--steps", type=int, metavar="S",
                         help="adaptation steps at test time, 0 for none (default: adapt.test_steps of the "
                              "checkpoint's profile)")

@@ -162,8 +162,8 @@ class HyperClusterer:
     def adapt_to(self, images: Any, *, gate: bool = True, progress: bool = False) -> dict[str, Any]:
         """Adapt the checkpoint's backbone to this unlabeled set (the transductive stage: SCAN-style neighbour
         agreement, :mod:`hmlib.backbone.transductive`), and use it from now on unless the gate declines it
-        (k-means separates these images less clearly after it: ``adapted_["used"]`` is False and the backbone stays
-        as trained; ``gate=False``: used regardless); returns the adapted backbone's state and a description.
+        (``transductive.gate``, by default where the backbone already recognises these images as its training
+        classes: ``adapted_["used"]`` is False and the backbone stays as trained; ``gate=False``: used regardless); returns the adapted backbone's state and a description.
         Sets smaller than ``MIN_ADAPT_IMAGES`` are refused (a ValueError saying why)."""
         images = as_images(images)
         if self.bundle.backbone is None:

@@ -7,6 +7,15 @@ the adapted one, and on the one the stage's gate keeps. Nothing is written to mo
 seed) is saved to --out as soon as it is scored, and a rerun scores only what is missing.
 
     .venv/bin/python docs/lodo/variants/transductive_recipe.py --folds fashion_mnist hebrew_chars math_shapes
+
+The confidence gate's choice (docs/METHOD.md, "On the contrastive backbone: the backbone's own confidence"): every
+fold's held-back dataset and its shifts, and the default backbone on its meta-training datasets and their shifts, then
+the table of every run and each rule's choices:
+
+    R="contrastive backbone, weight 0.3"; S="as it ships"
+    .venv/bin/python docs/lodo/variants/transductive_recipe.py --shifted --recipes "$R" --stages "$S" --seeds 0 1
+    .venv/bin/python docs/lodo/variants/transductive_recipe.py --familiar --shifted --recipes "$R" --stages "$S" --seeds 0
+    .venv/bin/python docs/lodo/variants/transductive_recipe.py --runs
 """
 import argparse
 import json
@@ -14,11 +23,11 @@ from pathlib import Path
 
 import numpy as np
 from sklearn.cluster import KMeans
-from sklearn.metrics import calinski_harabasz_score, davies_bouldin_score, silhouette_score
+from sklearn.metrics import adjusted_rand_score, calinski_harabasz_score, davies_bouldin_score, silhouette_score
 
 import hmlib
 from hmlib import data, paths
-from hmlib.backbone.embeddings import embed_images
+from hmlib.backbone.embeddings import embed_images, training_confidence
 from hmlib.backbone.train import backbone_datasets, train_backbone
 from hmlib.backbone.transductive import adaptation_images, gate, gate_samples, train_transductive
 from hmlib.evaluation.conditions import build_suite, grid
@@ -38,6 +47,7 @@ STAGES = {"as it ships": {"epochs": SHIPPED_EPOCHS},  # transductive settings on
           "backbone step 1e-3, head 1e-3": {"epochs": SHIPPED_EPOCHS, "head_lr": 1e-3}}
 ARMS = ("start", "adapted", "gate")  # the backbone k-means reads
 FAMILIAR = "familiar: "  # results key prefix of --familiar (the default backbone on its own meta-training datasets)
+FAMILIAR_SHIFTS = ("contrast", "gaussian_noise", "thin")  # --shifted: the folds' shifts, on the familiar datasets too
 
 
 def fold_config(fold: str, recipe: str, stage: str) -> hmlib.Config:
@@ -50,21 +60,27 @@ def criteria(cfg: hmlib.Config, start, adapted, images: np.ndarray) -> dict:
     """Label-free criteria a gate could read, each on the gate's subsamples before and after adaptation (k-means on the
     standardised, normalised embedding, as the gate's): the silhouette at k = 4 (the gate's own) and k = 10, and the
     Calinski-Harabasz and Davies-Bouldin scores at k = 4; per criterion, the change of each subsample (after minus
-    before; Davies-Bouldin negated, so that up is better for every criterion)."""
+    before; Davies-Bouldin negated, so that up is better for every criterion). Under "levels", per subsample (not
+    changes): the start backbone's mean confidence (``training_confidence``) and the agreement (adjusted Rand index) of
+    k-means at k = 4 before and after adaptation."""
     samples = gate_samples(cfg, len(images))
     out = {name: [] for name in ("silhouette_k4", "silhouette_k10", "calinski_harabasz_k4", "davies_bouldin_k4")}
+    levels = {"confidence": [], "agreement_k4": []}
     for repeat, sample in enumerate(samples):
-        scores = {}
+        scores, found = {}, {}
         for when, model in (("before", start), ("after", adapted)):
             z = normalize_task_np(embed_images(model, images[sample]), l2=True)
             k4 = KMeans(n_clusters=4, n_init=3, random_state=repeat).fit_predict(z)
             k10 = KMeans(n_clusters=10, n_init=3, random_state=repeat).fit_predict(z)
+            found[when] = k4
             scores[when] = {"silhouette_k4": silhouette_score(z, k4), "silhouette_k10": silhouette_score(z, k10),
                             "calinski_harabasz_k4": calinski_harabasz_score(z, k4),
                             "davies_bouldin_k4": -davies_bouldin_score(z, k4)}
         for name in out:
             out[name].append(float(scores["after"][name] - scores["before"][name]))
-    return out
+        levels["confidence"].append(float(training_confidence(start, images[sample]).mean()))
+        levels["agreement_k4"].append(float(adjusted_rand_score(found["before"], found["after"])))
+    return {**out, "levels": levels}
 
 
 def kmeans_cells(cfg: hmlib.Config, model, conditions) -> dict:
@@ -77,42 +93,90 @@ def kmeans_cells(cfg: hmlib.Config, model, conditions) -> dict:
     return cells
 
 
-def score_stage(fold: str, recipe: str, stage: str, seed: int) -> dict:
-    """k-means per task of the fold's clean held-back conditions on the start, adapted and gated backbones."""
+def adapt_and_score(cfg: hmlib.Config, start, dataset: str, seed: int) -> dict:
+    """``start`` adapted to ``dataset``'s unlabeled train split; k-means per task of its test conditions on the start,
+    adapted and gated backbones, the gate's decision and the criteria."""
+    image_set = data.load_split(dataset, "train", cfg.data, progress=False)
+    adapted, record = train_transductive(start, adaptation_images(cfg, image_set), cfg, seed=seed, progress=False)
+    decision = gate(cfg, start, adapted, image_set.images)
+    conditions = grid(cfg, [dataset], verbose=False)
+    cells = {"start": kmeans_cells(cfg, start, conditions), "adapted": kmeans_cells(cfg, adapted, conditions)}
+    cells["gate"] = cells["adapted" if decision["kept"] == "adapted" else "start"]
+    return {"cells": cells, "gate": decision, "seconds": record["seconds"],
+            "criteria": criteria(cfg, start, adapted, image_set.images)}
+
+
+def score_stage(fold: str, recipe: str, stage: str, seed: int, datasets) -> dict:
+    """The fold's backbone (trained in memory) adapted to each of ``datasets`` (the held-back one, or its shifts too):
+    :func:`adapt_and_score` per dataset."""
     cfg = fold_config(fold, recipe, stage)
     hmlib.configure_runtime(cfg)
     image_sets = [data.load_split(dataset, "train", cfg.data, progress=False) for dataset in backbone_datasets(cfg)]
     start, _ = train_backbone(image_sets, cfg, seed, progress=False)
-    held_back = data.load_split(fold, "train", cfg.data, progress=False)
-    images = adaptation_images(cfg, held_back)
-    adapted, record = train_transductive(start, images, cfg, seed=seed, progress=False)
-    decision = gate(cfg, start, adapted, held_back.images)
-    conditions = [c for c in grid(cfg, verbose=False) if c.dataset == fold]
-    cells = {"start": kmeans_cells(cfg, start, conditions), "adapted": kmeans_cells(cfg, adapted, conditions)}
-    cells["gate"] = cells["adapted" if decision["kept"] == "adapted" else "start"]
-    return {"cells": cells, "gate": decision, "seconds": record["seconds"],
-            "criteria": criteria(cfg, start, adapted, held_back.images)}
+    return {dataset: adapt_and_score(cfg, start, dataset, seed) for dataset in datasets}
 
 
-def score_familiar(recipe: str, stage: str, seed: int) -> dict:
+def score_familiar(recipe: str, stage: str, seed: int, datasets) -> dict:
     """The same on data the backbone learned from: the default config's backbone (every meta-training dataset, in
-    memory, with the recipe) adapted to each meta-training dataset's unlabeled train split, k-means per task on its
-    test split at the default shapes (where adaptation should be declined: docs/METHOD.md, "When not to adapt")."""
+    memory, with the recipe) adapted to each of ``datasets`` (meta-training datasets, or shifts of them), k-means per
+    task on its test split at the default shapes (where adaptation should be declined: docs/METHOD.md, "When not to
+    adapt")."""
     cfg = hmlib.load_config("default", overrides={"backbone": RECIPES[recipe], "transductive": STAGES[stage]})
     hmlib.configure_runtime(cfg)
-    image_sets = {dataset: data.load_split(dataset, "train", cfg.data, progress=False)
-                  for dataset in backbone_datasets(cfg)}
-    start, _ = train_backbone(list(image_sets.values()), cfg, seed, progress=False)
-    out = {}
-    for dataset, image_set in image_sets.items():
-        adapted, record = train_transductive(start, adaptation_images(cfg, image_set), cfg, seed=seed, progress=False)
-        decision = gate(cfg, start, adapted, image_set.images)
-        conditions = grid(cfg, [dataset], verbose=False)
-        cells = {"start": kmeans_cells(cfg, start, conditions), "adapted": kmeans_cells(cfg, adapted, conditions)}
-        cells["gate"] = cells["adapted" if decision["kept"] == "adapted" else "start"]
-        out[dataset] = {"cells": cells, "gate": decision, "seconds": record["seconds"],
-                        "criteria": criteria(cfg, start, adapted, image_set.images)}
-    return out
+    image_sets = [data.load_split(dataset, "train", cfg.data, progress=False) for dataset in backbone_datasets(cfg)]
+    start, _ = train_backbone(image_sets, cfg, seed, progress=False)
+    return {dataset: adapt_and_score(cfg, start, dataset, seed) for dataset in datasets}
+
+
+def level_runs(results: dict) -> list[dict]:
+    """Every run that recorded the criteria's levels: data, backbone, seed, held back or familiar, k-means of the start
+    and adapted backbones (mean over the cells), the silhouette gate's choice and change, and the levels."""
+    rows = []
+    for key, by_recipe in results.items():
+        for name, seeds in by_recipe.items():
+            for seed, entry in seeds.items():
+                levels = entry.get("criteria", {}).get("levels")
+                if levels:
+                    rows.append({"data": key, "recipe": name.split(" / ")[0], "seed": seed,
+                                 "familiar": key.startswith(FAMILIAR), "start": mean_of(entry, "start"),
+                                 "adapted": mean_of(entry, "adapted"), "gate": entry["gate"],
+                                 "silhouette": float(np.mean(entry["criteria"]["silhouette_k4"])),
+                                 "confidence": levels["confidence"], "agreement": float(np.mean(levels["agreement_k4"]))})
+    return rows
+
+
+def runs_table(results: dict, thresholds) -> str:
+    """Markdown: every run by the start backbone's confidence (adapted minus start, k-means points; the silhouette
+    gate's choice and change; the k-means agreement before / after); then, per group (held back / familiar), the mean
+    of k-means after each choice, as the change from never adapting: always, the silhouette gate as recorded, the
+    confidence rule at each of ``thresholds`` (``hmlib.backbone.transductive.gate``'s: declined where the interval
+    over the subsamples lies at or above the threshold), and the better of the two per run (labels)."""
+    rows = sorted(level_runs(results), key=lambda r: np.mean(r["confidence"]))
+    lines = ["| confidence | data | backbone | seed | adapted minus start | silhouette gate kept | silhouette k4 change "
+             "| k-means agreement |", "|---:|---|---|---:|---:|---|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {np.mean(r['confidence']):.3f} | {r['data']} | {r['recipe']} | {r['seed']} | "
+                     f"{100 * (r['adapted'] - r['start']):+.1f} | {r['gate']['kept']} | {r['silhouette']:+.4f} | "
+                     f"{r['agreement']:.2f} |")
+
+    def confident(r, threshold):
+        mean, half = mean_ci(r["confidence"])
+        return mean - half >= threshold
+
+    choices = {"always adapt": lambda r: r["adapted"],
+               "the silhouette gate (as recorded)": lambda r: r["adapted" if r["gate"]["kept"] == "adapted" else "start"],
+               **{f"confidence rule, threshold {t}": (lambda r, t=t: r["start"] if confident(r, t) else r["adapted"])
+                  for t in thresholds},
+               "the better of the two (labels)": lambda r: max(r["start"], r["adapted"])}
+    groups = {"held back": [r for r in rows if not r["familiar"]], "familiar": [r for r in rows if r["familiar"]]}
+    lines += ["", "| choice, minus never adapting (k-means, points) | " + " | ".join(
+        f"{g} (n = {len(v)})" for g, v in groups.items()) + " | runs adapted (held back / familiar) |",
+              "|---|" + "---:|" * len(groups) + "---:|"]
+    for label, pick in choices.items():
+        means = [signed(paired(np.array([pick(r) for r in v]), np.array([r["start"] for r in v]))) for v in groups.values()]
+        adapted = [sum(pick(r) == r["adapted"] for r in v) for v in groups.values()]
+        lines.append(f"| {label} | " + " | ".join(means) + f" | {adapted[0]} / {adapted[1]} |")
+    return "\n".join(lines)
 
 
 def mean_of(entry: dict, arm: str) -> float:
@@ -165,7 +229,7 @@ def criteria_table(results: dict) -> str:
     for label, pick in fixed.items():
         lines.append(f"| {label} | " + " | ".join(f"{100 * np.mean([pick(s, a, c) for s, a, c in runs[g]]):.1f}"
                                                    for g in groups) + " |")
-    names = sorted({name for g in groups for *_, c in runs[g] for name in c})
+    names = sorted({name for g in groups for *_, c in runs[g] for name in c if name != "levels"})
     for name in names:
         for rule, adapt in RULES.items():
             def choose(start, adapted, crit):
@@ -185,6 +249,14 @@ def main() -> None:
     parser.add_argument("--familiar", action="store_true",
                         help="instead of the folds: the default backbone adapted to its own meta-training datasets")
     parser.add_argument("--out", type=Path, default=paths.results_dir() / "transductive_recipe.json")
+    parser.add_argument("--shifted", action="store_true",
+                        help="adapt to the shifted datasets too (each fold's test shifts; the familiar datasets under "
+                             f"{', '.join(FAMILIAR_SHIFTS)})")
+    parser.add_argument("--runs", action="store_true",
+                        help="print every run of --out by the start backbone's confidence, and each gate rule's "
+                             "choices (nothing is computed)")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.5, 0.53, 0.6],
+                        help="--runs: thresholds of the confidence rule to compare")
     parser.add_argument("--criteria", action="store_true",
                         help="print the gate criteria table of the runs in --out (nothing is computed)")
     args = parser.parse_args()
@@ -192,36 +264,41 @@ def main() -> None:
     if args.criteria:
         print(criteria_table(results))
         return
+    if args.runs:
+        print(runs_table(results, args.thresholds))
+        return
+    def save(key: str, name: str, seed: int, entry: dict) -> None:
+        results.setdefault(key, {}).setdefault(name, {})[str(seed)] = entry
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results))
+        print(f"{key}, {name}, seed {seed}: k-means start {100 * mean_of(entry, 'start'):.2f}, adapted "
+              f"{100 * mean_of(entry, 'adapted'):.2f}, gate kept {entry['gate']['kept']}", flush=True)
+
+    def missing(keys, name: str, seed: int) -> bool:
+        return not all(str(seed) in results.get(key, {}).get(name, {}) for key in keys)
+
     if args.familiar:
+        datasets = list(hmlib.load_config("default").meta.train_datasets)
+        if args.shifted:
+            datasets += [f"{d}+{shift}" for d in list(datasets) for shift in FAMILIAR_SHIFTS]
         for recipe in args.recipes:
             for stage in args.stages:
                 for seed in args.seeds:
-                    keys = [f"{FAMILIAR}{dataset}" for dataset in hmlib.load_config("default").meta.train_datasets]
-                    if all(str(seed) in results.get(key, {}).get(f"{recipe} / {stage}", {}) for key in keys):
-                        continue
-                    for dataset, entry in score_familiar(recipe, stage, seed).items():
-                        results.setdefault(f"{FAMILIAR}{dataset}", {}).setdefault(f"{recipe} / {stage}", {})[
-                            str(seed)] = entry
-                        print(f"familiar {dataset}, {recipe} / {stage}, seed {seed}: k-means start "
-                              f"{100 * mean_of(entry, 'start'):.2f}, adapted {100 * mean_of(entry, 'adapted'):.2f}, "
-                              f"gate kept {entry['gate']['kept']}", flush=True)
-                    args.out.parent.mkdir(parents=True, exist_ok=True)
-                    args.out.write_text(json.dumps(results))
+                    name = f"{recipe} / {stage}"
+                    if missing([f"{FAMILIAR}{d}" for d in datasets], name, seed):
+                        for dataset, entry in score_familiar(recipe, stage, seed, datasets).items():
+                            save(f"{FAMILIAR}{dataset}", name, seed, entry)
         print(table(results, tuple(k for k in results if k.startswith(FAMILIAR))))
         return
     for fold in args.folds:
+        datasets = list(fold_config(fold, args.recipes[0], args.stages[0]).meta.test_datasets) if args.shifted else [fold]
         for recipe in args.recipes:
             for stage in args.stages:
                 for seed in args.seeds:
-                    done = results.setdefault(fold, {}).setdefault(f"{recipe} / {stage}", {})
-                    if str(seed) in done:
-                        continue
-                    done[str(seed)] = entry = score_stage(fold, recipe, stage, seed)
-                    args.out.parent.mkdir(parents=True, exist_ok=True)
-                    args.out.write_text(json.dumps(results))
-                    print(f"{fold}, {recipe} / {stage}, seed {seed}: k-means start {100 * mean_of(entry, 'start'):.2f}"
-                          f", adapted {100 * mean_of(entry, 'adapted'):.2f}, gate kept {entry['gate']['kept']}",
-                          flush=True)
+                    name = f"{recipe} / {stage}"
+                    if missing(datasets, name, seed):
+                        for dataset, entry in score_stage(fold, recipe, stage, seed, datasets).items():
+                            save(dataset, name, seed, entry)
     print(table(results, tuple(args.folds)))
 
 
