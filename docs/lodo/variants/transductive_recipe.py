@@ -14,7 +14,7 @@ the table of every run and each rule's choices:
 
     R="contrastive backbone, weight 0.3"; S="as it ships"
     .venv/bin/python docs/lodo/variants/transductive_recipe.py --shifted --recipes "$R" --stages "$S" --seeds 0 1
-    .venv/bin/python docs/lodo/variants/transductive_recipe.py --familiar --shifted --recipes "$R" --stages "$S" --seeds 0
+    .venv/bin/python docs/lodo/variants/transductive_recipe.py --familiar --shifted --recipes "$R" --stages "$S" --seeds 0 1
     .venv/bin/python docs/lodo/variants/transductive_recipe.py --runs
 """
 import argparse
