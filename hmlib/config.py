@@ -232,6 +232,9 @@ class AdaptConfig:
 # adapt settings read at test time only: not part of a checkpoint's identity, and at evaluation taken from the profile
 # and config, not from what the checkpoint recorded
 TEST_TIME_ONLY = ("test_steps",)
+# transductive settings of the gate, decided when an adapted backbone is read (not part of any checkpoint's identity):
+# a loaded checkpoint's config takes them from its profile too
+GATE_SETTINGS = ("gate", "gate_confidence", "gate_clusters", "gate_images", "gate_repeats")
 
 
 @dataclass(frozen=True)
@@ -507,11 +510,14 @@ def config_from_dict(data: Mapping[str, Any]) -> Config:
 
 
 def with_profile_test_time(cfg: Config) -> Config:
-    """``cfg`` with its test-time-only adapt settings (:data:`TEST_TIME_ONLY`) those of its profile: what a
-    checkpoint recorded for them is not part of it (a reused checkpoint may have been made by a run with others)."""
+    """``cfg`` with its test-time-only adapt settings (:data:`TEST_TIME_ONLY`) and the transductive gate's
+    (:data:`GATE_SETTINGS`) those of its profile: what a checkpoint recorded for them is not part of it (a reused
+    checkpoint may have been made by a run with others, or before the gate's rule changed)."""
     profile = load_config(cfg.profile) if cfg.profile in PROFILES else Config()
     kept = {k: getattr(profile.adapt, k) for k in TEST_TIME_ONLY}
-    return dataclasses.replace(cfg, adapt=dataclasses.replace(cfg.adapt, **kept))
+    gate = {k: getattr(profile.transductive, k) for k in GATE_SETTINGS}
+    return dataclasses.replace(cfg, adapt=dataclasses.replace(cfg.adapt, **kept),
+                               transductive=dataclasses.replace(cfg.transductive, **gate))
 
 
 def with_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:

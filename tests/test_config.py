@@ -86,6 +86,14 @@ def test_test_steps_is_a_test_time_setting_outside_the_checkpoint_identity():
         recorded = load_config(profile, overrides={"adapt": {"test_steps": 6}})
         assert with_profile_test_time(recorded).adapt.test_steps == expected
         assert with_profile_test_time(recorded).adapt == dataclasses.replace(recorded.adapt, test_steps=expected)
+    # and the transductive gate's settings (a checkpoint made before the gate's rule changed gets today's rule)
+    recorded = load_config("default", overrides={"transductive": {"gate": "silhouette", "gate_confidence": 0.9,
+                                                                  "gate_repeats": 3, "epochs": 5}})
+    loaded = with_profile_test_time(recorded).transductive
+    default = load_config("default").transductive
+    assert (loaded.gate, loaded.gate_confidence, loaded.gate_repeats) == ("confidence", default.gate_confidence,
+                                                                          default.gate_repeats)
+    assert loaded.epochs == 5  # what the adaptation trains with stays as recorded
 
 
 def test_smoke_profile_is_smaller_than_default():
