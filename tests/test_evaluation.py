@@ -20,7 +20,7 @@ from datafactory import write_tiny_dataset
 from hmlib import cli
 from hmlib.artifacts import (ArtifactError, MissingArtifactError, StaleArtifactError, load_checkpoint, save_checkpoint,
                              write_json)
-from hmlib.config import config_to_dict, load_config, with_overrides
+from hmlib.config import config_to_dict, load_config, with_overrides, with_profile_test_time
 from hmlib.data import sample_tasks
 from hmlib.errors import HmlibError
 from hmlib.evaluation import cli as eval_cli
@@ -666,10 +666,11 @@ def test_transductive_setting_reads_the_adapted_backbone_on_the_same_tasks(train
 
 
 def test_checkpoints_bundle_the_models_they_read_through(trained, ckpt):
-    """A checkpoint carries the shared VAE and the backbone it modulates, identical to those of the protocol."""
+    """A checkpoint carries the shared VAE and the backbone it modulates, identical to those of the protocol; its
+    config is the training one, with the profile's test-time settings (adapt.test_steps, the transductive gate's)."""
     cfg = trained.cfg
     bundle = load_bundle(ckpt[("zero_shot", 0)])
-    assert bundle.seed == 0 and bundle.cfg == cfg and bundle.backbone is not None
+    assert bundle.seed == 0 and bundle.cfg == with_profile_test_time(cfg) and bundle.backbone is not None
     vae, vae_meta = get_vae(cfg, "shared", 0, train=False, progress=False, verbose=False)
     assert bundle.vae_meta["vae_id"] == vae_meta["vae_id"] and "path" not in bundle.vae_meta
     for key, value in vae.state_dict().items():
