@@ -351,21 +351,47 @@ def test_hmlib_cluster_adapt_saves_the_adapted_backbone_and_clusters_with_it(ckp
     np.testing.assert_array_equal(read_labels(out), expected)
 
 
-def test_hmlib_cluster_adapt_declined_by_the_gate_clusters_as_trained(ckpt, tmp_path, capsys, monkeypatch):
-    """Where the gate declines the adaptation (k-means separates the images less clearly after it), --adapt says so
-    in one line, still saves the adapted backbone with the decision for inspection, records it in summary.json, and
-    clusters exactly as without --adapt."""
-    monkeypatch.setattr(estimator, "MIN_ADAPT_IMAGES", 50)
-    declined = {"rule": "silhouette", "clusters": 4, "images": 120, "before": 0.31, "after": 0.27, "kept": "start"}
-    monkeypatch.setattr(estimator, "gate_decision", lambda *args: declined)
+def cluster_plain_then_adapted(tmp_path, capsys) -> tuple:
+    """120 pattern images clustered (K = 4) into tmp_path/plain, then with --adapt into tmp_path/out: (out, what
+    the second printed)."""
     images, _ = patterns(6, per_class=20)
     export_image_folder(images, tmp_path / "photos")
     base = ["cluster", str(tmp_path / "photos"), "--k", "4", "--quiet"]
     assert cli.main([*base, "--out", str(tmp_path / "plain")]) == 0
     capsys.readouterr()
-    out = tmp_path / "out"
-    assert cli.main([*base, "--adapt", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
+    assert cli.main([*base, "--adapt", "--out", str(tmp_path / "out")]) == 0
+    return tmp_path / "out", capsys.readouterr().out
+
+
+def test_hmlib_cluster_adapt_declined_by_the_confidence_rule_trains_nothing(ckpt, tmp_path, capsys, monkeypatch):
+    """The default rule reads only the backbone as trained, so it is asked first: where it declines (the backbone
+    recognises the images as its training classes), --adapt says so in one line, trains and saves nothing, records
+    the decision in summary.json, and clusters exactly as without --adapt."""
+    monkeypatch.setattr(estimator, "MIN_ADAPT_IMAGES", 50)
+    declined = {"rule": "confidence", "threshold": 0.53, "images": 120, "repeats": 5, "confidence": 0.81,
+                "confidence_ci": [0.79, 0.83], "kept": "start"}
+    asked = []
+    monkeypatch.setattr(estimator, "gate_decision", lambda *args: asked.append(args[2]) or declined)
+    monkeypatch.setattr(estimator, "train_transductive", lambda *a, **k: pytest.fail("declined: nothing to train"))
+    out, printed = cluster_plain_then_adapted(tmp_path, capsys)
+    assert asked == [None]  # asked once, before any adaptation existed
+    assert "adapted the backbone to" not in printed and "--adapt: not using the adaptation" in printed
+    assert "mean confidence 0.810" in printed and "used as trained" in printed
+    assert not (out / "backbone_adapted.pt").exists()
+    recorded = json.loads((out / "summary.json").read_text())["estimator"]["adapted_backbone"]
+    assert recorded["used"] is False and recorded["gate"] == declined and recorded["epochs"] == 0
+    np.testing.assert_array_equal(read_labels(out), read_labels(tmp_path / "plain"))
+
+
+def test_hmlib_cluster_adapt_declined_by_the_gate_clusters_as_trained(ckpt, tmp_path, capsys, monkeypatch):
+    """Where a rule that reads the adaptation (transductive.gate = "silhouette") declines it (k-means separates the
+    images less clearly after it), --adapt says so in one line, still saves the adapted backbone with the decision
+    for inspection, records it in summary.json, and clusters exactly as without --adapt."""
+    monkeypatch.setattr(estimator, "MIN_ADAPT_IMAGES", 50)
+    monkeypatch.setattr(estimator, "decides_before_adapting", lambda cfg: False)  # as "silhouette" (not the default)
+    declined = {"rule": "silhouette", "clusters": 4, "images": 120, "before": 0.31, "after": 0.27, "kept": "start"}
+    monkeypatch.setattr(estimator, "gate_decision", lambda *args: declined)
+    out, printed = cluster_plain_then_adapted(tmp_path, capsys)
     assert "adapted the backbone to" in printed and "--adapt: not using the adaptation" in printed
     assert "0.310 -> 0.270" in printed and "used as trained" in printed
     _, meta = load_backbone(out / "backbone_adapted.pt")

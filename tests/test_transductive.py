@@ -19,8 +19,8 @@ from hmlib.artifacts import (ArtifactError, MissingArtifactError, StaleArtifactE
 from hmlib.backbone import adapt_batchnorm, embed_images, embed_split, get_backbone, get_transductive_backbone
 from hmlib.backbone.model import ConvBackbone, batchnorm_layers
 from hmlib.backbone.embeddings import training_confidence
-from hmlib.backbone.transductive import (adaptation_images, coarse_silhouette, gate, gate_message, gate_samples,
-                                        mine_neighbours, scan_loss)
+from hmlib.backbone.transductive import (adaptation_images, coarse_silhouette, decides_before_adapting, gate,
+                                        gate_message, gate_samples, mine_neighbours, recognised, scan_loss)
 from hmlib.config import load_config
 from hmlib.features import cache_path
 
@@ -458,7 +458,7 @@ def test_the_confidence_gate_declines_only_where_the_backbone_recognises_the_ima
     for gap, kept in ((60, "start"), (5, "adapted")):  # confidence 0.998 / 0.62
         images = np.zeros((300, 28, 28), np.uint8)
         images[:, 0, 0] = gap
-        decision = gate(cfg, _Head(), object(), images)
+        decision = gate(cfg, _Head(), None, images)  # the adaptation is not needed (decided before training it)
         assert decision["rule"] == "confidence" and decision["threshold"] == 0.75 and decision["kept"] == kept
         assert decision["images"] == 50 and decision["repeats"] == 5
         low, high = decision["confidence_ci"]
@@ -477,6 +477,18 @@ def test_the_confidence_gate_declines_only_where_the_backbone_recognises_the_ima
                 images)["kept"] == "start"
     assert "recognises these images" in gate_message("x", gate(cfg, _Head(), object(), np.full((300, 28, 28), 60,
                                                                                                 np.uint8)))
+
+
+def test_recognised_declines_only_where_the_whole_interval_is_at_or_above_the_threshold():
+    """The confidence rule's verdict from the subsamples' mean confidences (also what docs/lodo's recipe replays)."""
+    values = np.array([0.60, 0.62, 0.61, 0.60, 0.61])
+    mean, half, declined = recognised(values, 0.55)
+    assert mean == pytest.approx(0.608) and half > 0 and declined
+    assert not recognised(values, 0.605)[2]  # below the mean, above the interval's low end: not beyond the noise
+    assert recognised(values, mean - half)[2] and not recognised(values, mean - half + 1e-9)[2]
+    assert recognised(np.array([0.99]), 0.5) == (pytest.approx(0.99), None, False)  # one subsample: no interval
+    assert decides_before_adapting(tiny_cfg(gate="confidence")) and decides_before_adapting(tiny_cfg(gate="off"))
+    assert not decides_before_adapting(tiny_cfg(gate="silhouette"))  # reads the adapted backbone
 
 
 def test_a_declined_adaptation_returns_the_starting_backbone_and_keeps_its_checkpoint(fake_data, monkeypatch,

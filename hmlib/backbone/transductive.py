@@ -99,13 +99,28 @@ def coarse_silhouette(embedding: np.ndarray, clusters: int, seed: int = 0) -> fl
     return float(silhouette_score(z, found)) if len(np.unique(found)) > 1 else -1.0
 
 
-def gate(cfg: Config, start: ConvBackbone, adapted: ConvBackbone, images: np.ndarray) -> dict[str, Any]:
+def recognised(confidences: np.ndarray, threshold: float) -> tuple[float, float | None, bool]:
+    """The confidence rule's verdict from the mean confidence of each subsample: ``(mean, half-width of its 95%
+    t-interval, declined)``, declined where the whole interval lies at or above ``threshold`` (never on one
+    subsample: no interval)."""
+    mean, half = mean_ci(np.asarray(confidences, dtype=np.float64))
+    return mean, half, half is not None and mean - half >= threshold
+
+
+def decides_before_adapting(cfg: Config) -> bool:
+    """Whether :func:`gate` reads only the starting backbone (``"confidence"``, ``"off"``): then it can be asked
+    before the adaptation is trained, and a declined one need not be trained at all."""
+    return cfg.transductive.gate != "silhouette"
+
+
+def gate(cfg: Config, start: ConvBackbone, adapted: ConvBackbone | None, images: np.ndarray) -> dict[str, Any]:
     """Whether to use ``adapted`` rather than ``start`` on this unlabeled set (label-free): ``{"rule", "kept":
     "adapted" | "start", ...}``, measured on each of :func:`gate_samples` and declined only beyond the noise (a 95%
     t-interval over the subsamples, the standard the meta-learned selector is held to). ``transductive.gate``:
 
     - ``"confidence"``: declined where the starting backbone already recognises the images as its training classes:
-      the mean of :func:`~hmlib.backbone.embeddings.training_confidence` is at least ``transductive.gate_confidence``;
+      the mean of :func:`~hmlib.backbone.embeddings.training_confidence` is at least ``transductive.gate_confidence``
+      (:func:`recognised`; ``adapted`` is not read and may be None, :func:`decides_before_adapting`);
     - ``"silhouette"``: declined where k-means with ``transductive.gate_clusters`` clusters separates the images less
       clearly after adaptation: the change of :func:`coarse_silhouette` (each subsample with its own k-means
       restarts) is below zero.
@@ -118,8 +133,7 @@ def gate(cfg: Config, start: ConvBackbone, adapted: ConvBackbone, images: np.nda
     positions = [np.searchsorted(used, sample) for sample in samples]
     if tc.gate == "confidence":
         confidence = training_confidence(start, images[used])
-        mean, half = mean_ci(np.array([confidence[p].mean() for p in positions]))
-        declined = half is not None and mean - half >= tc.gate_confidence
+        mean, half, declined = recognised(np.array([confidence[p].mean() for p in positions]), tc.gate_confidence)
         return {"rule": "confidence", "threshold": tc.gate_confidence, "images": int(len(samples[0])),
                 "repeats": len(samples), "confidence": float(mean),
                 "confidence_ci": [None if half is None else mean - half, None if half is None else mean + half],
@@ -247,8 +261,9 @@ def get_transductive_backbone(cfg: Config, backbone: ConvBackbone, backbone_meta
     model, meta = _adapted_backbone(cfg, backbone, backbone_meta, dataset, image_set, train=train,
                                     progress=progress, curve=curve)
     tc = cfg.transductive
-    key = (meta["adapted_id"], backbone_meta["backbone_id"], image_set.fingerprint, tc.gate, tc.gate_clusters,
-           tc.gate_confidence, tc.gate_images, tc.gate_repeats)
+    # what the decision reads: the confidence rule the starting backbone only, the silhouette rule the adaptation too
+    read = (tc.gate_confidence,) if decides_before_adapting(cfg) else (meta["adapted_id"], tc.gate_clusters)
+    key = (backbone_meta["backbone_id"], image_set.fingerprint, tc.gate, tc.gate_images, tc.gate_repeats, *read)
     if tc.gate == "off":
         decision = gate(cfg, backbone, model, image_set.images)
     elif key not in _DECISIONS:  # a few seconds; every reader of one adapted backbone in a process asks the same

@@ -58,8 +58,8 @@ def add_cli(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
                              "so on a CPU) and save it beside the outputs as backbone_adapted.pt; needs at least "
                              "1,000 images (below that it says so and clusters without adapting); the adapted "
                              "backbone is not used where the label-free gate declines it (transductive.gate: by "
-                             "default, where the backbone already recognises the images as its training classes; it "
-                             "says so)")
+                             "default, where the backbone already recognises the images as its training classes; "
+                             "that rule is asked first, so nothing is trained or saved there; it says so)")
     parser.add_argument("--no-gate", action="store_true",
                         help="with --adapt: use the adapted backbone even where the gate declines it")
     parser.add_argument("--steps", type=int, metavar="S",
@@ -166,9 +166,10 @@ def _fit(api: Any, checkpoint: Path, k: int | str, steps: int | None, images: np
                   "with the backbone as trained.")
         else:
             adapted = model.adapt_to(images, gate=gate, progress=progress)
-            save_checkpoint(adapt_out, adapted["state"], adapted["meta"])
-            print(f"adapted the backbone to {model.adapted_['images']:,} images in {model.adapted_['seconds']:.0f} s "
-                  f"({model.adapted_['epochs']} epochs); saved {adapt_out}")
+            if adapted is not None:  # None: declined before training (the gate read the backbone only)
+                save_checkpoint(adapt_out, adapted["state"], adapted["meta"])
+                print(f"adapted the backbone to {model.adapted_['images']:,} images in "
+                      f"{model.adapted_['seconds']:.0f} s ({model.adapted_['epochs']} epochs); saved {adapt_out}")
             if not model.adapted_["used"]:
                 from hmlib.backbone.transductive import gate_message  # torch: imported once it is needed
                 print(gate_message("--adapt", model.adapted_["gate"]))

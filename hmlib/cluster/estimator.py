@@ -26,7 +26,8 @@ from sklearn.metrics import silhouette_score
 from hmlib import paths
 from hmlib.artifacts import ArtifactError, read_json, state_fingerprint
 from hmlib.backbone.embeddings import embed_images
-from hmlib.backbone.transductive import evenly_spaced, gate as gate_decision, train_transductive
+from hmlib.backbone.transductive import (decides_before_adapting, evenly_spaced, gate as gate_decision,
+                                         train_transductive)
 from hmlib.cluster.images import ClusterInputError
 from hmlib.config import IMAGE_SIZE, config_to_dict, with_overrides
 from hmlib.data.preprocess import normalise_polarity, preprocess_images
@@ -159,24 +160,29 @@ class HyperClusterer:
             return TaskInputs(context, torch.as_tensor(images[None]))
         return TaskInputs(context, features=context)
 
-    def adapt_to(self, images: Any, *, gate: bool = True, progress: bool = False) -> dict[str, Any]:
+    def adapt_to(self, images: Any, *, gate: bool = True, progress: bool = False) -> dict[str, Any] | None:
         """Adapt the checkpoint's backbone to this unlabeled set (the transductive stage: SCAN-style neighbour
         agreement, :mod:`hmlib.backbone.transductive`), and use it from now on unless the gate declines it
-        (``transductive.gate``, by default where the backbone already recognises these images as its training
-        classes: ``adapted_["used"]`` is False and the backbone stays as trained; ``gate=False``: used regardless); returns the adapted backbone's state and a description.
-        Sets smaller than ``MIN_ADAPT_IMAGES`` are refused (a ValueError saying why)."""
+        (``transductive.gate``; ``adapted_["used"]`` is False and the backbone stays as trained; ``gate=False``:
+        used regardless). Returns the adapted backbone's state and a description, or None where the gate declines
+        before any training: the default rule (the backbone already recognises these images as its training
+        classes) reads only the backbone as trained, so nothing is trained there. Sets smaller than
+        ``MIN_ADAPT_IMAGES`` are refused (a ValueError saying why)."""
         images = as_images(images)
         if self.bundle.backbone is None:
             raise ValueError(f"{self.bundle.path.name} reads no backbone: there is nothing to adapt")
         if len(images) < MIN_ADAPT_IMAGES:
             raise ValueError(f"adapting the backbone needs at least {MIN_ADAPT_IMAGES:,} images (nearest neighbours "
                              f"in a sparse set are mostly other classes); this set has {len(images):,}")
-        cfg = self.bundle.cfg
+        cfg = self.bundle.cfg if gate else with_overrides(self.bundle.cfg, {"transductive": {"gate": "off"}})
         sample = images[evenly_spaced(len(images), cfg.transductive.max_images)]
+        decision = gate_decision(cfg, self.bundle.backbone, None, images) if decides_before_adapting(cfg) else None
+        if decision is not None and decision["kept"] == "start":  # declined before any training: nothing to save
+            self.adapted_ = {"images": 0, "epochs": 0, "seconds": 0.0, "used": False, "gate": decision}
+            return None
         model, record = train_transductive(copy.deepcopy(self.bundle.backbone), sample, cfg, seed=self.bundle.seed,
                                            device=self.device, progress=progress, desc="adapt backbone")
-        decision = gate_decision(cfg if gate else with_overrides(cfg, {"transductive": {"gate": "off"}}),
-                                 self.bundle.backbone, model, images)
+        decision = decision or gate_decision(cfg, self.bundle.backbone, model, images)
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         meta = {**{k: v for k, v in (self.bundle.backbone_meta or {}).items() if k != "history"},
                 "kind": "backbone", "adapted_to": int(len(sample)), "transductive": config_to_dict(cfg.transductive),

@@ -29,7 +29,7 @@ import hmlib
 from hmlib import data, paths
 from hmlib.backbone.embeddings import embed_images, training_confidence
 from hmlib.backbone.train import backbone_datasets, train_backbone
-from hmlib.backbone.transductive import adaptation_images, gate, gate_samples, train_transductive
+from hmlib.backbone.transductive import adaptation_images, gate, gate_samples, recognised, train_transductive
 from hmlib.evaluation.conditions import build_suite, grid
 from hmlib.evaluation.methods import METHODS, MethodContext, score
 from hmlib.evaluation.quality import RowsInputs
@@ -159,13 +159,9 @@ def runs_table(results: dict, thresholds) -> str:
                      f"{100 * (r['adapted'] - r['start']):+.1f} | {r['gate']['kept']} | {r['silhouette']:+.4f} | "
                      f"{r['agreement']:.2f} |")
 
-    def confident(r, threshold):
-        mean, half = mean_ci(r["confidence"])
-        return mean - half >= threshold
-
     choices = {"always adapt": lambda r: r["adapted"],
                "the silhouette gate (as recorded)": lambda r: r["adapted" if r["gate"]["kept"] == "adapted" else "start"],
-               **{f"confidence rule, threshold {t}": (lambda r, t=t: r["start"] if confident(r, t) else r["adapted"])
+               **{f"confidence rule, threshold {t}": (lambda r, t=t: r["start"] if recognised(r["confidence"], t)[2] else r["adapted"])
                   for t in thresholds},
                "the better of the two (labels)": lambda r: max(r["start"], r["adapted"])}
     groups = {"held back": [r for r in rows if not r["familiar"]], "familiar": [r for r in rows if r["familiar"]]}
