@@ -51,3 +51,12 @@ def mirror(tmp_path, monkeypatch):
     write_tiny_dataset(root, "mnist", num_classes=3, splits={"train": 30, "test": 15})
     monkeypatch.setenv("HMLIB_DATA_DIR", str(root))
     return root
+
+
+@pytest.fixture(scope="session")
+def smoke_series(tmp_path_factory):
+    """The slow tier's one smoke run of the whole notebook series, (home, completed process): test_pipeline checks
+    it, test_live_notebook starts from a copy of its home (tests must not write into it)."""
+    from test_pipeline import run_smoke_series
+
+    return run_smoke_series(tmp_path_factory.mktemp("smoke_home"))

@@ -1,11 +1,12 @@
 """Slow tier: notebook 04 as users use it, live in JupyterLab, driven by headless Debian Chromium.
 
-A scratch home is prepared by ``hmlib run --profile smoke --only 01,02,03`` (the artifacts notebook 04 loads), a copy
-of notebook 04 with ``profile = "smoke"`` in its parameters cell is written there, and JupyterLab is started headless
-on localhost (a free port, a token, ``--no-browser``). Chromium opens the copy, runs every cell, waits for the
-adaptation explorer, moves its inner-steps slider with the keyboard (as a user does: focus the handle, press the
-arrow keys) and checks what changes: the slider's readout, the figure's pixels, and the explorer's accuracy line
-("accuracy <acc>% after <n> inner steps", a text Label beside the figure), read from the page as a user reads it.
+A scratch home is a copy of the session's smoke run of the whole series (conftest's ``smoke_series``, which
+test_pipeline checks: the artifacts of 01-03 that notebook 04 loads), a copy of notebook 04 with
+``profile = "smoke"`` in its parameters cell is written there, and JupyterLab is started headless on localhost (a
+free port, a token, ``--no-browser``). Chromium opens the copy, runs every cell, waits for the adaptation explorer,
+moves its inner-steps slider with the keyboard (as a user does: focus the handle, press the arrow keys) and checks
+what changes: the slider's readout, the figure's pixels, and the explorer's accuracy line ("accuracy <acc>% after
+<n> inner steps", a text Label beside the figure), read from the page as a user reads it.
 The kernel is asked once more, only to check that the line shows the explorer's own state. In CI (CI=true) a missing
 browser or mirror fails the test instead of skipping it.
 
@@ -18,6 +19,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import socket
 import subprocess
 import sys
@@ -72,7 +74,6 @@ const future = kernel.requestExecute({code: arguments[0], silent: false, store_h
 future.onIOPub = msg => { if (msg.header.msg_type === 'stream') text += msg.content.text; };
 future.done.then(() => done(text), err => done('ERROR ' + err));"""
 
-RUN_TIMEOUT_S = 1800
 NOTEBOOK_TIMEOUT_S = 1200
 
 
@@ -112,18 +113,20 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def smoke_home(tmp_path_factory):
-    """A scratch HMLIB_HOME holding the smoke artifacts of notebooks 01-03, and a smoke copy of notebook 04."""
+def smoke_home(smoke_series, tmp_path_factory):
+    """A scratch HMLIB_HOME holding the smoke artifacts notebook 04 loads (those of notebooks 01-03: a copy of the
+    session's smoke run's home, whose own notebook 04 results come along), and a smoke copy of notebook 04."""
     if DATA_DIR is None or not Path(DATA_DIR).is_dir():
         _unavailable(f"data mirror not found (HMLIB_DATA_DIR={DATA_DIR!r}, default {DEFAULT_MIRROR})")
-    home = tmp_path_factory.mktemp("live_home")
+    made, proc = smoke_series
+    assert proc.returncode == 0, f"the session's smoke run failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
+    home = tmp_path_factory.mktemp("live_home") / "home"
+    shutil.copytree(made, home, ignore=shutil.ignore_patterns("reports"))  # the run's own reports stay out
+    for stage in EXPLORER_PREREQUISITES.split(","):
+        assert any(made.joinpath("reports").glob(f"{stage}_*.html")), f"the smoke run made no report of {stage}"
     env = {**os.environ, "HMLIB_HOME": str(home), "HMLIB_DATA_DIR": str(Path(DATA_DIR).resolve()),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(paths.REPO_ROOT), os.environ.get("PYTHONPATH")]))}
-    proc = subprocess.run([sys.executable, "-m", "hmlib", "run", "--profile", "smoke", "--only",
-                           EXPLORER_PREREQUISITES, "--quiet"], cwd=paths.REPO_ROOT, env=env, capture_output=True,
-                          text=True, timeout=RUN_TIMEOUT_S)
-    assert proc.returncode == 0, f"preparing the smoke home failed:\n{proc.stdout}\n{proc.stderr[-4000:]}"
     nb = nbformat.read(paths.notebooks_dir() / EXPLORER_NOTEBOOK, as_version=4)
     tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
     assert tagged, f"{EXPLORER_NOTEBOOK} has no cell tagged 'parameters'"

@@ -1,7 +1,7 @@
 """Slow tier: the whole notebook series in the smoke profile, its HTML reports, then a real browser.
 
-One module-scoped ``python -m hmlib run --profile smoke`` with HMLIB_HOME in a temp folder and the
-data mirror from HMLIB_DATA_DIR (default ``../shared/data`` beside the repository). Then headless
+One ``python -m hmlib run --profile smoke`` per test session (conftest's ``smoke_series``) with HMLIB_HOME in a temp
+folder and the data mirror from HMLIB_DATA_DIR (default ``../shared/data`` beside the repository). Then headless
 Debian Chromium opens every exported report and index.html from disk: the page renders (non-blank
 screenshot), every <img> loaded, and the console shows no errors. In CI (CI=true) a missing
 browser or mirror fails the test instead of skipping it.
@@ -45,18 +45,23 @@ def _unavailable(what: str) -> None:
     pytest.skip(what)
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    """Run the whole series once in the smoke profile; return (home, completed process)."""
+def run_smoke_series(home: Path) -> tuple[Path, subprocess.CompletedProcess]:
+    """Run the whole series once in the smoke profile into ``home``; return (home, completed process). The
+    session's one run (conftest's ``smoke_series``): these tests read it, test_live_notebook copies its home."""
     if DATA_DIR is None or not Path(DATA_DIR).is_dir():
         _unavailable(f"data mirror not found (HMLIB_DATA_DIR={DATA_DIR!r}, default {DEFAULT_MIRROR})")
     assert discover_notebooks(), "notebooks/ holds no NN_*.ipynb to run"
-    home = tmp_path_factory.mktemp("smoke_home")
     env = {**os.environ, "HMLIB_HOME": str(home), "HMLIB_DATA_DIR": str(Path(DATA_DIR).resolve()),
            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "hmlib", "run", "--profile", "smoke", "--timeout", "1200"],
                           cwd=paths.REPO_ROOT, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     return home, proc
+
+
+@pytest.fixture
+def smoke_run(smoke_series):
+    """(home, completed process) of the session's smoke run of the whole series."""
+    return smoke_series
 
 
 def test_smoke_series_runs_and_exports_every_notebook(smoke_run):

@@ -73,7 +73,7 @@ DEVIATIONS: tuple[Deviation, ...] = (
     Deviation("make test", None,
               why="not re-run inside itself; asserted instead: its recipe is `{bin}/python -m pytest` (every tier, "
                   "this test included) and .ci/run runs `make test`"),
-    Deviation("hmlib run --timeout 600", "hmlib run --timeout 600 --profile smoke",
+    Deviation("hmlib run --from 04 --timeout 600", "hmlib run --from 04 --timeout 600 --profile smoke",
               why="without --profile it is the default profile"),
     Deviation("hmlib cluster org/dataset --k 4", "hmlib cluster org/dataset --k 4", exit_status=2,
               why="a hub id needs the network (the README says so); offline it must refuse in one line"),
