@@ -161,7 +161,8 @@ def runs_table(results: dict, thresholds) -> str:
 
     choices = {"always adapt": lambda r: r["adapted"],
                "the silhouette gate (as recorded)": lambda r: r["adapted" if r["gate"]["kept"] == "adapted" else "start"],
-               **{f"confidence rule, threshold {t}": (lambda r, t=t: r["start"] if recognised(r["confidence"], t)[2] else r["adapted"])
+               **{f"confidence rule, threshold {t}":
+                  (lambda r, t=t: r["start"] if recognised(r["confidence"], t)[2] else r["adapted"])
                   for t in thresholds},
                "the better of the two (labels)": lambda r: max(r["start"], r["adapted"])}
     groups = {"held back": [r for r in rows if not r["familiar"]], "familiar": [r for r in rows if r["familiar"]]}
