@@ -15,7 +15,11 @@ from hmlib.artifacts import write_json
 
 
 def setup(threads: int = 1) -> str:
-    """Limit torch and the BLAS pools to ``threads``; return a line describing the machine's state."""
+    """Limit torch and the BLAS pools to ``threads``, keep freed memory as every hmlib stage does
+    (:mod:`hmlib.allocator`); return a line describing the machine's state."""
+    from hmlib.allocator import retain_freed_memory
+
+    retain_freed_memory()
     torch.set_num_threads(threads)
     threadpool_limits(threads)
     load = os.getloadavg()[0]

@@ -526,13 +526,16 @@ def with_overrides(cfg: Config, overrides: Mapping[str, Any]) -> Config:
 
 
 def configure_runtime(cfg: Config) -> "torch.device":  # noqa: F821
-    """Deterministic kernels, ``cfg.num_threads`` for torch and numpy/scikit-learn; return the resolved device."""
+    """Deterministic kernels, ``cfg.num_threads`` for torch and numpy/scikit-learn, freed CPU memory kept for reuse
+    (:mod:`hmlib.allocator`); return the resolved device."""
     import torch
     from threadpoolctl import threadpool_limits
 
+    from hmlib.allocator import retain_freed_memory
     from hmlib.reproducibility import deterministic_kernels
 
     deterministic_kernels()
+    retain_freed_memory()
     if cfg.num_threads is not None:
         torch.set_num_threads(cfg.num_threads)
         threadpool_limits(limits=cfg.num_threads)  # applies process-wide from here on

@@ -101,6 +101,7 @@ DEVIATIONS: tuple[Deviation, ...] = (
 
 #: `make bench` passes no options; these are the smallest each script documents (the set of scripts is asserted).
 BENCH_OPTIONS: dict[str, str] = {
+    "bench_allocator.py": "--tasks 2 --images 64 --steps 2 --repeats 1",
     "bench_cluster.py": "--images 200 --datasets mnist --ks 4 --folders 1 --no-auto",
     "bench_data.py": "--profile smoke --num-tasks 100",
     "bench_eval.py": "--profile smoke --tasks 2 --n 64",
