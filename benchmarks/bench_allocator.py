@@ -3,9 +3,10 @@ in a fresh process with glibc's default malloc and in one with ``retain_freed_me
 
     .venv/bin/python benchmarks/bench_allocator.py [--tasks 16] [--images 256] [--steps 15] [--threads 2]
 
-The work: ``eval.plain_steps`` Adam steps of the plain adaptation baseline (hmlib.evaluation.plain_adaptation) on
-``--tasks`` tasks of ``--images`` random images, K = 4, through an untrained backbone of the default profile's
-architecture (the cost does not depend on the weights or the pixels), best of ``--repeats``. Each mode runs in its own
+The work: ``--steps`` Adam steps (default 15, the default ``eval.plain_steps``) of the plain adaptation baseline
+(hmlib.evaluation.plain_adaptation) on ``--tasks`` tasks of ``--images`` random images, K = 4, through an untrained
+backbone of the default profile's architecture (the cost does not depend on the weights or the pixels), best of
+``--repeats``. Each mode runs in its own
 process, since malloc's settings hold for a whole process. Writes results/bench/allocator.json.
 """
 from __future__ import annotations
@@ -35,8 +36,8 @@ def child(args: argparse.Namespace) -> None:
     from hmlib.evaluation.plain_adaptation import adapt_tasks
     from hmlib.reproducibility import seeded
 
-    setup(args.threads)
-    retained = retain_freed_memory()
+    setup(args.threads)  # keeps freed memory unless HMLIB_SYSTEM_MALLOC=1
+    retained = retain_freed_memory()  # whether it did (done once per process: this only reads the outcome)
     cfg = load_config("default")
     with seeded(0):
         backbone = ConvBackbone(cfg.backbone.channels, cfg.backbone.embed_dim, 10).eval()
