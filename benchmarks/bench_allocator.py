@@ -6,8 +6,8 @@ in a fresh process with glibc's default malloc and in one with ``retain_freed_me
 The work: ``--steps`` Adam steps (default 15, the default ``eval.plain_steps``) of the plain adaptation baseline
 (hmlib.evaluation.plain_adaptation) on ``--tasks`` tasks of ``--images`` random images, K = 4, through an untrained
 backbone of the default profile's architecture (the cost does not depend on the weights or the pixels), best of
-``--repeats``. Each mode runs in its own
-process, since malloc's settings hold for a whole process. Writes results/bench/allocator.json.
+``--repeats``. Each mode runs in its own process, since malloc's settings hold for a whole process. Writes
+results/bench/allocator.json.
 """
 from __future__ import annotations
 
