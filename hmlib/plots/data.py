@@ -8,15 +8,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from hmlib.data.corruptions import FAMILIES, apply, corruption_table, get_corruption
-from hmlib.plots import IMAGE_CMAP, PALETTE, dataset_color
-
-
-def _show_image(ax: plt.Axes, pixels: np.ndarray, cmap: str | None = IMAGE_CMAP) -> None:
-    """``pixels`` (0..255) on ``ax``, without ticks or grid."""
-    ax.imshow(pixels, cmap=cmap, vmin=0, vmax=255)
-    ax.set_xticks([])
-    ax.set_yticks([])
-    ax.grid(False)
+from hmlib.plots import IMAGE_CMAP, PALETTE, dataset_color, show_image, show_image_row
 
 
 def plot_preprocessing(preview, title: str | None = None) -> Figure:
@@ -24,19 +16,24 @@ def plot_preprocessing(preview, title: str | None = None) -> Figure:
     num = len(preview.raw)
     if num == 0:
         raise ValueError("the preview holds no images")
-    fig, axes = plt.subplots(3, num, figsize=(1.1 * num, 4.2), squeeze=False)
+    fig = plt.figure(figsize=(1.1 * num, 4.2))
+    grid = fig.add_gridspec(3, num)
+    top = [fig.add_subplot(grid[0, col]) for col in range(num)]  # the stored images differ in size and mode
+    kept, final = fig.add_subplot(grid[1, :]), fig.add_subplot(grid[2, :])
     shifted = preview.name.partition("+")[2]  # a shifted dataset's preview shows its corruption in the last row
     rows = ("as stored", "grey, padded, 28x28", f"final + {shifted}" if shifted else "final (polarity)")
-    for col in range(num):
-        raw = preview.raw[col]
+    for ax, raw in zip(top, preview.raw):
         shown = raw.convert("RGB") if raw.mode not in ("L", "RGB") else raw
-        _show_image(axes[0, col], np.asarray(shown), IMAGE_CMAP if shown.mode == "L" else None)
-        axes[0, col].set_title(f"{raw.size[0]}x{raw.size[1]} {raw.mode}", fontsize="x-small", fontweight="normal")
-        _show_image(axes[1, col], preview.kept[col])
-        _show_image(axes[2, col], preview.processed[col])
-        axes[2, col].set_xlabel(preview.label_names[preview.labels[col]], fontsize="x-small")
-    for row, label in enumerate(rows):
-        axes[row, 0].set_ylabel(label, fontsize="x-small")
+        show_image(ax, np.asarray(shown), IMAGE_CMAP if shown.mode == "L" else None)
+        ax.set_title(f"{raw.size[0]}x{raw.size[1]} {raw.mode}", fontsize="x-small", fontweight="normal")
+    show_image_row(kept, list(preview.kept))
+    show_image_row(final, list(preview.processed))
+    width = preview.processed.shape[2]
+    final.set_xticks([col * (width + 2) + (width - 1) / 2 for col in range(num)],
+                     [str(preview.label_names[label]) for label in preview.labels], fontsize="x-small")
+    final.tick_params(length=0)
+    for ax, label in zip((top[0], kept, final), rows):
+        ax.set_ylabel(label, fontsize="x-small")
     fig.suptitle(title or f"{preview.name}: preprocessing step by step "
                           f"({100 * preview.inverted_fraction:.1f}% of a sample had their polarity flipped)")
     return fig
@@ -81,17 +78,12 @@ def plot_task(image_set, task, per_class: int = 8, title: str | None = None) -> 
     """One task (a TaskBatch of length 1): a row of images per class, labelled with the original class name."""
     indices, labels, classes = task.indices[0], task.labels[0], task.classes[0]
     num_classes = classes.size
-    fig, axes = plt.subplots(num_classes, per_class, figsize=(0.9 * per_class, 0.95 * num_classes + 0.4),
-                             squeeze=False)
-    for j in range(num_classes):
-        members = indices[labels == j]
-        for col in range(per_class):
-            if col < members.size:
-                _show_image(axes[j, col], image_set.images[members[col]])
-            else:
-                axes[j, col].set_axis_off()
-        axes[j, 0].set_ylabel(f"label {j}\n{image_set.label_names[classes[j]]}\n({(labels == j).sum()} images)",
-                              fontsize="x-small", rotation=0, ha="right", va="center")
+    fig, axes = plt.subplots(num_classes, 1, figsize=(0.9 * per_class, 0.95 * num_classes + 0.4), squeeze=False)
+    for j, ax in enumerate(axes[:, 0]):
+        members = indices[labels == j][:per_class]
+        show_image_row(ax, [image_set.images[i] for i in members] + [None] * (per_class - members.size))
+        ax.set_ylabel(f"label {j}\n{image_set.label_names[classes[j]]}\n({(labels == j).sum()} images)",
+                      fontsize="x-small", rotation=0, ha="right", va="center")
     fig.suptitle(title or f"{image_set.name}: one task of {indices.size} images from {num_classes} classes "
                           f"(the model sees them unlabeled and shuffled)")
     return fig
@@ -107,12 +99,11 @@ def plot_corruptions(images: np.ndarray, names: Sequence[str] | None = None, see
     names.sort(key=lambda n: FAMILIES.index(get_corruption(n).family))  # stable: the given order within a family
     rows = [("clean", "", images)] + [(n, get_corruption(n).family, apply(n, images, seed)) for n in names]
     num = images.shape[0]
-    fig, axes = plt.subplots(len(rows), num, figsize=(0.8 * num + 1.6, 0.8 * len(rows) + 0.4), squeeze=False)
-    for r, (name, family, shown) in enumerate(rows):
-        for col in range(num):
-            _show_image(axes[r, col], shown[col])
+    fig, axes = plt.subplots(len(rows), 1, figsize=(0.8 * num + 1.6, 0.8 * len(rows) + 0.4), squeeze=False)
+    for ax, (name, family, shown) in zip(axes[:, 0], rows):
+        show_image_row(ax, list(shown))
         colour = PALETTE[FAMILIES.index(family)] if family else "black"
-        axes[r, 0].set_ylabel(f"{name}\n{family}" if family else name, fontsize="x-small", rotation=0, ha="right",
-                              va="center", color=colour)
+        ax.set_ylabel(f"{name}\n{family}" if family else name, fontsize="x-small", rotation=0, ha="right",
+                      va="center", color=colour)
     fig.suptitle(f"Corruptions: benchmark family (held out) then train family; seed {seed}")
     return fig

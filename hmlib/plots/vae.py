@@ -9,7 +9,7 @@ from matplotlib.figure import Figure
 
 from hmlib.features import project_2d
 
-from hmlib.plots import IMAGE_CMAP, PALETTE, dataset_color
+from hmlib.plots import PALETTE, dataset_color, show_image_row
 
 
 def _smooth(values: np.ndarray, window: int) -> np.ndarray:
@@ -52,19 +52,15 @@ def plot_reconstructions(originals: Mapping[str, np.ndarray], reconstructions: M
     if not names:
         raise ValueError("no datasets to show")
     num_cols = max(len(originals[n]) for n in names)
-    fig, axes = plt.subplots(2 * len(names), num_cols, figsize=(0.8 * num_cols, 1.7 * len(names)), squeeze=False,
-                             gridspec_kw={"hspace": 0.05, "wspace": 0.05})
+    fig, axes = plt.subplots(2 * len(names), 1, figsize=(0.8 * num_cols, 1.7 * len(names)), squeeze=False,
+                             gridspec_kw={"hspace": 0.05})
     for row, name in enumerate(names):
         for kind, images in enumerate((originals[name], reconstructions[name])):
-            scale = 255.0 if np.asarray(images).dtype == np.uint8 else 1.0
-            for col in range(num_cols):
-                ax = axes[2 * row + kind, col]
-                ax.set_axis_off()
-                if col < len(images):
-                    ax.imshow(np.asarray(images[col]) / scale, cmap=IMAGE_CMAP, vmin=0, vmax=1)
-            label = name if kind == 0 else "recon"
-            axes[2 * row + kind, 0].text(-4, 14, label, ha="right", va="center", fontsize="small",
-                                         color=dataset_color(name) if kind == 0 else "0.3")
+            pixels = np.asarray(images, dtype=float) * (1.0 if np.asarray(images).dtype == np.uint8 else 255.0)
+            ax = axes[2 * row + kind, 0]
+            show_image_row(ax, list(pixels) + [None] * (num_cols - len(pixels)))
+            ax.text(-4, 14, name if kind == 0 else "recon", ha="right", va="center", fontsize="small",
+                    color=dataset_color(name) if kind == 0 else "0.3")
     fig.suptitle(title)
     return fig
 
