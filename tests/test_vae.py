@@ -71,8 +71,11 @@ def test_unknown_variant_is_a_clear_error():
 
 @pytest.mark.parametrize("likelihood", ["bce", "mse_ssim"])
 def test_loss_decreases_on_tiny_data(likelihood):
-    """Fifteen full-batch steps on 16 images lower the loss by a fifth."""
+    """Fifteen full-batch steps on 16 images lower the loss by a fifth (from a seeded initialisation: the ratio is
+    0.58-0.72 for bce and 0.35-0.50 for mse_ssim over seeds 0-9, so the test does not hang on the global RNG's state
+    that earlier tests leave)."""
     images, _ = synthetic_images(16, seed=0)
+    torch.manual_seed(0)
     cfg = VAEConfig(latent_dim=LATENT_DIM, likelihood=likelihood, epochs=15, batch_size=16,
                     beta_start=1.0, beta_end=1.0, lr=2e-3)
     result = train_vae(build_vae(cfg), images, cfg, progress=False)
