@@ -9,7 +9,7 @@ Operations of the train family also take ``strength`` in [0, 1], which scales th
 from __future__ import annotations
 
 import numpy as np
-from scipy import fft, ndimage, signal, special
+from scipy import fft, ndimage, special
 from skimage.feature import canny
 
 # JPEG's luminance quantisation table (ITU-T T.81, Annex K), the table that quality 50 uses as is.
@@ -68,7 +68,9 @@ def _interpolation(points: int, size: int) -> np.ndarray:
 
 def _convolve(x: np.ndarray, kernels: np.ndarray) -> np.ndarray:
     """Image i convolved with its own odd-sized kernel (n, k, k); same size, zero beyond the border (FFT)."""
-    return signal.fftconvolve(x, kernels, mode="same", axes=(1, 2))
+    from scipy.signal import fftconvolve  # here: importing scipy.signal costs a second, most runs never blur
+
+    return fftconvolve(x, kernels, mode="same", axes=(1, 2))
 
 
 def _draw(x: np.ndarray, rows: np.ndarray, cols: np.ndarray, value: float = 1.0) -> np.ndarray:

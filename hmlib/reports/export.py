@@ -13,12 +13,13 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any, Mapping
-
-import nbformat
+from typing import TYPE_CHECKING, Any, Mapping
 
 from hmlib.errors import HmlibError
 from hmlib.artifacts import atomic_path
+
+if TYPE_CHECKING:  # imported where used: nbformat (via jsonschema) costs 1.7 s, and a kernel that only records
+    import nbformat  # a headline never exports
 
 HIDE_INPUT_TAG = "hide-input"
 HIDE_OUTPUT_TAG = "hide-output"
@@ -95,6 +96,8 @@ def notebook_title(nb: nbformat.NotebookNode) -> str | None:
 
 def _render_widgets_static(nb: nbformat.NotebookNode) -> None:
     """Replace every widget view output by static HTML built from the stored widget state (in place)."""
+    from nbformat.v4 import new_output
+
     state = nb.metadata.get("widgets", {}).get(WIDGET_STATE, {}).get("state", {})
     for cell in nb.cells:
         if cell.cell_type != "code":
@@ -107,7 +110,7 @@ def _render_widgets_static(nb: nbformat.NotebookNode) -> None:
                 continue
             static = _widget_html(data[WIDGET_VIEW].get("model_id", ""), state)
             if static:  # a view whose state was not stored (or holds nothing) is dropped
-                outputs.append(nbformat.v4.new_output("display_data", data={"text/html": static}))
+                outputs.append(new_output("display_data", data={"text/html": static}))
         cell.outputs = outputs
 
 
