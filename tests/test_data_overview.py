@@ -5,6 +5,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from hmlib.config import load_config  # noqa: E402
@@ -44,3 +45,19 @@ def test_preview_matches_the_cache_and_plots(tiny_mirror):
                 plot_class_counts(sets), plot_task(sets["mnist"]["train"], task)):
         assert isinstance(fig, Figure)
     np.testing.assert_array_equal(shown.processed, shown.kept)  # nothing to invert here
+
+
+def test_an_image_row_is_one_image_with_gaps_and_refuses_mixed_sizes():
+    import matplotlib.pyplot as plt
+
+    from hmlib.plots import show_image_row
+
+    fig, ax = plt.subplots()
+    show_image_row(ax, [np.full((4, 3), 10, np.uint8), None, np.full((4, 3), 200, np.uint8)], gap=1)
+    shown = ax.get_images()[0].get_array()
+    assert len(ax.get_images()) == 1 and shown.shape == (4, 3 * 3 + 2)
+    assert (shown[:, :3] == 10).all() and shown.mask[:, 3:8].all() and (shown[:, 8:] == 200).all()
+    for bad in ([np.zeros((4, 3)), np.zeros((5, 3))], [None], []):
+        with pytest.raises(ValueError, match="2-D images of one size"):
+            show_image_row(ax, bad)
+    plt.close(fig)

@@ -48,7 +48,11 @@ def show_image_row(ax: plt.Axes, images: Sequence[np.ndarray | None], gap: int =
     """``images`` (each 0..255, all one size; None leaves its place empty) side by side on one axes, ``gap`` pixels
     of figure background between them: a row of a grid drawn as one image, so a figure of hundreds of thumbnails
     lays out in a fraction of a second (one axes per thumbnail took seconds)."""
-    shape = next(np.shape(x) for x in images if x is not None)
+    shapes = {np.shape(x) for x in images if x is not None}
+    if len(shapes) != 1 or len(next(iter(shapes))) != 2:
+        raise ValueError(f"show_image_row takes 2-D images of one size (and None for an empty place); got shapes "
+                         f"{sorted(shapes) or 'none'}")
+    shape = shapes.pop()
     row = np.ma.masked_all((shape[0], len(images) * (shape[1] + gap) - gap))
     for col, pixels in enumerate(images):
         if pixels is not None:
