@@ -53,7 +53,8 @@ def test_an_image_row_is_one_image_with_gaps_and_refuses_mixed_sizes():
     from hmlib.plots import show_image_row
 
     fig, ax = plt.subplots()
-    show_image_row(ax, [np.full((4, 3), 10, np.uint8), None, np.full((4, 3), 200, np.uint8)], gap=1)
+    centres = show_image_row(ax, [np.full((4, 3), 10, np.uint8), None, np.full((4, 3), 200, np.uint8)], gap=1)
+    assert centres == [1.0, 5.0, 9.0]  # each image's middle column, for tick labels
     shown = ax.get_images()[0].get_array()
     assert len(ax.get_images()) == 1 and shown.shape == (4, 3 * 3 + 2)
     assert (shown[:, :3] == 10).all() and shown.mask[:, 3:8].all() and (shown[:, 8:] == 200).all()

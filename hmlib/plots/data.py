@@ -27,10 +27,8 @@ def plot_preprocessing(preview, title: str | None = None) -> Figure:
         show_image(ax, np.asarray(shown), IMAGE_CMAP if shown.mode == "L" else None)
         ax.set_title(f"{raw.size[0]}x{raw.size[1]} {raw.mode}", fontsize="x-small", fontweight="normal")
     show_image_row(kept, list(preview.kept))
-    show_image_row(final, list(preview.processed))
-    width = preview.processed.shape[2]
-    final.set_xticks([col * (width + 2) + (width - 1) / 2 for col in range(num)],
-                     [str(preview.label_names[label]) for label in preview.labels], fontsize="x-small")
+    centres = show_image_row(final, list(preview.processed))
+    final.set_xticks(centres, [str(preview.label_names[label]) for label in preview.labels], fontsize="x-small")
     final.tick_params(length=0)
     for ax, label in zip((top[0], kept, final), rows):
         ax.set_ylabel(label, fontsize="x-small")
