@@ -7,9 +7,11 @@ task, the number of inner steps, the step-size scale or the inner loss, and read
 points move as the representation adapts). :func:`explorer_widget` wraps it in ipywidgets controls that
 redraw :func:`hmlib.plots.ablations.plot_explorer_state` on every change, with the accuracy as text too.
 
-The adaptation always runs to ``max_steps`` once per (dataset, task, scale, loss) and is cached, so
-moving the steps slider only re-plots; a new scale, loss or task re-runs the inner loop
-(``benchmarks/bench_widgets.py`` times it).
+What is shown is the candidate the method keeps for the task: every test-time candidate is adapted for
+``adapt.test_steps`` steps and the label-free choice made there, as :func:`~hmlib.hyper.adapt.predict_task` makes it,
+so at the test-time step count the explorer shows exactly the method's clusters; the kept candidate alone is then
+followed to ``max_steps``. That runs once per (dataset, task, scale, loss) and is cached, so moving the steps slider
+only re-plots; a new scale, loss or task re-runs the inner loop (``benchmarks/bench_widgets.py`` times it).
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import torch
 from hmlib.ablations.run import ablation_grid
 from hmlib.config import AdaptConfig, Config
 from hmlib.evaluation.conditions import suite_for
-from hmlib.hyper.adapt import adapt_candidates, representation
+from hmlib.hyper.adapt import CANDIDATES, adapt, adapt_candidates, candidate_names, prepare, representation
 from hmlib.hyper.generators import TaskInputs
 from hmlib.hyper.inputs import TaskData, load_task_data
 from hmlib.hyper.losses import INNER_LOSSES, task_accuracy
@@ -35,6 +37,8 @@ from hmlib.metrics import best_matching, confusion
 from hmlib.plots.ablations import ExplorerFigure  # the widget's view
 
 LR_RANGE = (0.05, 20.0)  # step-size scales (adapt.lr_scale) the explorer accepts
+CANDIDATE_LABELS = {"generated": "generated normalisation", "stored": "the backbone's stored statistics",
+                    "task": "the task's own statistics"}  # the readout's words for adapt.CANDIDATES
 
 
 @dataclass
@@ -66,6 +70,7 @@ class ExplorerState:
     confusion: np.ndarray  # (K, K) rows matched predicted cluster, columns true class
     embedding: np.ndarray  # (N, 2) the task's representation after num_steps, on the starting embedding's PCA axes
     seconds: float  # time of the adaptation run behind this state (0 when served from the cache)
+    candidate: str = "generated"  # the test-time candidate shown: the one the method keeps (adapt.CANDIDATES)
 
     @property
     def current_accuracy(self) -> float:
@@ -91,7 +96,7 @@ class AdaptationExplorer:
         self.num_steps = min(adapt.steps_at_test, self.max_steps)
         self.inner_lr = float(adapt.lr_scale)
         self.inner_loss = adapt.inner_loss
-        self._cache: OrderedDict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray, float]] = OrderedDict()
+        self._cache: OrderedDict[tuple, tuple[np.ndarray, np.ndarray, np.ndarray, float, str]] = OrderedDict()
         self._cache_size = cache_size
 
     @property
@@ -136,22 +141,30 @@ class AdaptationExplorer:
         source = self.sources[dataset]
         return source.task_data.task_inputs(np.asarray(source.suite.indices)[task:task + 1])
 
-    def _run(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-        """(predictions (S+1, N), accuracy (S+1,), 2-D representation (S+1, N, 2), seconds) for the current
-        dataset/task/scale/loss; cached."""
+    def _run(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, float, str]:
+        """(predictions (S+1, N), accuracy (S+1,), 2-D representation (S+1, N, 2), seconds, candidate) for the
+        current dataset/task/scale/loss; cached."""
         key = (self.dataset, self.task, self.inner_lr, self.inner_loss)
         if key in self._cache:
             self._cache.move_to_end(key)
-            pred, acc, points, _ = self._cache[key]
-            return pred, acc, points, 0.0
+            pred, acc, points, _, name = self._cache[key]
+            return pred, acc, points, 0.0, name
         source = self.sources[self.dataset]
         labels = np.asarray(source.suite.labels)[self.task]
+        num_classes = len(np.asarray(source.suite.classes)[self.task])
+        cfg = self.adapt_config
         start = time.perf_counter()
         with torch.no_grad():
-            results, pick = adapt_candidates(self.hypernet, self._task_inputs(self.dataset, self.task),
-                                             self.adapt_config, trajectory=True,
-                                             num_classes=len(np.asarray(source.suite.classes)[self.task]))
-            result = results[int(pick[0])]  # the candidate the label-free choice keeps
+            inputs = self.hypernet.check(self._task_inputs(self.dataset, self.task))
+            prepared = prepare(self.hypernet, inputs, cfg, self.max_steps)  # shared by every run below
+            names = candidate_names(self.hypernet, cfg)
+            name = names[0]
+            if len(names) > 1:  # the method's choice, where it makes it: after the test-time steps
+                _, pick = adapt_candidates(self.hypernet, inputs, cfg, num_classes=num_classes, prepared=prepared,
+                                           num_steps=min(self.base_adapt.steps_at_test, self.max_steps))
+                name = names[int(pick[0])]
+            result = adapt(self.hypernet, inputs, cfg, num_steps=self.max_steps, num_classes=num_classes,
+                           fixed=CANDIDATES[name] or None, trajectory=True, prepared=prepared)
             # step s's representation: its parameters and (the full generator's view) its logits
             views = [representation(self.hypernet, dataclasses.replace(result, params=params,
                                                                        logits=result.logits[:s + 1]))[0].cpu().numpy()
@@ -161,10 +174,10 @@ class AdaptationExplorer:
         pred = logits[:, 0].argmax(-1).cpu().numpy()  # (S+1, N)
         acc = np.array([task_accuracy(step, labels[None])[0] for step in logits])
         points = project_along(views)
-        self._cache[key] = (pred, acc, points, seconds)
+        self._cache[key] = (pred, acc, points, seconds, name)
         if len(self._cache) > self._cache_size:
             self._cache.popitem(last=False)
-        return pred, acc, points, seconds
+        return pred, acc, points, seconds, name
 
     def state_at(self, num_steps: int) -> ExplorerState:
         """The state of the current task after ``num_steps`` inner steps (the other settings unchanged)."""
@@ -174,13 +187,13 @@ class AdaptationExplorer:
         labels = np.asarray(source.suite.labels)[self.task]
         classes = np.asarray(source.suite.classes)[self.task]
         num_classes = len(classes)
-        pred_all, acc, points, seconds = self._run()
+        pred_all, acc, points, seconds, name = self._run()
         raw = pred_all[num_steps]
         matched = best_matching(raw, labels, num_classes)[raw]  # cluster -> the class it is matched to
         return ExplorerState(dataset=self.dataset, task=self.task, num_steps=num_steps, inner_lr=self.inner_lr,
                              inner_loss=self.inner_loss, accuracy=acc, labels=labels, classes=classes,
                              pred=matched, confusion=confusion(matched, labels, num_classes),
-                             embedding=points[num_steps], seconds=seconds)
+                             embedding=points[num_steps], seconds=seconds, candidate=name)
 
     @property
     def state(self) -> ExplorerState:
@@ -261,7 +274,8 @@ def explorer_widget(explorer: AdaptationExplorer, *, figsize: tuple[float, float
             canvas[:] = [ExplorerFigure(state, figsize=figsize)]
         canvas[0].update(state)
         view.value = canvas[0].png()
-        readout.value = f"accuracy {100 * state.current_accuracy:.1f}% after {state.num_steps} inner steps"
+        readout.value = (f"accuracy {100 * state.current_accuracy:.1f}% after {state.num_steps} inner steps "
+                         f"({CANDIDATE_LABELS.get(state.candidate, state.candidate)})")
 
     for control in (dataset, task, steps, lr, loss):
         control.observe(redraw, names="value")

@@ -22,7 +22,7 @@ from hmlib.hyper.inputs import TaskData
 from hmlib.hyper.losses import InnerLoss, task_accuracy
 from hmlib.metrics import clustering_accuracy
 from hmlib.plots.ablations import ExplorerFigure, plot_explorer_state, plot_step_multiples, plot_task_curves
-from hmlib.widgets import AdaptationExplorer, TaskSource, explorer_widget, project_along
+from hmlib.widgets import CANDIDATE_LABELS, AdaptationExplorer, TaskSource, explorer_widget, project_along
 from tinyprotocol import TEST_STEPS, tiny_config, train_home, use_home
 
 NUM_IMAGES, CONTEXT_DIM, K, N, TASKS, MAX_STEPS = 180, 6, 3, 24, 3, 5
@@ -68,18 +68,19 @@ def trained(_tiny_mirror_root, tmp_path_factory):
 
 
 def test_initial_state_matches_a_direct_run(explorer):
-    """The first state is the config's settings; its accuracy curve is that of the candidate the label-free choice
-    keeps (predict_task) after 0..max_steps steps, scored by Hungarian matching; the points are that candidate's
-    representation on fixed PCA axes."""
+    """The first state is the config's settings; what it shows is the candidate the method keeps (the label-free
+    choice after the test-time steps, as predict_task makes it), followed to max_steps: its accuracy after 0..max_steps
+    steps, scored by Hungarian matching, and its representation on fixed PCA axes. At the test-time step count the
+    clusters are exactly the method's."""
     state = explorer.state
     assert (state.dataset, state.task, state.num_steps, state.inner_lr, state.inner_loss) == \
         ("a", 0, 2, ADAPT.lr_scale, "neighbours")
     assert state.accuracy.shape == (MAX_STEPS + 1,)
     source = explorer.sources["a"]
     inputs = source.task_data.task_inputs(source.suite.indices[:1])
-    logits = predict_task(explorer.hypernet, inputs, ADAPT, MAX_STEPS)
-    np.testing.assert_array_equal(state.accuracy, [task_accuracy(s, source.suite.labels[:1])[0] for s in logits])
     labels = source.suite.labels[0]
+    method = predict_task(explorer.hypernet, inputs, ADAPT)  # the method at its test-time step count (2)
+    assert explorer.state_at(ADAPT.test_steps).current_accuracy == task_accuracy(method[-1], labels[None])[0]
     np.testing.assert_array_equal(state.labels, labels)
     np.testing.assert_array_equal(state.classes, source.suite.classes[0])
     assert state.current_accuracy == pytest.approx(clustering_accuracy(state.pred, labels, K))
@@ -87,16 +88,42 @@ def test_initial_state_matches_a_direct_run(explorer):
     assert state.confusion.sum() == N and np.trace(state.confusion) == round(state.current_accuracy * N)
     assert ADAPT.candidates == tuple(CANDIDATES)  # the real choice: generated, stored and task statistics
     with torch.no_grad():
-        results, pick = adapt_candidates(explorer.hypernet, inputs,
-                                         dataclasses.replace(ADAPT, num_inner_steps=MAX_STEPS), trajectory=True)
-        views = {c: step_views(explorer.hypernet, r) for c, r in enumerate(results)}
-    chosen = int(pick[0])
-    np.testing.assert_allclose(state.embedding, project_along(views[chosen])[state.num_steps], atol=1e-5)
-    np.testing.assert_array_equal(state.accuracy, [task_accuracy(s, source.suite.labels[:1])[0]
-                                                   for s in results[chosen].logits])
-    others = [c for c in views if c != chosen]  # the other candidates' points are not what is shown
-    assert all(not np.allclose(state.embedding, project_along(views[c])[state.num_steps], atol=1e-3) for c in others)
-    assert views[chosen][0].shape == (N, CFG.backbone.embed_dim)  # film: the modulated embedding, not the logits
+        _, pick = adapt_candidates(explorer.hypernet, inputs, ADAPT, num_steps=ADAPT.test_steps)
+        assert state.candidate == tuple(CANDIDATES)[int(pick[0])]
+        kept = adapt(explorer.hypernet, inputs, ADAPT, num_steps=MAX_STEPS, trajectory=True,
+                     fixed=CANDIDATES[state.candidate] or None)
+        np.testing.assert_array_equal(kept.logits[ADAPT.test_steps].argmax(-1), method[-1].argmax(-1))
+        views = step_views(explorer.hypernet, kept)
+        others = [step_views(explorer.hypernet, adapt(explorer.hypernet, inputs, ADAPT, num_steps=MAX_STEPS,
+                                                      trajectory=True, fixed=CANDIDATES[c]))
+                  for c in CANDIDATES if c != state.candidate]
+    np.testing.assert_array_equal(state.accuracy, [task_accuracy(s, labels[None])[0] for s in kept.logits])
+    np.testing.assert_allclose(state.embedding, project_along(views)[state.num_steps], atol=1e-5)
+    # the other candidates' points are not what is shown
+    assert all(not np.allclose(state.embedding, project_along(v)[state.num_steps], atol=1e-3) for v in others)
+    assert views[0].shape == (N, CFG.backbone.embed_dim)  # film: the modulated embedding, not the logits
+
+
+def test_the_candidate_shown_is_the_one_chosen_after_the_test_time_steps(monkeypatch):
+    """Where the label-free choice after the test-time steps differs from the one after max_steps, the explorer
+    follows the former (what the method outputs), and says which in its state."""
+    hypernet = _hypernet()
+    explorer = AdaptationExplorer(hypernet, {"a": _source(0)}, ADAPT, max_steps=MAX_STEPS)
+    steps_seen = []
+    real = adapt_candidates
+
+    def choose(hypernet, inputs, cfg, *, num_steps=None, **kw):
+        steps_seen.append(num_steps)
+        results, pick = real(hypernet, inputs, cfg, num_steps=num_steps, **kw)
+        return results, torch.full_like(pick, 1 if num_steps == ADAPT.test_steps else 2)  # stored there, else task
+
+    monkeypatch.setattr("hmlib.widgets.adapt_candidates", choose)
+    assert explorer.state.candidate == "stored" and steps_seen == [ADAPT.test_steps]
+    with torch.no_grad():
+        stored = adapt(hypernet, explorer.hypernet.check(explorer._task_inputs("a", 0)), ADAPT, num_steps=MAX_STEPS,
+                       fixed=CANDIDATES["stored"])
+    labels = explorer.sources["a"].suite.labels[:1]
+    np.testing.assert_array_equal(explorer.state.accuracy, [task_accuracy(s, labels)[0] for s in stored.logits])
 
 
 def test_the_representation_moves_on_fixed_axes_as_it_adapts():
@@ -256,11 +283,12 @@ def test_explorer_widget_builds_and_its_controls_drive_the_explorer(explorer):
 
     def shows_the_state():
         state = explorer.state
-        assert readout.value == f"accuracy {100 * state.current_accuracy:.1f}% after {state.num_steps} inner steps"
+        assert readout.value == (f"accuracy {100 * state.current_accuracy:.1f}% after {state.num_steps} inner steps "
+                                 f"({CANDIDATE_LABELS[state.candidate]})")
 
     shows_the_state()
     controls["inner steps"].value = 4
-    assert explorer.num_steps == 4 and readout.value.endswith("after 4 inner steps")
+    assert explorer.num_steps == 4 and "after 4 inner steps (" in readout.value
     shows_the_state()
     controls["inner loss"].value = "entropy"
     assert explorer.inner_loss == "entropy"

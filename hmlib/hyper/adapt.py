@@ -178,16 +178,16 @@ def representation(hypernet: HyperNet, result: AdaptResult) -> Tensor:
 
 def adapt_candidates(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, *, num_steps: int | None = None,
                      num_classes: int | None = None, context: Tensor | None = None,
-                     fixed: Mapping[str, float] | None = None, trajectory: bool = False
-                     ) -> tuple[list[AdaptResult], Tensor]:
+                     fixed: Mapping[str, float] | None = None, trajectory: bool = False,
+                     prepared: TaskState | None = None) -> tuple[list[AdaptResult], Tensor]:
     """Every candidate of ``adapt.candidates`` adapted (no graph), and the label-free choice per task (T,), an index
-    into ``adapt.candidates`` (those the generator supports): the highest silhouette of its clusters on its own
-    adapted representation. ``fixed`` (an ablation forcing generated tensors) leaves only the generated candidate."""
+    into :func:`candidate_names`: the meta-learned selector's or the highest silhouette of its clusters on its own
+    adapted representation (:func:`choice_rule`). ``fixed`` (an ablation forcing generated tensors) leaves only the
+    generated candidate; ``prepared`` as in :func:`adapt` (made here once for all candidates where not given)."""
     names = candidate_names(hypernet, cfg, fixed)
     inputs = hypernet.check(inputs)
     num_steps = cfg.num_inner_steps if num_steps is None else int(num_steps)
-    prepared = None
-    if len(names) > 1:  # the candidates read the same images: prepared once (no graph: test time)
+    if prepared is None and len(names) > 1:  # the candidates read the same images: prepared once (no graph)
         with torch.no_grad():
             prepared = prepare(hypernet, inputs, cfg, num_steps)
     results = [adapt(hypernet, inputs, cfg, num_steps=num_steps, num_classes=num_classes, context=context,
