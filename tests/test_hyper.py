@@ -333,6 +333,29 @@ def test_predict_task_is_the_chosen_candidates_logits_whatever_the_chunk():
     np.testing.assert_array_equal(clusters, torch.stack(results[int(pick[0])].logits)[:, 0].argmax(-1).numpy())
 
 
+def test_the_choice_can_be_read_before_the_last_step():
+    """choose_at: every candidate runs num_steps steps and the choice reads each one as it stood after choose_at of
+    them, so predict_task's first choose_at + 1 steps are those of a choose_at-step run (its choice) and the rest
+    follow the same candidate; unscripted, tasks here choose differently at 1 and at STEPS + 3 steps."""
+    hypernet = make_hypernet(seed=1)
+    inputs, _ = task_inputs(num_tasks=6, seed=1)
+    cfg = hypernet.full_cfg.adapt
+    longer = STEPS + 3
+    _, early = adapt_candidates(hypernet, inputs, cfg, num_steps=1)
+    results, late = adapt_candidates(hypernet, inputs, cfg, num_steps=longer)
+    chosen_early = adapt_candidates(hypernet, inputs, cfg, num_steps=longer, choose_at=1)
+    assert torch.equal(chosen_early[1], early) and not torch.equal(early, late)  # the test can tell them apart
+    assert all(r.trajectory is None for r in chosen_early[0])  # kept for the choice only
+    curve = predict_task(hypernet, inputs, cfg, longer, choose_at=1)
+    torch.testing.assert_close(curve[:2], predict_task(hypernet, inputs, cfg, 1))
+    for t, c in enumerate(early.tolist()):
+        torch.testing.assert_close(curve[:, t], torch.stack(results[c].logits)[:, t])
+    torch.testing.assert_close(predict_task(hypernet, inputs, cfg, longer, choose_at=longer),
+                               predict_task(hypernet, inputs, cfg, longer))
+    with pytest.raises(ValueError, match=r"choose_at must be in 0\.\.num_steps \(4\), got 5"):
+        adapt_candidates(hypernet, inputs, cfg, num_steps=4, choose_at=5)
+
+
 @pytest.mark.parametrize("adapt_params", ["generated", "hypernet"])
 def test_the_full_generator_adapts_the_generated_candidate_only(adapt_params, monkeypatch):
     """The prototype's generator has no normalisation to fix: whatever adapt.candidates names, it adapts the

@@ -38,7 +38,7 @@ from hmlib.paths import results_dir
 from hmlib.reproducibility import seeded
 from hmlib.vae.train import encode_images
 
-RESULT_VERSION = 3
+RESULT_VERSION = 4  # 4: a step curve follows the candidate chosen after the test-time steps (was: after its last)
 
 
 def ablation_seeds(cfg: Config) -> tuple[int, ...]:
@@ -150,6 +150,7 @@ def variant_curves(cfg: Config, variant: Variant, condition: Condition, seed: in
     inputs = _inputs(cfg, main_path, condition.dataset, memo, variant.backbone)
     suite = suite_for(cfg, condition, inputs.test.labels, cfg.ablation.num_tasks)
     steps = cfg.adapt.steps_at_test if variant.num_steps is None else variant.num_steps
+    choose_at = min(cfg.adapt.steps_at_test, steps)  # the candidate a test-time run keeps, followed to `steps`
     if variant.baseline is not None:
         key = ("baseline", variant.baseline, str(main_path), condition.key)
         if key not in memo:
@@ -166,13 +167,14 @@ def variant_curves(cfg: Config, variant: Variant, condition: Condition, seed: in
     effective = dataclasses.replace(adapt_cfg, choice=choice_rule(hypernet, adapt_cfg, variant.fixed or None))
     key = ("curves", str(path), condition.key, cfg.ablation.setting if variant.backbone == "setting" else
            variant.backbone, variant.untrained, tuple(sorted(variant.film_overrides.items())),
-           fingerprint(config_to_dict(effective)), steps, variant.context, tuple(sorted(variant.fixed.items())))
+           fingerprint(config_to_dict(effective)), steps, choose_at, variant.context,
+           tuple(sorted(variant.fixed.items())))
     if key not in memo:
         indices, labels = np.asarray(suite.indices), np.asarray(suite.labels)
         vae = load_bundle(main_path, resolve_device(cfg.device)).vae if variant.context == "noise" else None
         logits = predict_task(hypernet, inputs.test.task_inputs(indices), adapt_cfg, steps,
                               num_classes=condition.num_classes, fixed=dict(variant.fixed) or None,
-                              context=_context(variant, inputs, vae, indices, cfg.eval.seed))
+                              context=_context(variant, inputs, vae, indices, cfg.eval.seed), choose_at=choose_at)
         memo[key] = np.stack([task_accuracy(step, labels) for step in logits], axis=1)
     return memo[key].copy()
 

@@ -69,6 +69,7 @@ def define_ablations(cfg: Config) -> list[Ablation]:
     other_losses = [name for name in INNER_LOSSES if name != cfg.adapt.inner_loss]
     film = cfg.hyper.generation == "film"
     ablations = [
+        # one run to the largest step count, each task on the candidate a test-time run keeps (run.variant_curves)
         Ablation("steps", "Number of test-time inner steps",
                  "Does accuracy keep rising with more inner steps, plateau, or collapse?",
                  (Variant("main", num_steps=max(ab.step_grid)),), reference=None),

@@ -14,6 +14,7 @@ normalisation on shrunk and on noisy digits, METHOD.md). Batched over tasks; not
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -179,29 +180,50 @@ def representation(hypernet: HyperNet, result: AdaptResult) -> Tensor:
 def adapt_candidates(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, *, num_steps: int | None = None,
                      num_classes: int | None = None, context: Tensor | None = None,
                      fixed: Mapping[str, float] | None = None, trajectory: bool = False,
-                     prepared: TaskState | None = None) -> tuple[list[AdaptResult], Tensor]:
+                     prepared: TaskState | None = None, choose_at: int | None = None
+                     ) -> tuple[list[AdaptResult], Tensor]:
     """Every candidate of ``adapt.candidates`` adapted (no graph), and the label-free choice per task (T,), an index
     into :func:`candidate_names`: the meta-learned selector's or the highest silhouette of its clusters on its own
-    adapted representation (:func:`choice_rule`). ``fixed`` (an ablation forcing generated tensors) leaves only the
-    generated candidate; ``prepared`` as in :func:`adapt` (made here once for all candidates where not given)."""
+    adapted representation (:func:`choice_rule`), read after ``choose_at`` of the ``num_steps`` steps (default: all
+    of them; the choice a run of ``choose_at`` steps makes). ``fixed`` (an ablation forcing generated tensors)
+    leaves only the generated candidate; ``prepared`` as in :func:`adapt` (made here once for all candidates where
+    not given)."""
     names = candidate_names(hypernet, cfg, fixed)
     inputs = hypernet.check(inputs)
     num_steps = cfg.num_inner_steps if num_steps is None else int(num_steps)
+    choose_at = num_steps if choose_at is None else int(choose_at)
+    if not 0 <= choose_at <= num_steps:
+        raise ValueError(f"choose_at must be in 0..num_steps ({num_steps}), got {choose_at}")
+    early = len(names) > 1 and choose_at < num_steps  # the choice reads each candidate's state after choose_at steps
     if prepared is None and len(names) > 1:  # the candidates read the same images: prepared once (no graph)
         with torch.no_grad():
             prepared = prepare(hypernet, inputs, cfg, num_steps)
     results = [adapt(hypernet, inputs, cfg, num_steps=num_steps, num_classes=num_classes, context=context,
-                     fixed={**(fixed or {}), **CANDIDATES[name]} or None, trajectory=trajectory, prepared=prepared)
+                     fixed={**(fixed or {}), **CANDIDATES[name]} or None, trajectory=trajectory or early,
+                     prepared=prepared)
                for name in names]
     if len(results) == 1:
         return results, torch.zeros(results[0].logits[0].shape[0], dtype=torch.long, device=hypernet.device)
     with torch.no_grad():
-        features = torch.stack([features_of(hypernet, r) for r in results])  # (C, T, F)
+        features = torch.stack([features_of(hypernet, after_steps(r, choose_at) if early else r)
+                                for r in results])  # (C, T, F)
         if choice_rule(hypernet, cfg, fixed) == "learned":
             scores = hypernet.selector(features)
         else:
             scores = features[..., FEATURES.index("silhouette")]
+    if early and not trajectory:
+        results = [dataclasses.replace(r, trajectory=None) for r in results]
     return results, scores.argmax(0)
+
+
+def after_steps(result: AdaptResult, steps: int) -> AdaptResult:
+    """An adaptation run with its trajectory, as it stood after its first ``steps`` steps (what a run of that many
+    steps returns)."""
+    if result.trajectory is None:
+        raise ValueError("after_steps needs the run's trajectory (adapt(..., trajectory=True))")
+    return AdaptResult(result.logits[:steps + 1], result.inner_losses[:steps], result.trajectory[steps], result.state,
+                       result.trajectory[:steps + 1],
+                       None if result.task_losses is None else result.task_losses[:steps])
 
 
 def candidate_names(hypernet: HyperNet, cfg: AdaptConfig, fixed: Mapping[str, float] | None = None) -> list[str]:
@@ -234,11 +256,13 @@ def features_of(hypernet: HyperNet, result: AdaptResult) -> Tensor:
 
 def predict_task(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, num_steps: int | None = None, *,
                  num_classes: int | None = None, context: Tensor | None = None,
-                 fixed: Mapping[str, float] | None = None, chunk: int = 25) -> Tensor:
+                 fixed: Mapping[str, float] | None = None, chunk: int = 25, choose_at: int | None = None) -> Tensor:
     """Logits after 0..S inner steps of the chosen candidate, (S+1, T, N, K) ((S+1, N, K) for one unbatched task); no
     graph kept. S is ``num_steps``, by default the test-time count ``cfg.steps_at_test`` (:func:`adapt` and
-    :func:`adapt_candidates` default to the meta-training ``cfg.num_inner_steps``). Tasks are processed ``chunk`` at
-    a time (memory); the result does not depend on ``chunk``."""
+    :func:`adapt_candidates` default to the meta-training ``cfg.num_inner_steps``); the candidate is the one chosen
+    after ``choose_at`` steps (default S: a step curve of the method's kept candidate is ``num_steps`` beyond the
+    test-time count with ``choose_at=cfg.steps_at_test``). Tasks are processed ``chunk`` at a time (memory); the
+    result does not depend on ``chunk``."""
     num_steps = cfg.steps_at_test if num_steps is None else int(num_steps)
     batch = hypernet.check(inputs)
     parts = []
@@ -247,7 +271,8 @@ def predict_task(hypernet: HyperNet, inputs: TaskInputs, cfg: AdaptConfig, num_s
         sub = TaskInputs(batch.context[part], None if batch.images is None else batch.images[part],
                          None if batch.features is None else batch.features[part])
         results, pick = adapt_candidates(hypernet, sub, cfg, num_steps=num_steps, num_classes=num_classes,
-                                         fixed=fixed, context=None if context is None else context[part])
+                                         fixed=fixed, context=None if context is None else context[part],
+                                         choose_at=choose_at)
         logits = torch.stack([torch.stack(r.logits) for r in results])  # (C, S+1, T, N, K)
         tasks = torch.arange(pick.shape[0], device=pick.device)
         parts.append(logits[pick, :, tasks].transpose(0, 1))  # (S+1, T, N, K)
