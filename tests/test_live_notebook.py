@@ -6,7 +6,7 @@ test_pipeline checks: the artifacts of 01-03 that notebook 04 loads), a copy of 
 free port, a token, ``--no-browser``). Chromium opens the copy, runs every cell, waits for the adaptation explorer,
 moves its inner-steps slider with the keyboard (as a user does: focus the handle, press the arrow keys) and checks
 what changes: the slider's readout, the figure's pixels, and the explorer's accuracy line ("accuracy <acc>% after
-<n> inner steps", a text Label beside the figure), read from the page as a user reads it.
+<n> inner steps (<the candidate kept>)", a text Label beside the figure), read from the page as a user reads it.
 The kernel is asked once more, only to check that the line shows the explorer's own state. In CI (CI=true) a missing
 browser or mirror fails the test instead of skipping it.
 
@@ -39,11 +39,13 @@ pytestmark = pytest.mark.slow
 EXPLORER_NOTEBOOK = "04_ablations.ipynb"
 EXPLORER_PREREQUISITES = "01,02,03"  # the notebooks whose artifacts it loads
 EXPLORER_STEPS_LABEL = re.compile(r"\bsteps?\b", re.I)  # description of the steps IntSlider (hmlib.widgets)
-EXPLORER_ACCURACY_LINE = re.compile(r"^accuracy (\d+\.\d)% after (\d+) inner steps$")  # the widget's Label
+# the widget's Label: the accuracy, the steps and the candidate the method keeps
+EXPLORER_ACCURACY_LINE = re.compile(r"^accuracy (\d+\.\d)% after (\d+) inner steps \((.+)\)$")
 EXPLORER_VARIABLE = "explorer"  # the AdaptationExplorer the widget drives, in the kernel's namespace
 # What the explorer itself holds (to check that the page's line is its state, not a stale text).
 EXPLORER_STATE_CODE = (f"print(__import__('json').dumps({{'steps': {EXPLORER_VARIABLE}.num_steps, 'accuracy': "
-                       f"format(100 * {EXPLORER_VARIABLE}.state.current_accuracy, '.1f')}}))")
+                       f"format(100 * {EXPLORER_VARIABLE}.state.current_accuracy, '.1f'), 'candidate': "
+                       f"__import__('hmlib.widgets').widgets.CANDIDATE_LABELS[{EXPLORER_VARIABLE}.state.candidate]}}))")
 
 FIND_STEPS_SLIDER_JS = """
 const label = new RegExp(arguments[0], 'i');
@@ -98,7 +100,8 @@ def read_accuracy_line(driver, slider) -> str | None:
 
 
 def read_explorer_state(driver) -> dict:
-    """``{'steps': n, 'accuracy': 'acc' (%, one decimal)}`` of the explorer behind the widget, asked of the kernel."""
+    """``{'steps': n, 'accuracy': 'acc' (%, one decimal), 'candidate': its words}`` of the explorer behind the widget,
+    asked of the kernel."""
     text = driver.execute_async_script(KERNEL_PROBE_JS, EXPLORER_STATE_CODE)
     assert not text.startswith("ERROR"), text
     return json.loads(text.strip().splitlines()[-1])
@@ -284,3 +287,4 @@ def test_the_inner_steps_slider_redraws_the_figure_live(jupyterlab, lab_browser)
     assert shown and shown.group(2) == after_value, (read_accuracy_line(driver, slider), after_value)
     state = read_explorer_state(driver)  # the page shows the explorer's own state, not a stale text
     assert state["steps"] == int(after_value) and state["accuracy"] == shown.group(1), (state, shown.group(0))
+    assert state["candidate"] == shown.group(3), (state, shown.group(0))  # the candidate the method keeps, named
