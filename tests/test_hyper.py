@@ -17,8 +17,8 @@ from hmlib.backbone.model import ConvBackbone, batch_statistics
 from hmlib.config import ConfigError, load_config
 from hmlib.features import images_to_tensor, normalize_task, standardize
 from hmlib.hyper import encoders, generators
-from hmlib.hyper.adapt import (CANDIDATES, adapt, adapt_candidates, candidate_names, choice_rule, predict_clusters,
-                              predict_task, representation, silhouette)
+from hmlib.hyper.adapt import (CANDIDATES, adapt, adapt_candidates, after_steps, candidate_names, choice_rule,
+                              predict_clusters, predict_task, representation, silhouette)
 from hmlib.hyper.cluster_ops import cosine_logits, kmeans_prototypes
 from hmlib.hyper.encoders import ENCODERS
 from hmlib.hyper.generators import GENERATORS, Generator, TaskInputs, TaskState, fix
@@ -354,6 +354,8 @@ def test_the_choice_can_be_read_before_the_last_step():
                                predict_task(hypernet, inputs, cfg, longer))
     with pytest.raises(ValueError, match=r"choose_at must be in 0\.\.num_steps \(4\), got 5"):
         adapt_candidates(hypernet, inputs, cfg, num_steps=4, choose_at=5)
+    with pytest.raises(ValueError, match=r"needs the run's trajectory"):
+        after_steps(results[0], 1)  # adapted without its trajectory
 
 
 @pytest.mark.parametrize("adapt_params", ["generated", "hypernet"])
