@@ -7,8 +7,9 @@ Notebook 04's explorer (``hmlib.widgets.AdaptationExplorer``) adapts a task to `
 redraws its figure as a PNG (``ExplorerFigure.update`` + ``png``). Timed, one thread, median over updates: moving the
 inner-steps slider over every step count (the state from the cache, then the redraw), and switching to a new task
 (every test-time candidate adapted for the test-time steps, the label-free choice, the kept one adapted to
-``max_steps`` with its trajectory, the projection of each step's representation, then the redraw). Models of the pipeline's first checkpoint, else untrained ones of
-``--profile``; mnist's test split, else synthetic images. Writes results/bench/widgets.json.
+``max_steps`` with its trajectory, the projection of each step's representation, then the redraw). Models of the
+pipeline's first checkpoint, else untrained ones of ``--profile``; mnist's test split, else synthetic images. Writes
+results/bench/widgets.json.
 """
 from __future__ import annotations
 
